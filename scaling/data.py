@@ -1,0 +1,281 @@
+"""Text sources, tokenizers and token blocks.
+
+Three kinds of text source, all read into a list of non-empty "rows" (paragraphs):
+- `bundled`: CPython's own documentation topics (`pydoc_data.topics`, ~65k words of English
+  prose that ships with every Python), so the demo and tests need no download;
+- a Hugging Face dataset by name (the reference protocol's four sources, or any
+  `hf:NAME[/CONFIG]:SPLIT:FIELD`), loaded with `datasets` on machines with network;
+- a local file: `.txt` (one document per line) or `.jsonl` (a `text` field per line).
+
+The condensation protocol (SPEC.md section 1) builds each repetition's text from
+consecutive rows starting at a seeded random row; training packs tokenized rows into
+fixed-length blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scaling.errors import DataError, ModelError
+
+# The reference protocol's text sources (SPEC.md section 1): dataset, config, split, field.
+REFERENCE_SOURCES: dict[str, tuple[str, str | None, str, str]] = {
+    "wikitext": ("wikitext", "wikitext-103-v1", "train", "text"),
+    "pubmed_qa": ("pubmed_qa", "pqa_labeled", "train", "long_answer"),
+    "imdb": ("imdb", None, "train", "text"),
+    "squad": ("squad", None, "train", "context"),
+}
+DEFAULT_MIN_WORDS = 1024
+START_FRACTION = 0.95  # the reference draws the start row below 95% of the rows
+DEFAULT_CACHE = Path.home() / ".cache" / "dispersion-scaling"
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where texts come from. Build one with `parse_text_source`."""
+
+    kind: str
+    """`bundled`, `hf` or `file`."""
+    name: str = ""
+    """Dataset name (hf) or a label."""
+    config: str | None = None
+    """Dataset config (hf), e.g. `wikitext-103-v1`."""
+    split: str = "train"
+    """Dataset split (hf)."""
+    field: str = "text"
+    """Column (hf) or JSON key (jsonl) holding the text."""
+    path: str | None = None
+    """Local file (file)."""
+
+    @property
+    def label(self) -> str:
+        """Short human name, used in tags and file names."""
+        if self.kind == "file":
+            return Path(self.path or "").stem
+        return self.name
+
+
+def parse_text_source(spec: str) -> TextSource:
+    """`bundled`, a reference name (`wikitext`, `pubmed_qa`, `imdb`, `squad`),
+    `hf:NAME[/CONFIG]:SPLIT:FIELD`, or a path to a `.txt`/`.jsonl` file."""
+    spec = spec.strip()
+    if spec == "bundled":
+        return TextSource(kind="bundled", name="bundled")
+    if spec in REFERENCE_SOURCES:
+        name, config, split, field = REFERENCE_SOURCES[spec]
+        return TextSource(kind="hf", name=name, config=config, split=split, field=field)
+    if spec.startswith("hf:"):
+        parts = spec[3:].split(":")
+        if len(parts) != 3 or not all(parts):
+            raise DataError(
+                f"text source {spec!r}: expected hf:NAME[/CONFIG]:SPLIT:FIELD, "
+                "e.g. hf:wikitext/wikitext-103-v1:train:text"
+            )
+        name_config, split, field = parts
+        name, _, config = name_config.partition("/")
+        return TextSource(kind="hf", name=name, config=config or None, split=split, field=field)
+    if spec.endswith((".txt", ".jsonl")):
+        if not Path(spec).is_file():
+            raise DataError(f"text source {spec!r}: file not found; check the path")
+        return TextSource(kind="file", name=Path(spec).stem, path=str(Path(spec).resolve()))
+    raise DataError(
+        f"text source {spec!r} is not understood: use 'bundled', one of "
+        f"{sorted(REFERENCE_SOURCES)}, 'hf:NAME[/CONFIG]:SPLIT:FIELD', or a .txt/.jsonl file"
+    )
+
+
+def read_rows(source: TextSource) -> list[str]:
+    """All non-empty rows of a source, in order."""
+    if source.kind == "bundled":
+        rows = _read_bundled_rows()
+    elif source.kind == "file":
+        rows = _read_file_rows(Path(source.path or ""), source.field)
+    elif source.kind == "hf":
+        rows = _read_hf_rows(source)
+    else:
+        raise DataError(f"text source kind {source.kind!r} is unknown: use bundled, hf or file")
+    rows = [r for r in (row.strip() for row in rows) if r]
+    if not rows:
+        raise DataError(f"text source {source.label!r} has no non-empty text; check its field/contents")
+    return rows
+
+
+def _read_bundled_rows() -> list[str]:
+    from pydoc_data.topics import topics
+
+    # Paragraphs of every topic, in a fixed (sorted) order so that seeds mean the same thing
+    # on every machine with the same Python minor version.
+    return [p for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key])]
+
+
+def _read_file_rows(path: Path, field: str) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"text file {str(path)!r} not found; check the path")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        return lines
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}); one JSON object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DataError(f"{path}:{number}: expected an object with a string field {field!r}")
+        rows.append(record[field])
+    return rows
+
+
+def _read_hf_rows(source: TextSource) -> list[str]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source.name, source.config, split=source.split)
+    except Exception as exc:  # noqa: BLE001 -- datasets raises many kinds; all mean "cannot load"
+        raise DataError(
+            f"cannot load dataset {source.name!r} (config {source.config!r}, split {source.split!r}): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "It needs network access to the Hugging Face hub (or a local cache); offline, use "
+            "'bundled' or a local .txt/.jsonl file"
+        ) from None
+    if source.field not in dataset.column_names:
+        raise DataError(
+            f"dataset {source.name!r} has no column {source.field!r}; columns: {dataset.column_names}"
+        )
+    return list(dataset[source.field])
+
+
+def sample_texts(rows: list[str], repetitions: int, min_words: int = DEFAULT_MIN_WORDS) -> list[str]:
+    """The reference protocol: text r is consecutive rows from a start row drawn with
+    `numpy.random.default_rng(r)` below 95% of the rows, joined until it has >= min_words words
+    (or the rows run out)."""
+    if repetitions < 1:
+        raise DataError(f"repetitions={repetitions}: must be at least 1")
+    if not rows:
+        raise DataError("no rows to sample texts from; the text source is empty")
+    texts = []
+    for r in range(repetitions):
+        start = int(np.random.default_rng(r).integers(0, max(1, int(START_FRACTION * len(rows)))))
+        chunk, words = [], 0
+        for row in rows[start:]:
+            chunk.append(row)
+            words += len(row.split())
+            if words >= min_words:
+                break
+        texts.append(" ".join(chunk))
+    return texts
+
+
+def cycle_texts(texts: list[str], repetitions: int) -> list[str]:
+    """`--texts FILE` semantics: repetition r uses text r modulo the number of texts."""
+    if not texts:
+        raise DataError("the texts file has no non-empty line; add one document per line")
+    return [texts[r % len(texts)] for r in range(repetitions)]
+
+
+# --- tokenizers ---------------------------------------------------------------------------
+
+
+def build_tokenizer(
+    name_or_path: str | None,
+    *,
+    rows: list[str] | None = None,
+    vocab_size: int = 4096,
+    cache_dir: Path | None = None,
+):
+    """A fast tokenizer: loaded by hub name or local path when `name_or_path` is given,
+    otherwise a byte-level BPE trained here on `rows` and cached by content hash."""
+    from transformers import AutoTokenizer
+
+    if name_or_path:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(
+                f"cannot load tokenizer {name_or_path!r}: {type(exc).__name__}. "
+                "Give a local directory with tokenizer files, or a hub name on a machine with network"
+            ) from None
+    else:
+        if not rows:
+            raise DataError("training a tokenizer needs text rows; give a text source with text")
+        tokenizer = _train_bpe(rows, vocab_size, cache_dir or DEFAULT_CACHE / "tokenizers")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _train_bpe(rows: list[str], vocab_size: int, cache_root: Path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    digest = hashlib.sha256()
+    digest.update(f"bpe-v1|{vocab_size}|".encode())
+    for row in rows:
+        digest.update(row.encode("utf-8"))
+        digest.update(b"\n")
+    directory = cache_root / digest.hexdigest()[:16]
+    if not (directory / "tokenizer.json").is_file():
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(rows, vocab_size=vocab_size, min_frequency=2,
+                                special_tokens=["<|endoftext|>"], show_progress=False)
+        tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        fast = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                 bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+        fast.save_pretrained(tmp)
+        try:
+            tmp.replace(directory)
+        except OSError:  # another process finished the same tokenizer first: keep theirs
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return GPT2TokenizerFast.from_pretrained(directory)
+
+
+# --- training blocks ---------------------------------------------------------------------------
+
+
+def pack_blocks(token_rows: list[list[int]], block_size: int, eos_id: int) -> np.ndarray:
+    """Concatenate tokenized rows (each followed by EOS) and cut into [n, block_size] blocks;
+    the tail that does not fill a block is dropped."""
+    if block_size < 2:
+        raise DataError(f"block_size={block_size}: must be at least 2")
+    stream = np.fromiter(
+        (t for row in token_rows for t in (*row, eos_id)), dtype=np.int64
+    )
+    n_blocks = len(stream) // block_size
+    if n_blocks == 0:
+        raise DataError(
+            f"the text has {len(stream)} tokens, fewer than one block of {block_size}; "
+            "use more text or a smaller block size"
+        )
+    return stream[: n_blocks * block_size].reshape(n_blocks, block_size)
+
+
+def split_train_val(blocks: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle blocks deterministically by seed, then hold out a validation fraction."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction}: must be in (0, 1)")
+    order = np.random.default_rng(seed).permutation(len(blocks))
+    n_val = max(1, int(round(val_fraction * len(blocks))))
+    if n_val >= len(blocks):
+        raise DataError(f"only {len(blocks)} blocks: too few to hold out validation; use more text")
+    return blocks[order[n_val:]], blocks[order[:n_val]]
+
+
+def shard_for_worker(blocks: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Disjoint, equally sized shards (rank r takes every world_size-th block from r), so every
+    worker runs the same number of steps."""
+    usable = (len(blocks) // world_size) * world_size
+    if usable == 0:
+        raise DataError(f"{len(blocks)} blocks cannot be split over {world_size} workers; use more text")
+    return blocks[rank:usable:world_size]

@@ -1,0 +1,77 @@
+"""Names shared by the trainer, the MLflow records and `analysis/`.
+
+Pure Python on purpose: `analysis` imports this module on a laptop without torch or Ray.
+Metric keys are slash-namespaced; the step of every metric is the optimizer step.
+"""
+
+# --- run tags -----------------------------------------------------------------------
+TAG_KIND = "kind"  # one of the KIND_* values below
+TAG_STUDY = "study"
+TAG_RUNG = "rung"
+TAG_ARM = "arm"
+TAG_SEED = "seed"
+TAG_N_PARAMS = "n_params"  # total parameters (embeddings included)
+TAG_N_PARAMS_NON_EMBEDDING = "n_params_non_embedding"
+TAG_TOKENS = "tokens"  # training token budget of the run
+TAG_CONFIG_HASH = "config_hash"  # identifies a run: re-running the same config is a no-op
+TAG_GIT_COMMIT = "git_commit"
+TAG_STATUS = "status"  # one of the STATUS_* values below
+TAG_FAILURE = "failure"  # one line: why a run failed
+TAG_FAMILY = "family"  # observation studies
+TAG_MODEL = "model"
+TAG_SOURCE = "source"
+TAG_TRIAL_STATE = "trial_state"  # sweeps: finished / early_stopped / failed
+TAG_BEST_TRIAL = "best_trial"  # "true" on the best trial of a rung's sweep
+
+KIND_STUDY = "study"  # the study's parent run
+KIND_TRAIN = "train"  # one (rung, arm, seed) training run
+KIND_SWEEP = "sweep"  # one rung's sweep (parent of its trials)
+KIND_TRIAL = "trial"  # one sweep trial
+KIND_OBSERVE = "observe"  # one (model, source) measurement of a pretrained model
+KIND_ANALYSIS = "analysis"  # an analysis run written by analysis.scaling_curves
+
+STATUS_RUNNING = "running"
+STATUS_FINISHED = "finished"
+STATUS_FAILED = "failed"
+
+ARM_BASELINE = "baseline"
+ARM_DISPERSION = "dispersion"
+ARM_NEFTUNE = "neftune"
+ARM_ACTIVE_FORGETTING = "active_forgetting"
+ARMS = (ARM_BASELINE, ARM_DISPERSION, ARM_NEFTUNE, ARM_ACTIVE_FORGETTING)
+
+# --- run params (flattened study config, dotted) ------------------------------------
+PARAM_LAMBDA = "dispersion.lambda"
+PARAM_LAYERS = "dispersion.layers"
+PARAM_VARIANT = "dispersion.variant"
+PARAM_TAU = "dispersion.tau"
+PARAM_CLAMP = "dispersion.clamp_threshold"
+
+# --- metrics --------------------------------------------------------------------------
+TRAIN_CE_LOSS = "train/ce_loss"
+TRAIN_DISPERSION_LOSS = "train/dispersion_loss"  # unscaled
+TRAIN_DISPERSION_LOSS_SCALED = "train/dispersion_loss_scaled"  # lambda * unscaled
+TRAIN_LOSS = "train/loss"  # what is optimised
+TRAIN_LR = "train/lr"
+TRAIN_TOKENS_PER_S = "train/tokens_per_s"
+TRAIN_TOKENS_SEEN = "train/tokens_seen"
+VAL_LOSS = "val/loss"
+
+COND_SPEARMAN = "condensation/spearman"
+COND_KENDALL = "condensation/kendall"
+COND_LAST_LAYER_MEAN_COS = "condensation/last_layer_mean_cos"
+COND_LATE_HALF_MEAN_COS = "condensation/late_half_mean_cos"
+
+
+def layer_metric(layer: int, stat: str = "mean_cos") -> str:
+    """Per-layer condensation metric key, e.g. `condensation/layer_03/mean_cos`.
+
+    `stat` is one of `mean_cos`, `mean_cos_offdiag`, `effective_rank`.
+    """
+    return f"condensation/layer_{layer:02d}/{stat}"
+
+
+# --- artifacts --------------------------------------------------------------------------
+ARTIFACT_CONDENSATION_JSON = "condensation.json"
+ARTIFACT_HEATMAP_PNG = "heatmap.png"
+ARTIFACT_STUDY_YAML = "study.yaml"
