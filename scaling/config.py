@@ -1,0 +1,412 @@
+"""Study files: frozen, validated configs loaded strictly from YAML.
+
+A study file describes one scaling study: which ladder and rungs, which arms (baseline,
+dispersion, neftune, active_forgetting), seeds, data, training settings, probes, resources
+and checkpoints. Loading is strict: an unknown key, a wrong type or a bad value fails before
+any work starts, with a message that names the key (as a dotted path), the value and the fix.
+
+`--set key=value` overrides use the same dotted paths (`training.max_steps=20`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scaling import names
+from scaling.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One arm of the paired comparison. Only the fields of its own kind are used."""
+
+    name: str
+    """`baseline`, `dispersion`, `neftune` or `active_forgetting`."""
+    variant: str = "angular_spread"
+    """Dispersion loss variant (dispersion arm), see `scaling.dispersion.VARIANTS`."""
+    lam: float = 0.1
+    """Dispersion loss weight lambda (YAML key `lambda`); the paper's default is 0.1."""
+    layers: str = "all"
+    """Layers the loss applies to: all, last, early_half, late_half, "0,3,5" (block indices) or "0.5:1.0"."""
+    tau: float = 1.0
+    """Temperature of the dispersion loss."""
+    clamp_threshold: float = 0.1
+    """Cosine clamp t of angular_spread/orthogonalization (0.1 in GPT-2 runs, 0.25 in Qwen3 runs)."""
+    neftune_alpha: float = 1.0
+    """NEFTune noise scale alpha (neftune arm): uniform noise of magnitude alpha / sqrt(S * H)."""
+    forget_every: int = 1000
+    """Re-initialise the input embeddings every this many steps (active_forgetting arm)."""
+
+    def __post_init__(self):
+        if self.name not in names.ARMS:
+            raise ConfigError(f"arms: unknown arm {self.name!r}; use one of {list(names.ARMS)}")
+        if not (math.isfinite(self.lam) and self.lam >= 0):
+            raise ConfigError(f"arms.{self.name}.lambda={self.lam}: must be a finite number >= 0")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ConfigError(f"arms.{self.name}.tau={self.tau}: must be > 0")
+        if not 0 <= self.clamp_threshold < 1:
+            raise ConfigError(f"arms.{self.name}.clamp_threshold={self.clamp_threshold}: must be in [0, 1)")
+        if self.neftune_alpha < 0:
+            raise ConfigError(f"arms.{self.name}.neftune_alpha={self.neftune_alpha}: must be >= 0")
+        if self.forget_every < 1:
+            raise ConfigError(f"arms.{self.name}.forget_every={self.forget_every}: must be >= 1")
+        if self.name == names.ARM_DISPERSION:
+            from scaling.dispersion import VARIANTS, validate_layer_spec
+
+            if self.variant not in VARIANTS:
+                raise ConfigError(
+                    f"arms.dispersion.variant={self.variant!r} is unknown; use one of {list(VARIANTS)}"
+                )
+            validate_layer_spec(self.layers)
+
+    def params(self) -> dict[str, Any]:
+        """The arm's settings as flat MLflow params (only those that mean something for it)."""
+        if self.name == names.ARM_DISPERSION:
+            return {names.PARAM_LAMBDA: self.lam, names.PARAM_LAYERS: self.layers,
+                    names.PARAM_VARIANT: self.variant, names.PARAM_TAU: self.tau,
+                    names.PARAM_CLAMP: self.clamp_threshold}
+        if self.name == names.ARM_NEFTUNE:
+            return {"neftune.alpha": self.neftune_alpha}
+        if self.name == names.ARM_ACTIVE_FORGETTING:
+            return {"active_forgetting.every": self.forget_every}
+        return {names.PARAM_LAMBDA: 0.0}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "bundled"
+    """Training text: bundled, wikitext, pubmed_qa, imdb, squad, hf:NAME[/CONFIG]:SPLIT:FIELD, or a .txt/.jsonl path."""
+    tokenizer: str | None = None
+    """Tokenizer name or path; null trains a byte-level BPE on the source (vocab = the rung's vocab_size)."""
+    val_fraction: float = 0.1
+    """Share of packed blocks held out for validation."""
+    max_rows: int | None = None
+    """Use only the first this many rows of the source (quick runs)."""
+
+    def __post_init__(self):
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={self.val_fraction}: must be in (0, 1)")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError(f"data.max_rows={self.max_rows}: must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    tokens_per_param: float = 20.0
+    """Token budget as a multiple of the rung's non-embedding parameters (Chinchilla-style)."""
+    max_tokens: int | None = None
+    """Cap on the token budget (smoke runs)."""
+    max_steps: int | None = None
+    """Cap on optimizer steps (smoke runs); applied after the token budget."""
+    seq_len: int = 128
+    """Tokens per training block."""
+    batch_size: int = 8
+    """Sequences per optimizer step, over all workers."""
+    micro_batch_size: int = 4
+    """Sequences per worker per forward pass; gradient accumulation makes up the rest."""
+    lr: float | None = None
+    """Peak learning rate; null derives it from the rung's size."""
+    warmup_fraction: float = 0.2
+    """Share of steps spent in linear warmup (the paper: 20%)."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule decays to this fraction of the peak."""
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    init_from: str | None = None
+    """null trains from scratch; a model name or path starts from pretrained weights (mid-training)."""
+    log_every: int = 1
+    """Log train metrics every this many steps."""
+
+    def __post_init__(self):
+        for key in ("seq_len", "batch_size", "micro_batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"training.{key}={getattr(self, key)}: must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"training.max_steps={self.max_steps}: must be >= 1 or null")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"training.lr={self.lr}: must be > 0 or null")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"training.warmup_fraction={self.warmup_fraction}: must be in [0, 1)")
+        if not self.tokens_per_param > 0:
+            raise ConfigError(f"training.tokens_per_param={self.tokens_per_param}: must be > 0")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    every_steps: int = 0
+    """Validation loss and condensation probe every this many steps (0: only at the end)."""
+    texts: int = 8
+    """Number of fixed probe texts (reference protocol on the data source)."""
+    max_length: int = 128
+    """Tokens per probe text."""
+    val_batches: int = 4
+    """Validation micro-batches per worker per probe."""
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise ConfigError(f"probes.every_steps={self.every_steps}: must be >= 0")
+        for key in ("texts", "max_length", "val_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"probes.{key}={getattr(self, key)}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    num_workers: int = 2
+    """Ray Train workers per run (one process each, a GPU each when use_gpu)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ConfigError(f"resources.num_workers={self.num_workers}: must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"resources.zero_stage={self.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"resources.precision={self.precision!r}: use one of {list(PRECISIONS)}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"resources.cpus_per_worker={self.cpus_per_worker}: must be > 0")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save a DeepSpeed checkpoint every this many steps (0: only at the end)."""
+    num_to_keep: int = 2
+    max_failures: int = 1
+    """Restarts from the latest checkpoint after a worker dies (Ray Train FailureConfig)."""
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.num_to_keep < 1 or self.max_failures < 0:
+            raise ConfigError(
+                f"checkpoint: every_steps={self.every_steps} (>= 0), num_to_keep={self.num_to_keep} (>= 1), "
+                f"max_failures={self.max_failures} (>= 0): fix the value out of range"
+            )
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A whole study. Load with `load_study`."""
+
+    study: str
+    """Study name: the MLflow experiment and the parent run."""
+    ladder: str = "tiny"
+    """Ladder name, see `scaling.ladder.LADDERS`."""
+    rungs: tuple[str, ...] = ()
+    """Rungs to train (empty: every rung of the ladder)."""
+    arms: tuple[ArmConfig, ...] = (ArmConfig(name="baseline"), ArmConfig(name="dispersion"))
+    seeds: tuple[int, ...] = (0,)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    storage_path: str = "runs"
+    """Ray Train storage: a local folder (relative to the working directory) or s3://..."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+
+    def __post_init__(self):
+        if not self.study or not all(c.isalnum() or c in "-_." for c in self.study):
+            raise ConfigError(f"study={self.study!r}: use a non-empty name of letters, digits, '-', '_', '.'")
+        if not self.arms:
+            raise ConfigError("arms: empty; list at least one arm, e.g. [baseline, dispersion]")
+        arm_names = [a.name for a in self.arms]
+        if len(set(arm_names)) != len(arm_names):
+            raise ConfigError(f"arms: {arm_names} lists an arm twice; each arm once")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds={list(self.seeds)}: give one or more distinct integers")
+        if self.training.micro_batch_size * self.resources.num_workers > self.training.batch_size:
+            raise ConfigError(
+                f"training.batch_size={self.training.batch_size} is smaller than micro_batch_size "
+                f"({self.training.micro_batch_size}) x num_workers ({self.resources.num_workers}); raise it"
+            )
+        if self.training.batch_size % (self.training.micro_batch_size * self.resources.num_workers):
+            raise ConfigError(
+                f"training.batch_size={self.training.batch_size} must be a multiple of micro_batch_size x "
+                f"num_workers = {self.training.micro_batch_size * self.resources.num_workers}"
+            )
+        if any(a.name == names.ARM_ACTIVE_FORGETTING for a in self.arms) and self.resources.zero_stage != 0:
+            raise ConfigError(
+                "arms: active_forgetting resets the embeddings' optimizer state, which ZeRO stages 1-3 "
+                f"partition; set resources.zero_stage: 0 (it is {self.resources.zero_stage})"
+            )
+        from scaling.ladder import get_ladder
+
+        ladder = get_ladder(self.ladder)
+        for rung in self.rungs:
+            ladder.rung(rung)  # raises with the valid names
+
+    def arm(self, name: str) -> ArmConfig:
+        for arm in self.arms:
+            if arm.name == name:
+                return arm
+        raise ConfigError(f"arm {name!r} is not in this study; it has {[a.name for a in self.arms]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+# --- strict loading ----------------------------------------------------------------------
+
+_YAML_RENAMES = {"lambda": "lam"}  # YAML key -> field (lambda is a Python keyword)
+
+
+def load_study(path: str | Path, overrides: typing.Sequence[str] = ()) -> StudyConfig:
+    """Read a study YAML file, apply `key=value` overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {str(path)!r} not found; pass a YAML file such as search_spaces/smoke.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of study keys at the top level")
+    for item in overrides:
+        _apply_override(raw, item)
+    return study_from_dict(raw)
+
+
+def study_from_dict(raw: dict[str, Any]) -> StudyConfig:
+    raw = dict(raw)
+    if "arms" in raw:
+        raw["arms"] = [_arm_entry(a) for a in _as_list(raw["arms"], "arms")]
+    return _build(StudyConfig, raw, "")
+
+
+def _arm_entry(entry: Any) -> dict[str, Any]:
+    """Arms are written as a name (`baseline`) or a mapping with a `name`."""
+    if isinstance(entry, str):
+        return {"name": entry}
+    if isinstance(entry, dict) and "name" in entry:
+        return entry
+    raise ConfigError(f"arms: entry {entry!r} needs a name, e.g. `- baseline` or `- {{name: dispersion, lambda: 0.1}}`")
+
+
+def _as_list(value: Any, key: str) -> list:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.max_steps=20")
+    value = yaml.safe_load(text)
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'study'}: expected a mapping, got {type(raw).__name__} ({raw!r})")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        name = _YAML_RENAMES.get(key, key)
+        dotted = f"{where}.{key}" if where else key
+        if name not in fields:
+            valid = sorted({k for k, v in _YAML_RENAMES.items() if v in fields} | set(fields) - set(_YAML_RENAMES.values()))
+            raise ConfigError(f"unknown key {dotted!r}; valid keys here: {', '.join(valid)}")
+        kwargs[name] = _coerce(hints[name], value, dotted)
+    missing = [n for n, f in fields.items()
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in kwargs]
+    if missing:
+        raise ConfigError(f"{where or 'study file'}: missing required key(s) {missing}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the checks above
+        raise ConfigError(f"{where or 'study'}: {exc}") from None
+
+
+def _coerce(hint, value, dotted: str):
+    """Check `value` against a field's type hint; convert lists to tuples and nested dicts to configs."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, dotted)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, dotted)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{dotted}={value!r}: expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{dotted}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{dotted}={value!r}: expected a list of {len(args)} values")
+        return tuple(_coerce(a, v, f"{dotted}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{dotted}={value!r}: expected a number")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{dotted}={value!r}: expected an integer")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{dotted}={value!r}: expected true or false")
+        return value
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and dotted.endswith("layers"):
+            return str(value)  # `layers: 3` means block 3
+        if isinstance(value, list) and dotted.endswith("layers"):
+            return ",".join(str(v) for v in value)  # `layers: [0, 3]` means blocks 0 and 3
+        if not isinstance(value, str):
+            raise ConfigError(f"{dotted}={value!r}: expected a string")
+        return value
+    return value
+
+
+def _to_plain(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys, for MLflow params."""
+    flat = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def config_hash(payload: dict[str, Any]) -> str:
+    """A short, stable hash of a resolved run config: same config, same run."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,265 @@
+"""Run a training study: every (rung, seed, arm) as one Ray Train + DeepSpeed run.
+
+The driver resolves each run's full config, hashes it (same config -> same run), and
+asks MLflow whether it already finished (skip) or started (continue the same MLflow run
+and the same Ray Train run folder, whose latest checkpoint Ray Train restores). Data is
+tokenized once per study and handed to the workers through the Ray object store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scaling import names
+from scaling.config import StudyConfig, config_hash, flatten
+from scaling.errors import ConfigError, DispersionScalingError
+from scaling.train import LOG_PREFIX, RunTask
+
+
+@dataclass(frozen=True)
+class StudyData:
+    """Tokenized blocks shared by every run of a study."""
+
+    train_blocks: np.ndarray
+    val_blocks: np.ndarray
+    probe_ids: list[np.ndarray]
+    vocab_size: int
+    fingerprint: str  # identifies the data in run hashes
+
+
+@dataclass
+class RunOutcome:
+    rung: str
+    arm: str
+    seed: int
+    status: str  # finished / failed / skipped
+    run_id: str
+    seconds: float = 0.0
+    val_loss: float | None = None
+    spearman: float | None = None
+    detail: str = ""
+
+
+def prepare_data(study: StudyConfig, vocab_size: int) -> StudyData:
+    """Tokenize the study's text source, pack it into blocks, split off validation, draw probe texts."""
+    import hashlib
+
+    from scaling.data import build_tokenizer, pack_blocks, parse_text_source, read_rows, sample_texts, \
+        split_train_val
+
+    rows = read_rows(parse_text_source(study.data.source))
+    if study.data.max_rows is not None:
+        rows = rows[: study.data.max_rows]
+    tokenizer = build_tokenizer(study.data.tokenizer, rows=rows, vocab_size=vocab_size)
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(
+            f"data.tokenizer has {len(tokenizer)} tokens but the smallest rung's vocab_size is {vocab_size}; "
+            "use a ladder whose vocab fits the tokenizer, or train a local tokenizer (data.tokenizer: null)"
+        )
+    token_rows = tokenizer(rows, add_special_tokens=False)["input_ids"]
+    blocks = pack_blocks(token_rows, study.training.seq_len, tokenizer.eos_token_id)
+    # One split for the whole study (seed 0): validation data must not depend on the run's seed.
+    train, val = split_train_val(blocks, study.data.val_fraction, seed=0)
+    probe_texts = sample_texts(rows, study.probes.texts)
+    probe_ids = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"][: study.probes.max_length],
+                            dtype=np.int64) for t in probe_texts]
+    digest = hashlib.sha256(blocks.tobytes())
+    for ids in probe_ids:
+        digest.update(ids.tobytes())
+    return StudyData(train, val, probe_ids, len(tokenizer), digest.hexdigest()[:16])
+
+
+def plan_runs(study: StudyConfig):
+    """(rung, RunPlan) for every selected rung, with the study's caps applied."""
+    from scaling.ladder import RunConfigurator, get_ladder
+
+    ladder = get_ladder(study.ladder)
+    rungs = [ladder.rung(name) for name in study.rungs] if study.rungs else list(ladder.rungs)
+    training = study.training
+    configurator = RunConfigurator(tokens_per_param=training.tokens_per_param, seq_len=training.seq_len,
+                                   batch_size=training.batch_size, lr=training.lr,
+                                   warmup_fraction=training.warmup_fraction, max_tokens=training.max_tokens,
+                                   max_steps=training.max_steps)
+    return [configurator.plan(rung, num_workers=study.resources.num_workers) for rung in rungs]
+
+
+def run_study(study: StudyConfig, study_yaml: str, *, fault_at_step: int | None = None,
+              progress=print) -> list[RunOutcome]:
+    """Train every (rung, seed, arm) of the study that has not finished yet."""
+    import ray
+
+    from scaling.tracking import Tracker, resolve_tracking_uri
+
+    plans = plan_runs(study)
+    check_cluster_fits(study)
+    tracking_uri = resolve_tracking_uri(study.tracking_uri)
+    tracker = Tracker(tracking_uri, study.study)
+    parent_id = tracker.study_run_id(flatten(study.to_dict()), study_yaml)
+    data = prepare_data(study, vocab_size=min(plan.rung.vocab_size for plan in plans))
+    refs = (ray.put(data.train_blocks), ray.put(data.val_blocks), ray.put(data.probe_ids))
+    progress(f"{LOG_PREFIX} study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x "
+             f"{len(study.arms)} arm(s); {len(data.train_blocks)} train / {len(data.val_blocks)} val blocks; "
+             f"MLflow {tracking_uri}")
+
+    outcomes: list[RunOutcome] = []
+    for plan in plans:
+        for seed in study.seeds:
+            for arm in study.arms:
+                outcomes.append(_run_one(study, plan, arm, seed, data, refs, tracker, parent_id,
+                                         tracking_uri, fault_at_step, progress))
+    tracker.end_study(parent_id, failed=any(o.status == names.STATUS_FAILED for o in outcomes))
+    return outcomes
+
+
+def _run_one(study, plan, arm, seed, data, refs, tracker, parent_id, tracking_uri, fault_at_step,
+             progress) -> RunOutcome:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    rung = plan.rung
+    resolved = {"rung": dataclasses.asdict(rung), "arm": dataclasses.asdict(arm), "seed": seed,
+                "steps": plan.steps, "lr": plan.lr, "warmup_steps": plan.warmup_steps,
+                "training": dataclasses.asdict(study.training), "probes": dataclasses.asdict(study.probes),
+                "zero_stage": study.resources.zero_stage, "num_workers": study.resources.num_workers,
+                "precision": study.resources.precision, "data": data.fingerprint}
+    digest = config_hash(resolved)
+    run_name = f"{rung.name}-{arm.name}-s{seed}"
+    tags = {names.TAG_RUNG: rung.name, names.TAG_ARM: arm.name, names.TAG_SEED: seed,
+            names.TAG_N_PARAMS: plan.params.total, names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding,
+            names.TAG_TOKENS: plan.tokens, "ladder": study.ladder}
+    params = {**arm.params(), "rung": rung.name, "seed": seed, "steps": plan.steps, "lr": plan.lr,
+              "warmup_steps": plan.warmup_steps, "tokens": plan.tokens,
+              **flatten(dataclasses.asdict(study.training), "training."),
+              **flatten(dataclasses.asdict(study.resources), "resources.")}
+    run_id, status = tracker.child_run(parent_id, run_name, digest, tags, params)
+    if status == names.STATUS_FINISHED:
+        progress(f"{LOG_PREFIX} {run_name}: already finished (run {run_id[:8]}), skipped")
+        return RunOutcome(rung.name, arm.name, seed, "skipped", run_id)
+
+    task = RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, rung=rung, arm=arm,
+                   seed=seed, steps=plan.steps, lr=plan.lr, warmup_steps=plan.warmup_steps,
+                   training=study.training, probes=study.probes, resources=study.resources,
+                   checkpoint_every=study.checkpoint.every_steps, train_blocks=refs[0], val_blocks=refs[1],
+                   probe_ids=refs[2], fault_at_step=fault_at_step)
+    resources = study.resources
+    trainer = TorchTrainer(
+        _train_entry,
+        train_loop_config=task.to_loop_config(),
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker={"CPU": resources.cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"{study.study}-{run_name}-{digest[:8]}",
+            storage_path=_storage_path(study.storage_path),
+            failure_config=FailureConfig(max_failures=study.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=study.checkpoint.num_to_keep),
+        ),
+    )
+    progress(f"{LOG_PREFIX} {run_name}: {plan.steps} steps on {resources.num_workers} worker(s), "
+             f"ZeRO-{resources.zero_stage}, run {run_id[:8]}")
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 -- a run's failure is recorded; the study goes on
+        reason = _one_line(exc)
+        tracker.finish(run_id, names.STATUS_FAILED, reason)
+        progress(f"{LOG_PREFIX} {run_name}: FAILED: {reason}")
+        return RunOutcome(rung.name, arm.name, seed, names.STATUS_FAILED, run_id,
+                          time.perf_counter() - started, detail=reason)
+    seconds = time.perf_counter() - started
+    metrics = result.metrics or {}
+    failure = metrics.get("failed") or tracker.client.get_run(run_id).data.tags.get(names.TAG_FAILURE)
+    if failure:
+        tracker.finish(run_id, names.STATUS_FAILED, failure)
+        return RunOutcome(rung.name, arm.name, seed, names.STATUS_FAILED, run_id, seconds, detail=failure)
+    tracker.finish(run_id, names.STATUS_FINISHED)
+    return RunOutcome(rung.name, arm.name, seed, names.STATUS_FINISHED, run_id, seconds,
+                      val_loss=metrics.get(names.VAL_LOSS), spearman=metrics.get(names.COND_SPEARMAN))
+
+
+def _train_entry(loop_config):
+    # A module-level function that imports lazily, so Ray pickles a reference, not the code.
+    from scaling.train import train_loop_per_worker
+
+    train_loop_per_worker(loop_config)
+
+
+def check_cluster_fits(study: StudyConfig) -> None:
+    """Fail before any work when the study asks for more than the Ray cluster can ever offer."""
+    import ray
+
+    total = ray.cluster_resources()
+    resources = study.resources
+    need_cpu = resources.num_workers * resources.cpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise ConfigError(
+            f"resources.num_workers={resources.num_workers} x cpus_per_worker={resources.cpus_per_worker} needs "
+            f"{need_cpu:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}; lower num_workers or add nodes"
+        )
+    if resources.use_gpu and resources.num_workers > total.get("GPU", 0):
+        raise ConfigError(
+            f"resources.use_gpu with num_workers={resources.num_workers} needs that many GPUs; the cluster has "
+            f"{total.get('GPU', 0):g}. Set resources.use_gpu: false or connect to a GPU cluster"
+        )
+
+
+def _storage_path(path: str) -> str:
+    if "://" in path:
+        return path
+    return str(Path(path).resolve())
+
+
+def _one_line(exc: BaseException) -> str:
+    """The innermost meaningful line of a (possibly Ray-wrapped) exception."""
+    while getattr(exc, "__cause__", None) is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    lines = [line for line in text if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
+
+
+def format_summary(outcomes: list[RunOutcome]) -> str:
+    header = f"{'rung':<14} {'arm':<18} {'seed':>4} {'status':<9} {'val/loss':>9} {'spearman':>9} {'time':>7}"
+    lines = [header, "-" * len(header)]
+    for o in outcomes:
+        val = f"{o.val_loss:.4f}" if o.val_loss is not None else "-"
+        rho = f"{o.spearman:+.3f}" if o.spearman is not None else "-"
+        lines.append(f"{o.rung:<14} {o.arm:<18} {o.seed:>4} {o.status:<9} {val:>9} {rho:>9} {o.seconds:>6.0f}s"
+                     + (f"  {o.detail}" if o.detail else ""))
+    return "\n".join(lines)
+
+
+def connect_ray(num_cpus: int | None = None):
+    """Join a running cluster when there is one (as `ray submit` needs), else start a local Ray."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    if ray.is_initialized():
+        return
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
+    if os.environ.get("RAY_ADDRESS") or _local_cluster_running():
+        ray.init(address="auto", runtime_env={"env_vars": env})
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                 runtime_env={"env_vars": env})
+
+
+def _local_cluster_running() -> bool:
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        return bool(find_gcs_addresses())
+    except Exception:  # noqa: BLE001 -- private API: if it moves, assume no cluster
+        return False
+
+
+def main_error(exc: DispersionScalingError) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2

@@ -1,0 +1,430 @@
+"""The per-worker training loop: one (rung, arm, seed) run on Ray Train workers with DeepSpeed ZeRO.
+
+Read it top to bottom: build the model (seeded, so paired arms start identical), wrap it with
+DeepSpeed, restore the latest checkpoint if Ray Train hands one over, then step through a
+data order fixed by the seed (so paired arms see identical batches), probing validation loss
+and condensation and checkpointing at the configured steps. Every rank reports to Ray Train
+the same number of times; only rank 0 writes to MLflow.
+
+The loop gets a plain dict (`RunTask.to_loop_config`), so it pickles cleanly to the workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scaling import names
+
+LOG_PREFIX = "[dispersion-scaling]"
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """Everything one run's workers need, resolved by the driver."""
+
+    run_name: str
+    run_id: str
+    tracking_uri: str
+    rung: Any  # scaling.ladder.Rung
+    arm: Any  # scaling.config.ArmConfig
+    seed: int
+    steps: int
+    lr: float
+    warmup_steps: int
+    training: Any  # scaling.config.TrainingConfig
+    probes: Any  # scaling.config.ProbeConfig
+    resources: Any  # scaling.config.ResourcesConfig
+    checkpoint_every: int
+    train_blocks: Any  # ObjectRef or np.ndarray [n, seq_len]
+    val_blocks: Any
+    probe_ids: Any  # list of token-id arrays
+    fault_at_step: int | None = None  # test seam: rank 1 dies once at this step (see tests)
+
+    def to_loop_config(self) -> dict[str, Any]:
+        return {"task": self}
+
+
+# --- schedule and DeepSpeed config -----------------------------------------------------------
+
+
+def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warmup to the peak, then cosine decay to min_ratio * peak at the last step."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_deepspeed_config(task: RunTask, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    training, resources = task.training, task.resources
+    accumulation = training.batch_size // (training.micro_batch_size * world_size)
+    bf16 = resources.precision == "bf16" or (resources.precision == "auto" and on_gpu)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": training.batch_size,
+        "gradient_clipping": training.grad_clip,
+        "zero_optimization": {"stage": resources.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,  # progress is ours; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    if resources.zero_stage == 3:
+        # Gather weights to rank 0 on save, so a checkpoint also holds loadable full weights.
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return config
+
+
+def skip_cpu_shm_build() -> None:
+    """DeepSpeed's CPU backend JIT-builds a shared-memory op (~55 s) used only for inference
+    all-reduce; training does not need it (STACK-NOTES.md)."""
+    module = importlib.import_module("deepspeed.comm.torch")
+    module.build_shm_op = lambda: None
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    task: RunTask = loop_config["task"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    logger = _rank0_logger(task) if rank == 0 else None
+    torch.manual_seed(task.seed)
+
+    # Same seed -> same initial weights in every arm (hash recorded to prove it).
+    from scaling.ladder import build_model
+
+    model = build_model(task.rung, seed=task.seed)
+    init_hash = _state_hash(model)
+    hooks = _install_arm_hooks(model, task)
+
+    if not on_gpu:
+        skip_cpu_shm_build()
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, task.training.weight_decay), lr=task.lr, betas=tuple(task.training.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
+        s, peak=1.0, warmup_steps=task.warmup_steps, total_steps=task.steps,
+        min_ratio=task.training.min_lr_ratio))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=build_deepspeed_config(task, world, on_gpu), dist_init_required=False)
+
+    start_step, tokens_seen, order_hash = 0, 0, ""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            _, client_state = engine.load_checkpoint(directory)
+        start_step = int(client_state["step"])
+        tokens_seen = int(client_state["tokens_seen"])
+        order_hash = client_state["order_hash"]
+        _log(rank, f"{task.run_name}: resumed from checkpoint at step {start_step}")
+        if logger is not None:
+            logger.set_tags({"resumed_from_step": start_step})
+
+    train_blocks = _resolve(task.train_blocks)
+    val_blocks = _resolve(task.val_blocks)
+    probe_ids = _resolve(task.probe_ids)
+    order = DataOrder(train_blocks.shape[0], task.training.batch_size, task.seed)
+    per_rank = task.training.batch_size // world
+    micro = task.training.micro_batch_size
+    arm = task.arm
+    disp_layers = _dispersion_layers(task)
+    tokens_per_step = task.training.batch_size * train_blocks.shape[1]
+    generator = torch.Generator(device="cpu").manual_seed(task.seed)
+
+    if logger is not None and start_step == 0:
+        logger.set_tags({"init_hash": init_hash, "world_size": world, "device": device.type})
+
+    failure = None
+    step = start_step
+    window_start, window_tokens = time.perf_counter(), 0
+    while step < task.steps:
+        engine.train()
+        indices = order.batch(step)
+        order_hash = chain_hash(order_hash, indices)
+        mine = indices[rank * per_rank:(rank + 1) * per_rank]
+        sums = torch.zeros(3, dtype=torch.float64)  # ce, dispersion (unscaled), micro-batches
+        for start in range(0, per_rank, micro):
+            batch = torch.as_tensor(train_blocks[mine[start:start + micro]], device=device)
+            outputs = engine(input_ids=batch, labels=batch, output_hidden_states=disp_layers is not None)
+            loss = outputs.loss
+            if disp_layers is not None:
+                from scaling.dispersion import dispersion_over_layers
+
+                disp = dispersion_over_layers(
+                    outputs.hidden_states, disp_layers, arm.variant, tau=arm.tau,
+                    clamp_threshold=arm.clamp_threshold, generator=generator)
+                loss = loss + arm.lam * disp
+                sums[1] += disp.detach().double().cpu()
+            sums[0] += outputs.loss.detach().double().cpu()
+            sums[2] += 1
+            engine.backward(loss)
+            engine.step()
+        step += 1
+        tokens_seen += tokens_per_step
+        window_tokens += tokens_per_step
+        hooks.after_step(step, engine)
+
+        torch.distributed.all_reduce(sums)  # every rank sees the same numbers -> same decisions
+        ce = float(sums[0] / sums[2])
+        disp_value = float(sums[1] / sums[2])
+        if not math.isfinite(ce) or not math.isfinite(disp_value):
+            failure = f"non-finite loss at step {step} (ce={ce}, dispersion={disp_value})"
+            break
+
+        if step % task.training.log_every == 0 or step == task.steps:
+            elapsed = time.perf_counter() - window_start
+            metrics = {names.TRAIN_CE_LOSS: ce, names.TRAIN_LR: scheduler.get_last_lr()[0],
+                       names.TRAIN_TOKENS_PER_S: window_tokens / max(elapsed, 1e-9),
+                       names.TRAIN_TOKENS_SEEN: tokens_seen,
+                       names.TRAIN_LOSS: ce + (arm.lam * disp_value if disp_layers is not None else 0.0)}
+            if disp_layers is not None:
+                metrics[names.TRAIN_DISPERSION_LOSS] = disp_value
+                metrics[names.TRAIN_DISPERSION_LOSS_SCALED] = arm.lam * disp_value
+            if logger is not None:
+                logger.log_metrics(metrics, step)
+                _log(rank, f"{task.run_name} step {step}/{task.steps} ce {ce:.4f}"
+                     + (f" disp {disp_value:+.4f}" if disp_layers is not None else "")
+                     + f" tok/s {metrics[names.TRAIN_TOKENS_PER_S]:.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+
+        if task.fault_at_step is not None and step == task.fault_at_step and rank == 1 \
+                and context.get_world_size() > 1 and _first_attempt(task):
+            os._exit(1)  # test seam: simulate a worker process killed mid-run
+
+        is_last = step == task.steps
+        probe_now = is_last or (task.probes.every_steps and step % task.probes.every_steps == 0)
+        save_now = is_last or (task.checkpoint_every and step % task.checkpoint_every == 0)
+        report: dict[str, Any] = {"step": step}
+        if probe_now:
+            report.update(_probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, step,
+                                 final=is_last))
+        if save_now:
+            _save_and_report(engine, report, step, tokens_seen, order_hash)
+        elif probe_now:
+            ray.train.report(report)
+
+    if failure is not None:
+        _log(rank, f"{task.run_name}: FAILED: {failure}")
+        if logger is not None:
+            logger.mark_failed(failure)
+        # Report (every rank, once) and return normally: a NaN is deterministic, so a
+        # Ray Train retry would only fail again.
+        ray.train.report({"step": step, "failed": failure})
+        return
+    if logger is not None:
+        logger.set_tags({"data_order_hash": order_hash, "steps": task.steps})
+
+
+class DataOrder:
+    """Which training blocks make up each global batch: a permutation per epoch seeded by
+    (seed, epoch), so every arm with the same seed sees the same batches in the same order."""
+
+    def __init__(self, n_blocks: int, batch_size: int, seed: int):
+        if n_blocks < batch_size:
+            from scaling.errors import DataError
+
+            raise DataError(f"{n_blocks} training blocks cannot fill one batch of {batch_size}; "
+                            "use more text, a shorter seq_len or a smaller batch_size")
+        self.n_blocks, self.batch_size, self.seed = n_blocks, batch_size, seed
+        self.batches_per_epoch = n_blocks // batch_size
+        self._epoch, self._perm = -1, None
+
+    def batch(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.batches_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+        return self._perm[position * self.batch_size:(position + 1) * self.batch_size]
+
+
+# --- arms -----------------------------------------------------------------------------------
+
+
+class _ArmHooks:
+    def __init__(self, after_step=None):
+        self._after_step = after_step
+
+    def after_step(self, step, engine):
+        if self._after_step is not None:
+            self._after_step(step, engine)
+
+
+def _install_arm_hooks(model, task: RunTask) -> _ArmHooks:
+    """NEFTune noise on the input embeddings, or active forgetting of them (SPEC.md section 3)."""
+    import torch
+
+    arm = task.arm
+    embeddings = model.get_input_embeddings()
+    if arm.name == names.ARM_NEFTUNE:
+        def add_noise(module, inputs, output):
+            if not module.training:
+                return output
+            seq_len, hidden = output.shape[-2], output.shape[-1]
+            magnitude = arm.neftune_alpha / math.sqrt(seq_len * hidden)
+            return output + torch.empty_like(output).uniform_(-magnitude, magnitude)
+
+        embeddings.register_forward_hook(add_noise)
+    if arm.name == names.ARM_ACTIVE_FORGETTING:
+        def forget(step, engine):
+            if step % arm.forget_every:
+                return
+            weight = engine.module.get_input_embeddings().weight
+            with torch.no_grad():
+                torch.nn.init.normal_(weight, mean=0.0, std=0.02, generator=torch.Generator().manual_seed(step))
+            # ZeRO stage 0 (enforced by the config): the torch optimizer's state is keyed by the parameter.
+            engine.optimizer.state.pop(weight, None)
+            inner = getattr(engine.optimizer, "optimizer", None)
+            if inner is not None:
+                inner.state.pop(weight, None)
+
+        return _ArmHooks(forget)
+    return _ArmHooks()
+
+
+def _dispersion_layers(task: RunTask):
+    if task.arm.name != names.ARM_DISPERSION:
+        return None
+    from scaling.dispersion import resolve_layers
+
+    return resolve_layers(task.arm.layers, task.rung.n_layers)
+
+
+def _param_groups(model, weight_decay: float):
+    """Weight decay on matrices only (not biases, norms or embeddings' positions alike)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (decay if parameter.ndim >= 2 and "wpe" not in name else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --- probes and checkpoints ---------------------------------------------------------------------
+
+
+def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, step, final) -> dict[str, float]:
+    """Validation loss (sharded over ranks) and the condensation probe (every rank runs the same
+    forwards, which ZeRO-3 needs; rank 0 records it)."""
+    import torch
+
+    from scaling.condensation import CondensationAccumulator
+
+    engine.eval()
+    micro = task.training.micro_batch_size
+    shard = val_blocks[rank::world]
+    n_batches = min(task.probes.val_batches, max(1, len(val_blocks) // (micro * world)))
+    totals = torch.zeros(2, dtype=torch.float64)
+    accumulator = CondensationAccumulator()
+    with torch.no_grad():
+        for b in range(n_batches):
+            batch = shard[b * micro:(b + 1) * micro]
+            if len(batch) == 0:
+                batch = shard[:1]
+            ids = torch.as_tensor(batch, device=device)
+            totals[0] += engine(input_ids=ids, labels=ids).loss.double().cpu() * len(batch)
+            totals[1] += len(batch)
+        base = engine.module.base_model
+        for ids in probe_ids:
+            outputs = base(input_ids=torch.as_tensor(ids, device=device)[None, :], output_hidden_states=True)
+            accumulator.update(torch.stack(outputs.hidden_states)[:, 0].float())
+    torch.distributed.all_reduce(totals)
+    result = accumulator.finalize()
+    metrics = {names.VAL_LOSS: float(totals[0] / totals[1]), **result.to_metrics()}
+    if logger is not None:
+        logger.log_metrics(metrics, step)
+        _log(rank, f"{task.run_name} step {step} val/loss {metrics[names.VAL_LOSS]:.4f} "
+             f"condensation spearman {result.spearman:+.3f}")
+        if final:
+            _log_final_condensation(logger, result, task)
+    engine.train()
+    return {names.VAL_LOSS: metrics[names.VAL_LOSS], names.COND_SPEARMAN: result.spearman}
+
+
+def _log_final_condensation(logger, result, task: RunTask) -> None:
+    from scaling.plots import plot_condensation_heatmap
+
+    with tempfile.TemporaryDirectory() as directory:
+        json_path = Path(directory) / names.ARTIFACT_CONDENSATION_JSON
+        json_path.write_text(result.to_json(extra={
+            "model": task.rung.name, "run_name": task.run_name, "num_params": _num_params(task),
+            "repetitions": result.num_sequences, "max_length": task.probes.max_length}))
+        logger.log_artifact(json_path)
+        png_path = plot_condensation_heatmap(result.histograms, Path(directory) / names.ARTIFACT_HEATMAP_PNG,
+                                             title=task.run_name)
+        logger.log_artifact(png_path)
+
+
+def _save_and_report(engine, report, step, tokens_seen, order_hash) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag=f"step_{step:07d}", client_state={
+            "step": step, "tokens_seen": tokens_seen, "order_hash": order_hash})
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def _num_params(task: RunTask) -> int:
+    from scaling.ladder import count_params
+
+    return count_params(task.rung).total
+
+
+def _resolve(value):
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def _state_hash(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def chain_hash(previous: str, indices: np.ndarray) -> str:
+    """Data-order fingerprint, chained step by step so that it survives a resume unchanged."""
+    return hashlib.sha256(previous.encode() + indices.astype(np.int64).tobytes()).hexdigest()[:32]
+
+
+def _rank0_logger(task: RunTask):
+    from scaling.tracking import RunLogger
+
+    return RunLogger(task.tracking_uri, task.run_id)
+
+
+def _first_attempt(task: RunTask) -> bool:
+    """True only the first time it is asked for this run (a marker file in the temp folder)."""
+    marker = Path(tempfile.gettempdir()) / f"ds-fault-{task.run_id}"
+    if marker.exists():
+        return False
+    marker.touch()
+    return True
+
+
+def _log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"{LOG_PREFIX} {message}", flush=True)
