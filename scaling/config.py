@@ -201,6 +201,72 @@ class CheckpointConfig:
             )
 
 
+SEARCH_METRICS = (names.VAL_LOSS, names.COND_SPEARMAN, names.COND_LAST_LAYER_MEAN_COS,
+                  names.COND_LATE_HALF_MEAN_COS)
+"""Metrics every run reports at each probe, so a search may optimise any of them."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """A Ray Tune + Optuna search over the dispersion arm's settings, per rung (num_samples 0: none)."""
+
+    num_samples: int = 0
+    """Trials per rung; 0 disables the search (the study's arms run as listed)."""
+    metric: str = names.VAL_LOSS
+    """What the search optimises: val/loss, or a condensation target (condensation/spearman, ...)."""
+    mode: str = "min"
+    seed: int = 0
+    """Seed of the Optuna TPE sampler (the trials' training seed is the study's first seed)."""
+    lam: tuple[float, float] = (0.003, 3.0)
+    """Log-uniform range of lambda (YAML key `lambda`)."""
+    layers: tuple[str, ...] = ("all", "last", "early_half", "late_half")
+    """Layer selections to choose from: names, explicit block sets "0,2" or depth fractions "0.5:1.0"."""
+    variants: tuple[str, ...] = ("angular_spread",)
+    tau: tuple[float, ...] = (1.0,)
+    clamp_threshold: tuple[float, ...] = (0.1,)
+    max_concurrent: int = 1
+    """Trials running at once (each has resources.num_workers Ray Train workers)."""
+    grace_period: int = 1
+    """ASHA: probes a trial gets before it may be stopped."""
+    reduction_factor: int = 2
+    """ASHA: keep the best 1/reduction_factor at each rung of the schedule."""
+    preemption_retries: int = 2
+    """Retries of a trial whose node or actor died (preemption), separate from real failures (never retried)."""
+    extra_seeds: tuple[int, ...] = ()
+    """Re-run the best settings (and the baseline) with these seeds after the search."""
+
+    def __post_init__(self):
+        if self.num_samples < 0:
+            raise ConfigError(f"search.num_samples={self.num_samples}: must be >= 0")
+        if self.metric not in SEARCH_METRICS:
+            raise ConfigError(f"search.metric={self.metric!r} is not reported by any run; use one of "
+                              f"{list(SEARCH_METRICS)}")
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"search.mode={self.mode!r}: use min or max")
+        low, high = self.lam
+        if not (0 < low < high and math.isfinite(high)):
+            raise ConfigError(f"search.lambda=[{low}, {high}] is an empty or invalid log-uniform range; "
+                              "give 0 < low < high, e.g. [0.003, 3.0]")
+        for key in ("layers", "variants", "tau", "clamp_threshold"):
+            if not getattr(self, key):
+                raise ConfigError(f"search.{key} is empty; list at least one choice")
+        from scaling.dispersion import VARIANTS, validate_layer_spec
+
+        for spec in self.layers:
+            validate_layer_spec(spec)
+        for variant in self.variants:
+            if variant not in VARIANTS:
+                raise ConfigError(f"search.variants: {variant!r} is unknown; use one of {list(VARIANTS)}")
+        if any(t <= 0 for t in self.tau):
+            raise ConfigError(f"search.tau={list(self.tau)}: every tau must be > 0")
+        if any(not 0 <= c < 1 for c in self.clamp_threshold):
+            raise ConfigError(f"search.clamp_threshold={list(self.clamp_threshold)}: each must be in [0, 1)")
+        if self.max_concurrent < 1 or self.grace_period < 1 or self.reduction_factor < 2:
+            raise ConfigError("search: max_concurrent >= 1, grace_period >= 1 and reduction_factor >= 2 are required")
+        if self.preemption_retries < 0:
+            raise ConfigError(f"search.preemption_retries={self.preemption_retries}: must be >= 0")
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """A whole study. Load with `load_study`."""
@@ -218,6 +284,7 @@ class StudyConfig:
     probes: ProbeConfig = field(default_factory=ProbeConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     storage_path: str = "runs"
     """Ray Train storage: a local folder (relative to the working directory) or s3://..."""
     tracking_uri: str | None = None
@@ -251,8 +318,25 @@ class StudyConfig:
         from scaling.ladder import get_ladder
 
         ladder = get_ladder(self.ladder)
-        for rung in self.rungs:
-            ladder.rung(rung)  # raises with the valid names
+        rungs = [ladder.rung(name) for name in self.rungs] if self.rungs else list(ladder.rungs)  # raises
+        if self.search.num_samples:
+            from scaling.dispersion import resolve_layers
+
+            if names.ARM_BASELINE not in arm_names:
+                raise ConfigError("search: a sweep is compared against the baseline arm; add `baseline` to arms")
+            for rung in rungs:
+                for spec in self.search.layers:
+                    try:
+                        resolve_layers(spec, rung.n_layers)
+                    except ConfigError as exc:
+                        raise ConfigError(f"search.layers: {spec!r} is not valid for rung {rung.name!r} "
+                                          f"({rung.n_layers} blocks): {exc}") from None
+        for arm in self.arms:
+            if arm.name == names.ARM_DISPERSION:
+                from scaling.dispersion import resolve_layers
+
+                for rung in rungs:
+                    resolve_layers(arm.layers, rung.n_layers)
 
     def arm(self, name: str) -> ArmConfig:
         for arm in self.arms:

@@ -33,6 +33,11 @@ KIND_ANALYSIS = "analysis"  # an analysis run written by analysis.scaling_curves
 STATUS_RUNNING = "running"
 STATUS_FINISHED = "finished"
 STATUS_FAILED = "failed"
+STATUS_STOPPED = "stopped"  # a sweep trial stopped early by the scheduler (ASHA)
+
+TRIAL_FINISHED = "finished"
+TRIAL_EARLY_STOPPED = "early_stopped"
+TRIAL_FAILED = "failed"
 
 ARM_BASELINE = "baseline"
 ARM_DISPERSION = "dispersion"

@@ -108,28 +108,35 @@ def run_study(study: StudyConfig, study_yaml: str, *, fault_at_step: int | None 
              f"{len(study.arms)} arm(s); {len(data.train_blocks)} train / {len(data.val_blocks)} val blocks; "
              f"MLflow {tracking_uri}")
 
-    outcomes: list[RunOutcome] = []
-    for plan in plans:
-        for seed in study.seeds:
-            for arm in study.arms:
-                outcomes.append(_run_one(study, plan, arm, seed, data, refs, tracker, parent_id,
-                                         tracking_uri, fault_at_step, progress))
+    # Independent runs go side by side when the cluster fits several worker groups (preflight
+    # sizes it); outcomes keep the plan's order whatever order the runs finish in.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scaling.preflight import count_runs, plan_placement, read_cluster_node_types
+
+    resources = study.resources
+    placement = plan_placement(resources.num_workers, resources.cpus_per_worker, resources.use_gpu,
+                               read_cluster_node_types(), count_runs(study, plans))
+    jobs = [(plan, arm, seed) for plan in plans for seed in study.seeds for arm in study.arms]
+    with ThreadPoolExecutor(max_workers=placement.concurrent_runs, thread_name_prefix="run") as pool:
+        futures = [pool.submit(_run_one, study, plan, arm, seed, data, refs, tracker, parent_id, tracking_uri,
+                               fault_at_step, progress) for plan, arm, seed in jobs]
+        outcomes: list[RunOutcome] = [future.result() for future in futures]
     tracker.end_study(parent_id, failed=any(o.status == names.STATUS_FAILED for o in outcomes))
     return outcomes
 
 
-def _run_one(study, plan, arm, seed, data, refs, tracker, parent_id, tracking_uri, fault_at_step,
-             progress) -> RunOutcome:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def resolve_run(study: StudyConfig, plan, arm, seed: int, data: StudyData, kind: str = names.KIND_TRAIN):
+    """(config_hash, run_name, tags, params) of one run: the hash covers everything that changes
+    what the run computes, so the same config always maps to the same MLflow run."""
     rung = plan.rung
     resolved = {"rung": dataclasses.asdict(rung), "arm": dataclasses.asdict(arm), "seed": seed,
                 "steps": plan.steps, "lr": plan.lr, "warmup_steps": plan.warmup_steps,
                 "training": dataclasses.asdict(study.training), "probes": dataclasses.asdict(study.probes),
                 "zero_stage": study.resources.zero_stage, "num_workers": study.resources.num_workers,
-                "precision": study.resources.precision, "data": data.fingerprint}
-    digest = config_hash(resolved)
+                "precision": study.resources.precision, "data": data.fingerprint, "kind": kind}
+    if kind == names.KIND_TRAIN:
+        del resolved["kind"]  # keep hashes of plain training runs stable
     run_name = f"{rung.name}-{arm.name}-s{seed}"
     tags = {names.TAG_RUNG: rung.name, names.TAG_ARM: arm.name, names.TAG_SEED: seed,
             names.TAG_N_PARAMS: plan.params.total, names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding,
@@ -138,43 +145,70 @@ def _run_one(study, plan, arm, seed, data, refs, tracker, parent_id, tracking_ur
               "warmup_steps": plan.warmup_steps, "tokens": plan.tokens,
               **flatten(dataclasses.asdict(study.training), "training."),
               **flatten(dataclasses.asdict(study.resources), "resources.")}
-    run_id, status = tracker.child_run(parent_id, run_name, digest, tags, params)
-    if status == names.STATUS_FINISHED:
-        progress(f"{LOG_PREFIX} {run_name}: already finished (run {run_id[:8]}), skipped")
-        return RunOutcome(rung.name, arm.name, seed, "skipped", run_id)
+    return config_hash(resolved), run_name, tags, params
 
-    task = RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, rung=rung, arm=arm,
+
+def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: str, tracking_uri: str, refs,
+               fault_at_step: int | None = None) -> RunTask:
+    return RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, rung=plan.rung, arm=arm,
                    seed=seed, steps=plan.steps, lr=plan.lr, warmup_steps=plan.warmup_steps,
                    training=study.training, probes=study.probes, resources=study.resources,
                    checkpoint_every=study.checkpoint.every_steps, train_blocks=refs[0], val_blocks=refs[1],
                    probe_ids=refs[2], fault_at_step=fault_at_step)
+
+
+def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):
+    """A TorchTrainer for one run. Its Ray Train folder is `storage_path/name`: a later trainer with
+    the same name restores the latest checkpoint there (Ray Train V2)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     resources = study.resources
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _train_entry,
         train_loop_config=task.to_loop_config(),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker}),
         run_config=RunConfig(
-            name=f"{study.study}-{run_name}-{digest[:8]}",
+            name=name,
             storage_path=_storage_path(study.storage_path),
             failure_config=FailureConfig(max_failures=study.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=study.checkpoint.num_to_keep),
+            callbacks=list(callbacks),
         ),
     )
-    progress(f"{LOG_PREFIX} {run_name}: {plan.steps} steps on {resources.num_workers} worker(s), "
-             f"ZeRO-{resources.zero_stage}, run {run_id[:8]}")
+
+
+def recorded_failure(tracker, run_id: str, metrics: dict | None) -> str | None:
+    """A failure the workers recorded themselves (e.g. a NaN loss), if any."""
+    return (metrics or {}).get("failed") or tracker.client.get_run(run_id).data.tags.get(names.TAG_FAILURE)
+
+
+def _run_one(study, plan, arm, seed, data, refs, tracker, parent_id, tracking_uri, fault_at_step,
+             progress) -> RunOutcome:
+    rung = plan.rung
+    digest, run_name, tags, params = resolve_run(study, plan, arm, seed, data)
+    run_id, status = tracker.child_run(parent_id, run_name, digest, tags, params)
+    if status == names.STATUS_FINISHED:
+        progress(f"{LOG_PREFIX} {run_name}: already finished (run {run_id[:8]}), skipped")
+        return RunOutcome(rung.name, arm.name, seed, "skipped", run_id)
+
+    task = build_task(study, plan, arm, seed, run_name, run_id, tracking_uri, refs, fault_at_step)
+    trainer = build_trainer(study, task, f"{study.study}-{run_name}-{digest[:8]}")
+    progress(f"{LOG_PREFIX} {run_name}: {plan.steps} steps on {study.resources.num_workers} worker(s), "
+             f"ZeRO-{study.resources.zero_stage}, run {run_id[:8]}")
     started = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 -- a run's failure is recorded; the study goes on
-        reason = _one_line(exc)
+        reason = one_line(exc)
         tracker.finish(run_id, names.STATUS_FAILED, reason)
         progress(f"{LOG_PREFIX} {run_name}: FAILED: {reason}")
         return RunOutcome(rung.name, arm.name, seed, names.STATUS_FAILED, run_id,
                           time.perf_counter() - started, detail=reason)
     seconds = time.perf_counter() - started
     metrics = result.metrics or {}
-    failure = metrics.get("failed") or tracker.client.get_run(run_id).data.tags.get(names.TAG_FAILURE)
+    failure = recorded_failure(tracker, run_id, metrics)
     if failure:
         tracker.finish(run_id, names.STATUS_FAILED, failure)
         return RunOutcome(rung.name, arm.name, seed, names.STATUS_FAILED, run_id, seconds, detail=failure)
@@ -191,22 +225,11 @@ def _train_entry(loop_config):
 
 
 def check_cluster_fits(study: StudyConfig) -> None:
-    """Fail before any work when the study asks for more than the Ray cluster can ever offer."""
-    import ray
+    """Fail before any work when the cluster cannot run the study (see `scaling.preflight`); print warnings."""
+    from scaling.preflight import check_study_against_cluster
 
-    total = ray.cluster_resources()
-    resources = study.resources
-    need_cpu = resources.num_workers * resources.cpus_per_worker
-    if need_cpu > total.get("CPU", 0):
-        raise ConfigError(
-            f"resources.num_workers={resources.num_workers} x cpus_per_worker={resources.cpus_per_worker} needs "
-            f"{need_cpu:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}; lower num_workers or add nodes"
-        )
-    if resources.use_gpu and resources.num_workers > total.get("GPU", 0):
-        raise ConfigError(
-            f"resources.use_gpu with num_workers={resources.num_workers} needs that many GPUs; the cluster has "
-            f"{total.get('GPU', 0):g}. Set resources.use_gpu: false or connect to a GPU cluster"
-        )
+    for warning in check_study_against_cluster(study, plan_runs(study)):
+        print(f"{LOG_PREFIX} warning: {warning}", file=sys.stderr)
 
 
 def _storage_path(path: str) -> str:
@@ -215,7 +238,7 @@ def _storage_path(path: str) -> str:
     return str(Path(path).resolve())
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """The innermost meaningful line of a (possibly Ray-wrapped) exception."""
     while getattr(exc, "__cause__", None) is not None:
         exc = exc.__cause__

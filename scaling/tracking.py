@@ -95,7 +95,7 @@ class Tracker:
         return run.info.run_id
 
     def child_run(self, parent_id: str, run_name: str, config_hash: str, tags: Mapping[str, Any],
-                  params: Mapping[str, Any]) -> tuple[str, str]:
+                  params: Mapping[str, Any], kind: str = names.KIND_TRAIN) -> tuple[str, str]:
         """(run_id, status) of the child run for `config_hash`, created if new.
 
         An existing run keeps its id (a resumed run continues its record); `status` tells the
@@ -104,7 +104,7 @@ class Tracker:
         existing = self.find_by_hash(config_hash)
         if existing is not None:
             return existing.info.run_id, existing.data.tags.get(names.TAG_STATUS, names.STATUS_RUNNING)
-        all_tags = {names.TAG_KIND: names.KIND_TRAIN, names.TAG_STUDY: self.study,
+        all_tags = {names.TAG_KIND: kind, names.TAG_STUDY: self.study,
                     names.TAG_CONFIG_HASH: config_hash, names.TAG_GIT_COMMIT: git_commit(),
                     names.TAG_STATUS: names.STATUS_RUNNING, "mlflow.parentRunId": parent_id,
                     **{k: str(v) for k, v in tags.items()}}

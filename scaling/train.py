@@ -356,7 +356,9 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
         if final:
             _log_final_condensation(logger, result, task)
     engine.train()
-    return {names.VAL_LOSS: metrics[names.VAL_LOSS], names.COND_SPEARMAN: result.spearman}
+    from scaling.config import SEARCH_METRICS
+
+    return {key: metrics[key] for key in SEARCH_METRICS}  # what Tune may optimise
 
 
 def _log_final_condensation(logger, result, task: RunTask) -> None:

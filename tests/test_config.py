@@ -1,0 +1,79 @@
+"""Study files: strict loading, overrides and the documented errors (no Ray needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scaling.config import config_hash, load_study, study_from_dict
+from scaling.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "search_spaces").glob("*.yaml")))
+def test_shipped_study_files_load(name):
+    study = load_study(REPO / "search_spaces" / name)
+    assert study.study and study.arms
+
+
+def test_arms_as_names_or_mappings_and_lambda_key(tmp_path):
+    study = load_study(write(tmp_path, """
+study: s
+arms: [baseline, {name: dispersion, lambda: 0.3, layers: [0, 1]}]
+"""))
+    assert study.arm("dispersion").lam == 0.3
+    assert study.arm("dispersion").layers == "0,1"
+    assert study.arm("baseline").name == "baseline"
+
+
+def test_overrides_use_dotted_paths(tmp_path):
+    study = load_study(write(tmp_path, "study: s\n"), ["training.max_steps=7", "resources.zero_stage=3"])
+    assert study.training.max_steps == 7 and study.resources.zero_stage == 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ("study: s\ntraining: {max_step: 3}\n", "unknown key 'training.max_step'"),
+    ("study: s\ntraining: {max_steps: three}\n", "training.max_steps='three': expected an integer"),
+    ("study: s\nrungs: [tiny-9000B]\n", "tiny-9000B"),
+    ("study: s\nladder: gpt5\n", "gpt5"),
+    ("study: s\narms: [{name: dispersion, variant: magic}]\n", "variant='magic'"),
+    ("study: s\narms: [{name: dispersion, lambda: -0.1}]\n", "lambda=-0.1"),
+    ("study: s\narms: [{name: dispersion, layers: 'top'}]\n", "top"),
+    ("study: s\narms: [placebo]\n", "unknown arm 'placebo'"),
+    ("study: s\narms: [baseline, baseline]\n", "twice"),
+    ("study: s\nresources: {zero_stage: 4}\n", "zero_stage=4"),
+    ("study: s\ntraining: {batch_size: 4, micro_batch_size: 4}\nresources: {num_workers: 2}\n", "batch_size=4"),
+    ("study: s\narms: [active_forgetting]\nresources: {zero_stage: 2}\n", "zero_stage: 0"),
+    ("ladder: tiny\n", "missing required key(s) ['study']"),
+    ("study: 'has space'\n", "study='has space'"),
+    ("- just\n- a list\n", "expected a mapping"),
+])
+def test_bad_study_files_fail_with_the_key_and_the_fix(tmp_path, text, message):
+    with pytest.raises(ConfigError) as info:
+        load_study(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+def test_missing_file_names_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_study(tmp_path / "nope.yaml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_study(REPO / "search_spaces" / "smoke.yaml", ["training.max_steps"])
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = study_from_dict({"study": "s"}).to_dict()
+    b = study_from_dict({"study": "s", "seeds": [1]}).to_dict()
+    assert config_hash(a) == config_hash(dict(reversed(list(a.items()))))
+    assert config_hash(a) != config_hash(b)

@@ -1,0 +1,157 @@
+"""End to end: the tiny ladder on a real local Ray, 2 Ray Train workers, real DeepSpeed ZeRO-3 on
+gloo, a real MLflow SQLite store in a temp folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scaling import names
+from scaling.config import study_from_dict
+
+STEPS = 4
+
+
+def tiny_study(tmp_path, name, **overrides):
+    raw = {
+        "study": name,
+        "ladder": "tiny",
+        "rungs": ["tiny-165K"],
+        "arms": ["baseline", {"name": "dispersion", "lambda": 0.1, "layers": "all"}],
+        "seeds": [0],
+        "data": {"source": "bundled", "max_rows": 600},
+        "training": {"seq_len": 32, "batch_size": 4, "micro_batch_size": 2, "max_steps": STEPS, "lr": 3e-3},
+        "probes": {"every_steps": 2, "texts": 2, "max_length": 32, "val_batches": 1},
+        "resources": {"num_workers": 2, "zero_stage": 3},
+        "checkpoint": {"every_steps": 2, "num_to_keep": 1, "max_failures": 1},
+        "storage_path": str(tmp_path / "runs"),
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    return study_from_dict(raw)
+
+
+def client_for(study):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=study.tracking_uri)
+
+
+def runs_of(study, kind):
+    client = client_for(study)
+    experiment = client.get_experiment_by_name(study.study)
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.kind = '{kind}'")
+
+
+@pytest.fixture(scope="module")
+def finished_study(ray_session, tmp_path_factory):
+    from scaling.study import run_study
+
+    tmp = tmp_path_factory.mktemp("study")
+    study = tiny_study(tmp, "paired")
+    outcomes = run_study(study, "study: paired\n")
+    return study, outcomes
+
+
+def test_both_arms_finish(finished_study):
+    _, outcomes = finished_study
+    assert [(o.arm, o.status) for o in outcomes] == [("baseline", "finished"), ("dispersion", "finished")]
+    for outcome in outcomes:
+        assert outcome.val_loss is not None and outcome.val_loss > 0
+
+
+def test_mlflow_parent_child_structure(finished_study):
+    study, _ = finished_study
+    parents = runs_of(study, names.KIND_STUDY)
+    children = runs_of(study, names.KIND_TRAIN)
+    assert len(parents) == 1 and len(children) == 2
+    for child in children:
+        tags = child.data.tags
+        assert tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert tags[names.TAG_RUNG] == "tiny-165K" and tags[names.TAG_SEED] == "0"
+        assert tags[names.TAG_STATUS] == names.STATUS_FINISHED
+        assert int(tags[names.TAG_N_PARAMS]) > int(tags[names.TAG_N_PARAMS_NON_EMBEDDING]) > 0
+        assert child.info.status == "FINISHED"
+
+
+def test_metrics_per_step_and_artifacts(finished_study, tmp_path):
+    study, _ = finished_study
+    client = client_for(study)
+    for child in runs_of(study, names.KIND_TRAIN):
+        run_id = child.info.run_id
+        ce_steps = [m.step for m in client.get_metric_history(run_id, names.TRAIN_CE_LOSS)]
+        assert sorted(ce_steps) == list(range(1, STEPS + 1))
+        assert sorted(m.step for m in client.get_metric_history(run_id, names.VAL_LOSS)) == [2, 4]
+        assert sorted(m.step for m in client.get_metric_history(run_id, names.COND_SPEARMAN)) == [2, 4]
+        assert client.get_metric_history(run_id, names.layer_metric(2, "mean_cos"))  # embedding output + 2 blocks (the last after the final norm)
+        has_dispersion = bool(client.get_metric_history(run_id, names.TRAIN_DISPERSION_LOSS))
+        assert has_dispersion == (child.data.tags[names.TAG_ARM] == names.ARM_DISPERSION)
+        if has_dispersion:
+            scaled = client.get_metric_history(run_id, names.TRAIN_DISPERSION_LOSS_SCALED)
+            raw = client.get_metric_history(run_id, names.TRAIN_DISPERSION_LOSS)
+            assert scaled[0].value == pytest.approx(0.1 * raw[0].value)
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {names.ARTIFACT_CONDENSATION_JSON, names.ARTIFACT_HEATMAP_PNG} <= artifacts
+        local = client.download_artifacts(run_id, names.ARTIFACT_CONDENSATION_JSON, str(tmp_path))
+        record = json.loads(open(local).read())
+        assert len(record["layers"]) == 3 and -1 <= record["spearman"] <= 1
+        assert len(record["layers"][0]["histogram"]) == 128
+
+
+def test_paired_arms_share_init_and_data_order(finished_study):
+    study, _ = finished_study
+    children = runs_of(study, names.KIND_TRAIN)
+    init = {c.data.tags["init_hash"] for c in children}
+    order = {c.data.tags["data_order_hash"] for c in children}
+    assert len(init) == 1 and len(order) == 1
+    # ...and the arms really differ in what they optimise.
+    losses = {c.data.tags[names.TAG_ARM]: c.data.metrics[names.TRAIN_CE_LOSS] for c in children}
+    assert losses["baseline"] != losses["dispersion"]
+
+
+def test_rerun_skips_finished_runs(finished_study):
+    from scaling.study import run_study
+
+    study, _ = finished_study
+    outcomes = run_study(study, "study: paired\n")
+    assert [o.status for o in outcomes] == ["skipped", "skipped"]
+    assert len(runs_of(study, names.KIND_TRAIN)) == 2
+    assert len(runs_of(study, names.KIND_STUDY)) == 1
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
+    from scaling.study import run_study
+
+    study = tiny_study(tmp_path, "killed", arms=["baseline"], resources={"num_workers": 2, "zero_stage": 2})
+    outcomes = run_study(study, "", fault_at_step=3)  # rank 1 dies once after step 3; checkpoint at 2
+    assert [o.status for o in outcomes] == ["finished"]
+    (child,) = runs_of(study, names.KIND_TRAIN)
+    assert child.data.tags["resumed_from_step"] == "2"
+    ce_steps = {m.step for m in client_for(study).get_metric_history(child.info.run_id, names.TRAIN_CE_LOSS)}
+    assert ce_steps == set(range(1, STEPS + 1))
+
+
+def test_nan_loss_fails_that_run_and_the_study_goes_on(ray_session, tmp_path):
+    from scaling.study import run_study
+
+    # An absurd learning rate overflows the weights within a couple of steps.
+    study = tiny_study(tmp_path, "nan", arms=["baseline"], rungs=["tiny-165K", "tiny-429K"],
+                       training={"lr": 1e30, "max_steps": 3}, resources={"num_workers": 1, "zero_stage": 0})
+    outcomes = run_study(study, "")
+    assert [o.status for o in outcomes] == ["failed", "failed"]  # both ran: one failure did not stop the study
+    for child in runs_of(study, names.KIND_TRAIN):
+        assert child.data.tags[names.TAG_STATUS] == names.STATUS_FAILED
+        assert "non-finite loss" in child.data.tags[names.TAG_FAILURE]
+
+
+def test_more_workers_than_the_cluster_has_fails_before_any_work(ray_session, tmp_path):
+    from scaling.errors import ConfigError
+    from scaling.study import run_study
+
+    study = tiny_study(tmp_path, "toobig", resources={"num_workers": 64},
+                       training={"batch_size": 128, "micro_batch_size": 2})
+    with pytest.raises(ConfigError, match="num_workers=64"):
+        run_study(study, "")
+    assert not (tmp_path / "mlflow.db").exists()
