@@ -91,8 +91,9 @@ def plan_runs(study: StudyConfig):
 
 
 def run_study(study: StudyConfig, study_yaml: str, *, fault_at_step: int | None = None,
-              progress=print) -> list[RunOutcome]:
-    """Train every (rung, seed, arm) of the study that has not finished yet."""
+              nan_trial_suffix: str | None = None, progress=print) -> list[RunOutcome]:
+    """Train every (rung, seed, arm) of the study that has not finished yet; with a `search`
+    section, the dispersion arm is searched per rung instead (see `scaling.sweep`)."""
     import ray
 
     from scaling.tracking import Tracker, resolve_tracking_uri
@@ -108,22 +109,95 @@ def run_study(study: StudyConfig, study_yaml: str, *, fault_at_step: int | None 
              f"{len(study.arms)} arm(s); {len(data.train_blocks)} train / {len(data.val_blocks)} val blocks; "
              f"MLflow {tracking_uri}")
 
-    # Independent runs go side by side when the cluster fits several worker groups (preflight
-    # sizes it); outcomes keep the plan's order whatever order the runs finish in.
-    from concurrent.futures import ThreadPoolExecutor
+    def run(plan, arm, seed):
+        return _run_one(study, plan, arm, seed, data, refs, tracker, parent_id, tracking_uri, fault_at_step,
+                        progress)
 
-    from scaling.preflight import count_runs, plan_placement, read_cluster_node_types
-
-    resources = study.resources
-    placement = plan_placement(resources.num_workers, resources.cpus_per_worker, resources.use_gpu,
-                               read_cluster_node_types(), count_runs(study, plans))
-    jobs = [(plan, arm, seed) for plan in plans for seed in study.seeds for arm in study.arms]
-    with ThreadPoolExecutor(max_workers=placement.concurrent_runs, thread_name_prefix="run") as pool:
-        futures = [pool.submit(_run_one, study, plan, arm, seed, data, refs, tracker, parent_id, tracking_uri,
-                               fault_at_step, progress) for plan, arm, seed in jobs]
-        outcomes: list[RunOutcome] = [future.result() for future in futures]
+    outcomes: list[RunOutcome] = []
+    searching = study.search.num_samples > 0
+    for plan in plans:
+        fixed_arms = [a for a in study.arms if not (searching and a.name == names.ARM_DISPERSION)]
+        for seed in study.seeds:
+            outcomes.extend(run(plan, arm, seed) for arm in fixed_arms)
+        if searching:
+            outcomes.extend(_search_rung(study, plan, data, refs, tracker, parent_id, run, progress,
+                                         nan_trial_suffix))
+    if searching:
+        write_sweep_summary(study, tracker, parent_id, plans, progress)
     tracker.end_study(parent_id, failed=any(o.status == names.STATUS_FAILED for o in outcomes))
     return outcomes
+
+
+def _search_rung(study, plan, data, refs, tracker, parent_id, run, progress, nan_trial_suffix) -> list[RunOutcome]:
+    """One rung's sweep, then its best settings re-run with the extra seeds (paired with baselines)."""
+    from scaling.sweep import best_arm, run_sweep
+
+    seed = study.seeds[0]
+    sweep = run_sweep(study, plan, seed, refs, data.fingerprint, tracker, parent_id, progress,
+                      nan_trial_suffix=nan_trial_suffix)
+    progress(f"{LOG_PREFIX} {plan.rung.name}: sweep of {sweep.trials} trial(s): {sweep.finished} finished, "
+             f"{sweep.early_stopped} early-stopped, {sweep.failed} failed; best {study.search.metric} = "
+             f"{sweep.best_value} with {_settings(sweep.best_params)}")
+    outcomes = [RunOutcome(plan.rung.name, "dispersion-sweep", seed,
+                           names.STATUS_FINISHED if sweep.best_run_id else names.STATUS_FAILED,
+                           sweep.sweep_run_id, sweep.seconds,
+                           val_loss=sweep.best_value if study.search.metric == names.VAL_LOSS else None,
+                           detail=f"{sweep.trials} trials, best: {_settings(sweep.best_params)}")]
+    arm = best_arm(sweep)
+    if arm is not None:
+        for extra in study.search.extra_seeds:
+            if extra not in study.seeds:
+                outcomes.append(run(plan, study.arm(names.ARM_BASELINE), extra))
+            outcomes.append(run(plan, arm, extra))
+    return outcomes
+
+
+def _settings(params: dict) -> str:
+    if not params:
+        return "-"
+    return (f"lambda={float(params[names.PARAM_LAMBDA]):.3g} layers={params[names.PARAM_LAYERS]} "
+            f"variant={params[names.PARAM_VARIANT]}")
+
+
+def write_sweep_summary(study: StudyConfig, tracker, parent_id: str, plans, progress=print) -> Path:
+    """Per rung: baseline vs best dispersion trial (validation loss, condensation), printed and saved
+    as CSV + parquet under outputs/<study>/ and as artifacts of the study's parent run."""
+    import polars as pl
+
+    rows = []
+    for plan in plans:
+        rung = plan.rung.name
+        base = tracker._search(f"tags.{names.TAG_KIND} = '{names.KIND_TRAIN}' and tags.{names.TAG_RUNG} = '{rung}' "
+                               f"and tags.{names.TAG_ARM} = '{names.ARM_BASELINE}' "
+                               f"and tags.{names.TAG_STATUS} = '{names.STATUS_FINISHED}'")
+        best = tracker._search(f"tags.{names.TAG_KIND} = '{names.KIND_TRIAL}' and tags.{names.TAG_RUNG} = '{rung}' "
+                               f"and tags.{names.TAG_BEST_TRIAL} = 'true'")
+
+        def mean(runs, key):
+            values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
+            return sum(values) / len(values) if values else None
+
+        row = {"rung": rung, "n_params": plan.params.total, "baseline_runs": len(base),
+               "baseline_val_loss": mean(base, names.VAL_LOSS),
+               "baseline_spearman": mean(base, names.COND_SPEARMAN),
+               "baseline_last_layer_mean_cos": mean(base, names.COND_LAST_LAYER_MEAN_COS),
+               "best_val_loss": mean(best, names.VAL_LOSS), "best_spearman": mean(best, names.COND_SPEARMAN),
+               "best_last_layer_mean_cos": mean(best, names.COND_LAST_LAYER_MEAN_COS),
+               "best_lambda": float(best[0].data.params[names.PARAM_LAMBDA]) if best else None,
+               "best_layers": best[0].data.params.get(names.PARAM_LAYERS) if best else None,
+               "best_variant": best[0].data.params.get(names.PARAM_VARIANT) if best else None,
+               "best_run_id": best[0].info.run_id if best else None}
+        rows.append(row)
+    frame = pl.DataFrame(rows, infer_schema_length=None)
+    out = Path("outputs") / study.study
+    out.mkdir(parents=True, exist_ok=True)
+    frame.write_csv(out / "sweep_summary.csv")
+    frame.write_parquet(out / "sweep_summary.parquet")
+    tracker.client.log_artifact(parent_id, str(out / "sweep_summary.csv"))
+    tracker.client.log_artifact(parent_id, str(out / "sweep_summary.parquet"))
+    with pl.Config(tbl_rows=100, tbl_cols=20, fmt_str_lengths=20, tbl_width_chars=200):
+        progress(str(frame.drop("best_run_id", "baseline_runs")))
+    return out
 
 
 def resolve_run(study: StudyConfig, plan, arm, seed: int, data: StudyData, kind: str = names.KIND_TRAIN):
@@ -149,12 +223,12 @@ def resolve_run(study: StudyConfig, plan, arm, seed: int, data: StudyData, kind:
 
 
 def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: str, tracking_uri: str, refs,
-               fault_at_step: int | None = None) -> RunTask:
+               fault_at_step: int | None = None, nan_at_step: int | None = None) -> RunTask:
     return RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, rung=plan.rung, arm=arm,
                    seed=seed, steps=plan.steps, lr=plan.lr, warmup_steps=plan.warmup_steps,
                    training=study.training, probes=study.probes, resources=study.resources,
                    checkpoint_every=study.checkpoint.every_steps, train_blocks=refs[0], val_blocks=refs[1],
-                   probe_ids=refs[2], fault_at_step=fault_at_step)
+                   probe_ids=refs[2], fault_at_step=fault_at_step, nan_at_step=nan_at_step)
 
 
 def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):
@@ -266,9 +340,12 @@ def connect_ray(num_cpus: int | None = None):
     if ray.is_initialized():
         return
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
-    if os.environ.get("RAY_ADDRESS") or _local_cluster_running():
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, runtime_env={"env_vars": env})
+    elif address != "local" and _local_cluster_running():
         ray.init(address="auto", runtime_env={"env_vars": env})
-    else:
+    else:  # RAY_ADDRESS=local forces a private local Ray even when a cluster runs on this machine
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
                  runtime_env={"env_vars": env})

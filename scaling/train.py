@@ -49,6 +49,7 @@ class RunTask:
     val_blocks: Any
     probe_ids: Any  # list of token-id arrays
     fault_at_step: int | None = None  # test seam: rank 1 dies once at this step (see tests)
+    nan_at_step: int | None = None  # test seam: the loss turns NaN at this step (see tests)
 
     def to_loop_config(self) -> dict[str, Any]:
         return {"task": self}
@@ -164,7 +165,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         indices = order.batch(step)
         order_hash = chain_hash(order_hash, indices)
         mine = indices[rank * per_rank:(rank + 1) * per_rank]
-        sums = torch.zeros(3, dtype=torch.float64)  # ce, dispersion (unscaled), micro-batches
+        sums = torch.zeros(4, dtype=torch.float64)  # ce, dispersion (unscaled), total loss, micro-batches
         for start in range(0, per_rank, micro):
             batch = torch.as_tensor(train_blocks[mine[start:start + micro]], device=device)
             outputs = engine(input_ids=batch, labels=batch, output_hidden_states=disp_layers is not None)
@@ -177,8 +178,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     clamp_threshold=arm.clamp_threshold, generator=generator)
                 loss = loss + arm.lam * disp
                 sums[1] += disp.detach().double().cpu()
+            if task.nan_at_step == step + 1:
+                loss = loss * float("nan")
             sums[0] += outputs.loss.detach().double().cpu()
-            sums[2] += 1
+            sums[2] += loss.detach().double().cpu()
+            sums[3] += 1
             engine.backward(loss)
             engine.step()
         step += 1
@@ -187,10 +191,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         hooks.after_step(step, engine)
 
         torch.distributed.all_reduce(sums)  # every rank sees the same numbers -> same decisions
-        ce = float(sums[0] / sums[2])
-        disp_value = float(sums[1] / sums[2])
-        if not math.isfinite(ce) or not math.isfinite(disp_value):
-            failure = f"non-finite loss at step {step} (ce={ce}, dispersion={disp_value})"
+        ce, disp_value, total = (float(v) for v in sums[:3] / sums[3])
+        if not all(math.isfinite(v) for v in (ce, disp_value, total)):
+            failure = f"non-finite loss at step {step} (ce={ce}, dispersion={disp_value}, total={total})"
             break
 
         if step % task.training.log_every == 0 or step == task.steps:
@@ -198,7 +201,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics = {names.TRAIN_CE_LOSS: ce, names.TRAIN_LR: scheduler.get_last_lr()[0],
                        names.TRAIN_TOKENS_PER_S: window_tokens / max(elapsed, 1e-9),
                        names.TRAIN_TOKENS_SEEN: tokens_seen,
-                       names.TRAIN_LOSS: ce + (arm.lam * disp_value if disp_layers is not None else 0.0)}
+                       names.TRAIN_LOSS: total}
             if disp_layers is not None:
                 metrics[names.TRAIN_DISPERSION_LOSS] = disp_value
                 metrics[names.TRAIN_DISPERSION_LOSS_SCALED] = arm.lam * disp_value

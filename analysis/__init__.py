@@ -1,0 +1,11 @@
+"""Analysis of a study's MLflow records: scaling curves, paired effects, plots, report.
+
+Runs on a laptop: imports neither torch nor Ray (a test checks), only `scaling.names` and
+`scaling.errors` from the training package. Modules:
+
+- `load`: the one module that talks to MLflow (read runs into Polars, log the analysis run);
+- `fit`: pure power-law / trend / bootstrap mechanics returning frozen dataclasses;
+- `effects`: paired arm differences, effective-parameter multiplier, lambda*(N) rule;
+- `plots`, `report`: figures and tables/markdown;
+- `scaling_curves`: the command line (`python -m analysis.scaling_curves --help`).
+"""

@@ -1,0 +1,520 @@
+"""Pure scaling-curve mechanics: power law with an offset, trends, bootstrap intervals.
+
+Everything here takes numpy arrays and returns typed, immutable results; nothing reads
+MLflow or writes files. The recipe follows Hoffmann et al. 2022 (Chinchilla, approach 3)
+and Besiroglu et al. 2024: fit `y = a * N^(-alpha) + c` by minimising a Huber loss of the
+residuals in log space with L-BFGS-B from a grid of starting points, and get intervals by
+bootstrapping runs within rungs.
+
+Which metrics may be fitted as a power law: only strictly positive ones whose natural floor
+is zero or a positive irreducible value -- losses and mean cosine similarities (the mean of
+a cosine matrix with its diagonal is ||sum x||^2 / T^2 >= 0). Rank correlations (Spearman,
+Kendall) live in [-1, 1], are negative for models that resist condensation, and saturate at
+-1 rather than at an offset above zero, so a log-space power law is undefined for them; they
+get the trend (Spearman of metric vs log N) only. See `POWER_LAW_METRICS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import optimize, stats
+
+from scaling import names
+from scaling.errors import ConfigError, DataError
+
+# Metrics for which `a * N^-alpha + c` with a, c >= 0 is meaningful (strictly positive,
+# decreasing towards a floor). Everything else gets a trend only (module docstring).
+POWER_LAW_METRICS = frozenset(
+    {
+        names.VAL_LOSS,
+        names.TRAIN_CE_LOSS,
+        names.TRAIN_LOSS,
+        names.COND_LAST_LAYER_MEAN_COS,
+        names.COND_LATE_HALF_MEAN_COS,
+    }
+)
+
+_N_PARAMS_OF_LAW = 3
+
+
+def _single_threaded_blas(func):
+    """Run `func` with BLAS limited to one thread.
+
+    L-BFGS-B on three parameters calls BLAS on tiny vectors thousands of times; with
+    OpenBLAS threads on a busy 2-core machine each call paid ~1.5 ms of thread hand-off
+    (a 60-replicate bootstrap took 2.3 s instead of 0.15 s). threadpoolctl ships with
+    scikit-learn (an MLflow dependency); without it the fit is just slower.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - only without scikit-learn
+            limits = contextlib.nullcontext()
+        else:
+            limits = threadpool_limits(limits=1, user_api="blas")
+        with limits:
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How power laws and trends are fitted. Defaults are the recipe; tests shrink them."""
+
+    huber_delta: float = 1e-2
+    """Huber threshold on log-space residuals (Hoffmann et al. used 1e-3 for loss; 1e-2 is
+    less L1-like and gave nominal coverage on our synthetic ladders)."""
+    n_bootstrap: int = 200
+    """Bootstrap replicates for every interval."""
+    confidence: float = 0.95
+    """Two-sided level of every interval."""
+    alpha_bounds: tuple[float, float] = (1e-3, 3.0)
+    """Bounds of the exponent."""
+    alpha_starts: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0, 2.0)
+    """Grid of starting exponents."""
+    offset_starts: tuple[float, ...] = (0.0, 0.5, 0.9)
+    """Grid of starting offsets, as fractions of the smallest observation."""
+    min_rungs: int = 3
+    """Fewest distinct sizes for a power law (it has three parameters)."""
+    min_rank_correlation: float = 0.8
+    """Rung means must decrease with N at least this strongly (Spearman <= -value)."""
+    seed: int = 0
+    """Seed of every bootstrap."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"confidence={self.confidence!r} must lie in (0, 1); use e.g. 0.95")
+        if self.n_bootstrap < 0:
+            raise ConfigError(f"n_bootstrap={self.n_bootstrap!r} must be >= 0; use e.g. 400 (0 = no intervals)")
+        if self.huber_delta <= 0:
+            raise ConfigError(f"huber_delta={self.huber_delta!r} must be > 0; use e.g. 1e-2")
+        lo, hi = self.alpha_bounds
+        if not 0 <= lo < hi:
+            raise ConfigError(f"alpha_bounds={self.alpha_bounds!r} must satisfy 0 <= low < high; use e.g. (1e-3, 3.0)")
+        if self.min_rungs < _N_PARAMS_OF_LAW:
+            raise ConfigError(f"min_rungs={self.min_rungs!r} must be >= 3 (a power law with offset has 3 parameters)")
+        if not self.alpha_starts or not self.offset_starts:
+            raise ConfigError("alpha_starts and offset_starts must be non-empty grids of starting points")
+
+
+@dataclass(frozen=True)
+class PowerLaw:
+    """`y = a * N^(-alpha) + c`, with `a = A * n_ref^alpha` kept in scaled form for stability."""
+
+    scale: float
+    """A: the curve's excess over c at N = n_ref."""
+    alpha: float
+    offset: float
+    """c: the value the curve tends to as N grows."""
+    n_ref: float
+    """Reference size the scale is quoted at (geometric mean of the fitted sizes)."""
+
+    @property
+    def a(self) -> float:
+        """The coefficient in `a * N^(-alpha)`, unscaled."""
+        return self.scale * self.n_ref**self.alpha
+
+    def predict(self, n: np.ndarray | float) -> np.ndarray:
+        return self.scale * (np.asarray(n, dtype=float) / self.n_ref) ** (-self.alpha) + self.offset
+
+    def size_reaching(self, value: float) -> float:
+        """N at which the curve equals `value`; inf when `value` is at or below the offset."""
+        excess = value - self.offset
+        if excess <= 0 or self.scale <= 0:
+            return math.inf
+        return float(self.n_ref * (excess / self.scale) ** (-1.0 / self.alpha))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with a two-sided bootstrap interval (NaN bounds when unavailable)."""
+
+    estimate: float
+    low: float
+    high: float
+
+    def contains(self, value: float) -> bool:
+        return bool(self.low <= value <= self.high)
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """A fitted power law with bootstrap intervals of every parameter and of the curve."""
+
+    law: PowerLaw
+    a: Interval
+    alpha: Interval
+    offset: Interval
+    huber_loss: float
+    n_points: int
+    n_rungs: int
+    bootstrap: str
+    """'cases-within-rungs', 'residuals' or 'none' (why: see `note`)."""
+    curve_n: np.ndarray = field(repr=False)
+    curve_low: np.ndarray = field(repr=False)
+    curve_high: np.ndarray = field(repr=False)
+    boot_laws: tuple[PowerLaw, ...] = field(repr=False, default=())
+    log_residuals: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Trend:
+    """Spearman correlation of a metric with log N (same as with N), bootstrap CI."""
+
+    spearman: Interval
+    n_points: int
+    n_rungs: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class HoldoutCheck:
+    """Leave-largest-rung-out: fit the smaller rungs, predict the largest rung's mean."""
+
+    n_heldout: float
+    observed: float
+    predicted: float
+    relative_error: float
+    prediction_low: float
+    prediction_high: float
+    inside: bool
+
+
+@dataclass(frozen=True)
+class CurveResult:
+    """What a metric's scaling looks like: a power law when supported, always a trend."""
+
+    metric: str
+    trend: Trend | None
+    fit: PowerLawFit | None
+    holdout: HoldoutCheck | None
+    supported: bool
+    reason: str
+    """Why no power law (empty when supported), or why the holdout check is missing."""
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+def _as_clean_arrays(n: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    n = np.asarray(n, dtype=float).ravel()
+    y = np.asarray(y, dtype=float).ravel()
+    if n.shape != y.shape:
+        raise DataError(f"{what}: sizes ({n.size}) and values ({y.size}) differ in length; pass one value per run")
+    if n.size == 0:
+        raise DataError(f"{what}: no observations; check that the study has finished runs that logged it")
+    if not np.all(np.isfinite(n)) or np.any(n <= 0):
+        raise DataError(f"{what}: parameter counts must be finite and > 0, got {n[~(np.isfinite(n) & (n > 0))][:3]}; check the n_params tags")
+    bad = ~np.isfinite(y)
+    if np.any(bad):
+        raise DataError(
+            f"{what}: {int(bad.sum())} of {y.size} values are NaN or infinite (at N={sorted(set(n[bad].tolist()))[:3]}); "
+            "drop or re-run those runs (a diverged run should be marked failed)"
+        )
+    return n, y
+
+
+def _check_fittable(n: np.ndarray, y: np.ndarray, what: str, min_rungs: int) -> None:
+    rungs = np.unique(n)
+    if rungs.size < min_rungs:
+        raise DataError(f"{what}: {rungs.size} distinct size(s) {rungs.tolist()}; a power law with offset needs >= {min_rungs}; add rungs")
+    if np.any(y <= 0):
+        raise DataError(f"{what}: values must be > 0 for a log-space fit, got min {y.min():.4g}; use the trend instead")
+    if np.ptp(y) <= 1e-12 * max(1.0, float(np.abs(y).max())):
+        raise DataError(f"{what}: constant at {y[0]:.6g} across all runs; nothing to fit (check that the metric is logged correctly)")
+
+
+# --- power law --------------------------------------------------------------------------
+
+
+def _huber_objective(theta: np.ndarray, log_x: np.ndarray, log_y: np.ndarray, delta: float) -> tuple[float, np.ndarray]:
+    """Huber loss of log-space residuals and its gradient; theta = (log A, alpha, log c)."""
+    log_scale, alpha, log_offset = theta
+    u = np.exp(log_scale - alpha * log_x)
+    v = math.exp(log_offset)
+    pred = u + v
+    r = np.log(pred) - log_y
+    small = np.abs(r) <= delta
+    loss = float(np.sum(np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))))
+    psi = np.where(small, r, delta * np.sign(r)) / pred
+    grad = np.array([np.sum(psi * u), np.sum(psi * -log_x * u), np.sum(psi * v)])
+    return loss, grad
+
+
+def _fit_law_once(n: np.ndarray, y: np.ndarray, options: FitOptions, starts: list[np.ndarray] | None = None) -> tuple[PowerLaw, float]:
+    n_ref = float(np.exp(np.mean(np.log(np.unique(n)))))
+    log_x = np.log(n / n_ref)
+    log_y = np.log(y)
+    y_min, y_max = float(y.min()), float(y.max())
+    # log c down to ~1e-9 of the data is "no offset"; above max(y) the law cannot decrease to the data.
+    bounds = [
+        (math.log(y_max) - 25.0, math.log(y_max) + 10.0),
+        options.alpha_bounds,
+        (math.log(y_min) - 20.0, math.log(y_max)),
+    ]
+    if starts is None:
+        starts = []
+        mean_y = float(np.mean(y))
+        for alpha0 in options.alpha_starts:
+            for frac in options.offset_starts:
+                c0 = max(frac * y_min, y_min * 1e-8)
+                scale0 = max(mean_y - c0, y_min * 1e-6)
+                starts.append(np.array([math.log(scale0), alpha0, math.log(c0)]))
+    best_theta, best_loss = None, math.inf
+    for start in starts:
+        start = np.clip(start, [b[0] for b in bounds], [b[1] for b in bounds])
+        res = optimize.minimize(
+            _huber_objective, start, args=(log_x, log_y, options.huber_delta), jac=True, method="L-BFGS-B", bounds=bounds
+        )
+        if np.isfinite(res.fun) and res.fun < best_loss:
+            best_theta, best_loss = res.x, float(res.fun)
+    if best_theta is None:
+        raise DataError("power-law fit: no starting point converged to a finite loss; the data may not follow a power law")
+    law = PowerLaw(scale=float(math.exp(best_theta[0])), alpha=float(best_theta[1]), offset=float(math.exp(best_theta[2])), n_ref=n_ref)
+    return law, best_loss
+
+
+def _law_start(law: PowerLaw, n_ref: float) -> np.ndarray:
+    """Starting point for a refit on resampled data, rescaled to that data's n_ref."""
+    scale = law.scale * (n_ref / law.n_ref) ** (-law.alpha)
+    return np.array([math.log(max(scale, 1e-300)), law.alpha, math.log(max(law.offset, 1e-300))])
+
+
+def group_indices(n: np.ndarray) -> list[np.ndarray]:
+    return [np.flatnonzero(n == value) for value in np.unique(n)]
+
+
+def resample_within_groups(n: np.ndarray, y: np.ndarray, groups: list[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Resample runs with replacement inside each rung, widening each draw's spread about
+    the rung mean by sqrt(k / (k - 1)): with k = 2..5 seeds the plain percentile bootstrap
+    underestimates the variance of a rung mean by the factor (k - 1) / k."""
+    n_parts, y_parts = [], []
+    for g in groups:
+        draw = y[rng.choice(g, size=g.size, replace=True)]
+        centre = float(np.mean(y[g]))
+        widen = math.sqrt(g.size / (g.size - 1)) if g.size > 1 else 1.0
+        widened = centre + widen * (draw - centre)
+        # Keep values positive for log-space fits (only matters for extreme relative noise).
+        y_parts.append(np.where(widened > 0, widened, draw))
+        n_parts.append(n[g])
+    return np.concatenate(n_parts), np.concatenate(y_parts)
+
+
+def _bootstrap_laws(n: np.ndarray, y: np.ndarray, law: PowerLaw, options: FitOptions) -> tuple[list[PowerLaw], str, str]:
+    """Refit on resampled data: runs within each rung when every rung has >= 2 runs,
+    otherwise log residuals (needs more points than parameters), otherwise none."""
+    if options.n_bootstrap == 0:
+        return [], "none", "bootstrap disabled (n_bootstrap=0)"
+    rng = np.random.default_rng(options.seed)
+    groups = group_indices(n)
+    if all(g.size >= 2 for g in groups):
+        mode, note = "cases-within-rungs", ""
+    elif n.size > _N_PARAMS_OF_LAW:
+        mode, note = "residuals", "some rung has a single run: intervals come from resampled log residuals"
+    else:
+        return [], "none", f"{n.size} points for 3 parameters and one run per rung: no bootstrap interval is possible"
+    log_resid = np.log(y) - np.log(law.predict(n))
+    laws = []
+    for _ in range(options.n_bootstrap):
+        if mode == "cases-within-rungs":
+            n_b, y_b = resample_within_groups(n, y, groups, rng)
+        else:
+            n_b = n
+            y_b = law.predict(n) * np.exp(rng.choice(log_resid, size=n.size, replace=True))
+        if np.ptp(y_b) <= 0:
+            continue
+        n_ref = float(np.exp(np.mean(np.log(np.unique(n_b)))))
+        # A warm start from the full-data fit keeps the bootstrap cheap (~15x fewer starts).
+        starts = [_law_start(law, n_ref)]
+        try:
+            fitted, _ = _fit_law_once(n_b, y_b, options, starts)
+        except DataError:
+            continue
+        laws.append(fitted)
+    return laws, mode, note
+
+
+def interval_from_samples(estimate: float, samples: np.ndarray, confidence: float) -> Interval:
+    samples = samples[np.isfinite(samples)]
+    if samples.size < 2:
+        return Interval(estimate, math.nan, math.nan)
+    tail = 50.0 * (1.0 - confidence)
+    low, high = np.percentile(samples, [tail, 100.0 - tail])
+    return Interval(float(estimate), float(low), float(high))
+
+
+@_single_threaded_blas
+def fit_power_law(n: np.ndarray, y: np.ndarray, options: FitOptions = FitOptions(), *, what: str = "power-law fit", curve_n: np.ndarray | None = None) -> PowerLawFit:
+    """Fit `y = a * N^(-alpha) + c` (a, c >= 0) to one value per run, with bootstrap CIs.
+
+    Raises `DataError` with the reason when the data cannot support the fit (NaN, fewer
+    than `options.min_rungs` sizes, non-positive or constant values).
+    """
+    n, y = _as_clean_arrays(n, y, what)
+    _check_fittable(n, y, what, options.min_rungs)
+    law, loss = _fit_law_once(n, y, options)
+    laws, mode, note = _bootstrap_laws(n, y, law, options)
+    if curve_n is None:
+        curve_n = np.geomspace(n.min(), n.max(), 64)
+    curve_n = np.asarray(curve_n, dtype=float)
+    if laws:
+        curves = np.stack([b.predict(curve_n) for b in laws])
+        tail = 50.0 * (1.0 - options.confidence)
+        curve_low, curve_high = np.percentile(curves, [tail, 100.0 - tail], axis=0)
+    else:
+        curve_low = curve_high = np.full(curve_n.shape, math.nan)
+    return PowerLawFit(
+        law=law,
+        a=interval_from_samples(law.a, np.array([b.a for b in laws]), options.confidence),
+        alpha=interval_from_samples(law.alpha, np.array([b.alpha for b in laws]), options.confidence),
+        offset=interval_from_samples(law.offset, np.array([b.offset for b in laws]), options.confidence),
+        huber_loss=loss,
+        n_points=int(n.size),
+        n_rungs=int(np.unique(n).size),
+        bootstrap=mode,
+        curve_n=curve_n,
+        curve_low=np.asarray(curve_low),
+        curve_high=np.asarray(curve_high),
+        boot_laws=tuple(laws),
+        log_residuals=np.log(y) - np.log(law.predict(n)),
+        note=note,
+    )
+
+
+# --- trend --------------------------------------------------------------------------------
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    # Pearson of average ranks (= Spearman with ties); ~20x cheaper than stats.spearmanr.
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    return float(np.dot(rx, ry) / math.sqrt(float(np.dot(rx, rx)) * float(np.dot(ry, ry))))
+
+
+def compute_trend(n: np.ndarray, y: np.ndarray, options: FitOptions = FitOptions(), *, what: str = "trend") -> Trend:
+    """Spearman of y with log N over runs, CI from resampling runs within rungs.
+
+    Needs >= 2 sizes and a non-constant metric (else `DataError`).
+    """
+    n, y = _as_clean_arrays(n, y, what)
+    groups = group_indices(n)
+    if len(groups) < 2:
+        raise DataError(f"{what}: only one size (N={n[0]:.4g}); a trend with N needs >= 2 rungs; add rungs")
+    if np.ptp(y) <= 1e-12 * max(1.0, float(np.abs(y).max())):
+        raise DataError(f"{what}: constant at {y[0]:.6g} across all runs; no trend to report (check that the metric is logged correctly)")
+    estimate = _spearman(np.log(n), y)
+    rng = np.random.default_rng(options.seed)
+    samples = []
+    note = ""
+    if all(g.size >= 2 for g in groups):
+        for _ in range(options.n_bootstrap):
+            n_b, y_b = resample_within_groups(n, y, groups, rng)
+            samples.append(_spearman(np.log(n_b), y_b))
+    elif n.size >= 4:
+        # One run per size (e.g. an observation study of released models): resample the
+        # points themselves, the ordinary case bootstrap of a correlation.
+        note = "one run per size: points resampled across sizes"
+        for _ in range(options.n_bootstrap):
+            idx = rng.integers(0, n.size, n.size)
+            samples.append(_spearman(np.log(n[idx]), y[idx]))
+    else:
+        note = f"{n.size} points with a single run at some size: no interval"
+    interval = interval_from_samples(estimate, np.array(samples, dtype=float), options.confidence)
+    if np.isfinite(interval.low):
+        # A rank statistic's bootstrap distribution is discrete and shifted by the ties that
+        # resampling creates; widen the percentile interval so it always holds the estimate.
+        interval = Interval(estimate, min(interval.low, estimate), max(interval.high, estimate))
+    return Trend(interval, int(n.size), len(groups), note)
+
+
+# --- holdout and the top-level recipe ------------------------------------------------------
+
+
+@_single_threaded_blas
+def check_leave_largest_out(n: np.ndarray, y: np.ndarray, options: FitOptions = FitOptions(), *, what: str = "leave-largest-out") -> HoldoutCheck:
+    """Fit on all rungs but the largest, predict the largest rung's mean.
+
+    The prediction interval combines the bootstrap spread of the curve with the observed
+    log-residual noise, averaged over as many runs as the held-out rung has.
+    """
+    n, y = _as_clean_arrays(n, y, what)
+    largest = float(n.max())
+    keep = n < largest
+    if np.unique(n[keep]).size < options.min_rungs:
+        raise DataError(f"{what}: needs >= {options.min_rungs + 1} rungs (fit on >= {options.min_rungs}, hold out the largest); got {np.unique(n).size}")
+    fit = fit_power_law(n[keep], y[keep], options, what=what, curve_n=np.array([largest]))
+    observed = float(np.mean(y[~keep]))
+    predicted = float(fit.law.predict(largest))
+    k = int(np.sum(~keep))
+    rng = np.random.default_rng(options.seed + 1)
+    laws = fit.boot_laws or (fit.law,)
+    draws = []
+    for i in range(max(options.n_bootstrap, 1)):
+        law = laws[i % len(laws)]
+        noise = float(np.mean(rng.choice(fit.log_residuals, size=k, replace=True))) if fit.log_residuals.size else 0.0
+        draws.append(float(law.predict(largest)) * math.exp(noise))
+    tail = 50.0 * (1.0 - options.confidence)
+    low, high = np.percentile(np.array(draws), [tail, 100.0 - tail])
+    return HoldoutCheck(
+        n_heldout=largest,
+        observed=observed,
+        predicted=predicted,
+        relative_error=(predicted - observed) / abs(observed),
+        prediction_low=float(low),
+        prediction_high=float(high),
+        inside=bool(low <= observed <= high),
+    )
+
+
+def _power_law_unsupported_reason(metric: str, n: np.ndarray, y: np.ndarray, options: FitOptions) -> str:
+    """Empty when a power law may be fitted, else the reason in words."""
+    if metric not in POWER_LAW_METRICS:
+        return "signed rank correlation in [-1, 1]: a log-space power law is undefined; trend only"
+    sizes = np.unique(n)
+    if sizes.size < options.min_rungs:
+        return f"{sizes.size} rung(s); a power law with offset needs >= {options.min_rungs}"
+    if np.any(y <= 0):
+        return f"non-positive values (min {y.min():.4g}); a log-space fit is undefined"
+    if np.ptp(y) <= 1e-12 * max(1.0, float(np.abs(y).max())):
+        return f"constant at {y[0]:.6g}"
+    means = np.array([np.mean(y[n == s]) for s in sizes])
+    rho = _spearman(np.log(sizes), means)
+    if not rho <= -options.min_rank_correlation:
+        shape = "increases with N" if rho > 0 else "is not monotone in N"
+        return f"rung means {shape} (Spearman {rho:+.2f} > -{options.min_rank_correlation}); a decreasing power law does not describe it"
+    return ""
+
+
+@_single_threaded_blas
+def fit_scaling_curve(metric: str, n: np.ndarray, y: np.ndarray, options: FitOptions = FitOptions()) -> CurveResult:
+    """The recipe: trend always (when >= 2 rungs); power law only when the data support one;
+    leave-largest-out when there are enough rungs. Never raises for unsupported data: the
+    reason is in the result. Raises `DataError` for NaN values or no observations."""
+    n, y = _as_clean_arrays(n, y, metric)
+    trend, reason = None, ""
+    try:
+        trend = compute_trend(n, y, options, what=metric)
+    except DataError as err:
+        reason = str(err)
+    why_not = _power_law_unsupported_reason(metric, n, y, options)
+    if why_not:
+        return CurveResult(metric, trend, None, None, False, why_not)
+    fit = fit_power_law(n, y, options, what=metric)
+    holdout = None
+    if np.unique(n).size > options.min_rungs:
+        holdout = check_leave_largest_out(n, y, options, what=metric)
+    else:
+        reason = f"leave-largest-out needs >= {options.min_rungs + 1} rungs"
+    return CurveResult(metric, trend, fit, holdout, True, reason)

@@ -1,0 +1,423 @@
+"""Read a study's MLflow runs into tidy Polars tables, and log the analysis run back.
+
+The only module of `analysis` that talks to MLflow. Three tables come out:
+
+- `runs`: one row per run (training, sweep, trial or observation), its tags and params;
+- `metrics`: the tidy table, one row per (run, metric, step) with the run's columns
+  repeated, so a single filter/group-by answers most questions;
+- `profiles`: the final per-layer condensation profile of every finished run, from its
+  `condensation.json` artifact (or, when that is missing, from its per-layer metrics).
+
+Everything is cached as parquet keyed by a fingerprint of the runs' ids, statuses and end
+times, so re-running the analysis on an unchanged study skips the metric-history calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from scaling import names
+from scaling.errors import ConfigError, DataError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+KIND_UNKNOWN = "unknown"
+_LAYER_METRIC = re.compile(r"^condensation/layer_(\d+)/(mean_cos|mean_cos_offdiag|effective_rank)$")
+_PARENT_TAG = "mlflow.parentRunId"
+
+RUN_SCHEMA = {
+    "run_id": pl.String,
+    "parent_run_id": pl.String,
+    "study": pl.String,
+    "kind": pl.String,
+    "status": pl.String,
+    "failure": pl.String,
+    "rung": pl.String,
+    "n_params": pl.Int64,
+    "n_params_non_embedding": pl.Int64,
+    "tokens": pl.Int64,
+    "arm": pl.String,
+    "seed": pl.Int64,
+    "lambda": pl.Float64,
+    "layers": pl.String,
+    "variant": pl.String,
+    "tau": pl.Float64,
+    "clamp_threshold": pl.Float64,
+    "family": pl.String,
+    "model": pl.String,
+    "source": pl.String,
+    "trial_state": pl.String,
+    "best_trial": pl.Boolean,
+    "config_hash": pl.String,
+    "git_commit": pl.String,
+    "start_time": pl.Int64,
+    "end_time": pl.Int64,
+}
+PROFILE_SCHEMA = {
+    "run_id": pl.String,
+    "layer": pl.Int64,
+    "layer_fraction": pl.Float64,
+    "mean_cosine": pl.Float64,
+    "mean_cosine_offdiag": pl.Float64,
+    "effective_rank": pl.Float64,
+    "histogram": pl.List(pl.Float64),
+}
+_TIDY_METRIC_SCHEMA = {"run_id": pl.String, "step": pl.Int64, "metric": pl.String, "value": pl.Float64}
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StudyRecords:
+    """Everything the analysis needs from one study."""
+
+    study: str
+    experiment_id: str
+    tracking_uri: str
+    parent_run_id: str | None
+    runs: pl.DataFrame
+    metrics: pl.DataFrame
+    profiles: pl.DataFrame
+    from_cache: bool = False
+
+    def finished(self, kind: str | None = names.KIND_TRAIN) -> pl.DataFrame:
+        """Runs that finished (optionally of one kind): the only ones that enter fits."""
+        runs = self.runs.filter(pl.col("status") == names.STATUS_FINISHED)
+        return runs if kind is None else runs.filter(pl.col("kind") == kind)
+
+    def failed(self) -> pl.DataFrame:
+        return self.runs.filter(pl.col("status") == names.STATUS_FAILED)
+
+
+# --- tracking URI and study selection ------------------------------------------------------
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The explicit URI, else `MLFLOW_TRACKING_URI`, else the trainer's default SQLite file."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _check_store_exists(uri: str) -> None:
+    # MLflow would silently create an empty database; a missing file is a user error.
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise DataError(
+                f"--tracking-uri {uri!r}: no MLflow database at {path.resolve()}; run a study first, "
+                "or point --tracking-uri / MLFLOW_TRACKING_URI at the store the trainer wrote"
+            )
+
+
+def _client(uri: str):
+    _check_store_exists(uri)
+    return _cached_client(uri)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_client(uri: str):
+    # Building a client on SQLite checks the schema (~4 s on 2 busy cores): do it once per URI.
+    from mlflow.tracking import MlflowClient  # deferred: importing mlflow costs ~1 s
+
+    return MlflowClient(uri)
+
+
+def _study_experiments(client) -> list:
+    """Experiments holding a study parent run or any training/observation run, newest first."""
+    from mlflow.entities import ViewType
+
+    found = []
+    for experiment in client.search_experiments(view_type=ViewType.ACTIVE_ONLY, order_by=["creation_time DESC"]):
+        hits = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.{names.TAG_KIND} != '{names.KIND_ANALYSIS}'",  # MLflow has no IN for tags
+            max_results=1,
+        )
+        if hits:
+            found.append(experiment)
+    return found
+
+
+def find_experiment(client, study: str | None):
+    """The study's experiment: by name, by a run tagged study=NAME, or the newest study."""
+    experiments = _study_experiments(client)
+    if not experiments:
+        raise DataError("the MLflow store holds no study (no run tagged kind=study/train/observe); run a study first or check --tracking-uri")
+    if study is None:
+        return experiments[0]
+    for experiment in experiments:
+        if experiment.name == study:
+            return experiment
+    for experiment in experiments:
+        if client.search_runs([experiment.experiment_id], filter_string=f"tags.{names.TAG_STUDY} = '{study}'", max_results=1):
+            return experiment
+    known = ", ".join(repr(e.name) for e in experiments[:10])
+    raise ConfigError(f"--study {study!r}: no such study in this store; known studies (newest first): {known}")
+
+
+def find_study_name(tracking_uri: str | None, study: str | None) -> str:
+    """The study's name as stored (the experiment's name); the newest study when None."""
+    return find_experiment(_client(resolve_tracking_uri(tracking_uri)), study).name
+
+
+# --- runs ---------------------------------------------------------------------------------
+
+
+def _to_int(value: str | None) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
+def _to_float(value: str | None) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _status_of(run) -> str:
+    tagged = run.data.tags.get(names.TAG_STATUS)
+    if tagged:
+        return tagged
+    return {"FINISHED": names.STATUS_FINISHED, "FAILED": names.STATUS_FAILED, "KILLED": names.STATUS_FAILED}.get(
+        run.info.status, names.STATUS_RUNNING
+    )
+
+
+def _run_row(run, study: str) -> dict:
+    tags, params = run.data.tags, run.data.params
+    best = tags.get(names.TAG_BEST_TRIAL)
+    return {
+        "run_id": run.info.run_id,
+        "parent_run_id": tags.get(_PARENT_TAG),
+        "study": tags.get(names.TAG_STUDY, study),
+        "kind": tags.get(names.TAG_KIND, KIND_UNKNOWN),
+        "status": _status_of(run),
+        "failure": tags.get(names.TAG_FAILURE),
+        "rung": tags.get(names.TAG_RUNG),
+        "n_params": _to_int(tags.get(names.TAG_N_PARAMS)),
+        "n_params_non_embedding": _to_int(tags.get(names.TAG_N_PARAMS_NON_EMBEDDING)),
+        "tokens": _to_int(tags.get(names.TAG_TOKENS)),
+        "arm": tags.get(names.TAG_ARM),
+        "seed": _to_int(tags.get(names.TAG_SEED)),
+        "lambda": _to_float(params.get(names.PARAM_LAMBDA)),
+        "layers": params.get(names.PARAM_LAYERS),
+        "variant": params.get(names.PARAM_VARIANT),
+        "tau": _to_float(params.get(names.PARAM_TAU)),
+        "clamp_threshold": _to_float(params.get(names.PARAM_CLAMP)),
+        "family": tags.get(names.TAG_FAMILY),
+        "model": tags.get(names.TAG_MODEL),
+        "source": tags.get(names.TAG_SOURCE),
+        "trial_state": tags.get(names.TAG_TRIAL_STATE),
+        "best_trial": None if best is None else best.lower() == "true",
+        "config_hash": tags.get(names.TAG_CONFIG_HASH),
+        "git_commit": tags.get(names.TAG_GIT_COMMIT),
+        "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
+    }
+
+
+def _search_all_runs(client, experiment_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+# --- metrics and profiles ------------------------------------------------------------------
+
+
+def _metric_rows(client, run) -> list[dict]:
+    rows = []
+    for key in sorted(run.data.metrics):
+        for point in client.get_metric_history(run.info.run_id, key):
+            rows.append({"run_id": run.info.run_id, "step": int(point.step), "metric": key, "value": float(point.value)})
+    return rows
+
+
+def _profile_from_artifact(client, run_id: str) -> list[dict] | None:
+    available = {entry.path for entry in client.list_artifacts(run_id)}
+    if names.ARTIFACT_CONDENSATION_JSON not in available:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, names.ARTIFACT_CONDENSATION_JSON, tmp)
+        record = json.loads(Path(path).read_text())
+    layers = record.get("layers") or []
+    last = max((entry["layer"] for entry in layers), default=0) or 1
+    return [
+        {
+            "run_id": run_id,
+            "layer": int(entry["layer"]),
+            "layer_fraction": float(entry.get("layer_fraction", entry["layer"] / last)),
+            "mean_cosine": _to_float(entry.get("mean_cosine")),
+            "mean_cosine_offdiag": _to_float(entry.get("mean_cosine_offdiag")),
+            "effective_rank": _to_float(entry.get("effective_rank")),
+            "histogram": [float(v) for v in entry["histogram"]] if entry.get("histogram") else None,
+        }
+        for entry in layers
+    ]
+
+
+def _profile_from_metrics(run_id: str, final_metrics: dict[str, float]) -> list[dict]:
+    """Fallback without the artifact: per-layer final metrics, no histograms."""
+    by_layer: dict[int, dict] = {}
+    for key, value in final_metrics.items():
+        match = _LAYER_METRIC.match(key)
+        if match:
+            by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = float(value)
+    if not by_layer:
+        return []
+    last = max(by_layer) or 1
+    return [
+        {
+            "run_id": run_id,
+            "layer": layer,
+            "layer_fraction": layer / last,
+            "mean_cosine": stats.get("mean_cos"),
+            "mean_cosine_offdiag": stats.get("mean_cos_offdiag"),
+            "effective_rank": stats.get("effective_rank"),
+            "histogram": None,
+        }
+        for layer, stats in sorted(by_layer.items())
+    ]
+
+
+# --- cache ----------------------------------------------------------------------------------
+
+
+def _fingerprint(experiment_id: str, runs: list) -> str:
+    digest = hashlib.sha256(f"v{_CACHE_VERSION}:{experiment_id}".encode())
+    for run in sorted(runs, key=lambda r: r.info.run_id):
+        digest.update(f"{run.info.run_id}:{_status_of(run)}:{run.info.status}:{run.info.end_time}:{len(run.data.metrics)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _read_cache(cache_dir: Path, fingerprint: str) -> tuple[pl.DataFrame, pl.DataFrame] | None:
+    stamp = cache_dir / "fingerprint.txt"
+    if not stamp.exists() or stamp.read_text().strip() != fingerprint:
+        return None
+    try:
+        return pl.read_parquet(cache_dir / "metrics.parquet"), pl.read_parquet(cache_dir / "profiles.parquet")
+    except (OSError, pl.exceptions.PolarsError):
+        return None  # a damaged cache is rebuilt, never trusted
+
+
+def _write_cache(cache_dir: Path, fingerprint: str, metrics: pl.DataFrame, profiles: pl.DataFrame) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    metrics.write_parquet(cache_dir / "metrics.parquet")
+    profiles.write_parquet(cache_dir / "profiles.parquet")
+    (cache_dir / "fingerprint.txt").write_text(fingerprint + "\n")
+
+
+# --- public -------------------------------------------------------------------------------------
+
+
+def read_study(tracking_uri: str | None = None, study: str | None = None, *, cache_dir: Path | None = None) -> StudyRecords:
+    """Load one study (default: the newest) into `StudyRecords`.
+
+    Analysis runs (kind=analysis) and the study's parent run are not data; the parent's id
+    is kept for provenance. Histories and profiles are cached in `cache_dir` when given.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _client(uri)
+    experiment = find_experiment(client, study)
+    all_runs = _search_all_runs(client, experiment.experiment_id)
+    parents = [r for r in all_runs if r.data.tags.get(names.TAG_KIND) == names.KIND_STUDY]
+    data_runs = [r for r in all_runs if r.data.tags.get(names.TAG_KIND) not in (names.KIND_STUDY, names.KIND_ANALYSIS)]
+    study_name = parents[0].data.tags.get(names.TAG_STUDY, experiment.name) if parents else experiment.name
+    runs = pl.DataFrame([_run_row(r, study_name) for r in data_runs], schema=RUN_SCHEMA, orient="row") if data_runs else pl.DataFrame(schema=RUN_SCHEMA)
+
+    fingerprint = _fingerprint(experiment.experiment_id, data_runs)
+    cached = _read_cache(cache_dir, fingerprint) if cache_dir is not None else None
+    if cached is not None:
+        raw_metrics, profiles = cached
+    else:
+        metric_rows, profile_rows = [], []
+        for run in data_runs:
+            metric_rows.extend(_metric_rows(client, run))
+            if _status_of(run) == names.STATUS_FINISHED:
+                profile = _profile_from_artifact(client, run.info.run_id)
+                profile_rows.extend(profile if profile is not None else _profile_from_metrics(run.info.run_id, run.data.metrics))
+        raw_metrics = pl.DataFrame(metric_rows, schema=_TIDY_METRIC_SCHEMA, orient="row") if metric_rows else pl.DataFrame(schema=_TIDY_METRIC_SCHEMA)
+        profiles = pl.DataFrame(profile_rows, schema=PROFILE_SCHEMA, orient="row") if profile_rows else pl.DataFrame(schema=PROFILE_SCHEMA)
+        if cache_dir is not None:
+            _write_cache(cache_dir, fingerprint, raw_metrics, profiles)
+    metrics = raw_metrics.join(runs, on="run_id", how="left").sort("run_id", "metric", "step")
+    return StudyRecords(
+        study=study_name,
+        experiment_id=experiment.experiment_id,
+        tracking_uri=uri,
+        parent_run_id=parents[0].info.run_id if parents else None,
+        runs=runs,
+        metrics=metrics,
+        profiles=profiles,
+        from_cache=cached is not None,
+    )
+
+
+def compute_final_values(metrics: pl.DataFrame) -> pl.DataFrame:
+    """One row per (run, metric): the value at the run's last logged step of that metric."""
+    return (
+        metrics.sort("step")
+        .group_by("run_id", "metric", maintain_order=True)
+        .agg(pl.col("value").last(), pl.col("step").last())
+        .join(metrics.select(pl.exclude("step", "metric", "value")).unique("run_id"), on="run_id", how="left")
+    )
+
+
+def scan_tidy(path: str | Path) -> pl.LazyFrame:
+    """Lazy view of a tidy parquet written by the analysis (for large sweeps)."""
+    return pl.scan_parquet(path)
+
+
+def read_git_commit(cwd: str | Path | None = None) -> str:
+    """The current git commit (with '+dirty' when the tree has changes), or 'unknown'."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def log_analysis_run(records: StudyRecords, out_dir: Path, files: list[Path], *, params: dict[str, str], tags: dict[str, str]) -> str:
+    """A kind=analysis run in the study's experiment (nested under the study run) holding
+    `files` (paths under `out_dir`, kept relative); returns its run id."""
+    client = _client(records.tracking_uri)
+    run_tags = {names.TAG_KIND: names.KIND_ANALYSIS, names.TAG_STUDY: records.study, **tags}
+    if records.parent_run_id:
+        run_tags[_PARENT_TAG] = records.parent_run_id
+    run = client.create_run(records.experiment_id, tags=run_tags, run_name=f"analysis-{records.study}")
+    from mlflow.entities import Param
+
+    try:
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        # One upload of a staged copy: each log_artifact call builds its own client (~0.3 s).
+        with tempfile.TemporaryDirectory() as staging:
+            for path in files:
+                target = Path(staging) / path.relative_to(out_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+            client.log_artifacts(run.info.run_id, staging)
+    except Exception:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id

@@ -1,0 +1,338 @@
+"""`python -m analysis.scaling_curves`: fit size-versus-condensation scaling curves of a study.
+
+Reads a study's runs from MLflow, fits per arm metric(N) = a * N^-alpha + c (validation
+loss, last-layer and late-half mean cosine) or, where a power law is not supported, the
+trend of the metric with log N (always for Spearman/Kendall), computes paired effects of
+each arm against the baseline, and writes plots, tables, a markdown report and (unless
+--no-log) an MLflow run of kind=analysis in the study's experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import polars as pl
+
+from analysis import load, plots
+from analysis.effects import compute_difference_trend, compute_lambda_rule, compute_paired_differences, compute_parameter_multipliers, pair_arms
+from analysis.fit import CurveResult, FitOptions, compute_trend, fit_scaling_curve
+from analysis.report import (
+    StudyAnalysis,
+    build_difference_table,
+    build_difference_trend_table,
+    build_fit_table,
+    build_lambda_table,
+    build_multiplier_table,
+    render_markdown,
+)
+from scaling import names
+from scaling.errors import ConfigError, DataError, DispersionScalingError
+
+DEFAULT_METRICS = (
+    names.VAL_LOSS,
+    names.COND_SPEARMAN,
+    names.COND_LAST_LAYER_MEAN_COS,
+    names.COND_LATE_HALF_MEAN_COS,
+    names.COND_KENDALL,
+)
+SIZE_COLUMNS = {"total": "n_params", "non_embedding": "n_params_non_embedding"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.scaling_curves",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Outputs in --out: report.md, plots/*.png (metric vs N with fits and CI bands per arm, paired "
+            "differences, condensation heatmap grid, per-layer profiles), tables/*.csv and *.parquet (tidy "
+            "metrics, runs, fits, paired differences, multipliers, lambda rule), provenance.json. "
+            "Only runs with status=finished enter fits; failed runs are listed in the report. "
+            "Exit status 2 with a one-line message on bad input."
+        ),
+    )
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--study", "--experiment", dest="study", default=None, help="study (= experiment) name (default: the most recently created study)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: outputs/analysis/<study>)")
+    parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="final-value metrics to analyse (default: %(default)s)")
+    parser.add_argument("--size", choices=sorted(SIZE_COLUMNS), default="total", help="size axis N: total or non-embedding parameters (default: %(default)s)")
+    parser.add_argument("--control-arm", default=names.ARM_BASELINE, help="arm the paired differences are taken against (default: %(default)s)")
+    parser.add_argument("--bootstrap", type=int, default=FitOptions.n_bootstrap, help="bootstrap replicates for every interval (default: %(default)s)")
+    parser.add_argument("--confidence", type=float, default=FitOptions.confidence, help="interval level (default: %(default)s)")
+    parser.add_argument("--huber-delta", type=float, default=FitOptions.huber_delta, help="Huber threshold on log residuals (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    parser.add_argument("--no-log", action="store_true", help="do not log an analysis run to MLflow")
+    parser.add_argument("--no-cache", action="store_true", help="re-read every metric history instead of reusing <out>/cache")
+    return parser
+
+
+# --- analysis steps ---------------------------------------------------------------------------
+
+
+def _finals_with_size(records: load.StudyRecords, size_column: str) -> pl.DataFrame:
+    finished_ids = records.finished(kind=None)["run_id"]
+    final = load.compute_final_values(records.metrics.filter(pl.col("run_id").is_in(finished_ids.implode())))
+    size = pl.col(size_column)
+    if size_column != "n_params":
+        size = size.fill_null(pl.col("n_params"))  # observation runs only carry n_params
+    return final.with_columns(size.cast(pl.Float64).alias("n"))
+
+
+def _runs_summary(records: load.StudyRecords) -> pl.DataFrame:
+    runs = records.runs
+    if runs.is_empty():
+        return pl.DataFrame()
+    return (
+        runs.group_by("kind", "rung", "arm", "status")
+        .agg(pl.len().alias("runs"), pl.col("n_params").first(), pl.col("seed").sort().cast(pl.String).str.join(",").alias("seeds"))
+        .sort("kind", "n_params", "arm", "status", nulls_last=True)
+    )
+
+
+def _fit_curves(train: pl.DataFrame, metrics: list[str], options: FitOptions, notes: list[str]) -> dict[tuple[str, str], CurveResult]:
+    curves = {}
+    for metric in metrics:
+        rows = train.filter(pl.col("metric") == metric)
+        if rows.is_empty():
+            notes.append(f"metric {metric!r} was not logged by any finished training run; skipped")
+            continue
+        for arm in sorted(rows["arm"].drop_nulls().unique().to_list()):
+            arm_rows = rows.filter(pl.col("arm") == arm).drop_nulls("n")
+            bad = arm_rows.filter(~pl.col("value").is_finite())
+            if bad.height:
+                # Keep the finished work that is usable; name what was dropped.
+                notes.append(
+                    f"{metric} / {arm}: {bad.height} of {arm_rows.height} final values are NaN or infinite "
+                    f"(runs {', '.join(bad['run_id'].head(3).to_list())}{', ...' if bad.height > 3 else ''}); left out of the fit"
+                )
+                arm_rows = arm_rows.filter(pl.col("value").is_finite())
+                if arm_rows.is_empty():
+                    curves[(metric, arm)] = CurveResult(metric, None, None, None, False, "every value is NaN or infinite")
+                    continue
+            n, y = arm_rows["n"].to_numpy(), arm_rows["value"].to_numpy()
+            try:
+                curves[(metric, arm)] = fit_scaling_curve(metric, n, y, options)
+            except DataError as err:
+                curves[(metric, arm)] = CurveResult(metric, None, None, None, False, str(err))
+                notes.append(f"{metric} / {arm}: {err}")
+    return curves
+
+
+def _paired_effects(train: pl.DataFrame, curves, metrics, control: str, options: FitOptions, notes: list[str]):
+    arms = sorted(set(train["arm"].drop_nulls().unique().to_list()) - {control})
+    differences, trends, multipliers = {}, {}, {}
+    if control not in set(train["arm"].drop_nulls().to_list()):
+        if arms:
+            notes.append(f"no finished runs of the control arm {control!r}: no paired differences (use --control-arm)")
+        return arms, differences, trends, multipliers
+    for arm in arms:
+        for metric in metrics:
+            paired = pair_arms(train.filter(pl.col("metric") == metric), treatment=arm, control=control)
+            if paired.is_empty():
+                continue
+            differences[(metric, arm)] = compute_paired_differences(paired, options)
+            if paired["n"].n_unique() >= 2:
+                try:
+                    trends[(metric, arm)] = compute_difference_trend(paired, options)
+                except DataError as err:
+                    notes.append(f"difference trend {metric} / {arm}: {err}")
+            baseline = curves.get((metric, control))
+            if metric == names.VAL_LOSS and baseline is not None and baseline.fit is not None:
+                multipliers[arm] = compute_parameter_multipliers(baseline.fit, paired, options)
+        if (names.VAL_LOSS, arm) in differences and arm not in multipliers:
+            notes.append(f"no effective-parameter multiplier for {arm}: the {control} val/loss has no supported power law")
+    return arms, differences, trends, multipliers
+
+
+def _observation_trends(observe: pl.DataFrame, options: FitOptions) -> pl.DataFrame | None:
+    rows = observe.filter(pl.col("metric") == names.COND_SPEARMAN).drop_nulls("n")
+    if rows.is_empty():
+        return None
+    out = []
+    for (family, source), group in sorted(rows.group_by("family", "source"), key=lambda item: (str(item[0][0]), str(item[0][1]))):
+        record = {"family": str(family), "source": str(source), "models": group.height, "spearman_vs_log_n": math.nan, "low": math.nan, "high": math.nan, "note": ""}
+        try:
+            trend = compute_trend(group["n"].to_numpy(), group["value"].to_numpy(), options, what=f"{family}/{source}")
+            record.update(spearman_vs_log_n=trend.spearman.estimate, low=trend.spearman.low, high=trend.spearman.high, note=trend.note)
+        except DataError as err:
+            record["note"] = str(err)
+        out.append(record)
+    return pl.DataFrame(out, infer_schema_length=None)
+
+
+def _lambda_rule(final: pl.DataFrame, options: FitOptions, notes: list[str]):
+    trials = final.filter((pl.col("kind") == names.KIND_TRIAL) & (pl.col("metric") == names.VAL_LOSS))
+    if trials.is_empty():
+        return None
+    try:
+        return compute_lambda_rule(trials, options)
+    except DataError as err:
+        notes.append(str(err))
+        return None
+
+
+def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column: str, control_arm: str, options: FitOptions) -> StudyAnalysis:
+    """Every number of the report, from loaded records. Raises `DataError` only when there is
+    nothing at all to analyse; everything else becomes a note."""
+    finished = records.finished(kind=None)
+    if finished.is_empty():
+        counts = records.runs.group_by("status").len().sort("status").iter_rows() if records.runs.height else []
+        seen = ", ".join(f"{n} {s}" for s, n in counts) or "no runs at all"
+        raise DataError(f"study {records.study!r} has no finished runs ({seen}); wait for the runs to finish or fix the failures listed by the trainer")
+    notes: list[str] = []
+    final = _finals_with_size(records, size_column)
+    train = final.filter(pl.col("kind") == names.KIND_TRAIN)
+    sizes = sorted(train["n"].drop_nulls().unique().to_list())
+    if train.height and len(sizes) == 1:
+        notes.append(f"only one rung ({train['rung'][0]}, N={sizes[0]:.4g}) has finished runs: no scaling curve or trend with N; per-rung differences and figures only")
+    curves = _fit_curves(train, metrics, options, notes) if train.height else {}
+    arms, differences, trends, multipliers = _paired_effects(train, curves, metrics, control_arm, options, notes) if train.height else ([], {}, {}, {})
+    failed = records.failed().select("run_id", "kind", "rung", "arm", "seed", "failure") if records.failed().height else pl.DataFrame()
+    return StudyAnalysis(
+        study=records.study,
+        size_column=size_column,
+        treatment_arms=tuple(arms),
+        control_arm=control_arm,
+        curves=curves,
+        differences=differences,
+        difference_trends=trends,
+        multipliers=multipliers,
+        lambda_rule=_lambda_rule(final, options, notes),
+        observation_trends=_observation_trends(final.filter(pl.col("kind") == names.KIND_OBSERVE), options),
+        runs_summary=_runs_summary(records),
+        failed_runs=failed,
+        notes=tuple(notes),
+        options=options,
+    )
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+
+def _write_table(frame: pl.DataFrame, tables: Path, name: str) -> list[Path]:
+    if frame.is_empty():
+        return []
+    parquet, csv = tables / f"{name}.parquet", tables / f"{name}.csv"
+    frame.write_parquet(parquet)
+    flat = frame.select([c for c, dtype in frame.schema.items() if not isinstance(dtype, (pl.List, pl.Array, pl.Struct))])
+    flat.write_csv(csv)
+    return [csv, parquet]
+
+
+def _write_plots(records: load.StudyRecords, analysis: StudyAnalysis, final: pl.DataFrame, out: Path) -> list[Path]:
+    made = []
+    plot_dir = out / "plots"
+    label = f"parameters ({analysis.size_column})"
+    train = final.filter(pl.col("kind") == names.KIND_TRAIN)
+    for metric in dict.fromkeys(m for m, _ in analysis.curves):
+        rows = train.filter(pl.col("metric") == metric)
+        arm_curves = {arm: r for (m, arm), r in analysis.curves.items() if m == metric}
+        made.append(plots.plot_metric_curves(plot_dir / f"curve_{metric.replace('/', '_')}.png", metric, rows, arm_curves, size_label=label))
+    for arm in analysis.treatment_arms:
+        diffs = {m: d for (m, a), d in analysis.differences.items() if a == arm}
+        if diffs:
+            made.append(plots.plot_paired_differences(plot_dir / f"difference_{arm}.png", diffs, treatment=arm, control=analysis.control_arm, size_label=label))
+    runs = records.runs.select("run_id", "rung", "arm", "kind", pl.col(analysis.size_column).cast(pl.Float64).alias("n"))
+    profiles = records.profiles.join(runs, on="run_id").filter(pl.col("kind") == names.KIND_TRAIN)
+    if profiles.height:
+        made.append(plots.plot_heatmap_grid(plot_dir / "condensation_heatmaps.png", profiles))
+        made.append(plots.plot_layer_profiles(plot_dir / "layer_profiles.png", profiles))
+    observe = final.filter((pl.col("kind") == names.KIND_OBSERVE) & (pl.col("metric") == names.COND_SPEARMAN))
+    if observe.height:
+        made.append(plots.plot_observation_trends(plot_dir / "observation_spearman.png", observe, metric=names.COND_SPEARMAN))
+    return made
+
+
+def write_outputs(records: load.StudyRecords, analysis: StudyAnalysis, out: Path) -> list[Path]:
+    """Every file of the analysis under `out` (except the cache); returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    tables = out / "tables"
+    tables.mkdir(exist_ok=True)
+    final = _finals_with_size(records, analysis.size_column)
+    files: list[Path] = []
+    files += _write_table(records.metrics, tables, "tidy_metrics")
+    files += _write_table(records.runs, tables, "runs")
+    files += _write_table(records.profiles, tables, "layer_profiles")
+    files += _write_table(final, tables, "final_values")
+    files += _write_table(build_fit_table(analysis.curves), tables, "fits")
+    files += _write_table(build_difference_table(analysis.differences, analysis.control_arm), tables, "paired_differences")
+    files += _write_table(build_difference_trend_table(analysis.difference_trends), tables, "difference_trends")
+    files += _write_table(build_multiplier_table(analysis.multipliers), tables, "multipliers")
+    files += _write_table(build_lambda_table(analysis.lambda_rule), tables, "best_lambda")
+    if analysis.observation_trends is not None:
+        files += _write_table(analysis.observation_trends, tables, "observation_trends")
+    figures = _write_plots(records, analysis, final, out)
+    files += figures
+    provenance = out / "provenance.json"
+    provenance.write_text(json.dumps(analysis.provenance, indent=2, default=str) + "\n")
+    report = out / "report.md"
+    report.write_text(render_markdown(analysis, figures, out) + "\n")
+    return files + [provenance, report]
+
+
+def run(args: argparse.Namespace) -> Path:
+    """The main path: read -> analyse -> write -> log. Returns the output directory."""
+    if args.bootstrap < 0:
+        raise ConfigError(f"--bootstrap {args.bootstrap}: must be >= 0 (0 = no intervals); use e.g. 400")
+    options = FitOptions(n_bootstrap=args.bootstrap, confidence=args.confidence, huber_delta=args.huber_delta, seed=args.seed)
+    uri = load.resolve_tracking_uri(args.tracking_uri)
+    study = load.find_study_name(uri, args.study)
+    out = args.out if args.out is not None else Path("outputs") / "analysis" / study
+    records = load.read_study(uri, study, cache_dir=None if args.no_cache else out / "cache")
+    analysis = analyse_study(records, metrics=list(dict.fromkeys(args.metrics)), size_column=SIZE_COLUMNS[args.size], control_arm=args.control_arm, options=options)
+    fit_options = {
+        "bootstrap": options.n_bootstrap,
+        "confidence": options.confidence,
+        "huber_delta": options.huber_delta,
+        "alpha_bounds": list(options.alpha_bounds),
+        "seed": options.seed,
+        "size": args.size,
+        "metrics": list(args.metrics),
+        "control_arm": args.control_arm,
+    }
+    provenance = {
+        "study": records.study,
+        "experiment_id": records.experiment_id,
+        "tracking_uri": uri,
+        "git_commit": load.read_git_commit(),
+        "fit_options": fit_options,
+        "input_run_ids": records.finished(kind=None)["run_id"].to_list(),
+        "failed_run_ids": records.failed()["run_id"].to_list(),
+        "study_run_id": records.parent_run_id,
+    }
+    analysis = dataclasses.replace(analysis, provenance=provenance)
+    files = write_outputs(records, analysis, out)
+    for note in analysis.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not args.no_log:
+        run_id = load.log_analysis_run(
+            records,
+            out,
+            files,
+            params={f"analysis.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in fit_options.items()},
+            tags={names.TAG_GIT_COMMIT: provenance["git_commit"], "input_runs": str(len(provenance["input_run_ids"]))},
+        )
+        print(f"logged analysis run {run_id} in experiment {records.study!r}")
+    print(f"wrote {out / 'report.md'} ({len(files)} files)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        run(args)
+    except DispersionScalingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Per-rung search over the dispersion settings with Ray Tune + Optuna (TPE) and ASHA early stopping.
+
+Ray 2.60 (Train V2) pattern for Tune driving Train: each trial is a function trainable that
+builds and fits its own `TorchTrainer`, whose reports reach Tune through `TuneReportCallback`
+(so ASHA sees the validation loss at every probe). The trainable asks Tune for almost no
+CPU (`{"CPU": 0.01}`); the trial's Ray Train workers hold the real resources.
+
+MLflow: study parent run -> one `sweep` run per rung -> one `trial` run per Tune trial
+(params = sampled values, tags `trial_state` and `best_trial`). The baseline arm runs once
+per rung and seed outside the search. The best trial is chosen on the search metric (the
+validation loss by default) among trials that ran to the end, never on test data; its
+settings are then re-run with `search.extra_seeds` next to the baseline with those seeds.
+
+Resume: the Tuner's experiment folder (`storage_path/<study>-<rung>-sweep-<hash>`) holds the
+Optuna searcher state; a rerun restores it, finished trials are not rerun, and an
+interrupted trial's TorchTrainer (same name) resumes from its latest checkpoint. MLflow trial
+runs are found again by their Tune trial id, so nothing is recorded twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from scaling import names
+from scaling.config import ArmConfig, StudyConfig, config_hash
+from scaling.errors import TrainingFailure
+from scaling.train import LOG_PREFIX
+
+TAG_TUNE_TRIAL_ID = "tune_trial_id"
+TAG_PREEMPTIONS = "preemptions"
+PAPER_DEFAULT = {"lambda": 0.1, "layers": "all"}  # the paper's setting, tried first
+
+# Failures that mean "the machine went away", not "the trial is broken" (levanter's split):
+# they get their own retry budget; anything else fails the trial at once.
+PREEMPTION_ERRORS = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ActorUnavailableError",
+                     "OwnerDiedError", "ObjectLostError", "RayActorError", "WorkerGroupError")
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of one rung's sweep needs (handed to the trainable by `tune.with_parameters`)."""
+
+    study: StudyConfig
+    plan: Any  # scaling.ladder.RunPlan
+    seed: int
+    refs: tuple
+    data_fingerprint: str
+    tracking_uri: str
+    sweep_run_id: str
+    sweep_hash: str
+    nan_trial_suffix: str | None = None  # test seam: the trial whose id ends so turns NaN at step 1
+
+
+@dataclass
+class SweepOutcome:
+    rung: str
+    sweep_run_id: str
+    trials: int
+    finished: int
+    early_stopped: int
+    failed: int
+    best_run_id: str | None
+    best_params: dict[str, Any]
+    best_value: float | None
+    seconds: float
+
+
+def search_space(study: StudyConfig) -> dict[str, Any]:
+    from ray import tune
+
+    search = study.search
+    return {
+        "lambda": tune.loguniform(*search.lam),
+        # Optuna warns on non-string categorical values; layer sets are strings already ("0,1").
+        "layers": tune.choice(list(search.layers)),
+        "variant": tune.choice(list(search.variants)),
+        "tau": tune.choice(list(search.tau)),
+        "clamp_threshold": tune.choice(list(search.clamp_threshold)),
+    }
+
+
+def initial_points(study: StudyConfig) -> list[dict[str, Any]]:
+    """The paper's default first (lambda 0.1 on all layers), clipped into the searched ranges."""
+    search = study.search
+    low, high = search.lam
+    point = {"lambda": min(max(PAPER_DEFAULT["lambda"], low), high),
+             "layers": PAPER_DEFAULT["layers"] if "all" in search.layers else search.layers[0],
+             "variant": search.variants[0], "tau": search.tau[0], "clamp_threshold": search.clamp_threshold[0]}
+    return [point]
+
+
+def arm_from_trial(config: dict[str, Any]) -> ArmConfig:
+    return ArmConfig(name=names.ARM_DISPERSION, variant=config["variant"], lam=float(config["lambda"]),
+                     layers=str(config["layers"]), tau=float(config["tau"]),
+                     clamp_threshold=float(config["clamp_threshold"]))
+
+
+def is_preemption(exc: BaseException) -> bool:
+    """True when the failure is a lost node/actor rather than a bug or a bad setting."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in PREEMPTION_ERRORS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+# --- the trial --------------------------------------------------------------------------------
+
+
+def run_trial(config: dict[str, Any], context: SweepContext) -> None:
+    """One Tune trial: an MLflow trial run, then a TorchTrainer whose reports feed Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from scaling.study import build_task, build_trainer, one_line, recorded_failure
+    from scaling.tracking import Tracker
+
+    study, plan = context.study, context.plan
+    trial_id = tune.get_context().get_trial_id()
+    arm = arm_from_trial(config)
+    tracker = Tracker(context.tracking_uri, study.study)
+    run_name = f"{plan.rung.name}-trial-{trial_id}"
+    run_id, _ = tracker.child_run(
+        context.sweep_run_id, run_name, config_hash({"sweep": context.sweep_hash, "trial": trial_id}),
+        tags={names.TAG_RUNG: plan.rung.name, names.TAG_ARM: names.ARM_DISPERSION, names.TAG_SEED: context.seed,
+              names.TAG_N_PARAMS: plan.params.total,
+              names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding, names.TAG_TOKENS: plan.tokens,
+              TAG_TUNE_TRIAL_ID: trial_id, "ladder": study.ladder},
+        params={**arm.params(), "rung": plan.rung.name, "seed": context.seed, "steps": plan.steps,
+                "lr": plan.lr},
+        kind=names.KIND_TRIAL)
+    task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.refs,
+                      nan_at_step=1 if context.nan_trial_suffix and trial_id.endswith(context.nan_trial_suffix) else None)
+    preemptions = 0
+    while True:
+        trainer = build_trainer(study, task, f"{study.study}-{run_name}", callbacks=[TuneReportCallback()])
+        try:
+            result = trainer.fit()
+            break
+        except Exception as exc:  # noqa: BLE001 -- classified below
+            if is_preemption(exc) and preemptions < study.search.preemption_retries:
+                preemptions += 1
+                tracker.set_tags(run_id, {TAG_PREEMPTIONS: preemptions})
+                print(f"{LOG_PREFIX} {run_name}: preempted ({one_line(exc)}); retry {preemptions}", flush=True)
+                continue
+            reason = one_line(exc)
+            tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
+            tracker.finish(run_id, names.STATUS_FAILED, reason)
+            raise
+    failure = recorded_failure(tracker, run_id, result.metrics)
+    if failure:
+        tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
+        tracker.finish(run_id, names.STATUS_FAILED, failure)
+        raise TrainingFailure(f"{run_name}: {failure}")
+    tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
+    tracker.finish(run_id, names.STATUS_FINISHED)
+
+
+# --- the sweep of one rung ---------------------------------------------------------------------
+
+
+def run_sweep(study: StudyConfig, plan, seed: int, refs, data_fingerprint: str, tracker, parent_id: str,
+              progress=print, nan_trial_suffix: str | None = None) -> SweepOutcome:
+    """Search the dispersion settings for one rung (resuming a stopped search), then tag the best trial."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from scaling.study import _storage_path
+
+    search = study.search
+    rung = plan.rung
+    sweep_hash = config_hash({"search": dataclasses.asdict(search), "rung": rung.name, "seed": seed,
+                              "steps": plan.steps, "training": dataclasses.asdict(study.training),
+                              "probes": dataclasses.asdict(study.probes), "data": data_fingerprint})
+    sweep_run_id, status = tracker.child_run(
+        parent_id, f"{rung.name}-sweep", sweep_hash,
+        tags={names.TAG_RUNG: rung.name, names.TAG_N_PARAMS: plan.params.total,
+              names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding, names.TAG_SEED: seed},
+        params={"search.num_samples": search.num_samples, "search.metric": search.metric,
+                "search.mode": search.mode, "search.lambda": list(search.lam),
+                "search.layers": list(search.layers), "search.variants": list(search.variants)},
+        kind=names.KIND_SWEEP)
+    if status == names.STATUS_FINISHED:
+        progress(f"{LOG_PREFIX} {rung.name}: sweep already finished (run {sweep_run_id[:8]}), skipped")
+        return summarize_sweep(tracker, rung.name, sweep_run_id, search, 0.0)
+
+    context = SweepContext(study, plan, seed, refs, data_fingerprint, tracker.tracking_uri, sweep_run_id,
+                           sweep_hash, nan_trial_suffix)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0.01})
+    experiment = f"{study.study}-{rung.name}-sweep-{sweep_hash[:8]}"
+    storage = _storage_path(study.storage_path)
+    path = f"{storage.rstrip('/')}/{experiment}"
+    started = time.perf_counter()
+    if tune.Tuner.can_restore(path):
+        progress(f"{LOG_PREFIX} {rung.name}: resuming the sweep in {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        probes_per_run = max(1, plan.steps // study.probes.every_steps) if study.probes.every_steps else 1
+        searcher = OptunaSearch(metric=search.metric, mode=search.mode, seed=search.seed,
+                                points_to_evaluate=initial_points(study))
+        # max_t one past the last probe: reaching the end is never an ASHA stop, so a complete
+        # trial always gets to record itself as finished.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=probes_per_run + 1,
+                                  grace_period=min(search.grace_period, probes_per_run),
+                                  reduction_factor=search.reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(study),
+            tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, num_samples=search.num_samples,
+                                        search_alg=ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent),
+                                        scheduler=scheduler),
+            run_config=tune.RunConfig(name=experiment, storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=0),
+        )
+    progress(f"{LOG_PREFIX} {rung.name}: searching {search.num_samples} trial(s) of {plan.steps} steps, "
+             f"optimising {search.metric} ({search.mode})")
+    tuner.fit()
+    mark_stopped_trials(tracker, sweep_run_id)
+    outcome = summarize_sweep(tracker, rung.name, sweep_run_id, search, time.perf_counter() - started)
+    tracker.finish(sweep_run_id, names.STATUS_FINISHED)
+    return outcome
+
+
+def mark_stopped_trials(tracker, sweep_run_id: str) -> None:
+    """Trials Tune stopped never reached their own bookkeeping. Those whose workers completed every
+    step (the worker tags `data_order_hash` only then) finished; the rest were stopped early."""
+    for run in _trial_runs(tracker, sweep_run_id):
+        if names.TAG_TRIAL_STATE in run.data.tags:
+            continue
+        if "data_order_hash" in run.data.tags:
+            tracker.set_tags(run.info.run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
+            tracker.finish(run.info.run_id, names.STATUS_FINISHED)
+        else:
+            tracker.set_tags(run.info.run_id, {names.TAG_TRIAL_STATE: names.TRIAL_EARLY_STOPPED})
+            tracker.finish(run.info.run_id, names.STATUS_STOPPED)
+
+
+def summarize_sweep(tracker, rung: str, sweep_run_id: str, search, seconds: float) -> SweepOutcome:
+    """Count trial states and pick (and tag) the best trial among those that ran to the end."""
+    runs = _trial_runs(tracker, sweep_run_id)
+    states = [run.data.tags.get(names.TAG_TRIAL_STATE) for run in runs]
+    candidates = [run for run in runs if run.data.tags.get(names.TAG_TRIAL_STATE) == names.TRIAL_FINISHED
+                  and search.metric in run.data.metrics]
+    best = None
+    if candidates:
+        sign = 1 if search.mode == "min" else -1
+        best = min(candidates, key=lambda run: sign * run.data.metrics[search.metric])
+        for run in runs:
+            flag = "true" if run.info.run_id == best.info.run_id else "false"
+            if run.data.tags.get(names.TAG_BEST_TRIAL) != flag:
+                tracker.set_tags(run.info.run_id, {names.TAG_BEST_TRIAL: flag})
+        tracker.set_tags(sweep_run_id, {"best_run_id": best.info.run_id})
+    return SweepOutcome(
+        rung=rung, sweep_run_id=sweep_run_id, trials=len(runs),
+        finished=states.count(names.TRIAL_FINISHED), early_stopped=states.count(names.TRIAL_EARLY_STOPPED),
+        failed=states.count(names.TRIAL_FAILED), best_run_id=best.info.run_id if best else None,
+        best_params=dict(best.data.params) if best else {},
+        best_value=best.data.metrics[search.metric] if best else None, seconds=seconds)
+
+
+def best_arm(outcome: SweepOutcome) -> ArmConfig | None:
+    """The best trial's settings as a dispersion arm (for re-runs with extra seeds)."""
+    if not outcome.best_params:
+        return None
+    p = outcome.best_params
+    return ArmConfig(name=names.ARM_DISPERSION, variant=p[names.PARAM_VARIANT], lam=float(p[names.PARAM_LAMBDA]),
+                     layers=p[names.PARAM_LAYERS], tau=float(p[names.PARAM_TAU]),
+                     clamp_threshold=float(p[names.PARAM_CLAMP]))
+
+
+def _trial_runs(tracker, sweep_run_id: str) -> list:
+    return tracker._search(f"tags.{names.TAG_KIND} = '{names.KIND_TRIAL}' and "
+                           f"tags.mlflow.parentRunId = '{sweep_run_id}'")
