@@ -1,0 +1,76 @@
+"""Shared fixtures: a locally trained tokenizer, tiny GPT-2 models saved to disk, one Ray.
+
+Everything is offline: the tokenizer is trained on the bundled corpus, models are built
+from config with random weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Before Ray or Ray Train is imported anywhere (STACK-NOTES.md): no token auth for the local
+# test cluster, and a fast controller poll so each ray.train.report does not block ~2 s.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def bundled_rows():
+    from scaling.data import parse_text_source, read_rows
+
+    return read_rows(parse_text_source("bundled"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, bundled_rows):
+    """A byte-level BPE (vocab 1024) trained on the bundled corpus, saved to a folder."""
+    from scaling.data import build_tokenizer
+
+    tokenizer = build_tokenizer(None, rows=bundled_rows, vocab_size=1024,
+                                cache_dir=tmp_path_factory.mktemp("tokenizer-cache"))
+    directory = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def save_tiny_gpt2(directory, tokenizer, *, n_layer=3, n_embd=32, n_head=2, n_positions=256, seed=0):
+    """A randomly initialised GPT-2 with the tokenizer, saved like a hub checkpoint."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                        n_positions=n_positions, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tokenizer):
+    """A tiny random GPT-2 (3 blocks, d=32) with its tokenizer in one folder."""
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (starting one costs ~7 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        # address="local": a private Ray, even when another cluster runs on this machine.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,202 @@
+"""Per-rung sweeps: Ray Tune + Optuna + ASHA driving Ray Train + DeepSpeed, recorded in MLflow.
+
+The end-to-end tests are `slow` (each trial is a real Ray Train run, ~30-60 s on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scaling import names
+from scaling.config import study_from_dict
+from scaling.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = 3
+
+
+def sweep_study(tmp_path, name, **search):
+    return {
+        "study": name,
+        "ladder": "tiny",
+        "rungs": ["tiny-165K", "tiny-429K"],
+        "arms": ["baseline"],
+        "seeds": [0],
+        "data": {"source": "bundled", "max_rows": 600},
+        "training": {"seq_len": 32, "batch_size": 4, "micro_batch_size": 2, "max_steps": 4, "lr": 3e-3},
+        "probes": {"every_steps": 1, "texts": 2, "max_length": 32, "val_batches": 1},
+        "resources": {"num_workers": 1, "zero_stage": 0},
+        "checkpoint": {"every_steps": 2, "num_to_keep": 1},
+        "search": {"num_samples": SAMPLES, "lambda": [0.01, 1.0], "layers": ["all", "last", "0.5:1.0"],
+                   "grace_period": 1, "reduction_factor": 2, **search},
+        "storage_path": str(tmp_path / "runs"),
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+
+
+# --- fast: validation and helpers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("search, message", [
+    ({"lambda": [1.0, 0.1]}, "empty or invalid log-uniform range"),
+    ({"lambda": [0.0, 1.0]}, "empty or invalid"),
+    ({"layers": ["all", "0,7"]}, "'0,7' is not valid for rung 'tiny-165K'"),
+    ({"layers": []}, "search.layers is empty"),
+    ({"metric": "val/accuracy"}, "not reported by any run"),
+    ({"mode": "best"}, "search.mode='best'"),
+    ({"variants": ["sparkle"]}, "'sparkle' is unknown"),
+])
+def test_bad_search_spaces_fail_before_any_trial(tmp_path, search, message):
+    with pytest.raises(ConfigError) as info:
+        study_from_dict(sweep_study(tmp_path, "bad", **search))
+    assert message in str(info.value)
+
+
+def test_search_needs_a_baseline_to_compare_against(tmp_path):
+    raw = sweep_study(tmp_path, "nobase")
+    raw["arms"] = ["neftune"]
+    with pytest.raises(ConfigError, match="add `baseline`"):
+        study_from_dict(raw)
+
+
+def test_paper_default_is_evaluated_first_and_clipped_to_the_range(tmp_path):
+    from scaling.sweep import initial_points
+
+    study = study_from_dict(sweep_study(tmp_path, "points"))
+    assert initial_points(study)[0]["lambda"] == 0.1 and initial_points(study)[0]["layers"] == "all"
+    narrow = study_from_dict(sweep_study(tmp_path, "points", **{"lambda": [0.5, 2.0], "layers": ["last"]}))
+    assert initial_points(narrow)[0]["lambda"] == 0.5 and initial_points(narrow)[0]["layers"] == "last"
+
+
+def test_preemption_is_told_apart_from_real_failures():
+    from ray.exceptions import ActorDiedError
+
+    from scaling.sweep import is_preemption
+
+    try:
+        try:
+            raise ActorDiedError()
+        except ActorDiedError as inner:
+            raise RuntimeError("Training failed") from inner
+    except RuntimeError as wrapped:
+        assert is_preemption(wrapped)
+    assert not is_preemption(ValueError("bad lambda"))
+    assert not is_preemption(FloatingPointError("nan"))
+
+
+# --- slow: real sweeps -------------------------------------------------------------------------------
+
+
+def mlflow_runs(tracking_uri, study):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(study)
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def by_kind(runs, kind):
+    return [r for r in runs if r.data.tags.get(names.TAG_KIND) == kind]
+
+
+@pytest.mark.slow
+def test_two_rung_sweep_records_trials_picks_best_on_validation_and_survives_a_nan_trial(
+        ray_session, tmp_path, monkeypatch):
+    from scaling.study import run_study
+
+    monkeypatch.chdir(tmp_path)
+    study = study_from_dict(sweep_study(tmp_path, "sweep"))
+    outcomes = run_study(study, "", nan_trial_index=1)  # the second trial of each rung turns NaN
+    runs = mlflow_runs(study.tracking_uri, "sweep")
+    (parent,) = by_kind(runs, names.KIND_STUDY)
+    sweeps = by_kind(runs, names.KIND_SWEEP)
+    assert sorted(s.data.tags[names.TAG_RUNG] for s in sweeps) == ["tiny-165K", "tiny-429K"]
+    for sweep in sweeps:
+        assert sweep.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        trials = [t for t in by_kind(runs, names.KIND_TRIAL)
+                  if t.data.tags["mlflow.parentRunId"] == sweep.info.run_id]
+        assert len(trials) == SAMPLES
+        states = {t.data.tags[names.TAG_TRIAL_STATE] for t in trials}
+        assert states <= {names.TRIAL_FINISHED, names.TRIAL_EARLY_STOPPED, names.TRIAL_FAILED}
+        failed = [t for t in trials if t.data.tags[names.TAG_TRIAL_STATE] == names.TRIAL_FAILED]
+        assert len(failed) == 1 and "non-finite loss" in failed[0].data.tags[names.TAG_FAILURE]
+        for trial in trials:  # sampled values are the trial's params
+            assert float(trial.data.params[names.PARAM_LAMBDA]) > 0 and trial.data.params[names.PARAM_LAYERS]
+        finished = [t for t in trials if t.data.tags[names.TAG_TRIAL_STATE] == names.TRIAL_FINISHED]
+        best = [t for t in trials if t.data.tags.get(names.TAG_BEST_TRIAL) == "true"]
+        assert len(best) == 1
+        assert best[0].data.metrics[names.VAL_LOSS] == min(t.data.metrics[names.VAL_LOSS] for t in finished)
+        # The paper's default is evaluated first.
+        first = min(trials, key=lambda t: t.info.start_time)
+        assert float(first.data.params[names.PARAM_LAMBDA]) == pytest.approx(0.1)
+    baselines = by_kind(runs, names.KIND_TRAIN)
+    assert sorted(b.data.tags[names.TAG_RUNG] for b in baselines) == ["tiny-165K", "tiny-429K"]
+    assert (tmp_path / "outputs" / "sweep" / "sweep_summary.csv").is_file()
+    assert {o.rung for o in outcomes} == {"tiny-165K", "tiny-429K"}
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_duplicates_or_reruns(tmp_path):
+    import yaml
+
+    raw = sweep_study(tmp_path, "resume")
+    raw["rungs"] = ["tiny-165K"]
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(REPO / "scaling" / "run.py"), str(path)]
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and count_trials(tmp_path, "finished") < 1:
+            time.sleep(2)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait()
+    assert count_trials(tmp_path, "finished") >= 1
+    done_before = finished_trial_ids(tmp_path)
+
+    second = subprocess.run(command + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "resume")
+    trials = by_kind(runs, names.KIND_TRIAL)
+    trial_ids = [t.data.tags["tune_trial_id"] for t in trials]
+    assert len(trial_ids) == len(set(trial_ids)) == SAMPLES  # the same set of trials, none twice
+    assert len(by_kind(runs, names.KIND_TRAIN)) == 1 and len(by_kind(runs, names.KIND_SWEEP)) == 1
+    for trial in trials:
+        if trial.data.tags["tune_trial_id"] in done_before:  # finished trials were not rerun
+            history = [m.step for m in _history(tmp_path, trial.info.run_id)]
+            assert len(history) == len(set(history))
+
+
+def count_trials(tmp_path, state):
+    return len(finished_trial_ids(tmp_path)) if state == "finished" else 0
+
+
+def finished_trial_ids(tmp_path) -> set[str]:
+    db = tmp_path / "mlflow.db"
+    if not db.exists():
+        return set()
+    try:
+        with sqlite3.connect(db, timeout=1) as connection:
+            rows = connection.execute(
+                "select t2.value from tags t1 join tags t2 on t1.run_uuid = t2.run_uuid "
+                "where t1.key = 'trial_state' and t1.value = 'finished' and t2.key = 'tune_trial_id'").fetchall()
+    except sqlite3.Error:
+        return set()
+    return {row[0] for row in rows}
+
+
+def _history(tmp_path, run_id):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
+        run_id, names.TRAIN_CE_LOSS)
