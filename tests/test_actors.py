@@ -73,3 +73,20 @@ def test_sharded_measurement_of_a_model_equals_single_process(ray_session, tiny_
     result = measure_condensation_sharded(model, tokenizer, texts, 64, num_actors=2, progress=False,
                                           num_cpus=0.5).finalize()
     assert_same(result, expected)
+
+
+def test_condense_cli_with_actors_writes_the_single_process_numbers(ray_session, tiny_gpt2_dir, tmp_path):
+    import json
+
+    from scaling.condense import main
+
+    common = ["--model", str(tiny_gpt2_dir), "--dataset", "bundled", "--repetitions", "3", "--max-length", "48",
+              "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert main(common + ["--out", str(tmp_path / "actors"), "--num-actors", "2"]) == 0
+    one = json.loads((tmp_path / "one" / "condensation.json").read_text())
+    actors = json.loads((tmp_path / "actors" / "condensation.json").read_text())
+    for a, b in zip(one["layers"], actors["layers"]):
+        assert a["mean_cosine"] == pytest.approx(b["mean_cosine"], abs=1e-12)
+        assert a["histogram"] == pytest.approx(b["histogram"], abs=1e-9)
+    assert one["spearman"] == pytest.approx(actors["spearman"])

@@ -1,0 +1,251 @@
+"""`python -m scaling.condense`: measure embedding condensation of a causal LM.
+
+    python -m scaling.condense --model gpt2 --dataset wikitext --out runs/gpt2-wikitext
+    python -m scaling.condense --model ./my-model --texts docs.txt --repetitions 20
+
+Writes DIR/condensation.json and DIR/heatmap.png, prints a per-layer table and the
+Spearman/Kendall trend. The path is parse -> read texts -> load -> measure -> write, each a
+function, so other entry points (e.g. sharding the measurement over Ray actors) reuse the
+pieces and replace only `measure`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from scaling import names
+from scaling.errors import ConfigError, DispersionScalingError
+
+DEFAULT_REPETITIONS = 100
+DEFAULT_MAX_LENGTH = 512
+DEFAULT_LAST_N = 4
+
+
+@dataclass(frozen=True)
+class CondenseOptions:
+    """What one `condense` run measures and where it writes."""
+
+    model: str
+    """Hub name or local folder of a causal LM."""
+    tokenizer: str | None
+    """Tokenizer name/folder; None = the model's own."""
+    dataset: str | None
+    """Text source for the reference protocol (`bundled`, `wikitext`, `hf:...`); None with `texts`."""
+    texts: str | None
+    """A .txt (one document per line) or .jsonl file; repetition r uses document r mod n."""
+    repetitions: int
+    """Texts measured (R)."""
+    max_length: int
+    """Tokens per text (T); longer texts are truncated."""
+    device: str
+    """auto, cpu, cuda or cuda:N."""
+    dtype: str
+    """auto, float32, bfloat16 or float16."""
+    out: Path
+    """Output folder."""
+    last_n: int
+    """Summarise the mean cosine of the last N hidden states."""
+    effective_rank: bool
+    """Compute RankMe per layer (costly on CPU for wide models)."""
+    progress: bool
+    """Show a progress bar."""
+    num_actors: int = 0
+    """Reduce the hidden states on this many Ray actors (0: in this process)."""
+
+    def __post_init__(self):
+        if self.repetitions < 1:
+            raise ConfigError(f"--repetitions {self.repetitions}: must be at least 1")
+        if self.max_length < 1:
+            raise ConfigError(f"--max-length {self.max_length}: must be at least 1")
+        if self.num_actors < 0:
+            raise ConfigError(f"--num-actors {self.num_actors}: must be >= 0 (0 measures in this process)")
+        if self.last_n < 1:
+            raise ConfigError(f"--last-n {self.last_n}: must be at least 1")
+        if (self.dataset is None) == (self.texts is None):
+            raise ConfigError("give exactly one of --dataset NAME or --texts FILE")
+
+    @property
+    def source_spec(self) -> str:
+        return self.texts if self.texts is not None else self.dataset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m scaling.condense",
+        description="Measure embedding condensation (per-layer token cosine similarity) of a causal LM.",
+    )
+    parser.add_argument("--model", required=True, help="hub name or local folder of a causal LM")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer name/folder (default: the model's)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--dataset", default=None,
+                        help="bundled (default), wikitext, pubmed_qa, imdb, squad, or hf:NAME[/CONFIG]:SPLIT:FIELD")
+    source.add_argument("--texts", default=None,
+                        help=".txt (one document per line) or .jsonl (a 'text' field); text r = document r mod n")
+    parser.add_argument("--repetitions", type=int, default=DEFAULT_REPETITIONS, help="texts measured (R)")
+    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens per text (T)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (= float32, as the reference), float32, bfloat16 or float16 (GPU only)")
+    parser.add_argument("--out", default=None, help="output folder (default: condensation/<model>__<source>)")
+    parser.add_argument("--last-n", type=int, default=DEFAULT_LAST_N, help="summarise the last N hidden states")
+    parser.add_argument("--no-effective-rank", action="store_true", help="skip RankMe (faster on CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--num-actors", type=int, default=0,
+                        help="reduce the hidden states on N Ray actors (joins a running Ray cluster, else starts "
+                             "a local one); 0 = in this process")
+    return parser
+
+
+def parse_options(argv: list[str] | None = None) -> CondenseOptions:
+    args = build_parser().parse_args(argv)
+    dataset = args.dataset if args.dataset is not None or args.texts is not None else "bundled"
+    source_label = Path(args.texts).stem if args.texts else dataset.replace("/", "_").replace(":", "_")
+    out = Path(args.out) if args.out else Path("condensation") / f"{Path(args.model).name}__{source_label}"
+    return CondenseOptions(
+        model=args.model, tokenizer=args.tokenizer, dataset=None if args.texts else dataset, texts=args.texts,
+        repetitions=args.repetitions, max_length=args.max_length, device=args.device, dtype=args.dtype,
+        out=out, last_n=args.last_n, effective_rank=not args.no_effective_rank, progress=not args.no_progress,
+        num_actors=args.num_actors,
+    )
+
+
+def read_condense_texts(options: CondenseOptions) -> tuple[list[str], dict]:
+    """The R texts to measure and a description of where they came from."""
+    from scaling.data import cycle_texts, parse_text_source, read_rows, sample_texts
+
+    source = parse_text_source(options.source_spec)
+    if options.texts is not None and source.kind != "file":
+        raise ConfigError(f"--texts {options.texts!r}: must be a .txt or .jsonl file")
+    rows = read_rows(source)
+    if options.texts is not None:
+        texts = cycle_texts(rows, options.repetitions)
+        protocol = "text r = document r mod n"
+    else:
+        texts = sample_texts(rows, options.repetitions)
+        protocol = "reference: consecutive rows from a seeded random start until >= 1024 words"
+    info = {"spec": options.source_spec, "kind": source.kind, "label": source.label, "rows": len(rows),
+            "distinct_texts": len(set(texts)), "protocol": protocol}
+    return texts, info
+
+
+def load_for_measurement(options: CondenseOptions):
+    """The model (checked against max_length and last_n) and its tokenizer."""
+    from scaling.data import build_tokenizer
+    from scaling.model import build_causal_lm, check_max_length, resolve_device, resolve_dtype
+
+    resolve_dtype(options.dtype, resolve_device(options.device))  # fail fast, before any loading
+    loaded = build_causal_lm(options.model, device=options.device, dtype=options.dtype)
+    check_max_length(options.max_length, loaded.context_length, repr(options.model))
+    blocks = getattr(loaded.model.config, "num_hidden_layers", None)
+    if isinstance(blocks, int) and options.last_n > blocks + 1:
+        raise ConfigError(f"--last-n {options.last_n}: the model has only {blocks + 1} hidden states "
+                          f"({blocks} blocks + embedding output); use --last-n {blocks + 1} or less")
+    tokenizer = build_tokenizer(options.tokenizer or options.model)
+    return loaded, tokenizer
+
+
+def measure(options: CondenseOptions, loaded, tokenizer, texts: list[str]):
+    """One sequence per forward pass, reduced here or on `num_actors` Ray actors. Returns the finalized result."""
+    from scaling.condensation import measure_condensation
+
+    if options.num_actors:
+        from scaling.actors import measure_condensation_sharded
+        from scaling.study import connect_ray
+
+        connect_ray()
+        return measure_condensation_sharded(
+            loaded.model, tokenizer, texts, options.max_length, num_actors=options.num_actors,
+            device=loaded.device, progress=options.progress, effective_rank=options.effective_rank,
+        ).finalize()
+    accumulator = measure_condensation(loaded.model, tokenizer, texts, options.max_length, loaded.device,
+                                       progress=options.progress, effective_rank=options.effective_rank)
+    return accumulator.finalize()
+
+
+def write_outputs(options: CondenseOptions, result, metadata: dict) -> tuple[Path, Path]:
+    """condensation.json (written atomically) and heatmap.png in options.out."""
+    from scaling.plots import plot_condensation_heatmap
+
+    options.out.mkdir(parents=True, exist_ok=True)
+    json_path = options.out / names.ARTIFACT_CONDENSATION_JSON
+    tmp = json_path.with_name(f".{json_path.name}.tmp{os.getpid()}")
+    tmp.write_text(result.to_json(last_n=min(options.last_n, result.num_layers), extra=metadata) + "\n")
+    tmp.replace(json_path)
+    title = f"{Path(options.model).name} on {metadata['source']['label']} (R={result.num_sequences}, T={result.max_length})"
+    png_path = plot_condensation_heatmap(result.histograms, options.out / names.ARTIFACT_HEATMAP_PNG, title=title)
+    return json_path, png_path
+
+
+def format_table(result, last_n: int) -> str:
+    """A readable per-layer table plus the trend."""
+
+    def number(value: float, width: int = 10, digits: int = 4) -> str:
+        return f"{'n/a':>{width}}" if not math.isfinite(value) else f"{value:>{width}.{digits}f}"
+
+    lines = [f"{'layer':>5} {'fraction':>8} {'mean_cos':>10} {'offdiag':>10} {'eff_rank':>10}"]
+    for layer in range(result.num_layers):
+        lines.append(f"{layer:>5} {result.layer_fractions[layer]:>8.3f} {number(result.mean_cosine[layer])} "
+                     f"{number(result.mean_cosine_offdiag[layer])} {number(result.effective_rank[layer], digits=2)}")
+    last_n = min(last_n, result.num_layers)
+    lines += [
+        f"spearman {number(result.spearman, 0)}   kendall {number(result.kendall, 0)}   "
+        "(+1 = similarity rises with depth = condensation)",
+        f"mean_cos last {last_n} {result.mean_last(last_n):.4f}   late half {result.late_half_mean:.4f}   "
+        f"texts {result.num_sequences}, tokens {result.min_length}..{result.max_length}",
+    ]
+    return "\n".join(lines)
+
+
+def run(options: CondenseOptions) -> tuple[Path, Path]:
+    """parse -> read texts -> load -> measure -> write; prints the table."""
+    texts, source_info = read_condense_texts(options)
+    loaded, tokenizer = load_for_measurement(options)
+    started = time.perf_counter()
+    result = measure(options, loaded, tokenizer, texts)
+    metadata = {
+        "model": options.model,
+        "num_params": loaded.num_params,
+        "repetitions": options.repetitions,
+        "max_length": options.max_length,
+        "source": source_info,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "seconds": round(time.perf_counter() - started, 3),
+        "options": {key: str(value) for key, value in asdict(options).items()},
+    }
+    paths = write_outputs(options, result, metadata)
+    print(f"{options.model} ({loaded.num_params:,} parameters) on {source_info['label']}")
+    print(format_table(result, options.last_n))
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors print one line on stderr and return 2."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    try:
+        options = parse_options(argv)
+        if not options.progress:
+            hf_logging.disable_progress_bar()  # the weight-loading bar too: quiet means quiet
+        run(options)
+    except DispersionScalingError as exc:
+        print(f"condense: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("condense: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

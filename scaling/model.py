@@ -1,0 +1,148 @@
+"""Loading a Hugging Face causal LM for measurement (and, later, training).
+
+One job: turn a name or local path plus `--device`/`--dtype` strings into a live model in
+eval mode, with the facts a caller checks against (parameter count, context length).
+Measurement runs the *base* model (`model.base_model`: no LM head, so no T x vocab logits
+are computed); its hidden states are the same tensors the full causal LM returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scaling.errors import ConfigError, ModelError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_CHOICES = ("auto", *DTYPES)
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    name = device.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r}: CUDA is not available on this machine; use --device cpu or auto")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
+        return torch.device(name)
+    raise ConfigError(f"device={device!r} is unknown: use one of auto, cpu, cuda, cuda:N")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` means float32 on every device: the reference measured models as transformers 4.x
+    loads them by default (float32), and its numbers are what ours are checked against. Pass
+    bfloat16 explicitly for models too large for float32.
+
+    float16 on CPU is refused rather than silently upcast: CPU half kernels are slow or
+    missing, and a silent change would make the recorded dtype lie.
+    """
+    name = dtype.strip().lower()
+    if name == "auto":
+        return torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is unknown: use one of {', '.join(DTYPE_CHOICES)}")
+    if DTYPES[name] == torch.float16 and device.type == "cpu":
+        raise ConfigError("dtype='float16' on CPU is not supported; use --dtype float32 or bfloat16 on CPU")
+    return DTYPES[name]
+
+
+def context_length(config) -> int | None:
+    """The longest sequence a model accepts (absolute positions or a trained rotary range),
+    or None when its config does not say."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied input/output embeddings counted once), as model cards report."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_max_length(max_length: int, limit: int | None, model_name: str = "the model") -> None:
+    """`ModelError` when `max_length` exceeds the model's context (or is not positive)."""
+    if max_length < 1:
+        raise ConfigError(f"max_length={max_length}: must be at least 1")
+    if limit is not None and max_length > limit:
+        raise ModelError(
+            f"max_length={max_length} exceeds the context of {model_name} ({limit} tokens); "
+            f"use --max-length {limit} or less"
+        )
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM ready for measurement."""
+
+    name: str
+    """The name or path it was loaded from."""
+    model: torch.nn.Module
+    """The full causal LM (with its LM head), in eval mode, on `device`."""
+    num_params: int
+    """Unique parameters of the full causal LM."""
+    context_length: int | None
+    """Longest accepted sequence, from the config (None when unknown)."""
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        """The transformer without its LM head (what measurement runs)."""
+        return self.model.base_model
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a separator, or starting like a
+    # path, is meant as a local folder.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def build_causal_lm(name_or_path: str, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM by hub name or local folder, in eval mode on the resolved device/dtype."""
+    from transformers import AutoModelForCausalLM
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    path = Path(name_or_path).expanduser()
+    if _looks_like_path(name_or_path) and not path.exists():
+        raise ModelError(f"model path {name_or_path!r} does not exist; give a local model folder or a hub name")
+    if path.exists() and not (path.is_dir() and (path / "config.json").is_file()):
+        raise ModelError(
+            f"model path {name_or_path!r} is not a model folder (no config.json); "
+            "give a folder saved with save_pretrained"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else name_or_path, dtype=torch_dtype)
+    except Exception as exc:  # noqa: BLE001 -- from_pretrained raises many kinds; all mean "cannot load"
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelError(
+            f"cannot load model {name_or_path!r}: {type(exc).__name__}: {first_line[:200]}. "
+            "Give a local folder saved with save_pretrained, or a hub name on a machine with network"
+        ) from None
+    model.to(torch_device).eval()
+    return LoadedModel(
+        name=name_or_path,
+        model=model,
+        num_params=count_parameters(model),
+        context_length=context_length(model.config),
+        device=torch_device,
+        dtype=torch_dtype,
+    )
