@@ -178,3 +178,66 @@ def plot_observation_trends(path: Path, final: pl.DataFrame, *, metric: str) -> 
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.25)
     return _save(fig, path)
+
+
+def plot_observation_family(path: Path, final: pl.DataFrame, trends: pl.DataFrame | None, *, family: str) -> Path:
+    """One family, as the paper plots it: each condensation metric vs log N, one line per
+    text source, with the fitted line a + b·log10 N (slope and Spearman in the legend)."""
+    from analysis.observe import OBSERVATION_METRICS
+
+    metrics = [m for m in OBSERVATION_METRICS if final.filter(pl.col("metric") == m).height]
+    fig = Figure(figsize=(4.4 * max(1, len(metrics)), 3.8))
+    for k, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, max(1, len(metrics)), k + 1)
+        rows = final.filter((pl.col("metric") == metric) & pl.col("value").is_finite()).drop_nulls("n")
+        for i, (source, group) in enumerate(sorted(rows.group_by("source"), key=lambda item: str(item[0][0]))):
+            source = str(source[0])
+            group = group.sort("n")
+            label = source
+            if trends is not None and trends.height:
+                hit = trends.filter((pl.col("source") == source) & (pl.col("metric") == metric))
+                if hit.height:
+                    row = hit.row(0, named=True)
+                    label += f" (ρ={row['spearman_vs_log_n']:+.2f}, {row['slope_per_decade']:+.2f}/dec)"
+            ax.plot(group["n"], group["value"], "o", color=f"C{i % 10}", label=label)
+            x = np.log10(group["n"].to_numpy())
+            if np.unique(x).size >= 2:
+                b, a = np.polyfit(x, group["value"].to_numpy(), 1)
+                grid = np.linspace(x.min(), x.max(), 20)
+                ax.plot(10**grid, a + b * grid, "-", color=f"C{i % 10}", lw=1.2)
+        ax.set_xscale("log")
+        if metric != names.COND_LATE_HALF_MEAN_COS:
+            ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_xlabel("parameters (log)")
+        ax.set_ylabel(metric.removeprefix("condensation/"))
+        ax.set_title(f"{family}: {metric.removeprefix('condensation/')}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=6)
+    if not metrics:
+        fig.add_subplot().text(0.5, 0.5, "no finished measurement", ha="center", va="center")
+    return _save(fig, path)
+
+
+def plot_observation_heatmaps(path: Path, profiles: pl.DataFrame, *, family: str) -> Path:
+    """Condensation heatmaps of one family: rows = models (small to large), columns = sources."""
+    models = profiles.select("model", "n").unique().sort("n", nulls_last=True)["model"].to_list()
+    sources = sorted(profiles["source"].drop_nulls().unique().to_list())
+    fig = Figure(figsize=(3.0 * max(1, len(sources)), 2.4 * max(1, len(models))))
+    for r, model in enumerate(models):
+        for c, source in enumerate(sources):
+            ax = fig.add_subplot(len(models), len(sources), r * len(sources) + c + 1)
+            cell = profiles.filter((pl.col("model") == model) & (pl.col("source") == source))
+            made = _mean_histograms(cell) if not cell.is_empty() else None
+            if made is None:
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            else:
+                fractions, grid = made
+                ax.imshow(grid.T, origin="lower", aspect="auto", extent=(float(fractions.min()), float(fractions.max()), -1.0, 1.0), cmap="Reds", vmin=0.0, vmax=10.0)
+            if r == 0:
+                ax.set_title(f"{family} / {source}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{model}\ncosine", fontsize=8)
+            if r == len(models) - 1:
+                ax.set_xlabel("layer fraction", fontsize=8)
+            ax.tick_params(labelsize=7)
+    return _save(fig, path)

@@ -35,6 +35,8 @@ class StudyAnalysis:
     notes: tuple[str, ...]
     options: FitOptions
     provenance: dict = field(default_factory=dict)
+    paper_comparison: pl.DataFrame = field(default_factory=pl.DataFrame)
+    """Observation studies holding the paper's models: measured vs published Spearman (wikitext)."""
 
 
 def _ci_columns(prefix: str, interval: Interval | None) -> dict[str, float]:
@@ -184,8 +186,14 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
         lines += [f"Rule: λ*(N) = {_fmt(rule.coefficient)} · N^{_fmt(rule.exponent)}; exponent {_fmt_ci(rule.exponent_interval)}. {rule.note}", ""]
     if analysis.observation_trends is not None and analysis.observation_trends.height:
         obs = analysis.observation_trends
-        lines += ["## Observation study: condensation trend with size per family and source", ""]
+        lines += ["## Observation study: condensation trend with size per family and source", "",
+                  "Per (family, source, metric): Spearman of the metric with log N (bootstrap CI over models) and the fitted "
+                  "slope of metric = a + b·log10 N (change per decade of N, case-bootstrap CI). Negative: larger models condense less.", ""]
         lines += _markdown_table(list(obs.columns), [[_fmt(v) if isinstance(v, float) else str(v) for v in row] for row in obs.iter_rows()])
+    if analysis.paper_comparison.height:
+        paper = analysis.paper_comparison
+        lines += ["### Measured vs the paper (Spearman of mean cosine vs depth, wikitext; paper figures ±0.05)", ""]
+        lines += _markdown_table(list(paper.columns), [[_fmt(v, 3) if isinstance(v, float) else str(v) for v in row] for row in paper.iter_rows()])
     if analysis.failed_runs.height:
         lines += ["## Failed runs (excluded from every fit)", ""]
         lines += _markdown_table(list(analysis.failed_runs.columns), [[str(v) for v in row] for row in analysis.failed_runs.iter_rows()])

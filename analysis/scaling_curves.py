@@ -20,8 +20,9 @@ from pathlib import Path
 import polars as pl
 
 from analysis import load, plots
+from analysis.observe import build_observation_table, compare_with_paper, compute_observation_trends
 from analysis.effects import compute_difference_trend, compute_lambda_rule, compute_paired_differences, compute_parameter_multipliers, pair_arms
-from analysis.fit import CurveResult, FitOptions, compute_trend, fit_scaling_curve
+from analysis.fit import CurveResult, FitOptions, fit_scaling_curve
 from analysis.report import (
     StudyAnalysis,
     build_difference_table,
@@ -150,22 +151,6 @@ def _paired_effects(train: pl.DataFrame, curves, metrics, control: str, options:
     return arms, differences, trends, multipliers
 
 
-def _observation_trends(observe: pl.DataFrame, options: FitOptions) -> pl.DataFrame | None:
-    rows = observe.filter(pl.col("metric") == names.COND_SPEARMAN).drop_nulls("n")
-    if rows.is_empty():
-        return None
-    out = []
-    for (family, source), group in sorted(rows.group_by("family", "source"), key=lambda item: (str(item[0][0]), str(item[0][1]))):
-        record = {"family": str(family), "source": str(source), "models": group.height, "spearman_vs_log_n": math.nan, "low": math.nan, "high": math.nan, "note": ""}
-        try:
-            trend = compute_trend(group["n"].to_numpy(), group["value"].to_numpy(), options, what=f"{family}/{source}")
-            record.update(spearman_vs_log_n=trend.spearman.estimate, low=trend.spearman.low, high=trend.spearman.high, note=trend.note)
-        except DataError as err:
-            record["note"] = str(err)
-        out.append(record)
-    return pl.DataFrame(out, infer_schema_length=None)
-
-
 def _lambda_rule(final: pl.DataFrame, options: FitOptions, notes: list[str]):
     trials = final.filter((pl.col("kind") == names.KIND_TRIAL) & (pl.col("metric") == names.VAL_LOSS))
     if trials.is_empty():
@@ -204,7 +189,8 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
         difference_trends=trends,
         multipliers=multipliers,
         lambda_rule=_lambda_rule(final, options, notes),
-        observation_trends=_observation_trends(final.filter(pl.col("kind") == names.KIND_OBSERVE), options),
+        observation_trends=compute_observation_trends(final.filter(pl.col("kind") == names.KIND_OBSERVE), options),
+        paper_comparison=compare_with_paper(final.filter(pl.col("kind") == names.KIND_OBSERVE)),
         runs_summary=_runs_summary(records),
         failed_runs=failed,
         notes=tuple(notes),
@@ -246,6 +232,17 @@ def _write_plots(records: load.StudyRecords, analysis: StudyAnalysis, final: pl.
     observe = final.filter((pl.col("kind") == names.KIND_OBSERVE) & (pl.col("metric") == names.COND_SPEARMAN))
     if observe.height:
         made.append(plots.plot_observation_trends(plot_dir / "observation_spearman.png", observe, metric=names.COND_SPEARMAN))
+    observe_all = final.filter(pl.col("kind") == names.KIND_OBSERVE)
+    trends = analysis.observation_trends
+    for family in sorted(observe_all["family"].drop_nulls().unique().to_list()):
+        # The paper's figure: metric vs log N, one line per source, with the fitted trend.
+        rows = observe_all.filter(pl.col("family") == family)
+        family_trends = trends.filter(pl.col("family") == family) if trends is not None else None
+        made.append(plots.plot_observation_family(plot_dir / f"observation_{family}.png", rows, family_trends, family=family))
+        obs_profiles = records.profiles.join(records.runs.select("run_id", "kind", "family", "model", "source", pl.col("n_params").cast(pl.Float64).alias("n")), on="run_id")
+        cell = obs_profiles.filter((pl.col("kind") == names.KIND_OBSERVE) & (pl.col("family") == family))
+        if cell.height:
+            made.append(plots.plot_observation_heatmaps(plot_dir / f"observation_heatmaps_{family}.png", cell, family=family))
     return made
 
 
@@ -267,6 +264,9 @@ def write_outputs(records: load.StudyRecords, analysis: StudyAnalysis, out: Path
     files += _write_table(build_lambda_table(analysis.lambda_rule), tables, "best_lambda")
     if analysis.observation_trends is not None:
         files += _write_table(analysis.observation_trends, tables, "observation_trends")
+        observe = final.filter(pl.col("kind") == names.KIND_OBSERVE)
+        files += _write_table(build_observation_table(observe), tables, "observation_models")
+    files += _write_table(analysis.paper_comparison, tables, "observation_vs_paper")
     figures = _write_plots(records, analysis, final, out)
     files += figures
     provenance = out / "provenance.json"

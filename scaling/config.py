@@ -471,8 +471,10 @@ def _coerce(hint, value, dotted: str):
 
 
 def _to_plain(obj):
+    """Dataclasses -> plain dicts with the YAML key names, so the output loads back as a study."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        yaml_names = {field: key for key, field in _YAML_RENAMES.items()}
+        return {yaml_names.get(f.name, f.name): _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [_to_plain(v) for v in obj]
     return obj

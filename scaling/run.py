@@ -1,5 +1,8 @@
 """Run a scaling study: `python scaling/run.py STUDY.yaml [--set key=value ...] [--dry-run] [--resume]`.
 
+A file with top-level `kind: observe` is an observation study (`scaling.observe`: condensation
+of pretrained model families); anything else is a training study.
+
 Also `python -m scaling.run`. Connects to a running Ray cluster when there is one (so
 `ray submit` works), otherwise starts a local Ray; records everything in MLflow.
 """
@@ -45,6 +48,13 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    from scaling import names
+    from scaling.observe import read_study_kind
+
+    if read_study_kind(args.study) == names.KIND_OBSERVE:  # observation study; training is the default
+        from scaling.observe import main_observe
+
+        return main_observe(args.study, args.overrides, dry_run=args.dry_run)
     from scaling.config import load_study
     from scaling.ladder import format_ladder_table
     from scaling.study import connect_ray, format_summary, plan_runs, run_study

@@ -57,7 +57,8 @@ def prepare_data(study: StudyConfig, vocab_size: int) -> StudyData:
     rows = read_rows(parse_text_source(study.data.source))
     if study.data.max_rows is not None:
         rows = rows[: study.data.max_rows]
-    tokenizer = build_tokenizer(study.data.tokenizer, rows=rows, vocab_size=vocab_size)
+    # Mid-training reads text with the pretrained model's own tokenizer unless one is named.
+    tokenizer = build_tokenizer(study.data.tokenizer or study.training.init_from, rows=rows, vocab_size=vocab_size)
     if len(tokenizer) > vocab_size:
         raise ConfigError(
             f"data.tokenizer has {len(tokenizer)} tokens but the smallest rung's vocab_size is {vocab_size}; "
@@ -76,6 +77,13 @@ def prepare_data(study: StudyConfig, vocab_size: int) -> StudyData:
     return StudyData(train, val, probe_ids, len(tokenizer), digest.hexdigest()[:16])
 
 
+def resolved_yaml(study: StudyConfig) -> str:
+    """The study with every default filled in, as recorded with the study's MLflow run."""
+    import yaml
+
+    return yaml.safe_dump(study.to_dict(), sort_keys=False)
+
+
 def plan_runs(study: StudyConfig):
     """(rung, RunPlan) for every selected rung, with the study's caps applied."""
     from scaling.ladder import RunConfigurator, get_ladder
@@ -91,7 +99,7 @@ def plan_runs(study: StudyConfig):
 
 
 def run_study(study: StudyConfig, study_yaml: str, *, fault_at_step: int | None = None,
-              nan_trial_suffix: str | None = None, progress=print) -> list[RunOutcome]:
+              nan_trial_index: int | None = None, progress=print) -> list[RunOutcome]:
     """Train every (rung, seed, arm) of the study that has not finished yet; with a `search`
     section, the dispersion arm is searched per rung instead (see `scaling.sweep`)."""
     import ray
@@ -102,7 +110,7 @@ def run_study(study: StudyConfig, study_yaml: str, *, fault_at_step: int | None 
     check_cluster_fits(study)
     tracking_uri = resolve_tracking_uri(study.tracking_uri)
     tracker = Tracker(tracking_uri, study.study)
-    parent_id = tracker.study_run_id(flatten(study.to_dict()), study_yaml)
+    parent_id = tracker.study_run_id(flatten(study.to_dict()), study_yaml, resolved_yaml(study))
     data = prepare_data(study, vocab_size=min(plan.rung.vocab_size for plan in plans))
     refs = (ray.put(data.train_blocks), ray.put(data.val_blocks), ray.put(data.probe_ids))
     progress(f"{LOG_PREFIX} study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x "
@@ -113,28 +121,31 @@ def run_study(study: StudyConfig, study_yaml: str, *, fault_at_step: int | None 
         return _run_one(study, plan, arm, seed, data, refs, tracker, parent_id, tracking_uri, fault_at_step,
                         progress)
 
-    outcomes: list[RunOutcome] = []
+    from scaling.preflight import concurrent_runs, run_side_by_side
+
     searching = study.search.num_samples > 0
-    for plan in plans:
-        fixed_arms = [a for a in study.arms if not (searching and a.name == names.ARM_DISPERSION)]
-        for seed in study.seeds:
-            outcomes.extend(run(plan, arm, seed) for arm in fixed_arms)
-        if searching:
-            outcomes.extend(_search_rung(study, plan, data, refs, tracker, parent_id, run, progress,
-                                         nan_trial_suffix))
+    fixed = [(plan, arm, seed) for plan in plans for seed in study.seeds for arm in study.arms
+             if not (searching and arm.name == names.ARM_DISPERSION)]
+    # Runs go side by side as far as the cluster fits their worker groups; outcomes keep this order.
+    width = concurrent_runs(study, len(fixed))
+    outcomes: list[RunOutcome] = [] if searching else run_side_by_side(run, fixed, width)
+    for plan in plans if searching else ():  # a rung's sweep needs its baselines first
+        outcomes.extend(run_side_by_side(run, [job for job in fixed if job[0] is plan], width))
+        outcomes.extend(_search_rung(study, plan, data, refs, tracker, parent_id, run, progress,
+                                     nan_trial_index))
     if searching:
         write_sweep_summary(study, tracker, parent_id, plans, progress)
     tracker.end_study(parent_id, failed=any(o.status == names.STATUS_FAILED for o in outcomes))
     return outcomes
 
 
-def _search_rung(study, plan, data, refs, tracker, parent_id, run, progress, nan_trial_suffix) -> list[RunOutcome]:
+def _search_rung(study, plan, data, refs, tracker, parent_id, run, progress, nan_trial_index) -> list[RunOutcome]:
     """One rung's sweep, then its best settings re-run with the extra seeds (paired with baselines)."""
     from scaling.sweep import best_arm, run_sweep
 
     seed = study.seeds[0]
     sweep = run_sweep(study, plan, seed, refs, data.fingerprint, tracker, parent_id, progress,
-                      nan_trial_suffix=nan_trial_suffix)
+                      nan_trial_index=nan_trial_index)
     progress(f"{LOG_PREFIX} {plan.rung.name}: sweep of {sweep.trials} trial(s): {sweep.finished} finished, "
              f"{sweep.early_stopped} early-stopped, {sweep.failed} failed; best {study.search.metric} = "
              f"{sweep.best_value} with {_settings(sweep.best_params)}")
@@ -253,9 +264,9 @@ def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):
     )
 
 
-def recorded_failure(tracker, run_id: str, metrics: dict | None) -> str | None:
-    """A failure the workers recorded themselves (e.g. a NaN loss), if any."""
-    return (metrics or {}).get("failed") or tracker.client.get_run(run_id).data.tags.get(names.TAG_FAILURE)
+def recorded_failure(tracker, run_id: str) -> str | None:
+    """A failure the workers recorded themselves in MLflow (e.g. a NaN loss), if any."""
+    return tracker.client.get_run(run_id).data.tags.get(names.TAG_FAILURE)
 
 
 def _run_one(study, plan, arm, seed, data, refs, tracker, parent_id, tracking_uri, fault_at_step,
@@ -282,7 +293,7 @@ def _run_one(study, plan, arm, seed, data, refs, tracker, parent_id, tracking_ur
                           time.perf_counter() - started, detail=reason)
     seconds = time.perf_counter() - started
     metrics = result.metrics or {}
-    failure = recorded_failure(tracker, run_id, metrics)
+    failure = recorded_failure(tracker, run_id)
     if failure:
         tracker.finish(run_id, names.STATUS_FAILED, failure)
         return RunOutcome(rung.name, arm.name, seed, names.STATUS_FAILED, run_id, seconds, detail=failure)

@@ -51,7 +51,7 @@ class SweepContext:
     tracking_uri: str
     sweep_run_id: str
     sweep_hash: str
-    nan_trial_suffix: str | None = None  # test seam: the trial whose id ends so turns NaN at step 1
+    nan_trial_index: int | None = None  # test seam: the rung's n-th trial (0-based) turns NaN at step 1
 
 
 @dataclass
@@ -125,6 +125,7 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     arm = arm_from_trial(config)
     tracker = Tracker(context.tracking_uri, study.study)
     run_name = f"{plan.rung.name}-trial-{trial_id}"
+    ordinal = len(_trial_runs(tracker, context.sweep_run_id))  # trials recorded before this one
     run_id, _ = tracker.child_run(
         context.sweep_run_id, run_name, config_hash({"sweep": context.sweep_hash, "trial": trial_id}),
         tags={names.TAG_RUNG: plan.rung.name, names.TAG_ARM: names.ARM_DISPERSION, names.TAG_SEED: context.seed,
@@ -135,12 +136,12 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
                 "lr": plan.lr},
         kind=names.KIND_TRIAL)
     task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.refs,
-                      nan_at_step=1 if context.nan_trial_suffix and trial_id.endswith(context.nan_trial_suffix) else None)
+                      nan_at_step=1 if context.nan_trial_index == ordinal else None)
     preemptions = 0
     while True:
         trainer = build_trainer(study, task, f"{study.study}-{run_name}", callbacks=[TuneReportCallback()])
         try:
-            result = trainer.fit()
+            trainer.fit()
             break
         except Exception as exc:  # noqa: BLE001 -- classified below
             if is_preemption(exc) and preemptions < study.search.preemption_retries:
@@ -152,7 +153,7 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
             tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
             tracker.finish(run_id, names.STATUS_FAILED, reason)
             raise
-    failure = recorded_failure(tracker, run_id, result.metrics)
+    failure = recorded_failure(tracker, run_id)
     if failure:
         tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
         tracker.finish(run_id, names.STATUS_FAILED, failure)
@@ -165,7 +166,7 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
 
 
 def run_sweep(study: StudyConfig, plan, seed: int, refs, data_fingerprint: str, tracker, parent_id: str,
-              progress=print, nan_trial_suffix: str | None = None) -> SweepOutcome:
+              progress=print, nan_trial_index: int | None = None) -> SweepOutcome:
     """Search the dispersion settings for one rung (resuming a stopped search), then tag the best trial."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -192,7 +193,7 @@ def run_sweep(study: StudyConfig, plan, seed: int, refs, data_fingerprint: str, 
         return summarize_sweep(tracker, rung.name, sweep_run_id, search, 0.0)
 
     context = SweepContext(study, plan, seed, refs, data_fingerprint, tracker.tracking_uri, sweep_run_id,
-                           sweep_hash, nan_trial_suffix)
+                           sweep_hash, nan_trial_index)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0.01})
     experiment = f"{study.study}-{rung.name}-sweep-{sweep_hash[:8]}"
     storage = _storage_path(study.storage_path)

@@ -80,7 +80,8 @@ class Tracker:
         runs = self._search(f"tags.{names.TAG_CONFIG_HASH} = '{config_hash}'")
         return runs[0] if runs else None
 
-    def study_run_id(self, params: Mapping[str, Any], study_yaml: str | None = None) -> str:
+    def study_run_id(self, params: Mapping[str, Any], study_yaml: str | None = None,
+                     resolved_yaml: str | None = None) -> str:
         """The study's parent run: created once, reused by every later invocation."""
         runs = self._search(f"tags.{names.TAG_KIND} = '{names.KIND_STUDY}'")
         if runs:
@@ -90,8 +91,10 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=self.study, tags={
             names.TAG_KIND: names.KIND_STUDY, names.TAG_STUDY: self.study, names.TAG_GIT_COMMIT: git_commit()})
         self.log_params(run.info.run_id, params)
-        if study_yaml is not None:
-            self.client.log_text(run.info.run_id, study_yaml, names.ARTIFACT_STUDY_YAML)
+        if study_yaml:
+            self.client.log_text(run.info.run_id, study_yaml, "study_source.yaml")
+        if resolved_yaml:
+            self.client.log_text(run.info.run_id, resolved_yaml, names.ARTIFACT_STUDY_YAML)  # defaults filled in
         return run.info.run_id
 
     def child_run(self, parent_id: str, run_name: str, config_hash: str, tags: Mapping[str, Any],
@@ -130,6 +133,21 @@ class Tracker:
         if failure:
             self.client.set_tag(run_id, names.TAG_FAILURE, failure[:5000])
         self.client.set_terminated(run_id, status="FINISHED" if status == names.STATUS_FINISHED else "FAILED")
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a run running again before it is (re)tried: a retried failure loses its old reason."""
+        self.client.set_tag(run_id, names.TAG_STATUS, names.STATUS_RUNNING)
+        if names.TAG_FAILURE in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, names.TAG_FAILURE)
+        self.client.update_run(run_id, status="RUNNING")
+
+    def log_observation(self, run_id: str, metrics: Mapping[str, float], files: list[Path],
+                        tags: Mapping[str, Any]) -> None:
+        """An observation run's record: metrics at step 0, files as top-level artifacts, tags."""
+        RunLogger(self.tracking_uri, run_id).log_metrics(metrics, step=0)
+        for path in files:
+            self.client.log_artifact(run_id, str(path))
+        self.set_tags(run_id, tags)
 
     def end_study(self, run_id: str, failed: bool) -> None:
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")

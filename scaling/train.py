@@ -111,10 +111,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger = _rank0_logger(task) if rank == 0 else None
     torch.manual_seed(task.seed)
 
-    # Same seed -> same initial weights in every arm (hash recorded to prove it).
-    from scaling.ladder import build_model
-
-    model = build_model(task.rung, seed=task.seed)
+    # Same seed (or the same pretrained checkpoint) -> same initial weights in every arm (hash recorded).
+    model = _initial_model(task)
     init_hash = _state_hash(model)
     hooks = _install_arm_hooks(model, task)
 
@@ -150,7 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     per_rank = task.training.batch_size // world
     micro = task.training.micro_batch_size
     arm = task.arm
-    disp_layers = _dispersion_layers(task)
+    disp_layers = _dispersion_layers(task, model.config.num_hidden_layers)
     tokens_per_step = task.training.batch_size * train_blocks.shape[1]
     generator = torch.Generator(device="cpu").manual_seed(task.seed)
 
@@ -232,9 +230,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _log(rank, f"{task.run_name}: FAILED: {failure}")
         if logger is not None:
             logger.mark_failed(failure)
-        # Report (every rank, once) and return normally: a NaN is deterministic, so a
-        # Ray Train retry would only fail again.
-        ray.train.report({"step": step, "failed": failure})
+        # Return normally without a report (every rank alike): a NaN is deterministic, so a Ray
+        # Train retry would only fail again, and a report without the validation metrics would
+        # confuse Tune's searcher. The driver reads the failure from MLflow.
         return
     if logger is not None:
         logger.set_tags({"data_order_hash": order_hash, "steps": task.steps})
@@ -305,12 +303,24 @@ def _install_arm_hooks(model, task: RunTask) -> _ArmHooks:
     return _ArmHooks()
 
 
-def _dispersion_layers(task: RunTask):
+def _initial_model(task: RunTask):
+    """From scratch: the rung's shape, initialised from the seed. Mid-training (training.init_from):
+    the pretrained checkpoint, as the paper's GPT-2 / Qwen3 runs start."""
+    if task.training.init_from:
+        from scaling.model import build_causal_lm
+
+        return build_causal_lm(task.training.init_from, device="cpu", dtype="float32").model.train()
+    from scaling.ladder import build_model
+
+    return build_model(task.rung, seed=task.seed)
+
+
+def _dispersion_layers(task: RunTask, n_blocks: int):
     if task.arm.name != names.ARM_DISPERSION:
         return None
     from scaling.dispersion import resolve_layers
 
-    return resolve_layers(task.arm.layers, task.rung.n_layers)
+    return resolve_layers(task.arm.layers, n_blocks)
 
 
 def _param_groups(model, weight_decay: float):

@@ -20,8 +20,15 @@ def write(tmp_path, text):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "search_spaces").glob("*.yaml")))
 def test_shipped_study_files_load(name):
-    study = load_study(REPO / "search_spaces" / name)
-    assert study.study and study.arms
+    from scaling import names
+    from scaling.observe import load_observe_study, read_study_kind
+
+    path = REPO / "search_spaces" / name
+    if read_study_kind(path) == names.KIND_OBSERVE:
+        assert load_observe_study(path).families
+    else:
+        study = load_study(path)
+        assert study.study and study.arms
 
 
 def test_arms_as_names_or_mappings_and_lambda_key(tmp_path):
@@ -77,3 +84,11 @@ def test_config_hash_is_stable_and_sensitive():
     b = study_from_dict({"study": "s", "seeds": [1]}).to_dict()
     assert config_hash(a) == config_hash(dict(reversed(list(a.items()))))
     assert config_hash(a) != config_hash(b)
+
+
+def test_resolved_study_loads_back_unchanged(tmp_path):
+    from scaling.study import resolved_yaml
+
+    study = load_study(REPO / "search_spaces" / "sweep_smoke.yaml")
+    again = load_study(write(tmp_path, resolved_yaml(study)))
+    assert again == study

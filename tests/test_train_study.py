@@ -155,3 +155,20 @@ def test_more_workers_than_the_cluster_has_fails_before_any_work(ray_session, tm
     with pytest.raises(ConfigError, match="num_workers=64"):
         run_study(study, "")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_mid_training_starts_from_a_pretrained_checkpoint(ray_session, tmp_path, tokenizer):
+    from conftest import save_tiny_gpt2
+
+    from scaling.study import run_study
+
+    pretrained = save_tiny_gpt2(tmp_path / "pretrained", tokenizer, n_layer=3)  # 3 blocks, unlike the rung's 2
+    study = tiny_study(tmp_path, "midtrain", arms=["baseline", {"name": "dispersion", "layers": "last"}],
+                       training={"init_from": str(pretrained), "max_steps": 2},
+                       probes={"every_steps": 0}, resources={"num_workers": 1, "zero_stage": 0})
+    outcomes = run_study(study, "")
+    assert [o.status for o in outcomes] == ["finished", "finished"]
+    client = client_for(study)
+    for child in runs_of(study, names.KIND_TRAIN):
+        assert client.get_metric_history(child.info.run_id, names.layer_metric(3, "mean_cos"))  # 3 blocks + emb
+    assert len({c.data.tags["init_hash"] for c in runs_of(study, names.KIND_TRAIN)}) == 1

@@ -1,0 +1,174 @@
+"""Cluster files and the preflight's capacity math, offline: every file under clusters/ passes
+Ray's own cluster-config validation (KubeRay's RayJob structurally) and the preflight's parser;
+`scaling/run.py` works as a bare script from another directory (as `ray submit` runs it)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scaling.config import load_study
+from scaling.errors import ConfigError
+from scaling.preflight import (NodeType, build_worker_bundle, check_capacity, choose_placement_strategy,
+                               count_concurrent_runs, plan_placement, read_launcher_node_types,
+                               read_rayjob_node_types, run_side_by_side)
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTERS = ROOT / "clusters"
+LAUNCHER_FILES = ("aws.yaml", "local.yaml")
+
+
+def prepared(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((CLUSTERS / name).read_text()))
+    validate_config(config)  # Ray's JSON schema plus its own consistency checks
+    return config
+
+
+def test_every_cluster_file_is_covered():
+    assert sorted(p.name for p in CLUSTERS.glob("*.yaml")) == sorted((*LAUNCHER_FILES, "kuberay.yaml"))
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_launcher_files_pass_rays_validation(name):
+    config = prepared(name)
+    text = (CLUSTERS / name).read_text()
+    assert not re.search(r"(?i)aws_secret|aws_access_key_id|password\s*:", text), "no credentials in cluster files"
+    mounts = config["file_mounts"]
+    assert mounts["~/dispersion-scaling"] == "." and mounts["~/search_spaces"] == "./search_spaces"
+    setup = config["setup_commands"]
+    torch_at = next(i for i, c in enumerate(setup) if "torch==" in c)
+    package_at = next(i for i, c in enumerate(setup) if "-e ~/dispersion-scaling" in c)
+    assert torch_at < package_at, "torch (the CUDA build) is installed before the package"
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "mlflow server" in head_start and "sqlite:///$HOME/mlflow/mlflow.db" in head_start
+    assert "export MLFLOW_TRACKING_URI=http://$HEAD_IP:5000" in head_start
+
+
+def test_aws_node_types_fit_the_paper_study():
+    config = prepared("aws.yaml")
+    assert "s3://" in " ".join(config["head_start_ray_commands"])  # MLflow artifacts on S3
+    node_types = read_launcher_node_types(config)
+    assert {t.name: t.max_count for t in node_types} == {"head": 1, "gpu_1x": 8, "gpu_8x": 2}
+    study = load_study(ROOT / "search_spaces" / "paper_gpt2.yaml")
+    res = study.resources
+    check_capacity(res.num_workers, res.cpus_per_worker, res.use_gpu, node_types)
+    placement = plan_placement(res.num_workers, res.cpus_per_worker, res.use_gpu, node_types, num_runs=28)
+    assert placement.strategy == "STRICT_PACK" and placement.concurrent_runs == 2  # one 8-GPU node per run
+    single = plan_placement(1, res.cpus_per_worker, True, node_types, num_runs=28)
+    assert single.concurrent_runs == 8 + 2 * 8  # small runs fill every GPU of both types
+
+
+def test_local_file_counts_head_and_workers():
+    node_types = read_launcher_node_types(prepared("local.yaml"))
+    # The local provider uses one type for head and workers; Ray detects their resources.
+    assert [(t.max_count, dict(t.resources)) for t in node_types] == [(3, {})]
+
+
+def test_kuberay_rayjob_runs_a_study_that_loads():
+    manifest = yaml.safe_load((CLUSTERS / "kuberay.yaml").read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
+    spec = manifest["spec"]
+    match = re.search(r"python -m scaling\.run (\S+\.yaml)", spec["entrypoint"])
+    assert match, spec["entrypoint"]
+    study = load_study(ROOT / match.group(1))
+    assert spec["rayClusterSpec"]["rayVersion"].startswith("2.60")
+    yaml.safe_load(spec["runtimeEnvYAML"])
+    node_types = read_rayjob_node_types(manifest)
+    assert {t.name: (t.max_count, t.resources.get("GPU", 0)) for t in node_types} == {
+        "head": (1, 0), "gpu-1x": (8, 1), "gpu-8x": (2, 8)}
+    res = study.resources
+    check_capacity(res.num_workers, res.cpus_per_worker, res.use_gpu, node_types)
+
+
+def test_paper_study_has_the_papers_settings():
+    study = load_study(ROOT / "search_spaces" / "paper_gpt2.yaml")
+    t, r = study.training, study.resources
+    assert study.ladder == "gpt2" and study.data.source == "wikitext"
+    assert (t.seq_len, t.batch_size * t.seq_len, t.warmup_fraction) == (1024, 131_072, 0.2)
+    assert (t.betas, t.weight_decay, t.grad_clip) == ((0.9, 0.95), 0.1, 1.0)
+    assert (r.use_gpu, r.precision, r.zero_stage) == (True, "bf16", 2)
+    assert study.storage_path.startswith("s3://")
+
+
+# --- capacity math -------------------------------------------------------------------------------
+
+CPU_NODES = [NodeType("a", {"CPU": 4}, 2)]
+GPU_TYPES = [NodeType("head", {"CPU": 8}, 1), NodeType("g1", {"CPU": 8, "GPU": 1}, 4),
+             NodeType("g8", {"CPU": 96, "GPU": 8}, 1)]
+
+
+def test_gpu_study_on_a_cpu_cluster_fails_with_the_fix():
+    with pytest.raises(ConfigError, match="use_gpu=true.*no node type.*use_gpu: false"):
+        check_capacity(2, 1, True, CPU_NODES)
+
+
+def test_worker_bigger_than_any_node_fails():
+    with pytest.raises(ConfigError, match="cpus_per_worker=16"):
+        check_capacity(1, 16, False, CPU_NODES)
+
+
+def test_more_workers_than_nodes_ever_possible_fails():
+    with pytest.raises(ConfigError, match="num_workers=9.*at most 8 CPUs"):
+        check_capacity(9, 1, False, CPU_NODES)
+    check_capacity(8, 1, False, CPU_NODES)  # exactly full is fine
+
+
+def test_placement_rule():
+    bundle = build_worker_bundle(8, True)
+    assert choose_placement_strategy(8, bundle, GPU_TYPES) == "STRICT_PACK"  # a whole g8 node
+    assert choose_placement_strategy(9, bundle, GPU_TYPES) == "PACK"  # bigger than any node
+    assert choose_placement_strategy(2, {"CPU": 1}, [NodeType("n", {"CPU": 1}, 3)]) == "PACK"
+
+
+def test_concurrent_runs_counts_whole_groups():
+    one_gpu = build_worker_bundle(8, True)
+    assert count_concurrent_runs(GPU_TYPES, 1, one_gpu, "STRICT_PACK", max_runs=100) == 4 + 8
+    assert count_concurrent_runs(GPU_TYPES, 8, one_gpu, "STRICT_PACK", max_runs=100) == 1
+    assert count_concurrent_runs(GPU_TYPES, 8, one_gpu, "PACK", max_runs=100) == 1  # 12 GPUs: one group of 8
+    assert count_concurrent_runs(GPU_TYPES, 4, one_gpu, "PACK", max_runs=100) == 3
+    assert count_concurrent_runs(GPU_TYPES, 1, one_gpu, "PACK", max_runs=5) == 5  # capped by the runs
+    assert count_concurrent_runs(CPU_NODES, 3, {"CPU": 1}, "STRICT_PACK", max_runs=10) == 2  # 1 CPU left each
+    assert plan_placement(3, 8, True, [NodeType("g1", {"CPU": 8, "GPU": 1}, 2)], 4).concurrent_runs == 1
+
+
+def test_side_by_side_keeps_the_jobs_order():
+    import threading
+    import time
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def run(name, seconds):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(seconds)
+        with lock:
+            running[0] -= 1
+        return name
+
+    jobs = [("a", 0.3), ("b", 0.05), ("c", 0.2), ("d", 0.0)]
+    assert run_side_by_side(run, jobs, width=2) == ["a", "b", "c", "d"]
+    assert peak[0] == 2
+    peak[0] = 0
+    assert run_side_by_side(run, jobs, width=1) == ["a", "b", "c", "d"] and peak[0] == 1
+
+
+# --- the entry point as ray submit runs it --------------------------------------------------------
+
+
+def test_run_py_as_a_bare_script_from_another_directory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, str(ROOT / "scaling" / "run.py"),
+                          str(ROOT / "search_spaces" / "smoke.yaml"), "--dry-run"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "tiny-165K" in out.stdout
+    assert not list(tmp_path.iterdir()), "a dry run writes nothing"
