@@ -248,12 +248,16 @@ def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from scaling.preflight import placement_strategy
+
     resources = study.resources
     return TorchTrainer(
         _train_entry,
         train_loop_config=task.to_loop_config(),
+        # STRICT_PACK when the worker group fits one node (a large rung takes a whole node), else PACK.
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker={"CPU": resources.cpus_per_worker}),
+                                     resources_per_worker={"CPU": resources.cpus_per_worker},
+                                     placement_strategy=placement_strategy(study)),
         run_config=RunConfig(
             name=name,
             storage_path=_storage_path(study.storage_path),
