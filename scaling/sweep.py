@@ -137,29 +137,64 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         kind=names.KIND_TRIAL)
     task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.refs,
                       nan_at_step=1 if context.nan_trial_index == ordinal else None)
-    preemptions = 0
-    while True:
-        trainer = build_trainer(study, task, f"{study.study}-{run_name}", callbacks=[TuneReportCallback()])
-        try:
-            trainer.fit()
-            break
-        except Exception as exc:  # noqa: BLE001 -- classified below
-            if is_preemption(exc) and preemptions < study.search.preemption_retries:
-                preemptions += 1
-                tracker.set_tags(run_id, {TAG_PREEMPTIONS: preemptions})
-                print(f"{LOG_PREFIX} {run_name}: preempted ({one_line(exc)}); retry {preemptions}", flush=True)
-                continue
-            reason = one_line(exc)
+    completed = _exit_when_tune_stops(run_name)
+    try:
+        preemptions = 0
+        while True:
+            trainer = build_trainer(study, task, f"{study.study}-{run_name}", callbacks=[TuneReportCallback()])
+            try:
+                trainer.fit()
+                break
+            except Exception as exc:  # noqa: BLE001 -- classified below
+                if is_preemption(exc) and preemptions < study.search.preemption_retries:
+                    preemptions += 1
+                    tracker.set_tags(run_id, {TAG_PREEMPTIONS: preemptions})
+                    print(f"{LOG_PREFIX} {run_name}: preempted ({one_line(exc)}); retry {preemptions}", flush=True)
+                    continue
+                reason = one_line(exc)
+                tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
+                tracker.finish(run_id, names.STATUS_FAILED, reason)
+                raise
+        failure = recorded_failure(tracker, run_id)
+        if failure:
             tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
-            tracker.finish(run_id, names.STATUS_FAILED, reason)
-            raise
-    failure = recorded_failure(tracker, run_id)
-    if failure:
-        tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
-        tracker.finish(run_id, names.STATUS_FAILED, failure)
-        raise TrainingFailure(f"{run_name}: {failure}")
-    tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
-    tracker.finish(run_id, names.STATUS_FINISHED)
+            tracker.finish(run_id, names.STATUS_FAILED, failure)
+            raise TrainingFailure(f"{run_name}: {failure}")
+        tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
+        tracker.finish(run_id, names.STATUS_FINISHED)
+    finally:
+        completed.set()  # returned or raised on its own: not a scheduler stop
+
+
+def _exit_when_tune_stops(run_name: str):
+    """When Tune (ASHA) stops this trial, end the trial's process at once.
+
+    Tune stops a function trainable gracefully, which leaves the TorchTrainer the function is
+    blocked in training on: its workers keep their CPUs/GPUs (placement group) until every step
+    is done, so a stopped trial saves nothing and later trials wait for resources. Exiting the
+    process takes its Ray Train controller with it (the controller, its workers and placement
+    group are owned by this process). Returns an event to set once the trial completed normally.
+    Uses the function session's stop event, a Ray-internal detail of Ray 2.60.
+    """
+    import os
+    import threading
+
+    from ray.train._internal.session import get_session
+
+    completed = threading.Event()
+    session = get_session()
+    stop_event = getattr(session, "stop_event", None)
+    if stop_event is None:  # a Ray without this internal: keep Tune's own behaviour
+        return completed
+
+    def watch():
+        stop_event.wait()
+        if not completed.is_set():
+            print(f"{LOG_PREFIX} {run_name}: stopped early by the scheduler", flush=True)
+            os._exit(0)
+
+    threading.Thread(target=watch, name="trial-stop-watch", daemon=True).start()
+    return completed
 
 
 # --- the sweep of one rung ---------------------------------------------------------------------
