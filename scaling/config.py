@@ -355,9 +355,15 @@ _YAML_RENAMES = {"lambda": "lam"}  # YAML key -> field (lambda is a Python keywo
 
 def load_study(path: str | Path, overrides: typing.Sequence[str] = ()) -> StudyConfig:
     """Read a study YAML file, apply `key=value` overrides, validate everything."""
+    return study_from_dict(read_study_mapping(path, overrides, example="search_spaces/smoke.yaml"))
+
+
+def read_study_mapping(path: str | Path, overrides: typing.Sequence[str] = (), *,
+                       example: str = "search_spaces/smoke.yaml") -> dict[str, Any]:
+    """A study file's top-level mapping with `key=value` overrides applied (not yet validated)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"study file {str(path)!r} not found; pass a YAML file such as search_spaces/smoke.yaml")
+        raise ConfigError(f"study file {str(path)!r} not found; pass a YAML file such as {example}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -366,7 +372,7 @@ def load_study(path: str | Path, overrides: typing.Sequence[str] = ()) -> StudyC
         raise ConfigError(f"{path}: expected a mapping of study keys at the top level")
     for item in overrides:
         _apply_override(raw, item)
-    return study_from_dict(raw)
+    return raw
 
 
 def study_from_dict(raw: dict[str, Any]) -> StudyConfig:

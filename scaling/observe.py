@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import yaml
 
 from scaling import names
-from scaling.config import _apply_override, _as_list, _build, _to_plain, config_hash
+from scaling.config import _as_list, _build, _to_plain, config_hash, read_study_mapping
 from scaling.errors import ConfigError, DataError, DispersionScalingError, ModelError
 
 LOG_PREFIX = "[observe]"
@@ -218,18 +218,7 @@ def read_study_kind(path: str | Path) -> str:
 
 def load_observe_study(path: str | Path, overrides: Sequence[str] = ()) -> ObserveConfig:
     """Read an observation study YAML, apply `key=value` overrides, validate everything."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {str(path)!r} not found; pass a YAML file such as search_spaces/observe_tiny.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of study keys at the top level")
-    for item in overrides:
-        _apply_override(raw, item)
-    return observe_study_from_dict(raw)
+    return observe_study_from_dict(read_study_mapping(path, overrides, example="search_spaces/observe_tiny.yaml"))
 
 
 def observe_study_from_dict(raw: dict[str, Any]) -> ObserveConfig:
