@@ -124,13 +124,17 @@ def test_rerun_skips_finished_runs(finished_study):
 def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
     from scaling.study import run_study
 
-    study = tiny_study(tmp_path, "killed", arms=["baseline"], resources={"num_workers": 2, "zero_stage": 2})
-    outcomes = run_study(study, "", fault_at_step=3)  # rank 1 dies once after step 3; checkpoint at 2
+    # Checkpoints at steps 2 and 4; rank 1 dies once after step 6. Ray Train registers a reported
+    # checkpoint asynchronously, so a kill right after a report may fall back to the one before:
+    # either is a resume, a restart from step 0 is not.
+    study = tiny_study(tmp_path, "killed", arms=["baseline"], resources={"num_workers": 2, "zero_stage": 2},
+                       training={"max_steps": 7})
+    outcomes = run_study(study, "", fault_at_step=6)
     assert [o.status for o in outcomes] == ["finished"]
     (child,) = runs_of(study, names.KIND_TRAIN)
-    assert child.data.tags["resumed_from_step"] == "2"
+    assert child.data.tags["resumed_from_step"] in {"2", "4"}
     ce_steps = {m.step for m in client_for(study).get_metric_history(child.info.run_id, names.TRAIN_CE_LOSS)}
-    assert ce_steps == set(range(1, STEPS + 1))
+    assert ce_steps == set(range(1, 8))
 
 
 def test_nan_loss_fails_that_run_and_the_study_goes_on(ray_session, tmp_path):
