@@ -348,31 +348,37 @@ def format_summary(outcomes: list[RunOutcome]) -> str:
 
 
 def connect_ray(num_cpus: int | None = None):
-    """Join a running cluster when there is one (as `ray submit` needs), else start a local Ray."""
+    """Join the cluster `ray start` brought up on this machine (what `ray submit` and the cluster
+    launcher do) or the one RAY_ADDRESS names; otherwise start a private local Ray.
+
+    Unlike `ray.init(address="auto")`, a Ray that some other program started with `ray.init()`
+    on the same machine is never joined: its lifetime is that program's, not ours.
+    RAY_ADDRESS=local forces a private local Ray.
+    """
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     if ray.is_initialized():
         return
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
-    address = os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS") or _started_cluster_address()
     if address and address != "local":
         ray.init(address=address, runtime_env={"env_vars": env})
-    elif address != "local" and _local_cluster_running():
-        ray.init(address="auto", runtime_env={"env_vars": env})
-    else:  # RAY_ADDRESS=local forces a private local Ray even when a cluster runs on this machine
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                 runtime_env={"env_vars": env})
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+             runtime_env={"env_vars": env})
 
 
-def _local_cluster_running() -> bool:
+def _started_cluster_address() -> str | None:
+    """The address the last `ray start` on this machine wrote, if that cluster is still running."""
     try:
-        from ray._private.services import find_gcs_addresses
+        from ray._private.services import find_bootstrap_address, find_gcs_addresses
 
-        return bool(find_gcs_addresses())
-    except Exception:  # noqa: BLE001 -- private API: if it moves, assume no cluster
-        return False
+        address = find_bootstrap_address(None)
+        return address if address and address in find_gcs_addresses() else None
+    except Exception:  # noqa: BLE001 -- private API: if it moves, start a local Ray
+        return None
 
 
 def main_error(exc: DispersionScalingError) -> int:
