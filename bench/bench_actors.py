@@ -194,7 +194,7 @@ def main() -> None:
                     update_share.setdefault(label, []).append(in_update / seconds)
                     startups.setdefault(label, []).append(startup)
                     actor_threads[label] = used
-            print(f"  round done: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
+            print("  round done: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
         transfer, fixed = measure_transfer([float(s) for s in args.transfer_mb.split(",")], max(3, args.repeats))
     finally:
         ray.shutdown()

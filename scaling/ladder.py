@@ -25,7 +25,6 @@ Importing this module is cheap: torch and transformers are imported inside the b
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
