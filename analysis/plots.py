@@ -121,22 +121,31 @@ def plot_heatmap_grid(path: Path, profiles: pl.DataFrame) -> Path:
     x = layer fraction, y = cosine similarity, colour = density (seeds averaged)."""
     rungs = profiles.select("rung", "n").unique().sort("n")["rung"].to_list()
     arms = sorted(profiles["arm"].unique().to_list())
-    fig = Figure(figsize=(3.0 * max(1, len(arms)), 2.4 * max(1, len(rungs))))
-    for r, rung in enumerate(rungs):
-        for a, arm in enumerate(arms):
-            ax = fig.add_subplot(len(rungs), len(arms), r * len(arms) + a + 1)
-            cell = profiles.filter((pl.col("rung") == rung) & (pl.col("arm") == arm))
+    return _heatmap_grid(path, profiles, ("rung", rungs), ("arm", arms), titles=arms, empty="no histogram")
+
+
+def _heatmap_grid(path: Path, profiles: pl.DataFrame, rows: tuple[str, list], columns: tuple[str, list], *,
+                  titles: list[str], empty: str) -> Path:
+    """One heatmap per (row, column) cell of `profiles`, in the paper's colours (white -> red,
+    density 0..10, as scaling/plots.py draws a single one)."""
+    (row_key, row_values), (col_key, col_values) = rows, columns
+    fig = Figure(figsize=(3.0 * max(1, len(col_values)), 2.4 * max(1, len(row_values))))
+    for r, row in enumerate(row_values):
+        for c, column in enumerate(col_values):
+            ax = fig.add_subplot(len(row_values), len(col_values), r * len(col_values) + c + 1)
+            cell = profiles.filter((pl.col(row_key) == row) & (pl.col(col_key) == column))
             made = _mean_histograms(cell) if not cell.is_empty() else None
             if made is None:
-                ax.text(0.5, 0.5, "no histogram", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                ax.text(0.5, 0.5, empty, ha="center", va="center", fontsize=8, transform=ax.transAxes)
             else:
                 fractions, grid = made
-                ax.imshow(grid.T, origin="lower", aspect="auto", extent=(float(fractions.min()), float(fractions.max()), -1.0, 1.0), cmap="magma")
+                ax.imshow(grid.T, origin="lower", aspect="auto", cmap="Reds", vmin=0.0, vmax=10.0,
+                          extent=(float(fractions.min()), float(fractions.max()), -1.0, 1.0))
             if r == 0:
-                ax.set_title(arm, fontsize=9)
-            if a == 0:
-                ax.set_ylabel(f"{rung}\ncosine", fontsize=8)
-            if r == len(rungs) - 1:
+                ax.set_title(titles[c], fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{row}\ncosine", fontsize=8)
+            if r == len(row_values) - 1:
                 ax.set_xlabel("layer fraction", fontsize=8)
             ax.tick_params(labelsize=7)
     return _save(fig, path)
@@ -222,22 +231,5 @@ def plot_observation_heatmaps(path: Path, profiles: pl.DataFrame, *, family: str
     """Condensation heatmaps of one family: rows = models (small to large), columns = sources."""
     models = profiles.select("model", "n").unique().sort("n", nulls_last=True)["model"].to_list()
     sources = sorted(profiles["source"].drop_nulls().unique().to_list())
-    fig = Figure(figsize=(3.0 * max(1, len(sources)), 2.4 * max(1, len(models))))
-    for r, model in enumerate(models):
-        for c, source in enumerate(sources):
-            ax = fig.add_subplot(len(models), len(sources), r * len(sources) + c + 1)
-            cell = profiles.filter((pl.col("model") == model) & (pl.col("source") == source))
-            made = _mean_histograms(cell) if not cell.is_empty() else None
-            if made is None:
-                ax.text(0.5, 0.5, "not measured", ha="center", va="center", fontsize=8, transform=ax.transAxes)
-            else:
-                fractions, grid = made
-                ax.imshow(grid.T, origin="lower", aspect="auto", extent=(float(fractions.min()), float(fractions.max()), -1.0, 1.0), cmap="Reds", vmin=0.0, vmax=10.0)
-            if r == 0:
-                ax.set_title(f"{family} / {source}", fontsize=9)
-            if c == 0:
-                ax.set_ylabel(f"{model}\ncosine", fontsize=8)
-            if r == len(models) - 1:
-                ax.set_xlabel("layer fraction", fontsize=8)
-            ax.tick_params(labelsize=7)
-    return _save(fig, path)
+    return _heatmap_grid(path, profiles, ("model", models), ("source", sources),
+                         titles=[f"{family} / {source}" for source in sources], empty="not measured")
