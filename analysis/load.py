@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ import polars as pl
 from scaling import names
 from scaling.errors import ConfigError, DataError
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KIND_UNKNOWN = "unknown"
 _LAYER_METRIC = re.compile(r"^condensation/layer_(\d+)/(mean_cos|mean_cos_offdiag|effective_rank)$")
 _PARENT_TAG = "mlflow.parentRunId"
@@ -103,7 +101,7 @@ class StudyRecords:
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """The explicit URI, else `MLFLOW_TRACKING_URI`, else the trainer's default SQLite file."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or names.DEFAULT_TRACKING_URI
 
 
 def _check_store_exists(uri: str) -> None:
@@ -389,12 +387,9 @@ def scan_tidy(path: str | Path) -> pl.LazyFrame:
 
 def read_git_commit(cwd: str | Path | None = None) -> str:
     """The current git commit (with '+dirty' when the tree has changes), or 'unknown'."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
+    from scaling.tracking import git_commit  # pure Python at import: no mlflow, torch or Ray
+
+    return git_commit(cwd if cwd is not None else Path.cwd())
 
 
 def log_analysis_run(records: StudyRecords, out_dir: Path, files: list[Path], *, params: dict[str, str], tags: dict[str, str]) -> str:

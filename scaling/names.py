@@ -4,6 +4,8 @@ Pure Python on purpose: `analysis` imports this module on a laptop without torch
 Metric keys are slash-namespaced; the step of every metric is the optimizer step.
 """
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the trainer's store and the analysis' default
+
 # --- run tags -----------------------------------------------------------------------
 TAG_KIND = "kind"  # one of the KIND_* values below
 TAG_STUDY = "study"

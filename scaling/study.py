@@ -178,10 +178,10 @@ def write_sweep_summary(study: StudyConfig, tracker, parent_id: str, plans, prog
     rows = []
     for plan in plans:
         rung = plan.rung.name
-        base = tracker._search(f"tags.{names.TAG_KIND} = '{names.KIND_TRAIN}' and tags.{names.TAG_RUNG} = '{rung}' "
+        base = tracker.search_runs(f"tags.{names.TAG_KIND} = '{names.KIND_TRAIN}' and tags.{names.TAG_RUNG} = '{rung}' "
                                f"and tags.{names.TAG_ARM} = '{names.ARM_BASELINE}' "
                                f"and tags.{names.TAG_STATUS} = '{names.STATUS_FINISHED}'")
-        best = tracker._search(f"tags.{names.TAG_KIND} = '{names.KIND_TRIAL}' and tags.{names.TAG_RUNG} = '{rung}' "
+        best = tracker.search_runs(f"tags.{names.TAG_KIND} = '{names.KIND_TRIAL}' and tags.{names.TAG_RUNG} = '{rung}' "
                                f"and tags.{names.TAG_BEST_TRIAL} = 'true'")
 
         def mean(runs, key):
@@ -248,7 +248,7 @@ def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from scaling.preflight import placement_strategy
+    from scaling.preflight import placement_strategy, resolve_storage_path
 
     resources = study.resources
     return TorchTrainer(
@@ -260,7 +260,7 @@ def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):
                                      placement_strategy=placement_strategy(study)),
         run_config=RunConfig(
             name=name,
-            storage_path=_storage_path(study.storage_path),
+            storage_path=resolve_storage_path(study.storage_path),
             failure_config=FailureConfig(max_failures=study.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=study.checkpoint.num_to_keep),
             callbacks=list(callbacks),
@@ -319,12 +319,6 @@ def check_cluster_fits(study: StudyConfig) -> None:
 
     for warning in check_study_against_cluster(study, plan_runs(study)):
         print(f"{LOG_PREFIX} warning: {warning}", file=sys.stderr)
-
-
-def _storage_path(path: str) -> str:
-    if "://" in path:
-        return path
-    return str(Path(path).resolve())
 
 
 def one_line(exc: BaseException) -> str:

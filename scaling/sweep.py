@@ -208,7 +208,7 @@ def run_sweep(study: StudyConfig, plan, seed: int, refs, data_fingerprint: str, 
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from scaling.study import _storage_path
+    from scaling.preflight import resolve_storage_path
 
     search = study.search
     rung = plan.rung
@@ -231,7 +231,7 @@ def run_sweep(study: StudyConfig, plan, seed: int, refs, data_fingerprint: str, 
                            sweep_hash, nan_trial_index)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0.01})
     experiment = f"{study.study}-{rung.name}-sweep-{sweep_hash[:8]}"
-    storage = _storage_path(study.storage_path)
+    storage = resolve_storage_path(study.storage_path)
     path = f"{storage.rstrip('/')}/{experiment}"
     started = time.perf_counter()
     if tune.Tuner.can_restore(path):
@@ -313,5 +313,5 @@ def best_arm(outcome: SweepOutcome) -> ArmConfig | None:
 
 
 def _trial_runs(tracker, sweep_run_id: str) -> list:
-    return tracker._search(f"tags.{names.TAG_KIND} = '{names.KIND_TRIAL}' and "
+    return tracker.search_runs(f"tags.{names.TAG_KIND} = '{names.KIND_TRIAL}' and "
                            f"tags.mlflow.parentRunId = '{sweep_run_id}'")

@@ -18,7 +18,6 @@ from typing import Any, Mapping
 from scaling import names
 from scaling.errors import ConfigError
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 
 
@@ -28,21 +27,25 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     Relative SQLite paths are made absolute so that Ray workers (other working directories)
     write to the same file as the driver.
     """
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or names.DEFAULT_TRACKING_URI
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         uri = prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
 
 
-def git_commit() -> str:
-    """The commit of the code that ran ("unknown" outside a git checkout)."""
+def git_commit(cwd: str | Path | None = None) -> str:
+    """The commit of the checkout at `cwd` (default: this package's), with '+dirty' when tracked
+    files have changes; "unknown" outside a git checkout. Pure Python: `analysis` uses it too."""
+    cwd = cwd if cwd is not None else Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (commit or "unknown") + ("+dirty" if commit and dirty else "")
 
 
 class Tracker:
@@ -71,19 +74,19 @@ class Tracker:
             self.experiment_id = experiment.experiment_id
 
     # -- finding runs -----------------------------------------------------------------
-    def _search(self, filter_string: str) -> list:
+    def search_runs(self, filter_string: str) -> list:
         return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000,
                                        order_by=["attributes.start_time ASC"])
 
     def find_by_hash(self, config_hash: str):
         """The run of a config hash (oldest first if somehow several), or None."""
-        runs = self._search(f"tags.{names.TAG_CONFIG_HASH} = '{config_hash}'")
+        runs = self.search_runs(f"tags.{names.TAG_CONFIG_HASH} = '{config_hash}'")
         return runs[0] if runs else None
 
     def study_run_id(self, params: Mapping[str, Any], study_yaml: str | None = None,
                      resolved_yaml: str | None = None) -> str:
         """The study's parent run: created once, reused by every later invocation."""
-        runs = self._search(f"tags.{names.TAG_KIND} = '{names.KIND_STUDY}'")
+        runs = self.search_runs(f"tags.{names.TAG_KIND} = '{names.KIND_STUDY}'")
         if runs:
             run_id = runs[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")

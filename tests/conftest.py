@@ -74,3 +74,27 @@ def ray_session():
                  runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}})
     yield ray
     ray.shutdown()
+
+
+def tiny_train_study(tmp_path, name, **overrides):
+    """A study of the tiny ladder's smallest rung (4 steps, 2 workers, ZeRO-3, temp storage and MLflow);
+    a dict in `overrides` updates that section, anything else replaces the key."""
+    from scaling.config import study_from_dict
+
+    raw = {
+        "study": name,
+        "ladder": "tiny",
+        "rungs": ["tiny-165K"],
+        "arms": ["baseline", {"name": "dispersion", "lambda": 0.1, "layers": "all"}],
+        "seeds": [0],
+        "data": {"source": "bundled", "max_rows": 600},
+        "training": {"seq_len": 32, "batch_size": 4, "micro_batch_size": 2, "max_steps": 4, "lr": 3e-3},
+        "probes": {"every_steps": 2, "texts": 2, "max_length": 32, "val_batches": 1},
+        "resources": {"num_workers": 2, "zero_stage": 3},
+        "checkpoint": {"every_steps": 2, "num_to_keep": 1, "max_failures": 1},
+        "storage_path": str(tmp_path / "runs"),
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    return study_from_dict(raw)

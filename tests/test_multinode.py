@@ -13,24 +13,17 @@ import time
 
 import pytest
 
+from conftest import tiny_train_study
+
 from scaling import names
-from scaling.config import study_from_dict
 from scaling.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # a 3-node cluster plus two 2-worker DeepSpeed runs: minutes on 2 cores
 
 
 def tiny_study(tmp_path, name, steps):
-    return study_from_dict({
-        "study": name, "ladder": "tiny", "rungs": ["tiny-165K"], "arms": ["baseline"], "seeds": [0],
-        "data": {"source": "bundled", "max_rows": 600},
-        "training": {"seq_len": 32, "batch_size": 4, "micro_batch_size": 2, "max_steps": steps, "lr": 3e-3},
-        "probes": {"every_steps": 2, "texts": 2, "max_length": 32, "val_batches": 1},
-        "resources": {"num_workers": 2, "zero_stage": 2},
-        "checkpoint": {"every_steps": 2, "num_to_keep": 1, "max_failures": 2},
-        "storage_path": str(tmp_path / "runs"),
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    })
+    return tiny_train_study(tmp_path, name, arms=["baseline"], training={"max_steps": steps},
+                            resources={"num_workers": 2, "zero_stage": 2}, checkpoint={"max_failures": 2})
 
 
 def train_runs(study):

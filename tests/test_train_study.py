@@ -8,29 +8,12 @@ import json
 import pytest
 
 from scaling import names
-from scaling.config import study_from_dict
+from conftest import tiny_train_study
 
 STEPS = 4
 
 
-def tiny_study(tmp_path, name, **overrides):
-    raw = {
-        "study": name,
-        "ladder": "tiny",
-        "rungs": ["tiny-165K"],
-        "arms": ["baseline", {"name": "dispersion", "lambda": 0.1, "layers": "all"}],
-        "seeds": [0],
-        "data": {"source": "bundled", "max_rows": 600},
-        "training": {"seq_len": 32, "batch_size": 4, "micro_batch_size": 2, "max_steps": STEPS, "lr": 3e-3},
-        "probes": {"every_steps": 2, "texts": 2, "max_length": 32, "val_batches": 1},
-        "resources": {"num_workers": 2, "zero_stage": 3},
-        "checkpoint": {"every_steps": 2, "num_to_keep": 1, "max_failures": 1},
-        "storage_path": str(tmp_path / "runs"),
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
-    for key, value in overrides.items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
-    return study_from_dict(raw)
+tiny_study = tiny_train_study  # the shared tiny study (tests/conftest.py)
 
 
 def client_for(study):
