@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ import polars as pl
 
 from scaling import names
 from scaling.errors import ConfigError, DataError
+from scaling.provenance import resolve_tracking_uri
 
 KIND_UNKNOWN = "unknown"
 _LAYER_METRIC = re.compile(r"^condensation/layer_(\d+)/(mean_cos|mean_cos_offdiag|effective_rank)$")
@@ -97,11 +97,6 @@ class StudyRecords:
 
 
 # --- tracking URI and study selection ------------------------------------------------------
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """The explicit URI, else `MLFLOW_TRACKING_URI`, else the trainer's default SQLite file."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or names.DEFAULT_TRACKING_URI
 
 
 def _check_store_exists(uri: str) -> None:
@@ -383,13 +378,6 @@ def compute_final_values(metrics: pl.DataFrame) -> pl.DataFrame:
 def scan_tidy(path: str | Path) -> pl.LazyFrame:
     """Lazy view of a tidy parquet written by the analysis (for large sweeps)."""
     return pl.scan_parquet(path)
-
-
-def read_git_commit(cwd: str | Path | None = None) -> str:
-    """The current git commit (with '+dirty' when the tree has changes), or 'unknown'."""
-    from scaling.tracking import git_commit  # pure Python at import: no mlflow, torch or Ray
-
-    return git_commit(cwd if cwd is not None else Path.cwd())
 
 
 def log_analysis_run(records: StudyRecords, out_dir: Path, files: list[Path], *, params: dict[str, str], tags: dict[str, str]) -> str:

@@ -32,7 +32,9 @@ from analysis.report import (
     render_markdown,
 )
 from scaling import names
-from scaling.errors import ConfigError, DataError, DispersionScalingError
+from scaling.console import quiet_libraries, run_cli
+from scaling.errors import ConfigError, DataError
+from scaling.provenance import git_commit, resolve_tracking_uri
 
 DEFAULT_METRICS = (
     names.VAL_LOSS,
@@ -280,7 +282,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap {args.bootstrap}: must be >= 0 (0 = no intervals); use e.g. 400")
     options = FitOptions(n_bootstrap=args.bootstrap, confidence=args.confidence, huber_delta=args.huber_delta, seed=args.seed)
-    uri = load.resolve_tracking_uri(args.tracking_uri)
+    uri = resolve_tracking_uri(args.tracking_uri)
     study = load.find_study_name(uri, args.study)
     out = args.out if args.out is not None else Path("outputs") / "analysis" / study
     records = load.read_study(uri, study, cache_dir=None if args.no_cache else out / "cache")
@@ -299,7 +301,7 @@ def run(args: argparse.Namespace) -> Path:
         "study": records.study,
         "experiment_id": records.experiment_id,
         "tracking_uri": uri,
-        "git_commit": load.read_git_commit(),
+        "git_commit": git_commit(Path.cwd()),
         "fit_options": fit_options,
         "input_run_ids": records.finished(kind=None)["run_id"].to_list(),
         "failed_run_ids": records.failed()["run_id"].to_list(),
@@ -325,12 +327,13 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
+
+    def body() -> int:
+        quiet_libraries()
         run(args)
-    except DispersionScalingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli(body, "analysis.scaling_curves")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from scaling.dispersion import VARIANTS, dispersion_over_layers, resolve_layers
+from scaling.dispersion import VARIANTS, dispersion_over_layers
+from scaling.dispersion_spec import resolve_layers
 
 
 def parse_args() -> argparse.Namespace:

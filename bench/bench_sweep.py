@@ -168,7 +168,7 @@ def main() -> None:
                     try:
                         run_study(base_study(args, workdir, name, [arm]), f"study: {name}\n", progress=quiet)
                     except Exception as exc:  # noqa: BLE001 -- retried one at a time below
-                        from scaling.study import one_line
+                        from scaling.errors import one_line
 
                         print(f"  grid cell {i + 1}: {one_line(exc)}", flush=True)
                         return []

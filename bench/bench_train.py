@@ -100,9 +100,10 @@ def plain_loop_step_times(study, train_blocks, *, dispersion: bool, lam: float) 
     """Seconds per optimizer step of a plain single-process loop doing the same work as a run."""
     import torch
 
-    from scaling.dispersion import dispersion_over_layers, resolve_layers
+    from scaling.dispersion import dispersion_over_layers
+    from scaling.dispersion_spec import resolve_layers
     from scaling.ladder import build_model
-    from scaling.study import plan_runs
+    from scaling.config import plan_runs
     from scaling.train import DataOrder, lr_at
 
     (plan,) = plan_runs(study)
@@ -177,7 +178,8 @@ def main() -> None:
     import ray
     import torch
 
-    from scaling.study import plan_runs, prepare_data, run_study
+    from scaling.config import plan_runs
+    from scaling.study import prepare_data, run_study
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-train-"))

@@ -4,23 +4,19 @@
     python -m scaling.condense --model ./my-model --texts docs.txt --repetitions 20
 
 Writes DIR/condensation.json and DIR/heatmap.png, prints a per-layer table and the
-Spearman/Kendall trend. The path is parse -> read texts -> load -> measure -> write, each a
-function, so other entry points (e.g. sharding the measurement over Ray actors) reuse the
-pieces and replace only `measure`.
+Spearman/Kendall trend. The path is parse -> read texts -> check the output folder -> load and
+measure (`scaling.measure`, the path observation studies use too) -> write.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from scaling import names
-from scaling.errors import ConfigError, DispersionScalingError
+from scaling.errors import ConfigError
 
 DEFAULT_REPETITIONS = 100
 DEFAULT_MAX_LENGTH = 512
@@ -114,71 +110,13 @@ def parse_options(argv: list[str] | None = None) -> CondenseOptions:
     )
 
 
-def read_condense_texts(options: CondenseOptions) -> tuple[list[str], dict]:
-    """The R texts to measure and a description of where they came from."""
-    from scaling.data import cycle_texts, parse_text_source, read_rows, sample_texts
+def build_measure_task(options: CondenseOptions):
+    """The measurement of `options` as the one path condense and observation studies share."""
+    from scaling.measure import MeasureTask
 
-    source = parse_text_source(options.source_spec)
-    if options.texts is not None and source.kind != "file":
-        raise ConfigError(f"--texts {options.texts!r}: must be a .txt or .jsonl file")
-    rows = read_rows(source)
-    if options.texts is not None:
-        texts = cycle_texts(rows, options.repetitions)
-        protocol = "text r = document r mod n"
-    else:
-        texts = sample_texts(rows, options.repetitions)
-        protocol = "reference: consecutive rows from a seeded random start until >= 1024 words"
-    info = {"spec": options.source_spec, "kind": source.kind, "label": source.label, "rows": len(rows),
-            "distinct_texts": len(set(texts)), "protocol": protocol}
-    return texts, info
-
-
-def load_for_measurement(options: CondenseOptions):
-    """The model (checked against max_length and last_n) and its tokenizer."""
-    from scaling.data import build_tokenizer
-    from scaling.model import build_causal_lm, check_max_length, resolve_device, resolve_dtype
-
-    resolve_dtype(options.dtype, resolve_device(options.device))  # fail fast, before any loading
-    loaded = build_causal_lm(options.model, device=options.device, dtype=options.dtype)
-    check_max_length(options.max_length, loaded.context_length, repr(options.model))
-    blocks = getattr(loaded.model.config, "num_hidden_layers", None)
-    if isinstance(blocks, int) and options.last_n > blocks + 1:
-        raise ConfigError(f"--last-n {options.last_n}: the model has only {blocks + 1} hidden states "
-                          f"({blocks} blocks + embedding output); use --last-n {blocks + 1} or less")
-    tokenizer = build_tokenizer(options.tokenizer or options.model)
-    return loaded, tokenizer
-
-
-def measure(options: CondenseOptions, loaded, tokenizer, texts: list[str]):
-    """One sequence per forward pass, reduced here or on `num_actors` Ray actors. Returns the finalized result."""
-    from scaling.condensation import measure_condensation
-
-    if options.num_actors:
-        from scaling.actors import measure_condensation_sharded
-        from scaling.study import connect_ray
-
-        connect_ray()
-        return measure_condensation_sharded(
-            loaded.model, tokenizer, texts, options.max_length, num_actors=options.num_actors,
-            device=loaded.device, progress=options.progress, effective_rank=options.effective_rank,
-        ).finalize()
-    accumulator = measure_condensation(loaded.model, tokenizer, texts, options.max_length, loaded.device,
-                                       progress=options.progress, effective_rank=options.effective_rank)
-    return accumulator.finalize()
-
-
-def write_outputs(options: CondenseOptions, result, metadata: dict) -> tuple[Path, Path]:
-    """condensation.json (written atomically) and heatmap.png in options.out."""
-    from scaling.plots import plot_condensation_heatmap
-
-    options.out.mkdir(parents=True, exist_ok=True)
-    json_path = options.out / names.ARTIFACT_CONDENSATION_JSON
-    tmp = json_path.with_name(f".{json_path.name}.tmp{os.getpid()}")
-    tmp.write_text(result.to_json(last_n=min(options.last_n, result.num_layers), extra=metadata) + "\n")
-    tmp.replace(json_path)
-    title = f"{Path(options.model).name} on {metadata['source']['label']} (R={result.num_sequences}, T={result.max_length})"
-    png_path = plot_condensation_heatmap(result.histograms, options.out / names.ARTIFACT_HEATMAP_PNG, title=title)
-    return json_path, png_path
+    return MeasureTask(model_path=options.model, tokenizer=options.tokenizer, device=options.device,
+                       dtype=options.dtype, max_length=options.max_length, num_actors=options.num_actors,
+                       effective_rank=options.effective_rank, last_n=options.last_n)
 
 
 def format_table(result, last_n: int) -> str:
@@ -202,24 +140,31 @@ def format_table(result, last_n: int) -> str:
 
 
 def run(options: CondenseOptions) -> tuple[Path, Path]:
-    """parse -> read texts -> load -> measure -> write; prints the table."""
-    texts, source_info = read_condense_texts(options)
-    loaded, tokenizer = load_for_measurement(options)
-    started = time.perf_counter()
-    result = measure(options, loaded, tokenizer, texts)
-    metadata = {
-        "model": options.model,
-        "num_params": loaded.num_params,
-        "repetitions": options.repetitions,
-        "max_length": options.max_length,
-        "source": source_info,
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "seconds": round(time.perf_counter() - started, 3),
-        "options": {key: str(value) for key, value in asdict(options).items()},
-    }
-    paths = write_outputs(options, result, metadata)
-    print(f"{options.model} ({loaded.num_params:,} parameters) on {source_info['label']}")
+    """read texts -> check the output folder -> load and measure -> write; prints the table."""
+    from scaling.console import check_writable_dir
+    from scaling.data import read_measurement_texts
+    from scaling.measure import measure_model
+    from scaling.model import check_model_reference, resolve_device, resolve_dtype
+    from scaling.plots import write_condensation_record
+
+    if options.texts is not None and not options.texts.endswith((".txt", ".jsonl")):
+        raise ConfigError(f"--texts {options.texts!r}: must be a .txt or .jsonl file")
+    texts, source_info = read_measurement_texts(options.source_spec, options.repetitions)
+    resolve_dtype(options.dtype, resolve_device(options.device))  # fail fast, before any loading or writing
+    check_model_reference(options.model)
+    check_writable_dir(options.out)
+    if options.num_actors:
+        from scaling.cluster import connect_ray
+
+        connect_ray()
+    measurement = measure_model(build_measure_task(options), texts, progress=options.progress)
+    result = measurement.result
+    metadata = {"model": options.model, "repetitions": options.repetitions, "max_length": options.max_length,
+                "source": source_info, **measurement.metadata(),
+                "options": {key: str(value) for key, value in asdict(options).items()}}
+    title = f"{Path(options.model).name} on {source_info['label']} (R={result.num_sequences}, T={result.max_length})"
+    paths = write_condensation_record(result, options.out, title=title, metadata=metadata, last_n=options.last_n)
+    print(f"{options.model} ({measurement.num_params:,} parameters) on {source_info['label']}")
     print(format_table(result, options.last_n))
     print(f"wrote {paths[0]} and {paths[1]}")
     return paths
@@ -227,24 +172,22 @@ def run(options: CondenseOptions) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line on stderr and return 2."""
-    from transformers.utils import logging as hf_logging
+    from scaling.console import quiet_libraries, run_cli
 
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    try:
+    def body() -> int:
         options = parse_options(argv)
+        quiet_libraries()
+        from transformers.utils import logging as hf_logging
+
         if not options.progress:
             hf_logging.disable_progress_bar()  # the weight-loading bar too: quiet means quiet
-        run(options)
-    except DispersionScalingError as exc:
-        print(f"condense: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("condense: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if bars_were_on:
+        try:
+            run(options)
+        finally:
             hf_logging.enable_progress_bar()
-    return 0
+        return 0
+
+    return run_cli(body, "condense")
 
 
 if __name__ == "__main__":

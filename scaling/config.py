@@ -10,20 +10,23 @@ any work starts, with a message that names the key (as a dotted path), the value
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from scaling import names
+from scaling.dispersion_spec import VARIANTS, resolve_layers, validate_layer_spec
 from scaling.errors import ConfigError
+from scaling.ladder import RunConfigurator, get_ladder
+from scaling.observe_config import ObserveConfig, observe_study_from_dict
+from scaling.schema import as_list, build_config, read_study_mapping, to_plain
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from scaling.ladder import RunPlan, Rung
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -63,8 +66,6 @@ class ArmConfig:
         if self.forget_every < 1:
             raise ConfigError(f"arms.{self.name}.forget_every={self.forget_every}: must be >= 1")
         if self.name == names.ARM_DISPERSION:
-            from scaling.dispersion import VARIANTS, validate_layer_spec
-
             if self.variant not in VARIANTS:
                 raise ConfigError(
                     f"arms.dispersion.variant={self.variant!r} is unknown; use one of {list(VARIANTS)}"
@@ -78,9 +79,9 @@ class ArmConfig:
                     names.PARAM_VARIANT: self.variant, names.PARAM_TAU: self.tau,
                     names.PARAM_CLAMP: self.clamp_threshold}
         if self.name == names.ARM_NEFTUNE:
-            return {"neftune.alpha": self.neftune_alpha}
+            return {names.PARAM_NEFTUNE_ALPHA: self.neftune_alpha}
         if self.name == names.ARM_ACTIVE_FORGETTING:
-            return {"active_forgetting.every": self.forget_every}
+            return {names.PARAM_FORGET_EVERY: self.forget_every}
         return {names.PARAM_LAMBDA: 0.0}
 
 
@@ -250,8 +251,6 @@ class SearchConfig:
         for key in ("layers", "variants", "tau", "clamp_threshold"):
             if not getattr(self, key):
                 raise ConfigError(f"search.{key} is empty; list at least one choice")
-        from scaling.dispersion import VARIANTS, validate_layer_spec
-
         for spec in self.layers:
             validate_layer_spec(spec)
         for variant in self.variants:
@@ -315,13 +314,8 @@ class StudyConfig:
                 "arms: active_forgetting resets the embeddings' optimizer state, which ZeRO stages 1-3 "
                 f"partition; set resources.zero_stage: 0 (it is {self.resources.zero_stage})"
             )
-        from scaling.ladder import get_ladder
-
-        ladder = get_ladder(self.ladder)
-        rungs = [ladder.rung(name) for name in self.rungs] if self.rungs else list(ladder.rungs)  # raises
+        rungs = self.selected_rungs()  # raises on an unknown ladder or rung
         if self.search.num_samples:
-            from scaling.dispersion import resolve_layers
-
             if names.ARM_BASELINE not in arm_names:
                 raise ConfigError("search: a sweep is compared against the baseline arm; add `baseline` to arms")
             for rung in rungs:
@@ -333,10 +327,13 @@ class StudyConfig:
                                           f"({rung.n_layers} blocks): {exc}") from None
         for arm in self.arms:
             if arm.name == names.ARM_DISPERSION:
-                from scaling.dispersion import resolve_layers
-
                 for rung in rungs:
                     resolve_layers(arm.layers, rung.n_layers)
+
+    def selected_rungs(self) -> list[Rung]:
+        """The rungs this study trains, in ladder order unless `rungs` lists them."""
+        ladder = get_ladder(self.ladder)
+        return [ladder.rung(name) for name in self.rungs] if self.rungs else list(ladder.rungs)
 
     def arm(self, name: str) -> ArmConfig:
         for arm in self.arms:
@@ -345,41 +342,55 @@ class StudyConfig:
         raise ConfigError(f"arm {name!r} is not in this study; it has {[a.name for a in self.arms]}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
+
+    def to_yaml(self) -> str:
+        """The study with every default filled in (recorded with the study's MLflow run)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# --- strict loading ----------------------------------------------------------------------
+def plan_runs(study: StudyConfig) -> list[RunPlan]:
+    """The RunPlan of every selected rung (token budget, batch, steps, lr), the study's caps applied."""
+    training = study.training
+    configurator = RunConfigurator(tokens_per_param=training.tokens_per_param, seq_len=training.seq_len,
+                                   batch_size=training.batch_size, lr=training.lr,
+                                   warmup_fraction=training.warmup_fraction, max_tokens=training.max_tokens,
+                                   max_steps=training.max_steps)
+    return [configurator.plan(rung, num_workers=study.resources.num_workers) for rung in study.selected_rungs()]
 
-_YAML_RENAMES = {"lambda": "lam"}  # YAML key -> field (lambda is a Python keyword)
+
+# --- loading -------------------------------------------------------------------------------------------
+
+KIND_KEY = "kind"
+"""Top-level key that names a study file's kind: `train` (the default) or `observe`."""
+
+
+def load_study_file(path: str | Path, overrides: typing.Sequence[str] = ()) -> StudyConfig | ObserveConfig:
+    """Read any study file once and build the config its `kind` says (training when absent)."""
+    raw = read_study_mapping(path, overrides)
+    kind = raw.get(KIND_KEY, names.KIND_TRAIN)
+    if kind == names.KIND_OBSERVE:
+        return observe_study_from_dict(raw)
+    if kind != names.KIND_TRAIN:
+        raise ConfigError(f"{KIND_KEY}={kind!r} in {path}: use {names.KIND_TRAIN} (the default) or "
+                          f"{names.KIND_OBSERVE}")
+    raw.pop(KIND_KEY, None)
+    return study_from_dict(raw)
 
 
 def load_study(path: str | Path, overrides: typing.Sequence[str] = ()) -> StudyConfig:
-    """Read a study YAML file, apply `key=value` overrides, validate everything."""
-    return study_from_dict(read_study_mapping(path, overrides, example="search_spaces/smoke.yaml"))
-
-
-def read_study_mapping(path: str | Path, overrides: typing.Sequence[str] = (), *,
-                       example: str = "search_spaces/smoke.yaml") -> dict[str, Any]:
-    """A study file's top-level mapping with `key=value` overrides applied (not yet validated)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {str(path)!r} not found; pass a YAML file such as {example}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of study keys at the top level")
-    for item in overrides:
-        _apply_override(raw, item)
-    return raw
+    """Read a training study YAML file, apply `key=value` overrides, validate everything."""
+    study = load_study_file(path, overrides)
+    if not isinstance(study, StudyConfig):
+        raise ConfigError(f"{path} is an observation study (kind: observe), not a training study")
+    return study
 
 
 def study_from_dict(raw: dict[str, Any]) -> StudyConfig:
     raw = dict(raw)
     if "arms" in raw:
-        raw["arms"] = [_arm_entry(a) for a in _as_list(raw["arms"], "arms")]
-    return _build(StudyConfig, raw, "")
+        raw["arms"] = [_arm_entry(a) for a in as_list(raw["arms"], "arms")]
+    return build_config(StudyConfig, raw, "")
 
 
 def _arm_entry(entry: Any) -> dict[str, Any]:
@@ -391,114 +402,3 @@ def _arm_entry(entry: Any) -> dict[str, Any]:
     raise ConfigError(f"arms: entry {entry!r} needs a name, e.g. `- baseline` or `- {{name: dispersion, lambda: 0.1}}`")
 
 
-def _as_list(value: Any, key: str) -> list:
-    if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
-    return value
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.max_steps=20")
-    value = yaml.safe_load(text)
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-    node[parts[-1]] = value
-
-
-def _build(cls, raw: Any, where: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'study'}: expected a mapping, got {type(raw).__name__} ({raw!r})")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        name = _YAML_RENAMES.get(key, key)
-        dotted = f"{where}.{key}" if where else key
-        if name not in fields:
-            valid = sorted({k for k, v in _YAML_RENAMES.items() if v in fields} | set(fields) - set(_YAML_RENAMES.values()))
-            raise ConfigError(f"unknown key {dotted!r}; valid keys here: {', '.join(valid)}")
-        kwargs[name] = _coerce(hints[name], value, dotted)
-    missing = [n for n, f in fields.items()
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in kwargs]
-    if missing:
-        raise ConfigError(f"{where or 'study file'}: missing required key(s) {missing}")
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - guarded by the checks above
-        raise ConfigError(f"{where or 'study'}: {exc}") from None
-
-
-def _coerce(hint, value, dotted: str):
-    """Check `value` against a field's type hint; convert lists to tuples and nested dicts to configs."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, dotted)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, dotted)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{dotted}={value!r}: expected a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{dotted}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{dotted}={value!r}: expected a list of {len(args)} values")
-        return tuple(_coerce(a, v, f"{dotted}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{dotted}={value!r}: expected a number")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{dotted}={value!r}: expected an integer")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{dotted}={value!r}: expected true or false")
-        return value
-    if hint is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and dotted.endswith("layers"):
-            return str(value)  # `layers: 3` means block 3
-        if isinstance(value, list) and dotted.endswith("layers"):
-            return ",".join(str(v) for v in value)  # `layers: [0, 3]` means blocks 0 and 3
-        if not isinstance(value, str):
-            raise ConfigError(f"{dotted}={value!r}: expected a string")
-        return value
-    return value
-
-
-def _to_plain(obj):
-    """Dataclasses -> plain dicts with the YAML key names, so the output loads back as a study."""
-    if dataclasses.is_dataclass(obj):
-        yaml_names = {field: key for key, field in _YAML_RENAMES.items()}
-        return {yaml_names.get(f.name, f.name): _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> dotted keys, for MLflow params."""
-    flat = {}
-    for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def config_hash(payload: dict[str, Any]) -> str:
-    """A short, stable hash of a resolved run config: same config, same run."""
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

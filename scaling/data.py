@@ -7,7 +7,7 @@ Three kinds of text source, all read into a list of non-empty "rows" (paragraphs
   `hf:NAME[/CONFIG]:SPLIT:FIELD`), loaded with `datasets` on machines with network;
 - a local file: `.txt` (one document per line) or `.jsonl` (a `text` field per line).
 
-The condensation protocol (SPEC.md section 1) builds each repetition's text from
+The condensation protocol (docs/condensation.md) builds each repetition's text from
 consecutive rows starting at a seeded random row; training packs tokenized rows into
 fixed-length blocks.
 """
@@ -25,7 +25,7 @@ import numpy as np
 
 from scaling.errors import DataError, ModelError
 
-# The reference protocol's text sources (SPEC.md section 1): dataset, config, split, field.
+# The reference protocol's text sources (docs/condensation.md): dataset, config, split, field.
 REFERENCE_SOURCES: dict[str, tuple[str, str | None, str, str]] = {
     "wikitext": ("wikitext", "wikitext-103-v1", "train", "text"),
     "pubmed_qa": ("pubmed_qa", "pqa_labeled", "train", "long_answer"),
@@ -118,7 +118,14 @@ def _read_bundled_rows() -> list[str]:
 def _read_file_rows(path: Path, field: str) -> list[str]:
     if not path.is_file():
         raise DataError(f"text file {str(path)!r} not found; check the path")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    data = path.read_bytes()
+    try:
+        if b"\x00" in data:  # UTF-16, images, archives: decodable by luck or not at all, never text
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"text file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        "give a .txt file (one document per line) or a .jsonl file with a text field") from None
     if path.suffix != ".jsonl":
         return lines
     rows = []
@@ -180,6 +187,24 @@ def cycle_texts(texts: list[str], repetitions: int) -> list[str]:
     if not texts:
         raise DataError("the texts file has no non-empty line; add one document per line")
     return [texts[r % len(texts)] for r in range(repetitions)]
+
+
+def read_measurement_texts(spec: str, repetitions: int) -> tuple[list[str], dict]:
+    """The R texts a condensation measurement runs on, and where they came from.
+
+    A local file gives document r mod n (its documents are the texts); any other source the
+    reference protocol (consecutive rows from a seeded start until >= 1024 words).
+    """
+    source = parse_text_source(spec)
+    rows = read_rows(source)
+    if source.kind == "file":
+        texts, protocol = cycle_texts(rows, repetitions), "text r = document r mod n"
+    else:
+        texts = sample_texts(rows, repetitions)
+        protocol = "reference: consecutive rows from a seeded random start until >= 1024 words"
+    info = {"spec": spec, "kind": source.kind, "label": source.label, "rows": len(rows),
+            "distinct_texts": len(set(texts)), "protocol": protocol}
+    return texts, info
 
 
 # --- tokenizers ---------------------------------------------------------------------------
@@ -270,12 +295,3 @@ def split_train_val(blocks: np.ndarray, val_fraction: float, seed: int) -> tuple
     if n_val >= len(blocks):
         raise DataError(f"only {len(blocks)} blocks: too few to hold out validation; use more text")
     return blocks[order[n_val:]], blocks[order[:n_val]]
-
-
-def shard_for_worker(blocks: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """Disjoint, equally sized shards (rank r takes every world_size-th block from r), so every
-    worker runs the same number of steps."""
-    usable = (len(blocks) // world_size) * world_size
-    if usable == 0:
-        raise DataError(f"{len(blocks)} blocks cannot be split over {world_size} workers; use more text")
-    return blocks[rank:usable:world_size]

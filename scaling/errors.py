@@ -1,4 +1,4 @@
-"""The project's one exception base.
+"""The project's one exception base, and how any exception becomes one readable line.
 
 A `DispersionScalingError` is a user error: its message names the field or input, the
 bad value and the fix, and the command-line entry points print it on one line without a
@@ -24,3 +24,17 @@ class ModelError(DispersionScalingError, ValueError):
 
 class TrainingFailure(DispersionScalingError, RuntimeError):
     """A training run failed for a reason worth recording (e.g. a NaN loss)."""
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """`Type: message` of the innermost cause of a (possibly Ray-wrapped) exception.
+
+    Ray wraps a worker's exception in layers whose text repeats the traceback; the cause at
+    the bottom holds the reason, and its last non-empty line is the message itself.
+    """
+    seen = set()
+    while getattr(exc, "__cause__", None) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:limit]

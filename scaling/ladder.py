@@ -25,6 +25,7 @@ Importing this module is cheap: torch and transformers are imported inside the b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -251,6 +252,23 @@ def classify_parameter(name: str) -> str:
     raise ValueError(f"parameter {name!r} belongs to no known group; extend classify_parameter")
 
 
+def split_weight_decay(named_parameters) -> tuple[list, list]:
+    """(decayed, not decayed) parameters for AdamW: weight decay on matrices (attention, MLP, token
+    embedding), none on biases, norms (1-D) and the learned position table (GPT-2's wpe).
+
+    Parameter names outside the GPT-2/Qwen3 layouts (a mid-trained model of another family)
+    fall back to the shape rule alone.
+    """
+    decay, no_decay = [], []
+    for name, parameter in named_parameters:
+        try:
+            position_table = classify_parameter(name) == "position_embedding"
+        except ValueError:
+            position_table = False
+        (decay if parameter.ndim >= 2 and not position_table else no_decay).append(parameter)
+    return decay, no_decay
+
+
 def build_model_config(rung: Rung, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
                        pad_token_id: int | None = None) -> "PretrainedConfig":
     """The transformers config of a rung (GPT2Config / Qwen3Config), dropout off everywhere.
@@ -442,7 +460,7 @@ PEAK_BF16_FLOPS: dict[str, float] = {
     "H200": 989e12,
     "L4": 121e12,
     # AWS's A10G: the commonly quoted dense bf16 figure; NVIDIA's A10 datasheet says 125e12.
-    # Pass peak_flops= to RunPlan.gpu_hours when you know your part better.
+    # Give the dry run a number (--gpu 125e12) when you know your part better.
     "A10G": 70e12,
 }
 
@@ -518,14 +536,24 @@ class RunPlan:
     def gpu_hours(self, gpu: str = "H100", mfu: float = 0.4, *, peak_flops: float | None = None) -> float:
         """Estimated GPU-hours: flops / (peak bf16 FLOP/s x mfu) / 3600."""
         if peak_flops is None:
-            try:
-                peak_flops = PEAK_BF16_FLOPS[gpu]
-            except KeyError:
-                raise ConfigError(f"gpu={gpu!r} has no peak FLOP/s on file; use one of "
-                                  f"{sorted(PEAK_BF16_FLOPS)} or pass peak_flops=") from None
+            peak_flops = resolve_peak_flops(gpu)
         if not 0 < mfu <= 1:
             raise ConfigError(f"mfu={mfu}: must be in (0, 1]; 0.3-0.5 is typical for dense training")
         return self.flops / (peak_flops * mfu) / 3600.0
+
+
+def resolve_peak_flops(gpu: str) -> float:
+    """Dense bf16 peak FLOP/s of a GPU named in PEAK_BF16_FLOPS, or a number such as `312e12`."""
+    if gpu in PEAK_BF16_FLOPS:
+        return PEAK_BF16_FLOPS[gpu]
+    try:
+        value = float(gpu)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 1e9):
+        raise ConfigError(f"--gpu {gpu!r}: use one of {sorted(PEAK_BF16_FLOPS)} or your GPU's dense bf16 peak "
+                          "in FLOP/s, e.g. --gpu 312e12") from None
+    return value
 
 
 @dataclass(frozen=True)
@@ -639,8 +667,9 @@ def format_count(value: float) -> str:
 
 def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "H100", mfu: float = 0.4) -> str:
     """The dry-run table: one row per plan with shape, params, tokens, steps, FLOPs and GPU-hours."""
+    gpu_label = gpu if gpu in PEAK_BF16_FLOPS else f"GPU({resolve_peak_flops(gpu):.3g} FLOP/s)"
     headers = ("rung", "family", "shape", "vocab", "params", "non-emb", "tokens", "batch", "steps", "lr",
-               "FLOPs", f"{gpu}-h@{mfu:.0%}")
+               "FLOPs", f"{gpu_label}-h@{mfu:.0%}")
     rows = []
     for plan in plans:
         rung = plan.rung
@@ -656,5 +685,5 @@ def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     if plans:
         lines.append(f"N = {plans[0].param_basis} parameters; FLOPs = tokens x (6 x matmul params + attention), "
-                     f"GPU-hours at {mfu:.0%} MFU of {gpu}'s dense bf16 peak.")
+                     f"GPU-hours at {mfu:.0%} MFU of {gpu_label}'s dense bf16 peak.")
     return "\n".join(lines)

@@ -21,7 +21,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 DTYPE_CHOICES = ("auto", *DTYPES)
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -115,12 +114,9 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def build_causal_lm(name_or_path: str, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM by hub name or local folder, in eval mode on the resolved device/dtype."""
-    from transformers import AutoModelForCausalLM
-
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+def check_model_reference(name_or_path: str) -> Path | None:
+    """The local folder a model name points to (None for a hub name); ModelError when a path is
+    missing or is not a folder saved with save_pretrained. Cheap: reads no weights."""
     path = Path(name_or_path).expanduser()
     if _looks_like_path(name_or_path) and not path.exists():
         raise ModelError(f"model path {name_or_path!r} does not exist; give a local model folder or a hub name")
@@ -129,6 +125,16 @@ def build_causal_lm(name_or_path: str, *, device: str = "auto", dtype: str = "au
             f"model path {name_or_path!r} is not a model folder (no config.json); "
             "give a folder saved with save_pretrained"
         )
+    return path if path.exists() else None
+
+
+def build_causal_lm(name_or_path: str, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM by hub name or local folder, in eval mode on the resolved device/dtype."""
+    from transformers import AutoModelForCausalLM
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    path = check_model_reference(name_or_path) or Path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else name_or_path, dtype=torch_dtype)
     except Exception as exc:  # noqa: BLE001 -- from_pretrained raises many kinds; all mean "cannot load"

@@ -24,6 +24,22 @@ TAG_MODEL = "model"
 TAG_SOURCE = "source"
 TAG_TRIAL_STATE = "trial_state"  # sweeps: finished / early_stopped / failed
 TAG_BEST_TRIAL = "best_trial"  # "true" on the best trial of a rung's sweep
+TAG_BEST_RUN_ID = "best_run_id"  # on a sweep run: its best trial's run id
+TAG_TUNE_TRIAL_ID = "tune_trial_id"  # on a trial run: finds it again when a sweep resumes
+TAG_PREEMPTIONS = "preemptions"  # on a trial run: retries after a lost node/actor
+TAG_LADDER = "ladder"
+TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nesting tag
+# Written by rank 0 of a training run. `data_order_hash` is written only once every step has
+# run: its presence is what says a run (or a sweep trial Tune stopped) trained to the end.
+TAG_INIT_HASH = "init_hash"  # hash of the initial weights: equal across paired arms
+TAG_DATA_ORDER_HASH = "data_order_hash"  # chained hash of every batch's block indices
+TAG_RESUMED_FROM_STEP = "resumed_from_step"
+TAG_WORLD_SIZE = "world_size"
+TAG_DEVICE = "device"
+TAG_STEPS = "steps"
+TAG_DTYPE = "dtype"  # observation runs: the dtype the model was measured in
+TAG_HIDDEN_STATES_END = "hidden_states_end"  # observation runs: what the last hidden state is
+TAG_INPUT_RUNS = "input_runs"  # analysis runs: how many runs the analysis read
 
 KIND_STUDY = "study"  # the study's parent run
 KIND_TRAIN = "train"  # one (rung, arm, seed) training run
@@ -36,6 +52,7 @@ STATUS_RUNNING = "running"
 STATUS_FINISHED = "finished"
 STATUS_FAILED = "failed"
 STATUS_STOPPED = "stopped"  # a sweep trial stopped early by the scheduler (ASHA)
+STATUS_SKIPPED = "skipped"  # not a record: what the driver reports for a run finished earlier
 
 TRIAL_FINISHED = "finished"
 TRIAL_EARLY_STOPPED = "early_stopped"
@@ -53,6 +70,8 @@ PARAM_LAYERS = "dispersion.layers"
 PARAM_VARIANT = "dispersion.variant"
 PARAM_TAU = "dispersion.tau"
 PARAM_CLAMP = "dispersion.clamp_threshold"
+PARAM_NEFTUNE_ALPHA = "neftune.alpha"
+PARAM_FORGET_EVERY = "active_forgetting.every"
 
 # --- metrics --------------------------------------------------------------------------
 TRAIN_CE_LOSS = "train/ce_loss"
@@ -81,4 +100,5 @@ def layer_metric(layer: int, stat: str = "mean_cos") -> str:
 # --- artifacts --------------------------------------------------------------------------
 ARTIFACT_CONDENSATION_JSON = "condensation.json"
 ARTIFACT_HEATMAP_PNG = "heatmap.png"
-ARTIFACT_STUDY_YAML = "study.yaml"
+ARTIFACT_STUDY_YAML = "study.yaml"  # the study with every default filled in
+ARTIFACT_STUDY_SOURCE = "study_source.yaml"  # the study file as the user wrote it

@@ -1,5 +1,7 @@
-"""The condensation heatmap in the paper's style (matplotlib Agg; no torch import).
+"""A condensation record on disk: `condensation.json` and the heatmap in the paper's style.
 
+One writer (`write_condensation_record`) for every producer: training probes, observation
+studies and `python -m scaling.condense`. The heatmap (matplotlib Agg; no torch import):
 x = layer fraction l / L, y = cosine similarity in [-1, 1], colour = probability density of
 the averaged token-token cosine matrix's entries (white -> red, fixed scale 0 .. 10 so plots
 of different models compare at a glance).
@@ -9,10 +11,28 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from scaling import names
+
 DENSITY_MAX = 10.0  # the paper's fixed colour scale
+
+
+def write_condensation_record(result, directory: str | os.PathLike, *, title: str, metadata: dict[str, Any],
+                              last_n: int | None = None) -> tuple[Path, Path]:
+    """`condensation.json` (written atomically: a reader never sees half a file) and `heatmap.png`
+    of a `CondensationResult` in `directory`; `metadata` becomes top-level JSON keys."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path = directory / names.ARTIFACT_CONDENSATION_JSON
+    tmp = json_path.with_name(f".{json_path.name}.tmp{os.getpid()}")
+    last_n = None if last_n is None else min(last_n, result.num_layers)
+    tmp.write_text(result.to_json(last_n=last_n, extra=metadata) + "\n", encoding="utf-8")
+    tmp.replace(json_path)
+    png_path = plot_condensation_heatmap(result.histograms, directory / names.ARTIFACT_HEATMAP_PNG, title=title)
+    return json_path, png_path
 
 
 def plot_condensation_heatmap(

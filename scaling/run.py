@@ -1,10 +1,9 @@
 """Run a scaling study: `python scaling/run.py STUDY.yaml [--set key=value ...] [--dry-run] [--resume]`.
 
-A file with top-level `kind: observe` is an observation study (`scaling.observe`: condensation
-of pretrained model families); anything else is a training study.
-
-Also `python -m scaling.run`. Connects to a running Ray cluster when there is one (so
-`ray submit` works), otherwise starts a local Ray; records everything in MLflow.
+The study file is read once: `kind: observe` makes it an observation study (condensation of
+pretrained model families, `scaling.observe`); anything else is a training study
+(`scaling.study`). Also `python -m scaling.run`. Connects to a running Ray cluster when there
+is one (so `ray submit` works), otherwise starts a local Ray; records everything in MLflow.
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ if __package__ in (None, ""):
     except ImportError:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+KNOWN_GPUS = "A100, H100, H200, L4, A10G"  # scaling.ladder.PEAK_BF16_FLOPS, without importing it for --help
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scaling.run", description=__doc__.splitlines()[0])
@@ -30,45 +31,93 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the study and print the rung table (params, tokens, steps, FLOPs, GPU-hours)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue a stopped study (finished runs are skipped and unfinished ones resume "
-                             "from their latest checkpoint either way; this flag just says so explicitly)")
-    parser.add_argument("--gpu", default="H100", help="GPU type for the dry run's GPU-hour estimate")
+                        help="continue a study that was started before, and refuse to start a new one (a typo in "
+                             "the study name would otherwise start over). Without it, re-running a study also "
+                             "skips finished runs and resumes unfinished ones from their latest checkpoint")
+    parser.add_argument("--gpu", default="H100", metavar="NAME_OR_FLOPS",
+                        help=f"GPU for the dry run's GPU-hour estimate: one of {KNOWN_GPUS}, or its dense bf16 "
+                             "peak in FLOP/s, e.g. 312e12 (default H100)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from scaling.errors import DispersionScalingError
+    from scaling.console import run_cli
 
     args = parse_args(argv)
-    try:
-        return _main(args)
-    except DispersionScalingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _main(args), "scaling.run")
 
 
 def _main(args) -> int:
-    from scaling import names
-    from scaling.observe import read_study_kind
+    from scaling.config import StudyConfig, load_study_file
+    from scaling.console import quiet_libraries
 
-    if read_study_kind(args.study) == names.KIND_OBSERVE:  # observation study; training is the default
-        from scaling.observe import main_observe
+    quiet_libraries()
+    study = load_study_file(args.study, args.overrides)
+    source = Path(args.study).read_text(encoding="utf-8")
+    if isinstance(study, StudyConfig):
+        return _train(study, source, args)
+    return _observe(study, source, args)
 
-        return main_observe(args.study, args.overrides, dry_run=args.dry_run)
-    from scaling.config import load_study
+
+def _train(study, source: str, args) -> int:
+    from scaling.cluster import connect_ray
+    from scaling.config import plan_runs
     from scaling.ladder import format_ladder_table
-    from scaling.study import connect_ray, format_summary, plan_runs, run_study
+    from scaling.study import format_summary, run_study
 
-    study = load_study(args.study, args.overrides)
     plans = plan_runs(study)
     print(format_ladder_table(plans, gpu=args.gpu))
     if args.dry_run:
         return 0
+    _check_resume(args.resume, study.study, study.tracking_uri)
     connect_ray()
-    outcomes = run_study(study, Path(args.study).read_text(encoding="utf-8"))
+    outcomes = run_study(study, source, plans=plans)
     print()
     print(format_summary(outcomes))
+    _print_next_steps(study.study, study.tracking_uri)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _observe(study, source: str, args) -> int:
+    from scaling.observe import dry_run_observe, format_outcomes, run_observation_study
+
+    if args.dry_run:
+        dry_run_observe(study)
+        return 0
+    _check_resume(args.resume, study.study, study.tracking_uri)
+    from scaling.cluster import connect_ray
+
+    connect_ray()
+    outcomes = run_observation_study(study, source)
+    print()
+    print(format_outcomes(outcomes))
+    _print_next_steps(study.study, study.tracking_uri)
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _check_resume(resume: bool, study: str, configured_uri: str | None) -> None:
+    """--resume continues a study the store has a record of; anything else is refused before any work."""
+    if not resume:
+        return
+    from scaling.errors import ConfigError
+    from scaling.provenance import resolve_tracking_uri, sqlite_path
+    from scaling.tracking import find_study_run
+
+    uri = resolve_tracking_uri(configured_uri)
+    database = sqlite_path(uri)
+    if (database is not None and not database.exists()) or find_study_run(uri, study) is None:
+        raise ConfigError(f"--resume: the MLflow store {uri} has no earlier record of study {study!r}; "
+                          "check the study name and MLFLOW_TRACKING_URI, or drop --resume to start it")
+
+
+def _print_next_steps(study: str, configured_uri: str | None) -> None:
+    from scaling.provenance import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(configured_uri)
+    print(f"\nnext: python -m analysis.scaling_curves --study {study}   (report in outputs/analysis/{study}/)")
+    if uri.startswith("sqlite:"):
+        print(f"      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
+              "(then open http://127.0.0.1:5000)")
 
 
 if __name__ == "__main__":

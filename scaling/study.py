@@ -1,26 +1,34 @@
-"""Run a training study: every (rung, seed, arm) as one Ray Train + DeepSpeed run.
+"""The training-study driver: plan -> data -> fixed arms -> per-rung sweeps -> summary.
 
-The driver resolves each run's full config, hashes it (same config -> same run), and
-asks MLflow whether it already finished (skip) or started (continue the same MLflow run
-and the same Ray Train run folder, whose latest checkpoint Ray Train restores). Data is
-tokenized once per study and handed to the workers through the Ray object store.
+Every (rung, arm, seed) is one Ray Train + DeepSpeed run (`scaling.runs`); with a `search`
+section the dispersion arm is searched per rung instead (`scaling.sweep`), against baselines
+trained first. The data is tokenized once per study and handed to the workers through the Ray
+object store. Runs go side by side as far as the cluster fits their worker groups, and a
+progress line per running run is printed from their MLflow records.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import sys
+import hashlib
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from scaling import names
-from scaling.config import StudyConfig, config_hash, flatten
-from scaling.errors import ConfigError, DispersionScalingError
-from scaling.train import LOG_PREFIX, RunTask
+from scaling.cluster import check_study_against_cluster, concurrent_runs
+from scaling.config import StudyConfig, plan_runs
+from scaling.console import format_progress, say
+from scaling.errors import ConfigError
+from scaling.provenance import resolve_tracking_uri
+from scaling.runs import DataRefs, RunOutcome, train_run
+from scaling.schema import flatten
+from scaling.sweep import best_arm, run_sweep
+from scaling.tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -34,23 +42,8 @@ class StudyData:
     fingerprint: str  # identifies the data in run hashes
 
 
-@dataclass
-class RunOutcome:
-    rung: str
-    arm: str
-    seed: int
-    status: str  # finished / failed / skipped
-    run_id: str
-    seconds: float = 0.0
-    val_loss: float | None = None
-    spearman: float | None = None
-    detail: str = ""
-
-
 def prepare_data(study: StudyConfig, vocab_size: int) -> StudyData:
     """Tokenize the study's text source, pack it into blocks, split off validation, draw probe texts."""
-    import hashlib
-
     from scaling.data import build_tokenizer, pack_blocks, parse_text_source, read_rows, sample_texts, \
         split_train_val
 
@@ -77,76 +70,60 @@ def prepare_data(study: StudyConfig, vocab_size: int) -> StudyData:
     return StudyData(train, val, probe_ids, len(tokenizer), digest.hexdigest()[:16])
 
 
-def resolved_yaml(study: StudyConfig) -> str:
-    """The study with every default filled in, as recorded with the study's MLflow run."""
-    import yaml
-
-    return yaml.safe_dump(study.to_dict(), sort_keys=False)
-
-
-def plan_runs(study: StudyConfig):
-    """(rung, RunPlan) for every selected rung, with the study's caps applied."""
-    from scaling.ladder import RunConfigurator, get_ladder
-
-    ladder = get_ladder(study.ladder)
-    rungs = [ladder.rung(name) for name in study.rungs] if study.rungs else list(ladder.rungs)
-    training = study.training
-    configurator = RunConfigurator(tokens_per_param=training.tokens_per_param, seq_len=training.seq_len,
-                                   batch_size=training.batch_size, lr=training.lr,
-                                   warmup_fraction=training.warmup_fraction, max_tokens=training.max_tokens,
-                                   max_steps=training.max_steps)
-    return [configurator.plan(rung, num_workers=study.resources.num_workers) for rung in rungs]
-
-
-def run_study(study: StudyConfig, study_yaml: str, *, fault_at_step: int | None = None,
-              nan_trial_index: int | None = None, progress=print) -> list[RunOutcome]:
+def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Callable[[str], None] = say
+              ) -> list[RunOutcome]:
     """Train every (rung, seed, arm) of the study that has not finished yet; with a `search`
     section, the dispersion arm is searched per rung instead (see `scaling.sweep`)."""
     import ray
 
-    from scaling.tracking import Tracker, resolve_tracking_uri
-
-    plans = plan_runs(study)
-    check_cluster_fits(study)
-    tracking_uri = resolve_tracking_uri(study.tracking_uri)
-    tracker = Tracker(tracking_uri, study.study)
-    parent_id = tracker.study_run_id(flatten(study.to_dict()), study_yaml, resolved_yaml(study))
-    data = prepare_data(study, vocab_size=min(plan.rung.vocab_size for plan in plans))
-    refs = (ray.put(data.train_blocks), ray.put(data.val_blocks), ray.put(data.probe_ids))
-    progress(f"{LOG_PREFIX} study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x "
-             f"{len(study.arms)} arm(s); {len(data.train_blocks)} train / {len(data.val_blocks)} val blocks; "
-             f"MLflow {tracking_uri}")
-
-    def run(plan, arm, seed):
-        return _run_one(study, plan, arm, seed, data, refs, tracker, parent_id, tracking_uri, fault_at_step,
-                        progress)
-
-    from scaling.preflight import concurrent_runs, run_side_by_side
-
+    plans = plan_runs(study) if plans is None else plans
     searching = study.search.num_samples > 0
     fixed = [(plan, arm, seed) for plan in plans for seed in study.seeds for arm in study.arms
              if not (searching and arm.name == names.ARM_DISPERSION)]
-    # Runs go side by side as far as the cluster fits their worker groups; outcomes keep this order.
+    tracking_uri = resolve_tracking_uri(study.tracking_uri)
+    for warning in check_study_against_cluster(study, len(plans) * len(study.seeds) * len(study.arms),
+                                               tracking_uri):
+        progress(f"warning: {warning}")
+
+    tracker = Tracker(tracking_uri, study.study)
+    parent_id = tracker.study_run_id(flatten(study.to_dict()), study_source, study.to_yaml())
+    data = prepare_data(study, vocab_size=min(plan.rung.vocab_size for plan in plans))
+    refs = DataRefs(ray.put(data.train_blocks), ray.put(data.val_blocks), ray.put(data.probe_ids), data.fingerprint)
+    progress(f"study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x {len(study.arms)} arm(s); "
+             f"{len(data.train_blocks)} train / {len(data.val_blocks)} val blocks; MLflow {tracking_uri}")
+
+    def run(plan, arm, seed):
+        return train_run(study, plan, arm, seed, refs, tracker, parent_id, progress)
+
     width = concurrent_runs(study, len(fixed))
-    outcomes: list[RunOutcome] = [] if searching else run_side_by_side(run, fixed, width)
-    for plan in plans if searching else ():  # a rung's sweep needs its baselines first
-        outcomes.extend(run_side_by_side(run, [job for job in fixed if job[0] is plan], width))
-        outcomes.extend(_search_rung(study, plan, data, refs, tracker, parent_id, run, progress,
-                                     nan_trial_index))
-    if searching:
-        write_sweep_summary(study, tracker, parent_id, plans, progress)
+    with ProgressBoard(tracker, progress):
+        if not searching:
+            outcomes = run_side_by_side(run, fixed, width)
+        else:
+            outcomes = []
+            for plan in plans:  # a rung's sweep needs its baselines first
+                outcomes.extend(run_side_by_side(run, [job for job in fixed if job[0] is plan], width))
+                outcomes.extend(_search_rung(study, plan, refs, tracker, parent_id, run, progress))
+            write_sweep_summary(study, tracker, parent_id, plans, progress)
     tracker.end_study(parent_id, failed=any(o.status == names.STATUS_FAILED for o in outcomes))
     return outcomes
 
 
-def _search_rung(study, plan, data, refs, tracker, parent_id, run, progress, nan_trial_index) -> list[RunOutcome]:
-    """One rung's sweep, then its best settings re-run with the extra seeds (paired with baselines)."""
-    from scaling.sweep import best_arm, run_sweep
+def run_side_by_side(run, jobs: list[tuple], width: int) -> list:
+    """`run(*job)` for every job, `width` at a time in threads (each blocks on its own Ray Train run);
+    results in the jobs' order whatever order they finish in."""
+    if width <= 1 or len(jobs) <= 1:
+        return [run(*job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="run") as pool:
+        futures = [pool.submit(run, *job) for job in jobs]
+        return [future.result() for future in futures]
 
+
+def _search_rung(study, plan, refs, tracker, parent_id, run, progress) -> list[RunOutcome]:
+    """One rung's sweep, then its best settings re-run with the extra seeds (paired with baselines)."""
     seed = study.seeds[0]
-    sweep = run_sweep(study, plan, seed, refs, data.fingerprint, tracker, parent_id, progress,
-                      nan_trial_index=nan_trial_index)
-    progress(f"{LOG_PREFIX} {plan.rung.name}: sweep of {sweep.trials} trial(s): {sweep.finished} finished, "
+    sweep = run_sweep(study, plan, seed, refs, tracker, parent_id, progress)
+    progress(f"{plan.rung.name}: sweep of {sweep.trials} trial(s): {sweep.finished} finished, "
              f"{sweep.early_stopped} early-stopped, {sweep.failed} failed; best {study.search.metric} = "
              f"{sweep.best_value} with {_settings(sweep.best_params)}")
     outcomes = [RunOutcome(plan.rung.name, "dispersion-sweep", seed,
@@ -170,164 +147,40 @@ def _settings(params: dict) -> str:
             f"variant={params[names.PARAM_VARIANT]}")
 
 
-def write_sweep_summary(study: StudyConfig, tracker, parent_id: str, plans, progress=print) -> Path:
+def write_sweep_summary(study: StudyConfig, tracker, parent_id: str, plans, progress=say) -> Path:
     """Per rung: baseline vs best dispersion trial (validation loss, condensation), printed and saved
     as CSV + parquet under outputs/<study>/ and as artifacts of the study's parent run."""
     import polars as pl
 
+    def mean(runs, key):
+        values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
+        return sum(values) / len(values) if values else None
+
     rows = []
     for plan in plans:
         rung = plan.rung.name
-        base = tracker.search_runs(f"tags.{names.TAG_KIND} = '{names.KIND_TRAIN}' and tags.{names.TAG_RUNG} = '{rung}' "
-                               f"and tags.{names.TAG_ARM} = '{names.ARM_BASELINE}' "
-                               f"and tags.{names.TAG_STATUS} = '{names.STATUS_FINISHED}'")
-        best = tracker.search_runs(f"tags.{names.TAG_KIND} = '{names.KIND_TRIAL}' and tags.{names.TAG_RUNG} = '{rung}' "
-                               f"and tags.{names.TAG_BEST_TRIAL} = 'true'")
-
-        def mean(runs, key):
-            values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
-            return sum(values) / len(values) if values else None
-
-        row = {"rung": rung, "n_params": plan.params.total, "baseline_runs": len(base),
-               "baseline_val_loss": mean(base, names.VAL_LOSS),
-               "baseline_spearman": mean(base, names.COND_SPEARMAN),
-               "baseline_last_layer_mean_cos": mean(base, names.COND_LAST_LAYER_MEAN_COS),
-               "best_val_loss": mean(best, names.VAL_LOSS), "best_spearman": mean(best, names.COND_SPEARMAN),
-               "best_last_layer_mean_cos": mean(best, names.COND_LAST_LAYER_MEAN_COS),
-               "best_lambda": float(best[0].data.params[names.PARAM_LAMBDA]) if best else None,
-               "best_layers": best[0].data.params.get(names.PARAM_LAYERS) if best else None,
-               "best_variant": best[0].data.params.get(names.PARAM_VARIANT) if best else None,
-               "best_run_id": best[0].info.run_id if best else None}
-        rows.append(row)
+        base = tracker.finished_training_runs(rung, names.ARM_BASELINE)
+        best = tracker.best_trials(rung)
+        rows.append({"rung": rung, "n_params": plan.params.total, "baseline_runs": len(base),
+                     "baseline_val_loss": mean(base, names.VAL_LOSS),
+                     "baseline_spearman": mean(base, names.COND_SPEARMAN),
+                     "baseline_last_layer_mean_cos": mean(base, names.COND_LAST_LAYER_MEAN_COS),
+                     "best_val_loss": mean(best, names.VAL_LOSS), "best_spearman": mean(best, names.COND_SPEARMAN),
+                     "best_last_layer_mean_cos": mean(best, names.COND_LAST_LAYER_MEAN_COS),
+                     "best_lambda": float(best[0].data.params[names.PARAM_LAMBDA]) if best else None,
+                     "best_layers": best[0].data.params.get(names.PARAM_LAYERS) if best else None,
+                     "best_variant": best[0].data.params.get(names.PARAM_VARIANT) if best else None,
+                     "best_run_id": best[0].info.run_id if best else None})
     frame = pl.DataFrame(rows, infer_schema_length=None)
     out = Path("outputs") / study.study
     out.mkdir(parents=True, exist_ok=True)
     frame.write_csv(out / "sweep_summary.csv")
     frame.write_parquet(out / "sweep_summary.parquet")
-    tracker.client.log_artifact(parent_id, str(out / "sweep_summary.csv"))
-    tracker.client.log_artifact(parent_id, str(out / "sweep_summary.parquet"))
+    tracker.log_artifact(parent_id, out / "sweep_summary.csv")
+    tracker.log_artifact(parent_id, out / "sweep_summary.parquet")
     with pl.Config(tbl_rows=100, tbl_cols=20, fmt_str_lengths=20, tbl_width_chars=200):
-        progress(str(frame.drop("best_run_id", "baseline_runs")))
+        progress("sweep summary\n" + str(frame.drop("best_run_id", "baseline_runs")))
     return out
-
-
-def resolve_run(study: StudyConfig, plan, arm, seed: int, data: StudyData, kind: str = names.KIND_TRAIN):
-    """(config_hash, run_name, tags, params) of one run: the hash covers everything that changes
-    what the run computes, so the same config always maps to the same MLflow run."""
-    rung = plan.rung
-    resolved = {"rung": dataclasses.asdict(rung), "arm": dataclasses.asdict(arm), "seed": seed,
-                "steps": plan.steps, "lr": plan.lr, "warmup_steps": plan.warmup_steps,
-                "training": dataclasses.asdict(study.training), "probes": dataclasses.asdict(study.probes),
-                "zero_stage": study.resources.zero_stage, "num_workers": study.resources.num_workers,
-                "precision": study.resources.precision, "data": data.fingerprint, "kind": kind}
-    if kind == names.KIND_TRAIN:
-        del resolved["kind"]  # keep hashes of plain training runs stable
-    run_name = f"{rung.name}-{arm.name}-s{seed}"
-    tags = {names.TAG_RUNG: rung.name, names.TAG_ARM: arm.name, names.TAG_SEED: seed,
-            names.TAG_N_PARAMS: plan.params.total, names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding,
-            names.TAG_TOKENS: plan.tokens, "ladder": study.ladder}
-    params = {**arm.params(), "rung": rung.name, "seed": seed, "steps": plan.steps, "lr": plan.lr,
-              "warmup_steps": plan.warmup_steps, "tokens": plan.tokens,
-              **flatten(dataclasses.asdict(study.training), "training."),
-              **flatten(dataclasses.asdict(study.resources), "resources.")}
-    return config_hash(resolved), run_name, tags, params
-
-
-def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: str, tracking_uri: str, refs,
-               fault_at_step: int | None = None, nan_at_step: int | None = None) -> RunTask:
-    return RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, rung=plan.rung, arm=arm,
-                   seed=seed, steps=plan.steps, lr=plan.lr, warmup_steps=plan.warmup_steps,
-                   training=study.training, probes=study.probes, resources=study.resources,
-                   checkpoint_every=study.checkpoint.every_steps, train_blocks=refs[0], val_blocks=refs[1],
-                   probe_ids=refs[2], fault_at_step=fault_at_step, nan_at_step=nan_at_step)
-
-
-def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):
-    """A TorchTrainer for one run. Its Ray Train folder is `storage_path/name`: a later trainer with
-    the same name restores the latest checkpoint there (Ray Train V2)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from scaling.preflight import placement_strategy, resolve_storage_path
-
-    resources = study.resources
-    return TorchTrainer(
-        _train_entry,
-        train_loop_config=task.to_loop_config(),
-        # STRICT_PACK when the worker group fits one node (a large rung takes a whole node), else PACK.
-        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker={"CPU": resources.cpus_per_worker},
-                                     placement_strategy=placement_strategy(study)),
-        run_config=RunConfig(
-            name=name,
-            storage_path=resolve_storage_path(study.storage_path),
-            failure_config=FailureConfig(max_failures=study.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=study.checkpoint.num_to_keep),
-            callbacks=list(callbacks),
-        ),
-    )
-
-
-def recorded_failure(tracker, run_id: str) -> str | None:
-    """A failure the workers recorded themselves in MLflow (e.g. a NaN loss), if any."""
-    return tracker.client.get_run(run_id).data.tags.get(names.TAG_FAILURE)
-
-
-def _run_one(study, plan, arm, seed, data, refs, tracker, parent_id, tracking_uri, fault_at_step,
-             progress) -> RunOutcome:
-    rung = plan.rung
-    digest, run_name, tags, params = resolve_run(study, plan, arm, seed, data)
-    run_id, status = tracker.child_run(parent_id, run_name, digest, tags, params)
-    if status == names.STATUS_FINISHED:
-        progress(f"{LOG_PREFIX} {run_name}: already finished (run {run_id[:8]}), skipped")
-        return RunOutcome(rung.name, arm.name, seed, "skipped", run_id)
-
-    task = build_task(study, plan, arm, seed, run_name, run_id, tracking_uri, refs, fault_at_step)
-    trainer = build_trainer(study, task, f"{study.study}-{run_name}-{digest[:8]}")
-    progress(f"{LOG_PREFIX} {run_name}: {plan.steps} steps on {study.resources.num_workers} worker(s), "
-             f"ZeRO-{study.resources.zero_stage}, run {run_id[:8]}")
-    started = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # noqa: BLE001 -- a run's failure is recorded; the study goes on
-        reason = one_line(exc)
-        tracker.finish(run_id, names.STATUS_FAILED, reason)
-        progress(f"{LOG_PREFIX} {run_name}: FAILED: {reason}")
-        return RunOutcome(rung.name, arm.name, seed, names.STATUS_FAILED, run_id,
-                          time.perf_counter() - started, detail=reason)
-    seconds = time.perf_counter() - started
-    metrics = result.metrics or {}
-    failure = recorded_failure(tracker, run_id)
-    if failure:
-        tracker.finish(run_id, names.STATUS_FAILED, failure)
-        return RunOutcome(rung.name, arm.name, seed, names.STATUS_FAILED, run_id, seconds, detail=failure)
-    tracker.finish(run_id, names.STATUS_FINISHED)
-    return RunOutcome(rung.name, arm.name, seed, names.STATUS_FINISHED, run_id, seconds,
-                      val_loss=metrics.get(names.VAL_LOSS), spearman=metrics.get(names.COND_SPEARMAN))
-
-
-def _train_entry(loop_config):
-    # A module-level function that imports lazily, so Ray pickles a reference, not the code.
-    from scaling.train import train_loop_per_worker
-
-    train_loop_per_worker(loop_config)
-
-
-def check_cluster_fits(study: StudyConfig) -> None:
-    """Fail before any work when the cluster cannot run the study (see `scaling.preflight`); print warnings."""
-    from scaling.preflight import check_study_against_cluster
-
-    for warning in check_study_against_cluster(study, plan_runs(study)):
-        print(f"{LOG_PREFIX} warning: {warning}", file=sys.stderr)
-
-
-def one_line(exc: BaseException) -> str:
-    """The innermost meaningful line of a (possibly Ray-wrapped) exception."""
-    while getattr(exc, "__cause__", None) is not None:
-        exc = exc.__cause__
-    text = str(exc).strip().splitlines()
-    lines = [line for line in text if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
 def format_summary(outcomes: list[RunOutcome]) -> str:
@@ -341,40 +194,53 @@ def format_summary(outcomes: list[RunOutcome]) -> str:
     return "\n".join(lines)
 
 
-def connect_ray(num_cpus: int | None = None):
-    """Join the cluster `ray start` brought up on this machine (what `ray submit` and the cluster
-    launcher do) or the one RAY_ADDRESS names; otherwise start a private local Ray.
+class ProgressBoard:
+    """Prints one line per training run (or trial) at a time while a study trains, read from the
+    runs' own MLflow records (what rank 0 logged), so workers' output never floods the console.
 
-    Unlike `ray.init(address="auto")`, a Ray that some other program started with `ray.init()`
-    on the same machine is never joined: its lifetime is that program's, not ours.
-    RAY_ADDRESS=local forces a private local Ray.
+    A run's line appears when it has advanced and `every_s` seconds passed since its last one.
     """
-    import ray
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    if ray.is_initialized():
-        return
-    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
-    address = os.environ.get("RAY_ADDRESS") or _started_cluster_address()
-    if address and address != "local":
-        ray.init(address=address, runtime_env={"env_vars": env})
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-             runtime_env={"env_vars": env})
+    def __init__(self, tracker, say_line: Callable[[str], None], every_s: float = 20.0, poll_s: float = 5.0):
+        self.tracker, self.say, self.every_s, self.poll_s = tracker, say_line, every_s, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+        self._last: dict[str, tuple[int, float]] = {}  # run id -> (step printed, when)
+        self._first: dict[str, tuple[int, float]] = {}  # run id -> (first step seen, when): the rate's origin
 
+    def __enter__(self):
+        self._thread.start()
+        return self
 
-def _started_cluster_address() -> str | None:
-    """The address the last `ray start` on this machine wrote, if that cluster is still running."""
-    try:
-        from ray._private.services import find_bootstrap_address, find_gcs_addresses
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=self.poll_s + 5)
 
-        address = find_bootstrap_address(None)
-        return address if address and address in find_gcs_addresses() else None
-    except Exception:  # noqa: BLE001 -- private API: if it moves, start a local Ray
-        return None
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                runs = self.tracker.running_runs()
+            except Exception:  # noqa: BLE001 -- progress is best effort; the store may be busy or away
+                continue
+            for run in runs:
+                line = self._line(run, time.monotonic())
+                if line:
+                    self.say(line)
 
-
-def main_error(exc: DispersionScalingError) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2
+    def _line(self, run, now: float) -> str | None:
+        metrics, params = run.data.metrics, run.data.params
+        try:
+            total = int(params["steps"])
+            step = round(metrics[names.TRAIN_TOKENS_SEEN] / (int(params["tokens"]) / total))
+        except (KeyError, ValueError, ZeroDivisionError):
+            return None
+        run_id = run.info.run_id
+        first_step, first_time = self._first.setdefault(run_id, (step, now))
+        printed_step, printed_time = self._last.get(run_id, (0, -float("inf")))
+        if step <= printed_step or now - printed_time < self.every_s:
+            return None
+        self._last[run_id] = (step, now)
+        rate = (step - first_step) / (now - first_time) if now > first_time and step > first_step else None
+        eta = (total - step) / rate if rate else None
+        return format_progress(run.info.run_name or run_id[:8], step, total, metrics.get(names.TRAIN_CE_LOSS),
+                               metrics.get(names.TRAIN_TOKENS_PER_S), eta)

@@ -24,19 +24,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from scaling import names
-from scaling.config import ArmConfig, StudyConfig, config_hash
+from scaling import faults, names
+from scaling.cluster import resolve_storage_path
+from scaling.config import ArmConfig, StudyConfig
+from scaling.console import say
 from scaling.errors import TrainingFailure
-from scaling.train import LOG_PREFIX
+from scaling.runs import DataRefs, build_task, fit
+from scaling.schema import config_hash
 
-TAG_TUNE_TRIAL_ID = "tune_trial_id"
-TAG_PREEMPTIONS = "preemptions"
 PAPER_DEFAULT = {"lambda": 0.1, "layers": "all"}  # the paper's setting, tried first
-
-# Failures that mean "the machine went away", not "the trial is broken" (levanter's split):
-# they get their own retry budget; anything else fails the trial at once.
-PREEMPTION_ERRORS = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ActorUnavailableError",
-                     "OwnerDiedError", "ObjectLostError", "RayActorError", "WorkerGroupError")
 
 
 @dataclass(frozen=True)
@@ -46,12 +42,11 @@ class SweepContext:
     study: StudyConfig
     plan: Any  # scaling.ladder.RunPlan
     seed: int
-    refs: tuple
-    data_fingerprint: str
+    data: DataRefs
     tracking_uri: str
     sweep_run_id: str
     sweep_hash: str
-    nan_trial_index: int | None = None  # test seam: the rung's n-th trial (0-based) turns NaN at step 1
+    faults: tuple = ()  # scaling.faults.Fault installed by a test in the driver; re-installed in the trial
 
 
 @dataclass
@@ -98,17 +93,6 @@ def arm_from_trial(config: dict[str, Any]) -> ArmConfig:
                      clamp_threshold=float(config["clamp_threshold"]))
 
 
-def is_preemption(exc: BaseException) -> bool:
-    """True when the failure is a lost node/actor rather than a bug or a bad setting."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if type(exc).__name__ in PREEMPTION_ERRORS:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 # --- the trial --------------------------------------------------------------------------------
 
 
@@ -117,49 +101,37 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from scaling.study import build_task, build_trainer, one_line, recorded_failure
     from scaling.tracking import Tracker
 
     study, plan = context.study, context.plan
     trial_id = tune.get_context().get_trial_id()
     arm = arm_from_trial(config)
     tracker = Tracker(context.tracking_uri, study.study)
-    run_name = f"{plan.rung.name}-trial-{trial_id}"
-    ordinal = len(_trial_runs(tracker, context.sweep_run_id))  # trials recorded before this one
+    ordinal = len(tracker.trial_runs(context.sweep_run_id))  # trials recorded before this one
+    run_name = f"{plan.rung.name}-trial{ordinal}-{trial_id}"
     run_id, _ = tracker.child_run(
         context.sweep_run_id, run_name, config_hash({"sweep": context.sweep_hash, "trial": trial_id}),
         tags={names.TAG_RUNG: plan.rung.name, names.TAG_ARM: names.ARM_DISPERSION, names.TAG_SEED: context.seed,
               names.TAG_N_PARAMS: plan.params.total,
               names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding, names.TAG_TOKENS: plan.tokens,
-              TAG_TUNE_TRIAL_ID: trial_id, "ladder": study.ladder},
+              names.TAG_TUNE_TRIAL_ID: trial_id, names.TAG_LADDER: study.ladder},
         params={**arm.params(), "rung": plan.rung.name, "seed": context.seed, "steps": plan.steps,
                 "lr": plan.lr},
         kind=names.KIND_TRIAL)
-    task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.refs,
-                      nan_at_step=1 if context.nan_trial_index == ordinal else None)
+    with faults.install(*context.faults):
+        task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.data)
     completed = _exit_when_tune_stops(run_name)
     try:
-        preemptions = 0
-        while True:
-            trainer = build_trainer(study, task, f"{study.study}-{run_name}", callbacks=[TuneReportCallback()])
-            try:
-                trainer.fit()
-                break
-            except Exception as exc:  # noqa: BLE001 -- classified below
-                if is_preemption(exc) and preemptions < study.search.preemption_retries:
-                    preemptions += 1
-                    tracker.set_tags(run_id, {TAG_PREEMPTIONS: preemptions})
-                    print(f"{LOG_PREFIX} {run_name}: preempted ({one_line(exc)}); retry {preemptions}", flush=True)
-                    continue
-                reason = one_line(exc)
-                tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
-                tracker.finish(run_id, names.STATUS_FAILED, reason)
-                raise
-        failure = recorded_failure(tracker, run_id)
-        if failure:
+        def preempted(count: int, reason: str) -> None:
+            tracker.set_tags(run_id, {names.TAG_PREEMPTIONS: count})
+            say(f"{run_name}: preempted ({reason}); retry {count}")
+
+        outcome = fit(study, task, tracker, f"{study.study}-{run_name}", callbacks=[TuneReportCallback()],
+                      preemption_retries=study.search.preemption_retries, on_preempted=preempted)
+        if outcome.failure:
             tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
-            tracker.finish(run_id, names.STATUS_FAILED, failure)
-            raise TrainingFailure(f"{run_name}: {failure}")
+            tracker.finish(run_id, names.STATUS_FAILED, outcome.failure)
+            raise TrainingFailure(f"{run_name}: {outcome.failure}")
         tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
         tracker.finish(run_id, names.STATUS_FINISHED)
     finally:
@@ -190,7 +162,7 @@ def _exit_when_tune_stops(run_name: str):
     def watch():
         stop_event.wait()
         if not completed.is_set():
-            print(f"{LOG_PREFIX} {run_name}: stopped early by the scheduler", flush=True)
+            say(f"{run_name}: stopped early by the scheduler")
             os._exit(0)
 
     threading.Thread(target=watch, name="trial-stop-watch", daemon=True).start()
@@ -200,21 +172,19 @@ def _exit_when_tune_stops(run_name: str):
 # --- the sweep of one rung ---------------------------------------------------------------------
 
 
-def run_sweep(study: StudyConfig, plan, seed: int, refs, data_fingerprint: str, tracker, parent_id: str,
-              progress=print, nan_trial_index: int | None = None) -> SweepOutcome:
+def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, parent_id: str,
+              progress=say) -> SweepOutcome:
     """Search the dispersion settings for one rung (resuming a stopped search), then tag the best trial."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from scaling.preflight import resolve_storage_path
-
     search = study.search
     rung = plan.rung
     sweep_hash = config_hash({"search": dataclasses.asdict(search), "rung": rung.name, "seed": seed,
                               "steps": plan.steps, "training": dataclasses.asdict(study.training),
-                              "probes": dataclasses.asdict(study.probes), "data": data_fingerprint})
+                              "probes": dataclasses.asdict(study.probes), "data": data.fingerprint})
     sweep_run_id, status = tracker.child_run(
         parent_id, f"{rung.name}-sweep", sweep_hash,
         tags={names.TAG_RUNG: rung.name, names.TAG_N_PARAMS: plan.params.total,
@@ -224,18 +194,18 @@ def run_sweep(study: StudyConfig, plan, seed: int, refs, data_fingerprint: str, 
                 "search.layers": list(search.layers), "search.variants": list(search.variants)},
         kind=names.KIND_SWEEP)
     if status == names.STATUS_FINISHED:
-        progress(f"{LOG_PREFIX} {rung.name}: sweep already finished (run {sweep_run_id[:8]}), skipped")
+        progress(f"{rung.name}: sweep already finished (run {sweep_run_id[:8]}), skipped")
         return summarize_sweep(tracker, rung.name, sweep_run_id, search, 0.0)
 
-    context = SweepContext(study, plan, seed, refs, data_fingerprint, tracker.tracking_uri, sweep_run_id,
-                           sweep_hash, nan_trial_index)
+    context = SweepContext(study, plan, seed, data, tracker.tracking_uri, sweep_run_id, sweep_hash,
+                           faults.installed())
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0.01})
     experiment = f"{study.study}-{rung.name}-sweep-{sweep_hash[:8]}"
     storage = resolve_storage_path(study.storage_path)
     path = f"{storage.rstrip('/')}/{experiment}"
     started = time.perf_counter()
     if tune.Tuner.can_restore(path):
-        progress(f"{LOG_PREFIX} {rung.name}: resuming the sweep in {path}")
+        progress(f"{rung.name}: resuming the sweep in {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
@@ -256,7 +226,7 @@ def run_sweep(study: StudyConfig, plan, seed: int, refs, data_fingerprint: str, 
             run_config=tune.RunConfig(name=experiment, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=0),
         )
-    progress(f"{LOG_PREFIX} {rung.name}: searching {search.num_samples} trial(s) of {plan.steps} steps, "
+    progress(f"{rung.name}: searching {search.num_samples} trial(s) of {plan.steps} steps, "
              f"optimising {search.metric} ({search.mode})")
     tuner.fit()
     mark_stopped_trials(tracker, sweep_run_id)
@@ -268,10 +238,10 @@ def run_sweep(study: StudyConfig, plan, seed: int, refs, data_fingerprint: str, 
 def mark_stopped_trials(tracker, sweep_run_id: str) -> None:
     """Trials Tune stopped never reached their own bookkeeping. Those whose workers completed every
     step (the worker tags `data_order_hash` only then) finished; the rest were stopped early."""
-    for run in _trial_runs(tracker, sweep_run_id):
+    for run in tracker.trial_runs(sweep_run_id):
         if names.TAG_TRIAL_STATE in run.data.tags:
             continue
-        if "data_order_hash" in run.data.tags:
+        if names.TAG_DATA_ORDER_HASH in run.data.tags:
             tracker.set_tags(run.info.run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
             tracker.finish(run.info.run_id, names.STATUS_FINISHED)
         else:
@@ -281,7 +251,7 @@ def mark_stopped_trials(tracker, sweep_run_id: str) -> None:
 
 def summarize_sweep(tracker, rung: str, sweep_run_id: str, search, seconds: float) -> SweepOutcome:
     """Count trial states and pick (and tag) the best trial among those that ran to the end."""
-    runs = _trial_runs(tracker, sweep_run_id)
+    runs = tracker.trial_runs(sweep_run_id)
     states = [run.data.tags.get(names.TAG_TRIAL_STATE) for run in runs]
     candidates = [run for run in runs if run.data.tags.get(names.TAG_TRIAL_STATE) == names.TRIAL_FINISHED
                   and search.metric in run.data.metrics]
@@ -293,7 +263,7 @@ def summarize_sweep(tracker, rung: str, sweep_run_id: str, search, seconds: floa
             flag = "true" if run.info.run_id == best.info.run_id else "false"
             if run.data.tags.get(names.TAG_BEST_TRIAL) != flag:
                 tracker.set_tags(run.info.run_id, {names.TAG_BEST_TRIAL: flag})
-        tracker.set_tags(sweep_run_id, {"best_run_id": best.info.run_id})
+        tracker.set_tags(sweep_run_id, {names.TAG_BEST_RUN_ID: best.info.run_id})
     return SweepOutcome(
         rung=rung, sweep_run_id=sweep_run_id, trials=len(runs),
         finished=states.count(names.TRIAL_FINISHED), early_stopped=states.count(names.TRIAL_EARLY_STOPPED),
@@ -310,8 +280,3 @@ def best_arm(outcome: SweepOutcome) -> ArmConfig | None:
     return ArmConfig(name=names.ARM_DISPERSION, variant=p[names.PARAM_VARIANT], lam=float(p[names.PARAM_LAMBDA]),
                      layers=p[names.PARAM_LAYERS], tau=float(p[names.PARAM_TAU]),
                      clamp_threshold=float(p[names.PARAM_CLAMP]))
-
-
-def _trial_runs(tracker, sweep_run_id: str) -> list:
-    return tracker.search_runs(f"tags.{names.TAG_KIND} = '{names.KIND_TRIAL}' and "
-                           f"tags.mlflow.parentRunId = '{sweep_run_id}'")

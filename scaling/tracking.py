@@ -3,69 +3,99 @@
 Layout: one experiment per study (named after it); a parent run (tag kind=study); a child
 run per (rung, arm, seed) (kind=train) identified by the hash of its resolved config, so
 that a re-run finds it: finished runs are skipped, unfinished ones are continued (same run
-id) rather than duplicated. Everything goes through `MlflowClient` with explicit run ids
-(no global "active run"), so the driver and a Ray Train worker can log to the same run.
+id) rather than duplicated. Sweeps add a `sweep` run per rung with a `trial` run per Tune
+trial; observation studies a run per (model, source). Every query and filter string lives
+here; the tag and metric names live in `scaling.names`.
+
+Everything goes through `MlflowClient` with explicit run ids (no global "active run"), so
+the driver and a Ray Train worker can log to the same run.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from scaling import names
-from scaling.errors import ConfigError
+from scaling.errors import ConfigError, one_line
+from scaling.provenance import git_commit, sqlite_path
 
-_PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
+PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
+REACHABLE_TIMEOUT_S = 10
 
 
-def resolve_tracking_uri(configured: str | None = None) -> str:
-    """The study's URI, else $MLFLOW_TRACKING_URI, else a SQLite file in the working directory.
+def check_reachable(tracking_uri: str, timeout_s: int = REACHABLE_TIMEOUT_S) -> str:
+    """'' when the store answers a one-experiment search within `timeout_s`; else the problem.
 
-    Relative SQLite paths are made absolute so that Ray workers (other working directories)
-    write to the same file as the driver.
+    A SQLite store that does not exist yet is not created here (a refused study writes
+    nothing): its folder must exist and be writable.
     """
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or names.DEFAULT_TRACKING_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
-
-
-def git_commit(cwd: str | Path | None = None) -> str:
-    """The commit of the checkout at `cwd` (default: this package's), with '+dirty' when tracked
-    files have changes; "unknown" outside a git checkout. Pure Python: `analysis` uses it too."""
-    cwd = cwd if cwd is not None else Path(__file__).resolve().parent
+    database = sqlite_path(tracking_uri)
+    if database is not None and not database.exists():
+        folder = database.parent
+        if not folder.is_dir():
+            return f"folder {str(folder)!r} of the SQLite store does not exist"
+        if not os.access(folder, os.W_OK):
+            return f"folder {str(folder)!r} of the SQLite store is not writable"
+        return ""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout_s), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (commit or "unknown") + ("+dirty" if commit and dirty else "")
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+        return ""
+    except Exception as exc:  # noqa: BLE001 -- reported with the URI
+        return one_line(exc, 300)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def find_study_run(tracking_uri: str, study: str):
+    """The study's parent run in the store, or None (never creates anything)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        return None
+    runs = client.search_runs([experiment.experiment_id], filter_string=_tag_equals(names.TAG_KIND, names.KIND_STUDY),
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+def _tag_equals(tag: str, value: Any) -> str:
+    return f"tags.`{tag}` = '{value}'"
+
+
+def _all_of(tags: Mapping[str, Any]) -> str:
+    return " and ".join(_tag_equals(key, value) for key, value in tags.items())
 
 
 class Tracker:
-    """A study's MLflow store: find or create the experiment, parent and child runs."""
+    """A study's MLflow store: find or create the experiment, parent and child runs, query them."""
 
     def __init__(self, tracking_uri: str, study: str):
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
         self.study = study
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._client = MlflowClient(tracking_uri=tracking_uri)
         try:
-            experiment = self.client.get_experiment_by_name(study)
+            experiment = self._client.get_experiment_by_name(study)
         except Exception as exc:  # noqa: BLE001 -- any failure here means the store is unusable
             raise ConfigError(
-                f"MLflow store {tracking_uri!r} cannot be reached ({type(exc).__name__}: {exc}); "
+                f"MLflow store {tracking_uri!r} cannot be reached ({one_line(exc, 300)}); "
                 "check tracking_uri / MLFLOW_TRACKING_URI"
             ) from None
         if experiment is None:
-            self.experiment_id = self.client.create_experiment(study)
+            self.experiment_id = self._client.create_experiment(study)
         elif experiment.lifecycle_stage == "deleted":
             raise ConfigError(
                 f"MLflow experiment {study!r} was deleted; restore it (mlflow experiments restore) or rename the study"
@@ -74,30 +104,57 @@ class Tracker:
             self.experiment_id = experiment.experiment_id
 
     # -- finding runs -----------------------------------------------------------------
-    def search_runs(self, filter_string: str) -> list:
-        return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000,
-                                       order_by=["attributes.start_time ASC"])
+    def _search(self, filter_string: str) -> list:
+        return self._client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000,
+                                        order_by=["attributes.start_time ASC"])
 
     def find_by_hash(self, config_hash: str):
         """The run of a config hash (oldest first if somehow several), or None."""
-        runs = self.search_runs(f"tags.{names.TAG_CONFIG_HASH} = '{config_hash}'")
+        runs = self._search(_tag_equals(names.TAG_CONFIG_HASH, config_hash))
         return runs[0] if runs else None
 
-    def study_run_id(self, params: Mapping[str, Any], study_yaml: str | None = None,
+    def get_run(self, run_id: str):
+        return self._client.get_run(run_id)
+
+    def recorded_failure(self, run_id: str) -> str | None:
+        """A failure the workers recorded themselves (e.g. a NaN loss), if any."""
+        return self._client.get_run(run_id).data.tags.get(names.TAG_FAILURE)
+
+    def trial_runs(self, sweep_run_id: str) -> list:
+        """The trial runs of one rung's sweep, oldest first."""
+        return self._search(_all_of({names.TAG_KIND: names.KIND_TRIAL, names.TAG_PARENT_RUN_ID: sweep_run_id}))
+
+    def finished_training_runs(self, rung: str, arm: str) -> list:
+        """Finished training runs of one arm on one rung (every seed)."""
+        return self._search(_all_of({names.TAG_KIND: names.KIND_TRAIN, names.TAG_RUNG: rung, names.TAG_ARM: arm,
+                                     names.TAG_STATUS: names.STATUS_FINISHED}))
+
+    def best_trials(self, rung: str) -> list:
+        """The trial(s) tagged best for a rung (one per sweep)."""
+        return self._search(_all_of({names.TAG_KIND: names.KIND_TRIAL, names.TAG_RUNG: rung,
+                                     names.TAG_BEST_TRIAL: "true"}))
+
+    def running_runs(self) -> list:
+        """Training and trial runs whose record says they are running (for progress lines)."""
+        return [run for run in self._search(_tag_equals(names.TAG_STATUS, names.STATUS_RUNNING))
+                if run.data.tags.get(names.TAG_KIND) in (names.KIND_TRAIN, names.KIND_TRIAL)]
+
+    # -- creating runs ---------------------------------------------------------------------
+    def study_run_id(self, params: Mapping[str, Any], study_source: str | None = None,
                      resolved_yaml: str | None = None) -> str:
         """The study's parent run: created once, reused by every later invocation."""
-        runs = self.search_runs(f"tags.{names.TAG_KIND} = '{names.KIND_STUDY}'")
+        runs = self._search(_tag_equals(names.TAG_KIND, names.KIND_STUDY))
         if runs:
             run_id = runs[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            self._client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(self.experiment_id, run_name=self.study, tags={
+        run = self._client.create_run(self.experiment_id, run_name=self.study, tags={
             names.TAG_KIND: names.KIND_STUDY, names.TAG_STUDY: self.study, names.TAG_GIT_COMMIT: git_commit()})
         self.log_params(run.info.run_id, params)
-        if study_yaml:
-            self.client.log_text(run.info.run_id, study_yaml, "study_source.yaml")
+        if study_source:
+            self._client.log_text(run.info.run_id, study_source, names.ARTIFACT_STUDY_SOURCE)
         if resolved_yaml:
-            self.client.log_text(run.info.run_id, resolved_yaml, names.ARTIFACT_STUDY_YAML)  # defaults filled in
+            self._client.log_text(run.info.run_id, resolved_yaml, names.ARTIFACT_STUDY_YAML)
         return run.info.run_id
 
     def child_run(self, parent_id: str, run_name: str, config_hash: str, tags: Mapping[str, Any],
@@ -112,9 +169,9 @@ class Tracker:
             return existing.info.run_id, existing.data.tags.get(names.TAG_STATUS, names.STATUS_RUNNING)
         all_tags = {names.TAG_KIND: kind, names.TAG_STUDY: self.study,
                     names.TAG_CONFIG_HASH: config_hash, names.TAG_GIT_COMMIT: git_commit(),
-                    names.TAG_STATUS: names.STATUS_RUNNING, "mlflow.parentRunId": parent_id,
+                    names.TAG_STATUS: names.STATUS_RUNNING, names.TAG_PARENT_RUN_ID: parent_id,
                     **{k: str(v) for k, v in tags.items()}}
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        run = self._client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
         self.log_params(run.info.run_id, params)
         return run.info.run_id, names.STATUS_RUNNING
 
@@ -122,38 +179,41 @@ class Tracker:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:_PARAM_VALUE_LIMIT]) for k, v in params.items()]
+        items = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(run_id, params=items[start:start + 100])
+            self._client.log_batch(run_id, params=items[start:start + 100])
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, str(value))
+            self._client.set_tag(run_id, key, str(value))
+
+    def log_artifact(self, run_id: str, path: str | Path) -> None:
+        self._client.log_artifact(run_id, str(path))
 
     def finish(self, run_id: str, status: str, failure: str | None = None) -> None:
-        """Mark a run finished or failed (with a one-line reason)."""
-        self.client.set_tag(run_id, names.TAG_STATUS, status)
+        """Mark a run finished, failed or stopped (with a one-line reason)."""
+        self._client.set_tag(run_id, names.TAG_STATUS, status)
         if failure:
-            self.client.set_tag(run_id, names.TAG_FAILURE, failure[:5000])
-        self.client.set_terminated(run_id, status="FINISHED" if status == names.STATUS_FINISHED else "FAILED")
+            self._client.set_tag(run_id, names.TAG_FAILURE, failure[:5000])
+        self._client.set_terminated(run_id, status="FINISHED" if status == names.STATUS_FINISHED else "FAILED")
 
     def reopen(self, run_id: str) -> None:
         """Mark a run running again before it is (re)tried: a retried failure loses its old reason."""
-        self.client.set_tag(run_id, names.TAG_STATUS, names.STATUS_RUNNING)
-        if names.TAG_FAILURE in self.client.get_run(run_id).data.tags:
-            self.client.delete_tag(run_id, names.TAG_FAILURE)
-        self.client.update_run(run_id, status="RUNNING")
+        self._client.set_tag(run_id, names.TAG_STATUS, names.STATUS_RUNNING)
+        if names.TAG_FAILURE in self._client.get_run(run_id).data.tags:
+            self._client.delete_tag(run_id, names.TAG_FAILURE)
+        self._client.update_run(run_id, status="RUNNING")
 
     def log_observation(self, run_id: str, metrics: Mapping[str, float], files: list[Path],
                         tags: Mapping[str, Any]) -> None:
         """An observation run's record: metrics at step 0, files as top-level artifacts, tags."""
         RunLogger(self.tracking_uri, run_id).log_metrics(metrics, step=0)
         for path in files:
-            self.client.log_artifact(run_id, str(path))
+            self._client.log_artifact(run_id, str(path))
         self.set_tags(run_id, tags)
 
     def end_study(self, run_id: str, failed: bool) -> None:
-        self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        self._client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
 class RunLogger:

@@ -18,14 +18,13 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from scaling import names
-
-LOG_PREFIX = "[dispersion-scaling]"
+from scaling import faults, names
+from scaling.console import LOG_PREFIX
+from scaling.ladder import split_weight_decay
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,7 @@ class RunTask:
     train_blocks: Any  # ObjectRef or np.ndarray [n, seq_len]
     val_blocks: Any
     probe_ids: Any  # list of token-id arrays
-    fault_at_step: int | None = None  # test seam: rank 1 dies once at this step (see tests)
-    nan_at_step: int | None = None  # test seam: the loss turns NaN at this step (see tests)
+    faults: tuple = ()  # scaling.faults.Fault: injected by tests, empty otherwise
 
     def to_loop_config(self) -> dict[str, Any]:
         return {"task": self}
@@ -88,8 +86,8 @@ def build_deepspeed_config(task: RunTask, world_size: int, on_gpu: bool) -> dict
 
 
 def skip_cpu_shm_build() -> None:
-    """DeepSpeed's CPU backend JIT-builds a shared-memory op (~55 s) used only for inference
-    all-reduce; training does not need it (STACK-NOTES.md)."""
+    """DeepSpeed's CPU backend JIT-builds a shared-memory op (~55 s once per machine) used only
+    for inference all-reduce; training does not need it, and works without it on gloo."""
     module = importlib.import_module("deepspeed.comm.torch")
     module.build_shm_op = lambda: None
 
@@ -120,8 +118,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         skip_cpu_shm_build()
     import deepspeed
 
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, task.training.weight_decay), lr=task.lr, betas=tuple(task.training.betas))
+    decay, no_decay = split_weight_decay(model.named_parameters())
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": task.training.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=task.lr, betas=tuple(task.training.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
         s, peak=1.0, warmup_steps=task.warmup_steps, total_steps=task.steps,
         min_ratio=task.training.min_lr_ratio))
@@ -131,6 +131,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     start_step, tokens_seen, order_hash = 0, 0, ""
     checkpoint = ray.train.get_checkpoint()
+    resumed = checkpoint is not None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             _, client_state = engine.load_checkpoint(directory)
@@ -139,7 +140,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         order_hash = client_state["order_hash"]
         _log(rank, f"{task.run_name}: resumed from checkpoint at step {start_step}")
         if logger is not None:
-            logger.set_tags({"resumed_from_step": start_step})
+            logger.set_tags({names.TAG_RESUMED_FROM_STEP: start_step})
 
     train_blocks = _resolve(task.train_blocks)
     val_blocks = _resolve(task.val_blocks)
@@ -153,7 +154,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     generator = torch.Generator(device="cpu").manual_seed(task.seed)
 
     if logger is not None and start_step == 0:
-        logger.set_tags({"init_hash": init_hash, "world_size": world, "device": device.type})
+        logger.set_tags({names.TAG_INIT_HASH: init_hash, names.TAG_WORLD_SIZE: world, names.TAG_DEVICE: device.type})
 
     failure = None
     step = start_step
@@ -176,7 +177,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     clamp_threshold=arm.clamp_threshold, generator=generator)
                 loss = loss + arm.lam * disp
                 sums[1] += disp.detach().double().cpu()
-            if task.nan_at_step == step + 1:
+            if faults.due(task.faults, faults.NAN_LOSS, step=step + 1, rank=rank, run_name=task.run_name,
+                          resumed=resumed):
                 loss = loss * float("nan")
             sums[0] += outputs.loss.detach().double().cpu()
             sums[2] += loss.detach().double().cpu()
@@ -210,9 +212,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                      + f" tok/s {metrics[names.TRAIN_TOKENS_PER_S]:.0f}")
             window_start, window_tokens = time.perf_counter(), 0
 
-        if task.fault_at_step is not None and step == task.fault_at_step and rank == 1 \
-                and context.get_world_size() > 1 and _first_attempt(task):
-            os._exit(1)  # test seam: simulate a worker process killed mid-run
+        if faults.due(task.faults, faults.KILL_WORKER, step=step, rank=rank, run_name=task.run_name, resumed=resumed):
+            os._exit(1)  # as a preempted node's worker would
 
         is_last = step == task.steps
         probe_now = is_last or (task.probes.every_steps and step % task.probes.every_steps == 0)
@@ -235,7 +236,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # confuse Tune's searcher. The driver reads the failure from MLflow.
         return
     if logger is not None:
-        logger.set_tags({"data_order_hash": order_hash, "steps": task.steps})
+        logger.set_tags({names.TAG_DATA_ORDER_HASH: order_hash, names.TAG_STEPS: task.steps})
 
 
 class DataOrder:
@@ -272,7 +273,7 @@ class _ArmHooks:
 
 
 def _install_arm_hooks(model, task: RunTask) -> _ArmHooks:
-    """NEFTune noise on the input embeddings, or active forgetting of them (SPEC.md section 3)."""
+    """NEFTune noise on the input embeddings, or active forgetting of them (docs/protocols.md)."""
     import torch
 
     arm = task.arm
@@ -318,17 +319,9 @@ def _initial_model(task: RunTask):
 def _dispersion_layers(task: RunTask, n_blocks: int):
     if task.arm.name != names.ARM_DISPERSION:
         return None
-    from scaling.dispersion import resolve_layers
+    from scaling.dispersion_spec import resolve_layers
 
     return resolve_layers(task.arm.layers, n_blocks)
-
-
-def _param_groups(model, weight_decay: float):
-    """Weight decay on matrices only (not biases, norms or embeddings' positions alike)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        (decay if parameter.ndim >= 2 and "wpe" not in name else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # --- probes and checkpoints ---------------------------------------------------------------------
@@ -375,17 +368,13 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
 
 
 def _log_final_condensation(logger, result, task: RunTask) -> None:
-    from scaling.plots import plot_condensation_heatmap
+    from scaling.plots import write_condensation_record
 
     with tempfile.TemporaryDirectory() as directory:
-        json_path = Path(directory) / names.ARTIFACT_CONDENSATION_JSON
-        json_path.write_text(result.to_json(extra={
-            "model": task.rung.name, "run_name": task.run_name, "num_params": _num_params(task),
-            "repetitions": result.num_sequences, "max_length": task.probes.max_length}))
-        logger.log_artifact(json_path)
-        png_path = plot_condensation_heatmap(result.histograms, Path(directory) / names.ARTIFACT_HEATMAP_PNG,
-                                             title=task.run_name)
-        logger.log_artifact(png_path)
+        for path in write_condensation_record(result, directory, title=task.run_name, metadata={
+                "model": task.rung.name, "run_name": task.run_name, "num_params": _num_params(task),
+                "repetitions": result.num_sequences, "max_length": task.probes.max_length}):
+            logger.log_artifact(path)
 
 
 def _save_and_report(engine, report, step, tokens_seen, order_hash) -> None:
@@ -429,15 +418,6 @@ def _rank0_logger(task: RunTask):
     from scaling.tracking import RunLogger
 
     return RunLogger(task.tracking_uri, task.run_id)
-
-
-def _first_attempt(task: RunTask) -> bool:
-    """True only the first time it is asked for this run (a marker file in the temp folder)."""
-    marker = Path(tempfile.gettempdir()) / f"ds-fault-{task.run_id}"
-    if marker.exists():
-        return False
-    marker.touch()
-    return True
 
 
 def _log(rank: int, message: str) -> None:

@@ -152,7 +152,7 @@ def test_observation_study_gets_per_family_trends(store, tmp_path):
 def test_bad_input_exits_2_with_one_line(store, tmp_path, capsys, argv, message):
     assert main(["--tracking-uri", store.uri, "--out", str(tmp_path / "x"), "--no-log", *argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err and "Traceback" not in err
+    assert err.startswith("analysis.scaling_curves: error: ") and message in err and "\n" not in err and "Traceback" not in err
 
 
 def test_missing_store_is_a_clear_error(tmp_path, capsys):

@@ -15,9 +15,10 @@ import yaml
 
 from scaling.config import load_study
 from scaling.errors import ConfigError
-from scaling.preflight import (NodeType, build_worker_bundle, check_capacity, choose_placement_strategy,
+from scaling.placement import (NodeType, build_worker_bundle, check_capacity, choose_placement_strategy,
                                count_concurrent_runs, plan_placement, read_launcher_node_types,
-                               read_rayjob_node_types, run_side_by_side)
+                               read_rayjob_node_types)
+from scaling.study import run_side_by_side
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = ROOT / "clusters"

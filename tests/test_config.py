@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from scaling.config import config_hash, load_study, study_from_dict
+from scaling.config import load_study, load_study_file, study_from_dict
+from scaling.schema import config_hash
 from scaling.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,14 +21,12 @@ def write(tmp_path, text):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "search_spaces").glob("*.yaml")))
 def test_shipped_study_files_load(name):
-    from scaling import names
-    from scaling.observe import load_observe_study, read_study_kind
+    from scaling.observe_config import ObserveConfig
 
-    path = REPO / "search_spaces" / name
-    if read_study_kind(path) == names.KIND_OBSERVE:
-        assert load_observe_study(path).families
+    study = load_study_file(REPO / "search_spaces" / name)
+    if isinstance(study, ObserveConfig):
+        assert study.families
     else:
-        study = load_study(path)
         assert study.study and study.arms
 
 
@@ -87,8 +86,6 @@ def test_config_hash_is_stable_and_sensitive():
 
 
 def test_resolved_study_loads_back_unchanged(tmp_path):
-    from scaling.study import resolved_yaml
-
     study = load_study(REPO / "search_spaces" / "sweep_smoke.yaml")
-    again = load_study(write(tmp_path, resolved_yaml(study)))
+    again = load_study(write(tmp_path, study.to_yaml()))
     assert again == study

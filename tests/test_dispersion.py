@@ -14,9 +14,8 @@ from scaling.dispersion import (
     dispersion_loss,
     dispersion_over_layers,
     draw_token_subset,
-    resolve_layers,
-    validate_layer_spec,
 )
+from scaling.dispersion_spec import resolve_layers, validate_layer_spec
 from scaling.errors import ConfigError
 
 # --------------------------------------------------------------------------------------

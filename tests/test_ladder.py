@@ -242,8 +242,9 @@ def test_plan_errors_name_the_fix():
     with pytest.raises(ConfigError, match=r"max_tokens=100 is less than one optimizer step \(1024 tokens\)"):
         RunConfigurator(seq_len=128, batch_size=8, max_tokens=100).plan(rung)
     plan = RunConfigurator(seq_len=128).plan(rung)
-    with pytest.raises(ConfigError, match=r"gpu='V100' .*pass peak_flops="):
+    with pytest.raises(ConfigError, match=r"--gpu 'V100': use one of .*'H100'.* e\.g\. --gpu 312e12"):
         plan.gpu_hours("V100")
+    assert plan.gpu_hours("312e12") == pytest.approx(plan.gpu_hours("A100"))  # a peak FLOP/s number works too
 
 
 # --- run configurator -------------------------------------------------------------------

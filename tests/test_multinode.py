@@ -75,7 +75,7 @@ def cluster():
 
 
 def test_preflight_probes_every_node(cluster, tmp_path):
-    from scaling.preflight import probe_storage, probe_tracking, read_cluster_node_types
+    from scaling.cluster import probe_storage, probe_tracking, read_cluster_node_types
 
     assert len(read_cluster_node_types()) == 3
     probe_storage(str(tmp_path / "runs"))  # writable and shared (one machine)

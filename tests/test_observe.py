@@ -10,18 +10,16 @@ import torch
 
 from scaling import names
 from scaling.errors import ConfigError, ModelError
-from scaling.observe import (
+from scaling.config import load_study_file
+from scaling.measure import build_final_norm_base, check_final_norm, check_tokens_fit
+from scaling.observe import build_tiny_models, run_observation_study
+from scaling.observe_config import (
     ClusterShape,
+    ObserveConfig,
     ObserveResources,
-    build_final_norm_base,
-    build_tiny_models,
-    check_final_norm,
-    check_tokens_fit,
     compute_placement,
     load_observe_study,
     measurement_hash,
-    read_study_kind,
-    run_observation_study,
 )
 
 TINY_YAML = Path(__file__).resolve().parent.parent / "search_spaces" / "observe_tiny.yaml"
@@ -37,8 +35,8 @@ def test_shipped_study_files_load_strictly():
     assert [f.name for f in paper.families] == ["gpt2", "qwen2.5", "qwen3", "bloom"]
     assert paper.sources == ("wikitext", "pubmed_qa", "imdb", "squad")
     assert (paper.repetitions, paper.max_length) == (100, 512)
-    assert read_study_kind(PAPER_YAML) == names.KIND_OBSERVE
-    assert read_study_kind(TINY_YAML.with_name("smoke.yaml")) == "train"
+    assert isinstance(load_study_file(PAPER_YAML), ObserveConfig)
+    assert not isinstance(load_study_file(TINY_YAML.with_name("smoke.yaml")), ObserveConfig)
     with pytest.raises(ConfigError, match="unknown key 'resources.gpus'"):
         load_observe_study(TINY_YAML, ["resources.gpus=2"])
     with pytest.raises(ConfigError, match="sizing: max_params must increase"):

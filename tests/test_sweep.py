@@ -78,7 +78,7 @@ def test_paper_default_is_evaluated_first_and_clipped_to_the_range(tmp_path):
 def test_preemption_is_told_apart_from_real_failures():
     from ray.exceptions import ActorDiedError
 
-    from scaling.sweep import is_preemption
+    from scaling.runs import is_preemption
 
     try:
         try:
@@ -113,7 +113,10 @@ def test_two_rung_sweep_records_trials_picks_best_on_validation_and_survives_a_n
 
     monkeypatch.chdir(tmp_path)
     study = study_from_dict(sweep_study(tmp_path, "sweep"))
-    outcomes = run_study(study, "", nan_trial_index=1)  # the second trial of each rung turns NaN
+    from scaling.faults import NAN_LOSS, Fault, install
+
+    with install(Fault(NAN_LOSS, step=1, run="-trial1-")):  # the second trial of each rung turns NaN
+        outcomes = run_study(study, "")
     runs = mlflow_runs(study.tracking_uri, "sweep")
     (parent,) = by_kind(runs, names.KIND_STUDY)
     sweeps = by_kind(runs, names.KIND_SWEEP)

@@ -110,9 +110,12 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
     # Checkpoints at steps 2 and 4; rank 1 dies once after step 6. Ray Train registers a reported
     # checkpoint asynchronously, so a kill right after a report may fall back to the one before:
     # either is a resume, a restart from step 0 is not.
+    from scaling.faults import KILL_WORKER, Fault, install
+
     study = tiny_study(tmp_path, "killed", arms=["baseline"], resources={"num_workers": 2, "zero_stage": 2},
                        training={"max_steps": 7})
-    outcomes = run_study(study, "", fault_at_step=6)
+    with install(Fault(KILL_WORKER, step=6, rank=1)):
+        outcomes = run_study(study, "")
     assert [o.status for o in outcomes] == ["finished"]
     (child,) = runs_of(study, names.KIND_TRAIN)
     assert child.data.tags["resumed_from_step"] in {"2", "4"}

@@ -1,0 +1,192 @@
+"""One training run from plan to record: resolve it, build its task and trainer, fit, read the outcome.
+
+Used by the study driver for the fixed arms and the extra-seed reruns, and by the sweep for
+each trial. A run is identified by the hash of its resolved config (same config -> same MLflow
+run): a finished one is skipped, an unfinished one continues its MLflow run and its Ray Train
+folder, from whose latest checkpoint Ray Train resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from scaling import faults, names
+from scaling.cluster import placement_strategy, resolve_storage_path
+from scaling.config import StudyConfig
+from scaling.errors import one_line
+from scaling.schema import config_hash, flatten
+from scaling.train import RunTask
+
+PREEMPTION_ERRORS = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ActorUnavailableError",
+                     "OwnerDiedError", "ObjectLostError", "RayActorError", "WorkerGroupError")
+"""Failures that mean "the machine went away", not "the run is broken" (levanter's split): they
+get their own retry budget; anything else fails the run at once."""
+
+
+@dataclass(frozen=True)
+class DataRefs:
+    """The study's tokenized data as the workers receive it (Ray object refs), and its fingerprint."""
+
+    train_blocks: Any
+    val_blocks: Any
+    probe_ids: Any
+    fingerprint: str
+    """Identifies the data in run hashes."""
+
+
+@dataclass
+class RunOutcome:
+    rung: str
+    arm: str
+    seed: int
+    status: str  # finished / failed / skipped
+    run_id: str
+    seconds: float = 0.0
+    val_loss: float | None = None
+    spearman: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """What identifies and describes one run in MLflow."""
+
+    config_hash: str
+    run_name: str
+    tags: dict[str, Any]
+    params: dict[str, Any]
+
+
+def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str) -> ResolvedRun:
+    """The hash covers everything that changes what the run computes, so the same config always
+    maps to the same MLflow run."""
+    rung = plan.rung
+    resolved = {"rung": dataclasses.asdict(rung), "arm": dataclasses.asdict(arm), "seed": seed,
+                "steps": plan.steps, "lr": plan.lr, "warmup_steps": plan.warmup_steps,
+                "training": dataclasses.asdict(study.training), "probes": dataclasses.asdict(study.probes),
+                "zero_stage": study.resources.zero_stage, "num_workers": study.resources.num_workers,
+                "precision": study.resources.precision, "data": data_fingerprint}
+    tags = {names.TAG_RUNG: rung.name, names.TAG_ARM: arm.name, names.TAG_SEED: seed,
+            names.TAG_N_PARAMS: plan.params.total, names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding,
+            names.TAG_TOKENS: plan.tokens, names.TAG_LADDER: study.ladder}
+    params = {**arm.params(), "rung": rung.name, "seed": seed, "steps": plan.steps, "lr": plan.lr,
+              "warmup_steps": plan.warmup_steps, "tokens": plan.tokens,
+              **flatten(dataclasses.asdict(study.training), "training."),
+              **flatten(dataclasses.asdict(study.resources), "resources.")}
+    return ResolvedRun(config_hash(resolved), f"{rung.name}-{arm.name}-s{seed}", tags, params)
+
+
+def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: str, tracking_uri: str,
+               data: DataRefs) -> RunTask:
+    """Everything the run's workers need; faults a test installed in this process ride along."""
+    return RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, rung=plan.rung, arm=arm,
+                   seed=seed, steps=plan.steps, lr=plan.lr, warmup_steps=plan.warmup_steps,
+                   training=study.training, probes=study.probes, resources=study.resources,
+                   checkpoint_every=study.checkpoint.every_steps, train_blocks=data.train_blocks,
+                   val_blocks=data.val_blocks, probe_ids=data.probe_ids, faults=faults.installed())
+
+
+def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):
+    """A TorchTrainer for one run. Its Ray Train folder is `storage_path/name`: a later trainer with
+    the same name restores the latest checkpoint there (Ray Train V2)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = study.resources
+    return TorchTrainer(
+        _train_entry,
+        train_loop_config=task.to_loop_config(),
+        # STRICT_PACK when the worker group fits one node (a large rung takes a whole node), else PACK.
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker={"CPU": resources.cpus_per_worker},
+                                     placement_strategy=placement_strategy(study)),
+        run_config=RunConfig(
+            name=name,
+            storage_path=resolve_storage_path(study.storage_path),
+            failure_config=FailureConfig(max_failures=study.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=study.checkpoint.num_to_keep),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def _train_entry(loop_config):
+    # A module-level function that imports lazily, so Ray pickles a reference, not the code.
+    from scaling.train import train_loop_per_worker
+
+    train_loop_per_worker(loop_config)
+
+
+def is_preemption(exc: BaseException) -> bool:
+    """True when the failure is a lost node/actor rather than a bug or a bad setting."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in PREEMPTION_ERRORS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """How a run's `fit` ended: `failure` is None when it trained to the end."""
+
+    seconds: float
+    metrics: dict[str, Any]
+    failure: str | None
+    preemptions: int = 0
+
+
+def fit(study: StudyConfig, task: RunTask, tracker, trainer_name: str, *, callbacks=(), preemption_retries: int = 0,
+        on_preempted: Callable[[int, str], None] | None = None) -> FitResult:
+    """Train one run to the end, retrying a lost node/actor up to `preemption_retries` times.
+
+    A real failure (an exception, or a NaN loss the workers recorded in MLflow) ends the run; a
+    worker that dies mid-run is restarted by Ray Train itself (`checkpoint.max_failures`).
+    """
+    started = time.perf_counter()
+    preemptions = 0
+    while True:
+        trainer = build_trainer(study, task, trainer_name, callbacks)
+        try:
+            result = trainer.fit()
+            break
+        except Exception as exc:  # noqa: BLE001 -- classified below; a run's failure is recorded
+            if is_preemption(exc) and preemptions < preemption_retries:
+                preemptions += 1
+                if on_preempted is not None:
+                    on_preempted(preemptions, one_line(exc))
+                continue
+            return FitResult(time.perf_counter() - started, {}, one_line(exc), preemptions)
+    return FitResult(time.perf_counter() - started, result.metrics or {}, tracker.recorded_failure(task.run_id),
+                     preemptions)
+
+
+def train_run(study: StudyConfig, plan, arm, seed: int, data: DataRefs, tracker, parent_id: str,
+              say: Callable[[str], None]) -> RunOutcome:
+    """One fixed (rung, arm, seed) run: skip it if finished, else train it and record how it ended."""
+    rung = plan.rung
+    run = resolve_run(study, plan, arm, seed, data.fingerprint)
+    run_id, status = tracker.child_run(parent_id, run.run_name, run.config_hash, run.tags, run.params)
+    if status == names.STATUS_FINISHED:
+        say(f"{run.run_name}: already finished (run {run_id[:8]}), skipped")
+        return RunOutcome(rung.name, arm.name, seed, names.STATUS_SKIPPED, run_id)
+    task = build_task(study, plan, arm, seed, run.run_name, run_id, tracker.tracking_uri, data)
+    say(f"{run.run_name}: {plan.steps} steps on {study.resources.num_workers} worker(s), "
+        f"ZeRO-{study.resources.zero_stage}, run {run_id[:8]}")
+    outcome = fit(study, task, tracker, f"{study.study}-{run.run_name}-{run.config_hash[:8]}")
+    if outcome.failure:
+        tracker.finish(run_id, names.STATUS_FAILED, outcome.failure)
+        say(f"{run.run_name}: FAILED: {outcome.failure}")
+        return RunOutcome(rung.name, arm.name, seed, names.STATUS_FAILED, run_id, outcome.seconds,
+                          detail=outcome.failure)
+    tracker.finish(run_id, names.STATUS_FINISHED)
+    val_loss, spearman = outcome.metrics.get(names.VAL_LOSS), outcome.metrics.get(names.COND_SPEARMAN)
+    say(f"{run.run_name}: finished in {outcome.seconds:.0f} s"
+        + (f", val/loss {val_loss:.4f}" if val_loss is not None else ""))
+    return RunOutcome(rung.name, arm.name, seed, names.STATUS_FINISHED, run_id, outcome.seconds,
+                      val_loss=val_loss, spearman=spearman)
