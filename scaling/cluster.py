@@ -12,6 +12,7 @@ The arithmetic these feed (capacity, placement) is pure and lives in `scaling.pl
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import uuid
@@ -53,11 +54,11 @@ def connect_ray(num_cpus: int | None = None) -> None:
     env = {key: os.environ[key] for key in FAST_REPORTS_ENV}
     address = os.environ.get("RAY_ADDRESS") or _started_cluster_address()
     if address and address != "local":
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-             runtime_env={"env_vars": env}, log_to_driver=False)
+             runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
 
 
 def _started_cluster_address() -> str | None:

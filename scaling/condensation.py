@@ -1,4 +1,4 @@
-"""Embedding condensation as mergeable running statistics (SPEC.md section 1).
+"""Embedding condensation as mergeable running statistics (docs/condensation.md).
 
 For every layer l (index 0 = embedding output, L = after the final norm) and every text r,
 rows of the hidden states are normalised, x / max(||x||, 1e-3), and the token-token cosine
@@ -14,6 +14,9 @@ grid entry has at least one such text. Per-layer means and histograms weight eve
 equally. With equal lengths this is exactly the reference's average.
 
 Pure torch/numpy/scipy: no Ray, no MLflow.
+
+"The reference" here means the authors' code: the LM-Dispersion repository and the PyPI package
+`embedding-condensation` 2.0 (docs/README.md#the-reference).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@
 Writes DIR/condensation.json and DIR/heatmap.png, prints a per-layer table and the
 Spearman/Kendall trend. The path is parse -> read texts -> check the output folder -> load and
 measure (`scaling.measure`, the path observation studies use too) -> write.
+
+"The reference" here means the authors' code: the LM-Dispersion repository and the PyPI package
+`embedding-condensation` 2.0 (docs/README.md#the-reference).
 """
 
 from __future__ import annotations

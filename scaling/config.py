@@ -6,6 +6,9 @@ and checkpoints. Loading is strict: an unknown key, a wrong type or a bad value 
 any work starts, with a message that names the key (as a dotted path), the value and the fix.
 
 `--set key=value` overrides use the same dotted paths (`training.max_steps=20`).
+
+"The reference" here means the authors' code: the LM-Dispersion repository and the PyPI package
+`embedding-condensation` 2.0 (docs/README.md#the-reference).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Three kinds of text source, all read into a list of non-empty "rows" (paragraphs
 The condensation protocol (docs/condensation.md) builds each repetition's text from
 consecutive rows starting at a seeded random row; training packs tokenized rows into
 fixed-length blocks.
+
+"The reference" here means the authors' code: the LM-Dispersion repository and the PyPI package
+`embedding-condensation` 2.0 (docs/README.md#the-reference).
 """
 
 from __future__ import annotations

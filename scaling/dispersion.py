@@ -1,4 +1,4 @@
-"""Dispersion losses (SPEC.md section 2) and the choice of layers they act on.
+"""Dispersion losses (docs/dispersion.md).
 
 Pure torch: no Ray, no MLflow, no transformers. Every loss maps hidden states
 z of shape [B, T, F] (batch, tokens, features) to one scalar that training adds
@@ -23,6 +23,9 @@ Computation runs in float32 (float64 for float64 input) with autocast off:
 arccos and logsumexp in bf16 are too coarse for a loss whose range is ~0.1.
 The loss does not check z for NaN/Inf (that would force a device sync every
 step); a non-finite z gives a non-finite loss, which the trainer reports.
+
+"The reference" here means the authors' code: the LM-Dispersion repository and the PyPI package
+`embedding-condensation` 2.0 (docs/README.md#the-reference).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ One job: turn a name or local path plus `--device`/`--dtype` strings into a live
 eval mode, with the facts a caller checks against (parameter count, context length).
 Measurement runs the *base* model (`model.base_model`: no LM head, so no T x vocab logits
 are computed); its hidden states are the same tensors the full causal LM returns.
+
+"The reference" here means the authors' code: the LM-Dispersion repository and the PyPI package
+`embedding-condensation` 2.0 (docs/README.md#the-reference).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ A study file with top-level `kind: observe` is an observation study (`scaling.co
 dispatches on it). A model's placement: memory = parameters x bytes of its dtype x overhead +
 activations; models that fit a GPU share it in quarters (Ray fractional GPUs); larger ones take
 whole GPUs of one node (device_map='auto'); what cannot fit any node is recorded as unsupported.
+
+"The reference" here means the authors' code: the LM-Dispersion repository and the PyPI package
+`embedding-condensation` 2.0 (docs/README.md#the-reference).
 """
 
 from __future__ import annotations

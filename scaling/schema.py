@@ -38,12 +38,12 @@ def read_study_mapping(path: str | Path, overrides: typing.Sequence[str] = (), *
     except UnicodeDecodeError as exc:
         raise ConfigError(f"study file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
                           f"pass a YAML study file such as {example}") from None
-    if not text.strip():
-        raise ConfigError(f"study file {str(path)!r} is empty; copy {example} and edit it")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        raise ConfigError(f"study file {str(path)!r} is empty (no study keys); copy {example} and edit it")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of study keys at the top level, got "
                           f"{type(raw).__name__}; see {example}")

@@ -240,7 +240,10 @@ class ProgressBoard:
         if step <= printed_step or now - printed_time < self.every_s:
             return None
         self._last[run_id] = (step, now)
+        tokens_per_s = metrics.get(names.TRAIN_TOKENS_PER_S)
         rate = (step - first_step) / (now - first_time) if now > first_time and step > first_step else None
+        if rate is None and tokens_per_s:  # first sight: the loop's own pace (probes and logging not included)
+            rate = tokens_per_s / (int(params["tokens"]) / total)
         eta = (total - step) / rate if rate else None
         return format_progress(run.info.run_name or run_id[:8], step, total, metrics.get(names.TRAIN_CE_LOSS),
-                               metrics.get(names.TRAIN_TOKENS_PER_S), eta)
+                               tokens_per_s, eta)

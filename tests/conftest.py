@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-# Before Ray or Ray Train is imported anywhere (STACK-NOTES.md): no token auth for the local
+# Before Ray or Ray Train is imported anywhere (docs/stack.md): no token auth for the local
 # test cluster, and a fast controller poll so each ray.train.report does not block ~2 s.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")

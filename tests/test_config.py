@@ -89,3 +89,25 @@ def test_resolved_study_loads_back_unchanged(tmp_path):
     study = load_study(REPO / "search_spaces" / "sweep_smoke.yaml")
     again = load_study(write(tmp_path, study.to_yaml()))
     assert again == study
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is not UTF-8 text"),
+    (b"study: x\n\xff\xfe bad bytes", "is not UTF-8 text"),
+    (b"", "is empty"),
+    (b"   \n# only a comment\n", "is empty"),
+    (b"- just\n- a list\n", "expected a mapping of study keys"),
+    (b"study: [unclosed", "not valid YAML"),
+])
+def test_unreadable_study_files_fail_on_one_line(tmp_path, content, message):
+    path = tmp_path / "study.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_study_file(path)
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value) or message == "not valid YAML"
+
+
+def test_unknown_study_kind_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="kind='sweep'.*use train .* or observe"):
+        load_study_file(write(tmp_path, "kind: sweep\nstudy: x\n"))
+    assert load_study_file(write(tmp_path, "kind: train\nstudy: x\n")).study == "x"

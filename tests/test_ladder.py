@@ -296,7 +296,7 @@ def test_plan_to_dict_is_flat_and_json_ready():
 
 
 def test_paper_mid_training_settings_reproduce_1526_steps():
-    # SPEC.md section 3: 200M tokens at 131,072 tokens per step (128 x 1024) -> 1526 steps.
+    # docs/protocols.md: 200M tokens at 131,072 tokens per step (128 x 1024) -> 1526 steps.
     plan = RunConfigurator(token_budget=200_000_000, seq_len=1024, batch_tokens=131_072,
                            lr=5e-5).plan(get_ladder("gpt2").rung("gpt2-small"), num_workers=8)
     assert (plan.steps, plan.batch_size, plan.warmup_steps) == (1526, 128, 305)
