@@ -35,6 +35,11 @@ REFERENCE_SOURCES: dict[str, tuple[str, str | None, str, str]] = {
     "imdb": ("imdb", None, "train", "text"),
     "squad": ("squad", None, "train", "context"),
 }
+TRAINING_SOURCES: dict[str, tuple[str, str | None, str, str]] = {
+    # Training reads wikitext-103 in its raw form, as the authors' mid-training does; the reference's
+    # condensation protocol measures on the tokenised-for-LM version above (wikitext-103-v1).
+    "wikitext": ("wikitext", "wikitext-103-raw-v1", "train", "text"),
+}
 DEFAULT_MIN_WORDS = 1024
 START_FRACTION = 0.95  # the reference draws the start row below 95% of the rows
 DEFAULT_CACHE = Path.home() / ".cache" / "dispersion-scaling"
@@ -65,14 +70,16 @@ class TextSource:
         return self.name
 
 
-def parse_text_source(spec: str) -> TextSource:
+def parse_text_source(spec: str, *, training: bool = False) -> TextSource:
     """`bundled`, a reference name (`wikitext`, `pubmed_qa`, `imdb`, `squad`),
-    `hf:NAME[/CONFIG]:SPLIT:FIELD`, or a path to a `.txt`/`.jsonl` file."""
+    `hf:NAME[/CONFIG]:SPLIT:FIELD`, or a path to a `.txt`/`.jsonl` file. With `training`,
+    `wikitext` means the raw version the authors train on."""
     spec = spec.strip()
     if spec == "bundled":
         return TextSource(kind="bundled", name="bundled")
-    if spec in REFERENCE_SOURCES:
-        name, config, split, field = REFERENCE_SOURCES[spec]
+    named = {**REFERENCE_SOURCES, **TRAINING_SOURCES} if training else REFERENCE_SOURCES
+    if spec in named:
+        name, config, split, field = named[spec]
         return TextSource(kind="hf", name=name, config=config, split=split, field=field)
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
@@ -94,38 +101,51 @@ def parse_text_source(spec: str) -> TextSource:
     )
 
 
-def read_rows(source: TextSource) -> list[str]:
-    """All non-empty rows of a source, in order."""
+def read_rows(source: TextSource, *, raw: bool = False) -> list[str]:
+    """All non-empty rows of a source, in order, stripped. With `raw`, rows exactly as stored
+    (line endings and whitespace kept, empty rows dropped only when they are empty strings): what
+    `raw` packing concatenates."""
     if source.kind == "bundled":
-        rows = _read_bundled_rows()
+        rows = _read_bundled_rows(raw)
     elif source.kind == "file":
-        rows = _read_file_rows(Path(source.path or ""), source.field)
+        rows = _read_file_rows(Path(source.path or ""), source.field, raw)
     elif source.kind == "hf":
         rows = _read_hf_rows(source)
     else:
         raise DataError(f"text source kind {source.kind!r} is unknown: use bundled, hf or file")
-    rows = [r for r in (row.strip() for row in rows) if r]
-    if not rows:
+    rows = [r for r in rows if r] if raw else [r for r in (row.strip() for row in rows) if r]
+    if not any(r.strip() for r in rows):
         raise DataError(f"text source {source.label!r} has no non-empty text; check its field/contents")
     return rows
 
 
-def _read_bundled_rows() -> list[str]:
+def read_split_rows(source: TextSource, split: str, *, raw: bool = False) -> list[str]:
+    """The rows of another split of a Hugging Face source (e.g. its `validation` split)."""
+    if source.kind != "hf":
+        raise DataError(f"data.val_split={split!r} needs a Hugging Face source with splits; {source.label!r} is "
+                        f"a {source.kind} source: use data.val_fraction to hold out blocks instead")
+    from dataclasses import replace
+
+    return read_rows(replace(source, split=split), raw=raw)
+
+
+def _read_bundled_rows(raw: bool = False) -> list[str]:
     from pydoc_data.topics import topics
 
     # Paragraphs of every topic, in a fixed (sorted) order so that seeds mean the same thing
-    # on every machine with the same Python minor version.
-    return [p for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key])]
+    # on every machine with the same Python minor version. Raw rows keep their paragraph break.
+    paragraphs = [p for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key])]
+    return [p + "\n\n" for p in paragraphs] if raw else paragraphs
 
 
-def _read_file_rows(path: Path, field: str) -> list[str]:
+def _read_file_rows(path: Path, field: str, raw: bool = False) -> list[str]:
     if not path.is_file():
         raise DataError(f"text file {str(path)!r} not found; check the path")
     data = path.read_bytes()
     try:
         if b"\x00" in data:  # UTF-16, images, archives: decodable by luck or not at all, never text
             raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
-        lines = data.decode("utf-8").splitlines()
+        lines = data.decode("utf-8").splitlines(keepends=raw)
     except UnicodeDecodeError as exc:
         raise DataError(f"text file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
                         "give a .txt file (one document per line) or a .jsonl file with a text field") from None
@@ -272,13 +292,14 @@ def _train_bpe(rows: list[str], vocab_size: int, cache_root: Path):
 # --- training blocks ---------------------------------------------------------------------------
 
 
-def pack_blocks(token_rows: list[list[int]], block_size: int, eos_id: int) -> np.ndarray:
-    """Concatenate tokenized rows (each followed by EOS) and cut into [n, block_size] blocks;
-    the tail that does not fill a block is dropped."""
+def pack_blocks(token_rows: list[list[int]], block_size: int, eos_id: int | None) -> np.ndarray:
+    """Concatenate tokenized rows (each followed by EOS; with `eos_id` None, nothing between them:
+    `raw` packing) and cut into [n, block_size] blocks; the tail that does not fill a block is dropped."""
     if block_size < 2:
         raise DataError(f"block_size={block_size}: must be at least 2")
+    separator = () if eos_id is None else (eos_id,)
     stream = np.fromiter(
-        (t for row in token_rows for t in (*row, eos_id)), dtype=np.int64
+        (t for row in token_rows for t in (*row, *separator)), dtype=np.int64
     )
     n_blocks = len(stream) // block_size
     if n_blocks == 0:

@@ -37,6 +37,7 @@ TAG_RESUMED_FROM_STEP = "resumed_from_step"
 TAG_WORLD_SIZE = "world_size"
 TAG_DEVICE = "device"
 TAG_STEPS = "steps"
+TAG_PRECISION = "precision"  # training runs: bf16 (mixed, float32 master weights) or fp32
 TAG_DTYPE = "dtype"  # observation runs: the dtype the model was measured in
 TAG_HIDDEN_STATES_END = "hidden_states_end"  # observation runs: what the last hidden state is
 TAG_INPUT_RUNS = "input_runs"  # analysis runs: how many runs the analysis read
@@ -70,7 +71,9 @@ PARAM_LAYERS = "dispersion.layers"
 PARAM_VARIANT = "dispersion.variant"
 PARAM_TAU = "dispersion.tau"
 PARAM_CLAMP = "dispersion.clamp_threshold"
+PARAM_LAST_BLOCK = "dispersion.last_block_output"
 PARAM_NEFTUNE_ALPHA = "neftune.alpha"
+PARAM_EMBEDDING_LR = "active_forgetting.embedding_lr"
 PARAM_FORGET_EVERY = "active_forgetting.every"
 
 # --- metrics --------------------------------------------------------------------------
@@ -100,5 +103,6 @@ def layer_metric(layer: int, stat: str = "mean_cos") -> str:
 # --- artifacts --------------------------------------------------------------------------
 ARTIFACT_CONDENSATION_JSON = "condensation.json"
 ARTIFACT_HEATMAP_PNG = "heatmap.png"
+ARTIFACT_PROBES_DIR = "probes"  # training runs: probes/step_0000100.json, the profile at every probe
 ARTIFACT_STUDY_YAML = "study.yaml"  # the study with every default filled in
 ARTIFACT_STUDY_SOURCE = "study_source.yaml"  # the study file as the user wrote it

@@ -61,12 +61,11 @@ def _main(args) -> int:
 
 def _train(study, source: str, args) -> int:
     from scaling.cluster import connect_ray
-    from scaling.config import plan_runs
-    from scaling.ladder import format_ladder_table
+    from scaling.config import describe_study_plan, plan_runs
     from scaling.study import format_summary, run_study
 
     plans = plan_runs(study)
-    print(format_ladder_table(plans, gpu=args.gpu))
+    print(describe_study_plan(study, plans, gpu=args.gpu))
     if args.dry_run:
         return 0
     _check_resume(args.resume, study.study, study.tracking_uri)

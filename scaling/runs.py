@@ -62,7 +62,7 @@ class ResolvedRun:
 
 def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str) -> ResolvedRun:
     """The hash covers everything that changes what the run computes, so the same config always
-    maps to the same MLflow run."""
+    maps to the same MLflow run. `arm` is the arm as trained (family defaults filled in)."""
     rung = plan.rung
     resolved = {"rung": dataclasses.asdict(rung), "arm": dataclasses.asdict(arm), "seed": seed,
                 "steps": plan.steps, "lr": plan.lr, "warmup_steps": plan.warmup_steps,
@@ -82,11 +82,12 @@ def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str)
 def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: str, tracking_uri: str,
                data: DataRefs) -> RunTask:
     """Everything the run's workers need; faults a test installed in this process ride along."""
-    return RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, rung=plan.rung, arm=arm,
-                   seed=seed, steps=plan.steps, lr=plan.lr, warmup_steps=plan.warmup_steps,
-                   training=study.training, probes=study.probes, resources=study.resources,
-                   checkpoint_every=study.checkpoint.every_steps, train_blocks=data.train_blocks,
-                   val_blocks=data.val_blocks, probe_ids=data.probe_ids, faults=faults.installed())
+    return RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, rung=plan.rung,
+                   arm=arm.for_family(plan.rung.family), seed=seed, steps=plan.steps, lr=plan.lr,
+                   warmup_steps=plan.warmup_steps, training=study.training, probes=study.probes,
+                   resources=study.resources, checkpoint_every=study.checkpoint.every_steps,
+                   train_blocks=data.train_blocks, val_blocks=data.val_blocks, probe_ids=data.probe_ids,
+                   init_from=study.training.init_from_for(plan.rung.name), faults=faults.installed())
 
 
 def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):
@@ -170,6 +171,7 @@ def train_run(study: StudyConfig, plan, arm, seed: int, data: DataRefs, tracker,
               say: Callable[[str], None]) -> RunOutcome:
     """One fixed (rung, arm, seed) run: skip it if finished, else train it and record how it ended."""
     rung = plan.rung
+    arm = arm.for_family(rung.family)
     run = resolve_run(study, plan, arm, seed, data.fingerprint)
     run_id, status = tracker.child_run(parent_id, run.run_name, run.config_hash, run.tags, run.params)
     if status == names.STATUS_FINISHED:

@@ -43,28 +43,41 @@ class StudyData:
 
 
 def prepare_data(study: StudyConfig, vocab_size: int) -> StudyData:
-    """Tokenize the study's text source, pack it into blocks, split off validation, draw probe texts."""
-    from scaling.data import build_tokenizer, pack_blocks, parse_text_source, read_rows, sample_texts, \
-        split_train_val
+    """Tokenize the study's text source, pack it into blocks, split off validation (the source's own
+    validation split, or held-out blocks), draw probe texts."""
+    from scaling.data import build_tokenizer, pack_blocks, parse_text_source, read_rows, read_split_rows, \
+        sample_texts, split_train_val
 
-    rows = read_rows(parse_text_source(study.data.source))
-    if study.data.max_rows is not None:
-        rows = rows[: study.data.max_rows]
+    data = study.data
+    raw = data.packing == "raw"
+    source = parse_text_source(data.source, training=True)
+    rows = read_rows(source, raw=raw)
+    if data.max_rows is not None:
+        rows = rows[: data.max_rows]
     # Mid-training reads text with the pretrained model's own tokenizer unless one is named.
-    tokenizer = build_tokenizer(study.data.tokenizer or study.training.init_from, rows=rows, vocab_size=vocab_size)
+    first_checkpoint = next((study.training.init_from_for(r.name) for r in study.selected_rungs()), None)
+    tokenizer = build_tokenizer(data.tokenizer or first_checkpoint, rows=rows, vocab_size=vocab_size)
     if len(tokenizer) > vocab_size:
         raise ConfigError(
             f"data.tokenizer has {len(tokenizer)} tokens but the smallest rung's vocab_size is {vocab_size}; "
             "use a ladder whose vocab fits the tokenizer, or train a local tokenizer (data.tokenizer: null)"
         )
-    token_rows = tokenizer(rows, add_special_tokens=False)["input_ids"]
-    blocks = pack_blocks(token_rows, study.training.seq_len, tokenizer.eos_token_id)
-    # One split for the whole study (seed 0): validation data must not depend on the run's seed.
-    train, val = split_train_val(blocks, study.data.val_fraction, seed=0)
-    probe_texts = sample_texts(rows, study.probes.texts)
+    eos = None if raw else tokenizer.eos_token_id
+
+    def blocks_of(text_rows):
+        return pack_blocks(tokenizer(text_rows, add_special_tokens=False)["input_ids"], study.training.seq_len, eos)
+
+    blocks = blocks_of(rows)
+    if data.val_split is not None:
+        train, val = blocks, blocks_of(read_split_rows(source, data.val_split, raw=raw))
+    else:  # one split for the whole study (seed 0): validation data must not depend on the run's seed
+        train, val = split_train_val(blocks, data.val_fraction, seed=0)
+    probe_texts = sample_texts([r.strip() for r in rows if r.strip()], study.probes.texts)
     probe_ids = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"][: study.probes.max_length],
                             dtype=np.int64) for t in probe_texts]
     digest = hashlib.sha256(blocks.tobytes())
+    if data.val_split is not None:
+        digest.update(val.tobytes())
     for ids in probe_ids:
         digest.update(ids.tobytes())
     return StudyData(train, val, probe_ids, len(tokenizer), digest.hexdigest()[:16])

@@ -11,6 +11,7 @@ The loop gets a plain dict (`RunTask.to_loop_config`), so it pickles cleanly to 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import math
@@ -18,6 +19,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,7 @@ class RunTask:
     train_blocks: Any  # ObjectRef or np.ndarray [n, seq_len]
     val_blocks: Any
     probe_ids: Any  # list of token-id arrays
+    init_from: str | None = None  # the rung's pretrained checkpoint (None: from scratch)
     faults: tuple = ()  # scaling.faults.Fault: injected by tests, empty otherwise
 
     def to_loop_config(self) -> dict[str, Any]:
@@ -63,6 +66,54 @@ def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, min_ra
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def linear_lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to the peak, then linear decay to 0 at the last step (active forgetting's
+    embedding schedule, as the reference's)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def build_param_groups(model, task: RunTask) -> list[dict[str, Any]]:
+    """AdamW groups: decayed matrices, undecayed biases/norms/position table, and (active forgetting)
+    the input embeddings alone, last (index 2), with their own peak lr when the arm gives one.
+
+    A group of its own lets a forgetting step reset exactly the embeddings' optimizer state:
+    DeepSpeed's ZeRO and mixed-precision optimizers keep each group in buffers of its own.
+    """
+    embedding = model.get_input_embeddings().weight if separate_embedding_group(task) else None
+    named = [(n, p) for n, p in model.named_parameters() if p is not embedding]
+    decay, no_decay = split_weight_decay(named)
+    groups = [{"params": decay, "weight_decay": task.training.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if embedding is not None:
+        groups.append({"params": [embedding], "weight_decay": task.training.weight_decay,
+                       "lr": task.arm.embedding_lr or task.lr})
+    return groups
+
+
+EMBEDDING_GROUP = 2
+"""Index of the input embeddings' own optimizer group (active forgetting)."""
+
+
+def separate_embedding_group(task: RunTask) -> bool:
+    return task.arm.name == names.ARM_ACTIVE_FORGETTING
+
+
+def build_lr_lambdas(task: RunTask) -> list:
+    """One multiplier schedule per group of `build_param_groups` (LambdaLR scales each group's lr)."""
+    main = lambda s: lr_at(s, peak=1.0, warmup_steps=task.warmup_steps, total_steps=task.steps,  # noqa: E731
+                           min_ratio=task.training.min_lr_ratio)
+    lambdas = [main, main]
+    if separate_embedding_group(task):
+        if task.arm.embedding_lr is None:
+            lambdas.append(main)
+        else:
+            warmup = math.ceil(task.arm.embedding_warmup_fraction * task.steps - 1e-9)
+            lambdas.append(lambda s: linear_lr_at(s, peak=1.0, warmup_steps=warmup, total_steps=task.steps))
+    return lambdas
 
 
 def build_deepspeed_config(task: RunTask, world_size: int, on_gpu: bool) -> dict[str, Any]:
@@ -118,13 +169,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         skip_cpu_shm_build()
     import deepspeed
 
-    decay, no_decay = split_weight_decay(model.named_parameters())
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": task.training.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=task.lr, betas=tuple(task.training.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
-        s, peak=1.0, warmup_steps=task.warmup_steps, total_steps=task.steps,
-        min_ratio=task.training.min_lr_ratio))
+    optimizer = torch.optim.AdamW(build_param_groups(model, task), lr=task.lr, betas=tuple(task.training.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambdas(task))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=build_deepspeed_config(task, world, on_gpu), dist_init_required=False)
@@ -154,7 +200,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     generator = torch.Generator(device="cpu").manual_seed(task.seed)
 
     if logger is not None and start_step == 0:
-        logger.set_tags({names.TAG_INIT_HASH: init_hash, names.TAG_WORLD_SIZE: world, names.TAG_DEVICE: device.type})
+        logger.set_tags({names.TAG_INIT_HASH: init_hash, names.TAG_WORLD_SIZE: world, names.TAG_DEVICE: device.type,
+                         names.TAG_PRECISION: _precision(engine)})
+    if start_step == 0 and task.probes.at_start:  # the initial state (MLflow only: Tune sees training probes)
+        _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, 0, final=False)
 
     failure = None
     step = start_step
@@ -167,14 +216,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sums = torch.zeros(4, dtype=torch.float64)  # ce, dispersion (unscaled), total loss, micro-batches
         for start in range(0, per_rank, micro):
             batch = torch.as_tensor(train_blocks[mine[start:start + micro]], device=device)
-            outputs = engine(input_ids=batch, labels=batch, output_hidden_states=disp_layers is not None)
+            with _last_hidden_state_raw(engine.module, disp_layers is not None and arm.last_block_output == "raw"):
+                outputs = engine(input_ids=batch, labels=batch, output_hidden_states=disp_layers is not None)
             loss = outputs.loss
             if disp_layers is not None:
                 from scaling.dispersion import dispersion_over_layers
 
                 disp = dispersion_over_layers(
                     outputs.hidden_states, disp_layers, arm.variant, tau=arm.tau,
-                    clamp_threshold=arm.clamp_threshold, generator=generator)
+                    clamp_threshold=arm.clamp_threshold, generator=generator, subset_per_layer=True)
                 loss = loss + arm.lam * disp
                 sums[1] += disp.detach().double().cpu()
             if faults.due(task.faults, faults.NAN_LOSS, step=step + 1, rank=rank, run_name=task.run_name,
@@ -289,31 +339,93 @@ def _install_arm_hooks(model, task: RunTask) -> _ArmHooks:
         embeddings.register_forward_hook(add_noise)
     if arm.name == names.ARM_ACTIVE_FORGETTING:
         def forget(step, engine):
-            if step % arm.forget_every:
-                return
-            weight = engine.module.get_input_embeddings().weight
-            with torch.no_grad():
-                torch.nn.init.normal_(weight, mean=0.0, std=0.02, generator=torch.Generator().manual_seed(step))
-            # ZeRO stage 0 (enforced by the config): the torch optimizer's state is keyed by the parameter.
-            engine.optimizer.state.pop(weight, None)
-            inner = getattr(engine.optimizer, "optimizer", None)
-            if inner is not None:
-                inner.state.pop(weight, None)
+            if step % arm.forget_every == 0:
+                forget_input_embeddings(engine, seed=task.seed, step=step)
 
         return _ArmHooks(forget)
     return _ArmHooks()
 
 
+def fresh_embeddings(shape, *, seed: int, step: int, padding_idx: int | None):
+    """N(0, 0.02) embeddings drawn from (seed, step), the padding row zeroed: every rank draws the same."""
+    import torch
+
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    weight = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
+    if padding_idx is not None:
+        weight[padding_idx] = 0.0
+    return weight
+
+
+def forget_input_embeddings(engine, *, seed: int, step: int) -> None:
+    """Active forgetting: re-initialise the input embeddings and forget their optimizer state.
+
+    What the next forward uses must be the fresh weights, whatever DeepSpeed keeps: the module's
+    weight (bf16 under mixed precision) and every float32 master copy of it (the unfused
+    mixed-precision optimizer's per-parameter copies, the fused one's flat group, ZeRO 1-2's
+    partitions), or the next step would write the old weights back. The embeddings' Adam moments
+    and step count (their own group, `EMBEDDING_GROUP`) are zeroed in place: DeepSpeed keeps views
+    into them.
+    """
+    import torch
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    embeddings = engine.module.get_input_embeddings()
+    weight = embeddings.weight
+    fresh = fresh_embeddings(tuple(weight.shape), seed=seed, step=step,
+                             padding_idx=getattr(embeddings, "padding_idx", None)).to(weight.device)
+    wrapper = engine.optimizer
+    with torch.no_grad():
+        weight.copy_(fresh.to(weight.dtype))
+        safe_set_full_fp32_param(weight, fresh)  # ZeRO 1-2 partitions, DeepSpeed's BF16_Optimizer
+        for i, group in enumerate(getattr(wrapper, "fp16_groups", ())):  # DeepSpeed's fp16/bf16 wrappers
+            for j, parameter in enumerate(group):
+                if parameter is weight and hasattr(wrapper, "fp32_groups"):
+                    wrapper.fp32_groups[i][j].copy_(fresh)
+                elif parameter is weight and hasattr(wrapper, "fp32_groups_flat"):
+                    wrapper.fp32_groups_flat[i].copy_(fresh.flatten())
+    inner = getattr(wrapper, "optimizer", wrapper)
+    for parameter in inner.param_groups[EMBEDDING_GROUP]["params"]:
+        for value in inner.state.get(parameter, {}).values():
+            if torch.is_tensor(value):
+                value.zero_()
+
+
 def _initial_model(task: RunTask):
     """From scratch: the rung's shape, initialised from the seed. Mid-training (training.init_from):
-    the pretrained checkpoint, as the paper's GPT-2 / Qwen3 runs start."""
-    if task.training.init_from:
+    the rung's pretrained checkpoint, as the paper's GPT-2 / Qwen3 runs start."""
+    if task.init_from:
         from scaling.model import build_causal_lm
 
-        return build_causal_lm(task.training.init_from, device="cpu", dtype="float32").model.train()
-    from scaling.ladder import build_model
+        model = build_causal_lm(task.init_from, device="cpu", dtype="float32").model.train()
+    else:
+        from scaling.ladder import build_model
 
-    return build_model(task.rung, seed=task.seed)
+        model = build_model(task.rung, seed=task.seed, dropout=task.training.dropout)
+    if task.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+@contextlib.contextmanager
+def _last_hidden_state_raw(module, raw: bool):
+    """While active, the model's last hidden state is its last block's raw output, not the final-norm
+    output Hugging Face puts there (transformers reads `config.tie_last_hidden_states` per call)."""
+    if not raw:
+        yield
+        return
+    saved = getattr(module.config, "tie_last_hidden_states", None)
+    module.config.tie_last_hidden_states = False
+    try:
+        yield
+    finally:
+        module.config.tie_last_hidden_states = saved
+
+
+def _precision(engine) -> str:
+    import torch
+
+    return "bf16" if next(engine.module.parameters()).dtype == torch.bfloat16 else "fp32"
 
 
 def _dispersion_layers(task: RunTask, n_blocks: int):
@@ -329,7 +441,8 @@ def _dispersion_layers(task: RunTask, n_blocks: int):
 
 def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, step, final) -> dict[str, float]:
     """Validation loss (sharded over ranks) and the condensation probe (every rank runs the same
-    forwards, which ZeRO-3 needs; rank 0 records it)."""
+    forwards, which ZeRO-3 needs; rank 0 records it). Condensation is measured in float32, from the
+    float32 master weights under bf16 mixed precision, as the reference measures saved models."""
     import torch
 
     from scaling.condensation import CondensationAccumulator
@@ -348,7 +461,7 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
             ids = torch.as_tensor(batch, device=device)
             totals[0] += engine(input_ids=ids, labels=ids).loss.double().cpu() * len(batch)
             totals[1] += len(batch)
-        base = engine.module.base_model
+        base = _float32_model(engine).base_model
         for ids in probe_ids:
             outputs = base(input_ids=torch.as_tensor(ids, device=device)[None, :], output_hidden_states=True)
             accumulator.update(torch.stack(outputs.hidden_states)[:, 0].float())
@@ -359,6 +472,11 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
         logger.log_metrics(metrics, step)
         _log(rank, f"{task.run_name} step {step} val/loss {metrics[names.VAL_LOSS]:.4f} "
              f"condensation spearman {result.spearman:+.3f}")
+        with tempfile.TemporaryDirectory() as directory:  # every probe's profile: heatmaps over training
+            path = Path(directory) / f"step_{step:07d}.json"
+            path.write_text(result.to_json(extra={"step": step, "run_name": task.run_name}, indent=None),
+                            encoding="utf-8")
+            logger.log_artifact(path, names.ARTIFACT_PROBES_DIR)
         if final:
             _log_final_condensation(logger, result, task)
     engine.train()
@@ -375,6 +493,25 @@ def _log_final_condensation(logger, result, task: RunTask) -> None:
                 "model": task.rung.name, "run_name": task.run_name, "num_params": _num_params(task),
                 "repetitions": result.num_sequences, "max_length": task.probes.max_length}):
             logger.log_artifact(path)
+
+
+def _float32_model(engine):
+    """The trained model in float32 for measurement: the module itself when it trains in float32,
+    else a copy built from DeepSpeed's float32 master weights (every rank must call this: gathering
+    a partitioned master weight is a collective)."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    if next(module.parameters()).dtype == torch.float32:
+        return module
+    copy = type(module)(module.config).to(device=next(module.parameters()).device, dtype=torch.float32).eval()
+    own = dict(copy.named_parameters())
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            master = safe_get_full_fp32_param(parameter)
+            own[name].copy_(master if master is not None else parameter.float())
+    return copy
 
 
 def _save_and_report(engine, report, step, tokens_seen, order_hash) -> None:

@@ -58,7 +58,7 @@ def test_aws_node_types_fit_the_paper_study():
     assert "s3://" in " ".join(config["head_start_ray_commands"])  # MLflow artifacts on S3
     node_types = read_launcher_node_types(config)
     assert {t.name: t.max_count for t in node_types} == {"head": 1, "gpu_1x": 8, "gpu_8x": 2}
-    study = load_study(ROOT / "search_spaces" / "paper_gpt2.yaml")
+    study = load_study(ROOT / "search_spaces" / "gpt2_ladder.yaml")  # 8 GPU workers per run
     res = study.resources
     check_capacity(res.num_workers, res.cpus_per_worker, res.use_gpu, node_types)
     placement = plan_placement(res.num_workers, res.cpus_per_worker, res.use_gpu, node_types, num_runs=28)
@@ -90,12 +90,19 @@ def test_kuberay_rayjob_runs_a_study_that_loads():
 
 
 def test_paper_study_has_the_papers_settings():
-    study = load_study(ROOT / "search_spaces" / "paper_gpt2.yaml")
-    t, r = study.training, study.resources
-    assert study.ladder == "gpt2" and study.data.source == "wikitext"
-    assert (t.seq_len, t.batch_size * t.seq_len, t.warmup_fraction) == (1024, 131_072, 0.2)
-    assert (t.betas, t.weight_decay, t.grad_clip) == ((0.9, 0.95), 0.1, 1.0)
-    assert (r.use_gpu, r.precision, r.zero_stage) == (True, "bf16", 2)
+    from scaling.config import plan_runs
+
+    study = load_study(ROOT / "search_spaces" / "paper_midtrain_gpt2.yaml")
+    t, r, d = study.training, study.resources, study.data
+    assert study.ladder == "gpt2" and d.source == "wikitext" and d.packing == "raw" and d.val_split == "validation"
+    assert t.init_from_for("gpt2-small") == "gpt2" and t.init_from_for("gpt2-xl") == "gpt2-xl"
+    assert (t.seq_len, t.batch_size * t.seq_len, t.warmup_fraction, t.min_lr_ratio) == (1024, 131_072, 0.2, 0.0)
+    assert (t.betas, t.weight_decay, t.grad_clip, t.lr, t.lr_scaling) == ((0.9, 0.95), 0.1, 1.0, 5e-5,
+                                                                         "sqrt_world_size")
+    assert (r.use_gpu, r.precision, r.num_workers) == (True, "bf16", 1)
+    assert [a.name for a in study.arms] == ["baseline", "dispersion", "neftune", "active_forgetting"]
+    assert study.seeds == (0, 1, 2) and study.probes.at_start and study.probes.every_steps == 306
+    assert {(p.steps, p.warmup_steps, p.lr) for p in plan_runs(study)} == {(1526, 306, 5e-5)}
     assert study.storage_path.startswith("s3://")
 
 
