@@ -39,6 +39,7 @@ TAG_DEVICE = "device"
 TAG_STEPS = "steps"
 TAG_PRECISION = "precision"  # training runs: bf16 (mixed, float32 master weights) or fp32
 TAG_DTYPE = "dtype"  # observation runs: the dtype the model was measured in
+TAG_FAMILY_DTYPES = "family_dtypes"  # observation runs: every dtype its family is measured in ("float32,bfloat16")
 TAG_HIDDEN_STATES_END = "hidden_states_end"  # observation runs: what the last hidden state is
 TAG_INPUT_RUNS = "input_runs"  # analysis runs: how many runs the analysis read
 
