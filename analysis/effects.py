@@ -15,7 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from analysis.fit import FitOptions, Interval, PowerLawFit, compute_trend, group_indices, interval_from_samples, resample_within_groups
+from analysis.fit import (
+    FitOptions,
+    Interval,
+    PowerLawFit,
+    compute_trend,
+    group_indices,
+    interval_from_bootstrap_se,
+    welch_df,
+    interval_from_samples,
+    resample_within_groups,
+)
 from scaling import names
 from scaling.errors import ConfigError, DataError
 
@@ -80,7 +90,8 @@ def pair_arms(final: pl.DataFrame, *, treatment: str, control: str, relative: bo
 
 
 def compute_paired_differences(paired: pl.DataFrame, options: FitOptions = FitOptions()) -> list[RungDifference]:
-    """Per rung: mean paired difference with a bootstrap CI over seed pairs (NaN with one pair)."""
+    """Per rung: mean paired difference, CI = mean +- t(k-1) x bootstrap SE over the k seed
+    pairs (no CI with one pair)."""
     rng = np.random.default_rng(options.seed)
     results = []
     for (rung, n), group in paired.group_by("rung", "n", maintain_order=True):
@@ -88,7 +99,9 @@ def compute_paired_differences(paired: pl.DataFrame, options: FitOptions = FitOp
         index = [np.arange(diffs.size)]
         samples = np.array([np.mean(resample_within_groups(np.zeros(diffs.size), diffs, index, rng)[1]) for _ in range(options.n_bootstrap if diffs.size > 1 else 0)])
         why = "1 seed" if diffs.size < 2 else "bootstrap disabled (n_bootstrap=0)"
-        results.append(RungDifference(str(rung), float(n), int(diffs.size), interval_from_samples(float(np.mean(diffs)), samples, options.confidence, why=why)))
+        # t with k - 1 df: with 2 pairs a percentile interval spans only +-1.4 standard errors.
+        interval = interval_from_bootstrap_se(float(np.mean(diffs)), samples, options.confidence, float(diffs.size - 1), why=why)
+        results.append(RungDifference(str(rung), float(n), int(diffs.size), interval))
     return results
 
 
@@ -244,11 +257,12 @@ class PooledMean:
 
 
 def compute_pooled_mean(n: np.ndarray, values: np.ndarray, options: FitOptions = FitOptions(), *, unit: str = "pair") -> PooledMean:
-    """Mean of the rung means of `values` with a bootstrap CI.
+    """Mean of the rung means of `values`, CI = mean +- t(df) x bootstrap SE.
 
     Every rung with >= 2 units: units resampled within rungs (the CI of the average effect
-    over these rungs). Some rung with one unit (1 seed) but >= 4 units: units resampled
-    across the ladder, treating rungs as exchangeable (noted). Otherwise no interval.
+    over these rungs), df by Welch-Satterthwaite from the rungs' spreads. Some rung with one
+    unit (1 seed) but >= 4 units: units resampled across the ladder, treating rungs as
+    exchangeable (noted), df = units - 1. Otherwise no interval.
     """
     n = np.asarray(n, dtype=float)
     values = np.asarray(values, dtype=float)
@@ -264,18 +278,24 @@ def compute_pooled_mean(n: np.ndarray, values: np.ndarray, options: FitOptions =
     rng = np.random.default_rng(options.seed)
     samples, note = [], ""
     why = "bootstrap disabled (n_bootstrap=0)"
+    df = math.nan
     if per_rung >= 2:
         for _ in range(options.n_bootstrap):
             n_b, v_b = resample_within_groups(n, values, groups, rng)
             samples.append(rung_mean(v_b, group_indices(n_b)))
+        weights = np.empty(values.size)
+        for g in groups:
+            weights[g] = 1.0 / (len(groups) * g.size)
+        df = welch_df(values, groups, weights)
     elif values.size >= 4:
         note = f"1 seed at some rung: {unit}s resampled across rungs (rungs taken as exchangeable)"
         for _ in range(options.n_bootstrap):
             idx = rng.integers(0, values.size, values.size)
             samples.append(float(np.mean(values[idx])))
+        df = float(values.size - 1)
     else:
         why = f"1 seed, {values.size} {unit}{'s' if values.size != 1 else ''}"
-    interval = interval_from_samples(estimate, np.array(samples, dtype=float), options.confidence, why=why)
+    interval = interval_from_bootstrap_se(estimate, np.array(samples, dtype=float), options.confidence, df, why=why)
     return PooledMean(interval, int(values.size), len(groups), int(per_rung), note)
 
 

@@ -434,6 +434,35 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.dot(rx, ry) / math.sqrt(float(np.dot(rx, rx)) * float(np.dot(ry, ry))))
 
 
+def welch_df(y: np.ndarray, groups: list[np.ndarray], weights: np.ndarray) -> float:
+    """Welch-Satterthwaite degrees of freedom of the linear statistic sum_i w_i y_i when runs at
+    one rung share a variance (estimated from that rung's spread, k - 1 df each). NaN when no
+    rung has two runs."""
+    parts, dfs = [], []
+    for g in groups:
+        if g.size >= 2:
+            parts.append(float(np.sum(weights[g] ** 2)) * float(np.var(y[g], ddof=1)))
+            dfs.append(g.size - 1)
+    if not parts:
+        return math.nan
+    parts_a, dfs_a = np.array(parts), np.array(dfs, dtype=float)
+    denominator = float(np.sum(parts_a**2 / dfs_a))
+    return float(np.sum(parts_a) ** 2 / denominator) if denominator > 0 else float(np.sum(dfs_a))
+
+
+def interval_from_bootstrap_se(estimate: float, samples: np.ndarray, confidence: float, df: float, *, why: str = "no bootstrap sample") -> Interval:
+    """estimate +- t(df) x the bootstrap standard error.
+
+    With 2-5 seeds per rung the percentile interval of a mean or slope is far too narrow (a
+    resample of two values has three outcomes): on synthetic ladders with 2 seeds its 95%
+    interval held the truth 67-75% of the time, this one 93-95% (df from `welch_df`)."""
+    samples = samples[np.isfinite(samples)]
+    if samples.size < 2 or not math.isfinite(df) or df <= 0:
+        return Interval(float(estimate), math.nan, math.nan, why)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * float(np.std(samples, ddof=1))
+    return Interval(float(estimate), float(estimate) - half, float(estimate) + half)
+
+
 def _slope(x: np.ndarray, y: np.ndarray) -> float:
     if np.ptp(x) == 0:
         return math.nan
@@ -482,7 +511,11 @@ def compute_trend(n: np.ndarray, y: np.ndarray, options: FitOptions = FitOptions
         # A rank statistic's bootstrap distribution is discrete and shifted by the ties that
         # resampling creates; widen the percentile interval so it always holds the estimate.
         interval = Interval(rho, min(interval.low, rho), max(interval.high, rho))
-    slope_interval = interval_from_samples(slope, np.array(slope_samples, dtype=float), options.confidence, why=why)
+    # The slope is a linear statistic: bootstrap SE with a t quantile (see interval_from_bootstrap_se).
+    x = np.log10(n)
+    weights = (x - x.mean()) / float(np.sum((x - x.mean()) ** 2))
+    df = welch_df(y, groups, weights) if runs_per_rung >= 2 else float(n.size - 2)
+    slope_interval = interval_from_bootstrap_se(slope, np.array(slope_samples, dtype=float), options.confidence, df, why=why)
     return Trend(interval, int(n.size), len(groups), note, slope_interval, runs_per_rung)
 
 
@@ -527,8 +560,10 @@ def check_leave_largest_out(n: np.ndarray, y: np.ndarray, options: FitOptions = 
 
 def _power_law_unsupported_reason(metric: str, n: np.ndarray, y: np.ndarray, options: FitOptions) -> str:
     """Empty when a power law may be fitted, else the reason in words."""
-    if metric not in POWER_LAW_METRICS:
+    if metric in (names.COND_SPEARMAN, names.COND_KENDALL):
         return "rank correlation in [-1, 1]: no power law, trend only"
+    if metric not in POWER_LAW_METRICS:
+        return "not a loss or mean cosine (no floor a power law could fall to): trend only"
     sizes = np.unique(n)
     if sizes.size < options.min_rungs:
         return (f"{sizes.size} rung(s): a 3-parameter power law needs >= {options.min_rungs} "

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFormatter, NullLocator
 
-from analysis.effects import DifferenceTrend, RungDifference
+from analysis.effects import EVAL_MEAN_ACC, DifferenceTrend, RungDifference
 from analysis.fit import CurveResult
 from analysis.report import human_size
 from scaling import names
@@ -131,7 +131,8 @@ def plot_paired_differences(path: Path, differences: dict[str, list[RungDifferen
                             pairs: dict[str, pl.DataFrame] | None = None, trends: dict[str, DifferenceTrend] | None = None) -> Path:
     """Treatment minus control vs N, one panel per metric: each seed pair (dots), the rung
     mean with its CI as a band and error bars, zero line, the slope per decade of N."""
-    metrics = [m for m, rows in differences.items() if rows]
+    first = (names.COND_LATE_HALF_MEAN_COS, names.VAL_LOSS, EVAL_MEAN_ACC)  # the claims' metrics lead
+    metrics = sorted((m for m, rows in differences.items() if rows), key=lambda m: first.index(m) if m in first else len(first))
     cols = max(1, min(3, len(metrics)))
     rows_n = max(1, math.ceil(len(metrics) / cols))
     fig = Figure(figsize=(4.6 * cols, 3.6 * rows_n))

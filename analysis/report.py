@@ -57,8 +57,10 @@ def _span(values: list) -> tuple | None:
     return (min(values), max(values)) if values else None
 
 
-def compute_budget(train_runs: pl.DataFrame, metrics: pl.DataFrame, profiles: pl.DataFrame, *, size_column: str = "n_params") -> StudyBudget:
-    """The budget of finished training runs and the caveats it implies for the claims."""
+def compute_budget(train_runs: pl.DataFrame, metrics: pl.DataFrame, profiles: pl.DataFrame, *, size_column: str = "n_params",
+                   saturated: tuple[str, ...] = ()) -> StudyBudget:
+    """The budget of finished training runs and the caveats it implies for the claims
+    (`saturated`: rank-correlation metrics found pinned at +-1)."""
     runs = train_runs.with_columns(pl.col(size_column).cast(pl.Float64).alias("n"))
     rungs = tuple((str(r), float(n) if n is not None else math.nan) for r, n in runs.select("rung", "n").unique().sort("n").iter_rows())
     arms = tuple(sorted(runs["arm"].drop_nulls().unique().to_list()))
@@ -81,9 +83,10 @@ def compute_budget(train_runs: pl.DataFrame, metrics: pl.DataFrame, profiles: pl
     if seeds[0] < 2:
         caveats.append(f"{seeds[0]} seed for some (rung, arm): per-rung differences have no confidence interval; "
                        "pooled claims resample across rungs (>= 4 pairs) or stay inconclusive; use >= 2 seeds")
-    if hidden is not None and hidden[0] <= FEW_LAYERS:
-        caveats.append(f"{hidden[0]} hidden states per run at the fewest: Spearman/Kendall over so few layers take few values "
-                       "and saturate at ±1; read the mean cosines")
+    if saturated:
+        depth = f" over {hidden[0]} hidden states" if hidden is not None and hidden[0] <= FEW_LAYERS else ""
+        caveats.append(f"{' and '.join(m.removeprefix('condensation/') for m in saturated)} saturated at ±1{depth}: "
+                       "a rank correlation over so few layers cannot separate arms or sizes; read the mean cosines")
     if ratio is not None and ratio[1] < 1.0:
         caveats.append(f"{ratio[1]:.2g} training tokens per parameter at most (compute-optimal is ~20): the models are far "
                        "from trained, so final-state claims describe early training")
@@ -307,7 +310,10 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
     lines += [
         "## Method",
         "",
-        f"Size axis: `{analysis.size_column}`. Intervals: {level} bootstrap ({analysis.options.n_bootstrap} replicates, runs resampled within rungs). "
+        f"Size axis: `{analysis.size_column}`. Intervals: {level}, from {analysis.options.n_bootstrap} bootstrap replicates (runs resampled within rungs; "
+        "across rungs when a rung has one seed). Means, paired differences and slopes: estimate ± t × bootstrap SE, "
+        "t with Welch–Satterthwaite degrees of freedom from the seeds' spread (with 2–5 seeds a percentile interval covers far "
+        "less than its level); power-law parameters and rank correlations: percentile intervals. "
         f"Power law: y = a·N^(−α) + c, Huber (δ={analysis.options.huber_delta}) in log space, L-BFGS-B from a grid of starts, "
         f"fitted only to >= {analysis.options.min_rungs} rungs (three parameters pass exactly through three points) and only to metrics that fall with N; "
         "elsewhere a trend: Spearman of the metric with log N and the slope per decade of N. "

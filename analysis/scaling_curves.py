@@ -21,6 +21,7 @@ import polars as pl
 from analysis import load, plots
 from analysis.observe import build_observation_table, compare_with_paper, compute_observation_trends
 from analysis.effects import (
+    EVAL_MEAN_ACC,
     check_paper_claims,
     compute_difference_trend,
     compute_lambda_rule,
@@ -53,6 +54,7 @@ DEFAULT_METRICS = (
     names.COND_LATE_HALF_MEAN_COS,
     names.COND_KENDALL,
 )
+OPTIONAL_METRICS = (EVAL_MEAN_ACC,)
 SIZE_COLUMNS = {"total": "n_params", "non_embedding": "n_params_non_embedding"}
 
 
@@ -237,6 +239,8 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
     notes: list[str] = []
     final = _finals_with_size(records, size_column)
     train = final.filter(pl.col("kind") == names.KIND_TRAIN)
+    # Logged only by studies that evaluate tasks: analysed when there, never a "missing" note.
+    metrics = metrics + [m for m in OPTIONAL_METRICS if m not in metrics and train.filter(pl.col("metric") == m).height]
     sizes = sorted(train["n"].drop_nulls().unique().to_list())
     if train.height and len(sizes) == 1:
         notes.append(f"only one rung ({train['rung'][0]}, N={sizes[0]:.4g}) has finished runs: no scaling curve or trend with N; per-rung differences and figures only")
@@ -251,7 +255,7 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
         points = _train_at_steps(records, size_column)
         claims = check_paper_claims(train, points.filter(pl.col("step") == 0), control=control_arm,
                                     first_probe_step=_first_probe_step(points), options=options)
-        budget = compute_budget(train_runs, records.metrics, records.profiles, size_column=size_column)
+        budget = compute_budget(train_runs, records.metrics, records.profiles, size_column=size_column, saturated=tuple(saturated))
     return StudyAnalysis(
         study=records.study,
         size_column=size_column,
