@@ -22,9 +22,8 @@ from analysis.fit import (
     compute_trend,
     group_indices,
     interval_from_bootstrap_se,
-    welch_df,
-    interval_from_samples,
     resample_within_groups,
+    welch_df,
 )
 from scaling import names
 from scaling.errors import ConfigError, DataError
