@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import polars as pl
 import pytest
 from analysis_store import fill_synthetic_study
 
@@ -22,6 +21,7 @@ from analysis.effects import (
     decide_verdict,
 )
 from analysis.fit import FitOptions, Interval
+from analysis.report import StudyAnalysis
 from analysis.scaling_curves import analyse_study
 from scaling import names
 from scaling.errors import ConfigError
@@ -75,8 +75,8 @@ def test_pooled_mean_weights_rungs_equally_and_says_why_without_seeds():
 
 
 @pytest.fixture(scope="module")
-def verdicts(tmp_path_factory) -> dict[str, dict[str, object]]:
-    """Three synthetic studies, 4 rungs x 2 seeds: the analysis' claim checks by study and key."""
+def studies(tmp_path_factory) -> dict[str, StudyAnalysis]:
+    """Synthetic studies with known truth in one store, analysed (no files written)."""
     root = tmp_path_factory.mktemp("claims")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     common = {"rungs": SMALL_LADDER, "seeds": (0, 1), "failed": 0, "with_artifacts": False, "steps": 2}
@@ -87,12 +87,16 @@ def verdicts(tmp_path_factory) -> dict[str, dict[str, object]]:
     # Everything against the paper: dispersion raises cosine, costs ~10% loss, hurts accuracy,
     # and models start anti-condensed.
     fill_synthetic_study(uri, "against", cos_factor=1.25, loss_multiplier=0.5, accuracy_gain=-0.05, initial_spearman=-0.8, **common)
-    out = {}
-    for study in ("helps", "no-effect", "against"):
-        records = load.read_study(uri, study)
-        analysis = analyse_study(records, metrics=METRICS, size_column="n_params", control_arm=names.ARM_BASELINE, options=FAST)
-        out[study] = {c.key: c for c in analysis.claims}
-    return out
+    fill_synthetic_study(uri, "baseline-only", rungs={"a": 1e6, "b": 4e6}, arms=(names.ARM_BASELINE,), seeds=(0, 1), failed=0,
+                         with_artifacts=False, steps=1)
+    return {study: analyse_study(load.read_study(uri, study), metrics=METRICS, size_column="n_params", control_arm=names.ARM_BASELINE, options=FAST)
+            for study in ("helps", "no-effect", "against", "baseline-only")}
+
+
+@pytest.fixture(scope="module")
+def verdicts(studies) -> dict[str, dict[str, object]]:
+    """The claim checks by study and key."""
+    return {study: {c.key: c for c in analysis.claims} for study, analysis in studies.items()}
 
 
 def test_a_study_where_dispersion_helps_supports_the_paper(verdicts):
@@ -124,20 +128,15 @@ def test_a_study_against_the_paper_is_contradicted_and_says_so(verdicts):
     assert checks["c"].estimate.low > 0.01
 
 
-def test_claims_of_a_study_without_a_dispersion_arm_are_not_tested(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    fill_synthetic_study(uri, "baseline-only", rungs={"a": 1e6, "b": 4e6}, arms=(names.ARM_BASELINE,), seeds=(0, 1), failed=0,
-                         with_artifacts=False, steps=1)
-    analysis = analyse_study(load.read_study(uri, "baseline-only"), metrics=METRICS, size_column="n_params",
-                             control_arm=names.ARM_BASELINE, options=FAST)
-    checks = {c.key: c for c in analysis.claims}
+def test_claims_of_a_study_without_a_dispersion_arm_are_not_tested(studies, verdicts):
+    checks = verdicts["baseline-only"]
     for key in "bcef":
         assert checks[key].verdict == NOT_TESTED and "no finished runs of arm(s) dispersion" in checks[key].note
     assert checks["a"].verdict == SUPPORTED and checks["d"].verdict in (SUPPORTED, INCONCLUSIVE)
-    budget = analysis.budget
+    budget = studies["baseline-only"].budget
     assert budget is not None and [r for r, _ in budget.rungs] == ["a", "b"] and budget.steps == (1, 1)
     assert any("2 rungs: no power law" in c for c in budget.caveats)
-    assert pl.DataFrame([c.key for c in analysis.claims]).height == 6
+    assert len(checks) == 6
 
 
 def test_pooled_mean_interval_holds_the_truth_about_nominally_with_two_seeds():
