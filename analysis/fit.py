@@ -561,13 +561,12 @@ def check_leave_largest_out(n: np.ndarray, y: np.ndarray, options: FitOptions = 
 def _power_law_unsupported_reason(metric: str, n: np.ndarray, y: np.ndarray, options: FitOptions) -> str:
     """Empty when a power law may be fitted, else the reason in words."""
     if metric in (names.COND_SPEARMAN, names.COND_KENDALL):
-        return "rank correlation in [-1, 1]: no power law, trend only"
+        return "rank correlation in [-1, 1]: trend only"
     if metric not in POWER_LAW_METRICS:
         return "not a loss or mean cosine (no floor a power law could fall to): trend only"
     sizes = np.unique(n)
     if sizes.size < options.min_rungs:
-        return (f"{sizes.size} rung(s): a 3-parameter power law needs >= {options.min_rungs} "
-                "(through 3 it is exact and tests nothing); trend with log N only")
+        return f"{sizes.size} rung(s): a 3-parameter power law needs >= {options.min_rungs} (3 points fit it exactly); trend only"
     if np.any(y <= 0):
         return f"non-positive values (min {y.min():.4g}); a log-space fit is undefined"
     if is_constant(y):

@@ -164,7 +164,7 @@ def plot_paired_differences(path: Path, differences: dict[str, list[RungDifferen
         trend = (trends or {}).get(metric)
         if trend is not None:
             s = trend.slope_per_decade
-            ci = f" [{s.low:+.3g}, {s.high:+.3g}]" if s.has_bounds else " (no CI)"
+            ci = f" [{s.low:+.3g}, {s.high:+.3g}]" if s.has_bounds else f" (no CI: {s.why or 'no bootstrap'})"
             title += f"\nslope per decade of N: {s.estimate:+.3g}{ci}"
         ax.set_title(title, fontsize=8)
         ax.grid(True, alpha=0.25)
