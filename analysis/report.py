@@ -339,7 +339,7 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
                     _fmt_ci(trend.spearman) if trend else "–",
                     _fmt_ci(trend.slope_per_decade) if trend and trend.slope_per_decade else "–",
                     holdout,
-                    "; ".join(x for x in (r.reason, trend.note if trend else "") if x),
+                    "; ".join(x for x in (r.reason, fit.note if fit else "", trend.note if trend else "") if x),
                 ]
             )
         lines += _markdown_table(["metric", "arm", "a", "α", "c", "trend ρ(metric, log N)", "slope per decade of N", "leave-largest-out", "notes"], rows)
