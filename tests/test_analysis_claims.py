@@ -21,7 +21,7 @@ from analysis.effects import (
     decide_verdict,
 )
 from analysis.fit import FitOptions, Interval
-from analysis.report import StudyAnalysis
+from analysis.report import StudyAnalysis, render_markdown
 from analysis.scaling_curves import analyse_study
 from scaling import names
 from scaling.errors import ConfigError
@@ -120,12 +120,16 @@ def test_a_study_without_effect_is_inconclusive(verdicts):
     assert checks["a"].verdict == NOT_TESTED and "no step-0 probe recorded (the first probe is at step 2)" in checks["a"].note
 
 
-def test_a_study_against_the_paper_is_contradicted_and_says_so(verdicts):
+def test_a_study_against_the_paper_is_contradicted_and_says_so(studies, verdicts, tmp_path):
     checks = verdicts["against"]
     for key in "abcf":
         assert checks[key].verdict == CONTRADICTED, (key, checks[key])
         assert checks[key].contradicts_paper
     assert checks["c"].estimate.low > 0.01
+    report = render_markdown(studies["against"], [], tmp_path)
+    for key in "abcf":
+        assert f"**Contradicts the paper — ({key})**" in report
+    assert "No verdict contradicts the paper." in render_markdown(studies["helps"], [], tmp_path)
 
 
 def test_claims_of_a_study_without_a_dispersion_arm_are_not_tested(studies, verdicts):
