@@ -3,8 +3,9 @@
 Reads a study's runs from MLflow, fits per arm metric(N) = a * N^-alpha + c (validation
 loss, last-layer and late-half mean cosine) or, where a power law is not supported, the
 trend of the metric with log N (always for Spearman/Kendall), computes paired effects of
-each arm against the baseline, and writes plots, tables, a markdown report and (unless
---no-log) an MLflow run of kind=analysis in the study's experiment.
+each arm against the baseline, checks the paper's claims (verdicts read off confidence
+intervals), and writes plots, tables, a markdown + HTML report and (unless --no-log) an
+MLflow run of kind=analysis in the study's experiment.
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "Outputs in --out: report.md, plots/*.png (metric vs N with fits and CI bands per arm, paired "
-            "differences, condensation heatmap grid, per-layer profiles), tables/*.csv and *.parquet (tidy "
+            "Outputs in --out: report.md and report.html (the same report, figures embedded: it renders in "
+            "MLflow's artifact viewer), plots/*.png (final condensation heatmaps per rung and arm, the profile "
+            "over training, paired differences vs N with CI bands, metric vs N with fits where supported, "
+            "per-layer profiles), tables/*.csv and *.parquet (claims: the paper's claims with CI verdicts; tidy "
             "metrics, runs, fits, paired differences, multipliers, lambda rule), provenance.json. "
             "Only runs with status=finished enter fits; failed runs are listed in the report. "
             "Exit status 2 with a one-line message on bad input."
