@@ -32,10 +32,9 @@ from scaling.provenance import resolve_tracking_uri
 KIND_UNKNOWN = "unknown"
 _LAYER_METRIC = re.compile(r"^condensation/layer_(\d+)/(mean_cos|mean_cos_offdiag|effective_rank)$")
 _PARENT_TAG = "mlflow.parentRunId"
-# The trainer records a run's optimizer steps and token budget as tag and/or param under these
-# keys (the budget the report states at its top).
-_STEPS_KEY = "steps"
-_TOKENS_KEY = "tokens"
+# Older runs carry the optimizer steps and token budget as params only (the report's budget).
+_STEPS_PARAM = "steps"
+_TOKENS_PARAM = "tokens"
 
 RUN_SCHEMA = {
     "run_id": pl.String,
@@ -209,8 +208,8 @@ def _run_row(run, study: str) -> dict:
         "rung": tags.get(names.TAG_RUNG),
         "n_params": _to_int(tags.get(names.TAG_N_PARAMS)),
         "n_params_non_embedding": _to_int(tags.get(names.TAG_N_PARAMS_NON_EMBEDDING)),
-        "tokens": _to_int(tags.get(names.TAG_TOKENS) or params.get(_TOKENS_KEY)),
-        "steps": _to_int(tags.get(_STEPS_KEY) or params.get(_STEPS_KEY)),
+        "tokens": _to_int(tags.get(names.TAG_TOKENS) or params.get(_TOKENS_PARAM)),
+        "steps": _to_int(tags.get(names.TAG_STEPS) or params.get(_STEPS_PARAM)),
         "arm": tags.get(names.TAG_ARM),
         "seed": _to_int(tags.get(names.TAG_SEED)),
         "lambda": _to_float(params.get(names.PARAM_LAMBDA)),

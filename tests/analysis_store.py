@@ -142,7 +142,7 @@ def fill_synthetic_study(
             names.TAG_N_PARAMS: str(int(n)),
             names.TAG_N_PARAMS_NON_EMBEDDING: str(int(n * 0.6)),
             names.TAG_TOKENS: str(int(20 * n)),
-            "steps": str(steps),
+            names.TAG_STEPS: str(steps),
             names.TAG_ARM: arm,
             names.TAG_SEED: str(run_seed),
             names.TAG_CONFIG_HASH: f"{rung}-{arm}-{run_seed}",
