@@ -32,6 +32,9 @@ from scaling.provenance import resolve_tracking_uri
 KIND_UNKNOWN = "unknown"
 _LAYER_METRIC = re.compile(r"^condensation/layer_(\d+)/(mean_cos|mean_cos_offdiag|effective_rank)$")
 _PARENT_TAG = "mlflow.parentRunId"
+# Older runs carry the optimizer steps and token budget as params only (the report's budget).
+_STEPS_PARAM = "steps"
+_TOKENS_PARAM = "tokens"
 
 RUN_SCHEMA = {
     "run_id": pl.String,
@@ -44,6 +47,7 @@ RUN_SCHEMA = {
     "n_params": pl.Int64,
     "n_params_non_embedding": pl.Int64,
     "tokens": pl.Int64,
+    "steps": pl.Int64,
     "arm": pl.String,
     "seed": pl.Int64,
     "lambda": pl.Float64,
@@ -204,7 +208,8 @@ def _run_row(run, study: str) -> dict:
         "rung": tags.get(names.TAG_RUNG),
         "n_params": _to_int(tags.get(names.TAG_N_PARAMS)),
         "n_params_non_embedding": _to_int(tags.get(names.TAG_N_PARAMS_NON_EMBEDDING)),
-        "tokens": _to_int(tags.get(names.TAG_TOKENS)),
+        "tokens": _to_int(tags.get(names.TAG_TOKENS) or params.get(_TOKENS_PARAM)),
+        "steps": _to_int(tags.get(names.TAG_STEPS) or params.get(_STEPS_PARAM)),
         "arm": tags.get(names.TAG_ARM),
         "seed": _to_int(tags.get(names.TAG_SEED)),
         "lambda": _to_float(params.get(names.PARAM_LAMBDA)),

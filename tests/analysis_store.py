@@ -6,9 +6,13 @@ step metrics and a `condensation.json` artifact. The metrics come from known cur
 seeded noise, so tests can check what the analysis recovers:
 
 - val/loss = 1.0 * (N / N_ref)^-0.35 + 2.0 for the baseline; the dispersion arm behaves as
-  a baseline with `DISPERSION_MULTIPLIER` times as many parameters;
-- last-layer / late-half mean cosine = 0.3 * (N / N_ref)^-0.4 + 0.1 (dispersion: 0.8x);
-- Spearman falls linearly in log10 N from 0.95 (dispersion: 0.15 lower).
+  a baseline with `loss_multiplier` (default `DISPERSION_MULTIPLIER`) times as many parameters;
+- last-layer / late-half mean cosine = 0.3 * (N / N_ref)^-0.4 + 0.1 (dispersion: `cos_factor`
+  times that, default 0.8);
+- Spearman falls linearly in log10 N from 0.95 (dispersion: 0.15 lower);
+- at step 0 (both arms of a pair share it: same initialisation) Spearman = `initial_spearman`
+  and a per-layer profile rising with depth; per-layer mean cosines at every step;
+- eval/mean_acc when `accuracy_gain` is given (dispersion: that much higher).
 
 Usable from the command line to get a store to play with:
 `python tests/analysis_store.py sqlite:////tmp/demo/mlflow.db`.
@@ -26,6 +30,7 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from analysis.effects import EVAL_MEAN_ACC
 from scaling import names
 
 N_REF = 1e7
@@ -46,13 +51,13 @@ class SyntheticStudy:
     failed_run_ids: tuple[str, ...]
 
 
-def true_loss(n: float, arm: str = names.ARM_BASELINE) -> float:
-    effective = n * (DISPERSION_MULTIPLIER if arm == names.ARM_DISPERSION else 1.0)
+def true_loss(n: float, arm: str = names.ARM_BASELINE, multiplier: float = DISPERSION_MULTIPLIER) -> float:
+    effective = n * (multiplier if arm == names.ARM_DISPERSION else 1.0)
     return LOSS_SCALE * (effective / N_REF) ** (-LOSS_ALPHA) + LOSS_OFFSET
 
 
-def _true_mean_cos(n: float, arm: str) -> float:
-    factor = 0.8 if arm == names.ARM_DISPERSION else 1.0
+def _true_mean_cos(n: float, arm: str, cos_factor: float = 0.8) -> float:
+    factor = cos_factor if arm == names.ARM_DISPERSION else 1.0
     return factor * (0.3 * (n / N_REF) ** (-0.4) + 0.1)
 
 
@@ -60,9 +65,9 @@ def _true_spearman(n: float, arm: str) -> float:
     return 0.95 - 0.25 * math.log10(n / 1e6) - (0.15 if arm == names.ARM_DISPERSION else 0.0)
 
 
-def _condensation_record(n: float, arm: str, n_layers: int, rng: np.random.Generator) -> dict:
+def _condensation_record(n: float, arm: str, n_layers: int, rng: np.random.Generator, cos_factor: float = 0.8) -> dict:
     """A `condensation.json` whose per-layer mean cosine rises with depth to the final value."""
-    last = _true_mean_cos(n, arm)
+    last = _true_mean_cos(n, arm, cos_factor)
     layers = []
     grid = np.linspace(-1, 1, 128)
     for layer in range(n_layers + 1):
@@ -104,11 +109,17 @@ def fill_synthetic_study(
     metric_overrides: dict[str, float] | None = None,
     seed: int = 0,
     artifact_root: str | None = None,
+    cos_factor: float = 0.8,
+    loss_multiplier: float = DISPERSION_MULTIPLIER,
+    initial_spearman: float | None = 0.95,
+    accuracy_gain: float | None = None,
 ) -> SyntheticStudy:
     """Write one synthetic study; returns the run ids. `failed` extra runs end failed.
 
     `metric_overrides` forces a metric to a constant (or NaN) in every run, to test
     degenerate inputs. Artifacts go under `artifact_root` (default: next to a SQLite file).
+    `cos_factor`, `loss_multiplier`, `initial_spearman` (None: no step-0 probe) and
+    `accuracy_gain` (None: no eval/mean_acc) set the truth the paper's claims are checked on.
     """
     rungs = RUNG_SIZES if rungs is None else rungs
     rng = np.random.default_rng(seed)
@@ -131,6 +142,7 @@ def fill_synthetic_study(
             names.TAG_N_PARAMS: str(int(n)),
             names.TAG_N_PARAMS_NON_EMBEDDING: str(int(n * 0.6)),
             names.TAG_TOKENS: str(int(20 * n)),
+            names.TAG_STEPS: str(steps),
             names.TAG_ARM: arm,
             names.TAG_SEED: str(run_seed),
             names.TAG_CONFIG_HASH: f"{rung}-{arm}-{run_seed}",
@@ -143,14 +155,18 @@ def fill_synthetic_study(
         run = client.create_run(experiment_id, tags=tags, run_name=f"{rung}-{arm}-s{run_seed}")
         run_id = run.info.run_id
         lam = 0.1 if arm == names.ARM_DISPERSION else 0.0
-        params = {names.PARAM_LAMBDA: lam, names.PARAM_LAYERS: "all", names.PARAM_VARIANT: "angular_spread", names.PARAM_TAU: 1.0, names.PARAM_CLAMP: 0.1}
+        params = {names.PARAM_LAMBDA: lam, names.PARAM_LAYERS: "all", names.PARAM_VARIANT: "angular_spread", names.PARAM_TAU: 1.0,
+                  names.PARAM_CLAMP: 0.1, "steps": steps}
         finals = {
-            names.VAL_LOSS: true_loss(n, arm) * math.exp(rng.normal(0, noise)),
-            names.COND_LAST_LAYER_MEAN_COS: _true_mean_cos(n, arm) * math.exp(rng.normal(0, noise)),
-            names.COND_LATE_HALF_MEAN_COS: 0.9 * _true_mean_cos(n, arm) * math.exp(rng.normal(0, noise)),
+            names.VAL_LOSS: true_loss(n, arm, loss_multiplier) * math.exp(rng.normal(0, noise)),
+            names.COND_LAST_LAYER_MEAN_COS: _true_mean_cos(n, arm, cos_factor) * math.exp(rng.normal(0, noise)),
+            names.COND_LATE_HALF_MEAN_COS: 0.9 * _true_mean_cos(n, arm, cos_factor) * math.exp(rng.normal(0, noise)),
             names.COND_SPEARMAN: _true_spearman(n, arm) + rng.normal(0, 0.02),
             names.COND_KENDALL: 0.8 * _true_spearman(n, arm) + rng.normal(0, 0.02),
         }
+        if accuracy_gain is not None:
+            gain = accuracy_gain if arm == names.ARM_DISPERSION else 0.0
+            finals[EVAL_MEAN_ACC] = 0.3 + 0.02 * math.log10(n / 1e6) + gain + rng.normal(0, noise)
         finals.update(metric_overrides or {})
         now = int(time.time() * 1000)
         metrics = []
@@ -161,11 +177,22 @@ def fill_synthetic_study(
                 Metric(names.TRAIN_LR, 1e-3, now, step),
                 Metric(names.VAL_LOSS, finals[names.VAL_LOSS] * (warm if step < steps else 1.0), now, step),
             ]
-        for key in (names.COND_LAST_LAYER_MEAN_COS, names.COND_LATE_HALF_MEAN_COS, names.COND_SPEARMAN, names.COND_KENDALL):
-            metrics.append(Metric(key, finals[key], now, steps))
-        record = _condensation_record(n, arm, n_layers, rng)
+        for key in (names.COND_LAST_LAYER_MEAN_COS, names.COND_LATE_HALF_MEAN_COS, names.COND_SPEARMAN, names.COND_KENDALL, EVAL_MEAN_ACC):
+            if key in finals:
+                metrics.append(Metric(key, finals[key], now, steps))
+        record = _condensation_record(n, arm, n_layers, rng, cos_factor)
         for layer in record["layers"]:
-            metrics.append(Metric(names.layer_metric(layer["layer"]), layer["mean_cosine"], now, steps))
+            for step in range(1, steps + 1):
+                # The profile moves from its initial shape to the final one over training.
+                share = step / steps
+                metrics.append(Metric(names.layer_metric(layer["layer"]), layer["mean_cosine"] * (0.5 + 0.5 * share), now, step))
+        if initial_spearman is not None:
+            # Step 0 depends on (rung, seed) only: paired arms share their initialisation.
+            init = np.random.default_rng([int(n), run_seed])
+            metrics.append(Metric(names.COND_SPEARMAN, float(np.clip(initial_spearman + init.normal(0, 0.03), -1, 1)), now, 0))
+            metrics.append(Metric(names.COND_LATE_HALF_MEAN_COS, 0.6 + init.normal(0, 0.01), now, 0))
+            for layer in range(n_layers + 1):
+                metrics.append(Metric(names.layer_metric(layer), 0.1 + 0.8 * layer / n_layers + init.normal(0, 0.01), now, 0))
         client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()], tags=[RunTag("note", "synthetic")])
         if with_artifacts and not is_failed:
             client.log_dict(run_id, record, names.ARTIFACT_CONDENSATION_JSON)
