@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study", "--experiment", dest="study", default=None, help="study (= experiment) name (default: the most recently created study)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: outputs/analysis/<study>)")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="final-value metrics to analyse (default: %(default)s)")
-    parser.add_argument("--size", choices=sorted(SIZE_COLUMNS), default="total", help="size axis N: total or non-embedding parameters (default: %(default)s)")
+    parser.add_argument("--size", choices=sorted(SIZE_COLUMNS), default="non_embedding", help="size axis N: non-embedding parameters (as the dry run and the token budgets; observation runs fall back to their total) or total (default: %(default)s)")
     parser.add_argument("--control-arm", default=names.ARM_BASELINE, help="arm the paired differences are taken against (default: %(default)s)")
     parser.add_argument("--bootstrap", type=int, default=FitOptions.n_bootstrap, help="bootstrap replicates for every interval (default: %(default)s)")
     parser.add_argument("--confidence", type=float, default=FitOptions.confidence, help="interval level (default: %(default)s)")

@@ -98,7 +98,7 @@ def test_end_to_end_writes_every_output_and_logs_the_analysis_run(store, tmp_pat
     assert "Effective-parameter multiplier" in report and "λ*(N)" in report
     # The budget comes first, then the claims, then the figures a researcher reads first.
     assert report.index("## What this rests on") < report.index("## Paper claims") < report.index("## Key figures") < report.index("## Scaling curves")
-    assert "4 — tiny-1M (N=1M)" in report and "3 steps" in report and "seeds** per (rung, arm): 2" in report
+    assert "4 — tiny-1M (N=600K)" in report and "3 steps" in report and "seeds** per (rung, arm): 2" in report
     assert "(no CI)" not in report  # an estimate without an interval always says why
     claims = pl.read_csv(out / "tables/claims.csv")
     assert claims.columns[:7] == ["key", "claim", "metric", "estimate", "ci_low", "ci_high", "verdict"] and "n" in claims.columns
