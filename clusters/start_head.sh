@@ -13,6 +13,7 @@
 #   MLFLOW_PORT       default 5000
 #   MLFLOW_DIR        SQLite store, log and pid file (default ~/mlflow)
 #   MLFLOW_WAIT_S     how long to wait for the server to answer (default 300)
+#   MLFLOW_SERVER_ARGS  more `mlflow server` options, e.g. "--app-name basic-auth" (clusters/README.md)
 #   HEAD_IP           the head's address as the nodes see it (default: the address Ray picks)
 #
 # Re-running it (`ray up` again) keeps a server that runs with the same settings and answers;
@@ -46,7 +47,7 @@ ALLOWED="$HEAD_IP:$PORT,$HEAD_IP,localhost:*,localhost,127.0.0.1:*,127.0.0.1"
 mkdir -p "$DIR"
 PID_FILE=$DIR/server.pid
 SETTINGS_FILE=$DIR/server.settings
-SETTINGS="--host $BIND --port $PORT --backend-store-uri sqlite:///$DIR/mlflow.db --artifacts-destination $ARTIFACTS --allowed-hosts $ALLOWED"
+SETTINGS="--host $BIND --port $PORT --backend-store-uri sqlite:///$DIR/mlflow.db --artifacts-destination $ARTIFACTS --allowed-hosts $ALLOWED ${MLFLOW_SERVER_ARGS:-}"
 
 running_pid() {  # the pid in the pid file when that process is still an mlflow server
   local pid
@@ -94,7 +95,11 @@ while time.monotonic() < deadline:
         with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5):
             print(f"MLflow answers at {uri}")
             sys.exit(0)
-    except urllib.error.HTTPError as exc:  # it runs, but refuses this address: do not wait
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:  # the basic-auth app: it runs and accepts this address
+            print(f"MLflow answers at {uri} (login required)")
+            sys.exit(0)
+        # It runs, but refuses this address (403: --allowed-hosts): waiting will not help.
         sys.exit(f"error: MLflow at {uri} answered {exc.code} {exc.read()[:200]!r}; check --allowed-hosts")
     except OSError as exc:
         last = str(exc)
