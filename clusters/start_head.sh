@@ -47,7 +47,8 @@ ALLOWED="$HEAD_IP:$PORT,$HEAD_IP,localhost:*,localhost,127.0.0.1:*,127.0.0.1"
 mkdir -p "$DIR"
 PID_FILE=$DIR/server.pid
 SETTINGS_FILE=$DIR/server.settings
-SETTINGS="--host $BIND --port $PORT --backend-store-uri sqlite:///$DIR/mlflow.db --artifacts-destination $ARTIFACTS --allowed-hosts $ALLOWED ${MLFLOW_SERVER_ARGS:-}"
+SETTINGS="--host $BIND --port $PORT --backend-store-uri sqlite:///$DIR/mlflow.db"
+SETTINGS="$SETTINGS --artifacts-destination $ARTIFACTS --allowed-hosts $ALLOWED ${MLFLOW_SERVER_ARGS:-}"
 
 running_pid() {  # the pid in the pid file when that process is still an mlflow server
   local pid
