@@ -251,6 +251,18 @@ def _heatmap_grid(path: Path, profiles: pl.DataFrame, rows: tuple[str, list], co
     return _save(fig, path)
 
 
+def plot_heatmaps_over_training(path: Path, probe_profiles: pl.DataFrame, *, rung: str, n: float | None) -> Path:
+    """One rung's condensation heatmap at every probe step: a row per arm, a column per step (the
+    paper's figure of GPT-2 mid-training), histograms averaged over the seeds of each cell."""
+    arms = sorted(probe_profiles["arm"].unique().to_list(), key=lambda a: (a != "baseline", a))
+    steps = sorted(probe_profiles["step"].unique().to_list())
+    seeds = probe_profiles["seed"].n_unique()
+    size = f", N={human_size(n)}" if n else ""
+    titles = [f"{rung}{size}\nstep {step}" + (" (initial)" if step == 0 else "") for step in steps]
+    return _heatmap_grid(path, probe_profiles, rows=("arm", arms), columns=("step", steps), titles=titles,
+                         empty="no probe", row_labels=[f"{arm} ({seeds} seed{'s' * (seeds > 1)})" for arm in arms])
+
+
 def plot_layer_profiles(path: Path, profiles: pl.DataFrame) -> Path:
     """Final per-layer mean cosine vs layer fraction, one line per rung, one panel per arm
     (shared y, so the arms compare at a glance)."""

@@ -244,7 +244,7 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
-_KEY_FIGURES = ("condensation_heatmaps", "profile_over_training", "difference_")
+_KEY_FIGURES = ("condensation_heatmaps", "heatmaps_over_training_", "profile_over_training", "difference_")
 """Figure stems shown right under the claims, in this order; the rest go under 'More figures'."""
 
 

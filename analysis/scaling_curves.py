@@ -310,6 +310,13 @@ def _write_plots(records: load.StudyRecords, analysis: StudyAnalysis, final: pl.
     history = _layer_history(_train_at_steps(records, analysis.size_column))
     if history.height:
         made.append(plots.plot_profile_over_training(plot_dir / "profile_over_training.png", history))
+    probes = records.probe_profiles.join(records.runs.select("run_id", "rung", "arm", "seed", "kind",
+                                                             pl.col(analysis.size_column).cast(pl.Float64).alias("n")),
+                                         on="run_id").filter(pl.col("kind") == names.KIND_TRAIN)
+    for rung in probes.sort("n")["rung"].unique(maintain_order=True).to_list():
+        cell = probes.filter(pl.col("rung") == rung)
+        made.append(plots.plot_heatmaps_over_training(plot_dir / f"heatmaps_over_training_{rung}.png", cell,
+                                                      rung=rung, n=cell["n"][0]))
     for arm in analysis.treatment_arms:
         # A saturated rank correlation differs by 0 in every pair by construction: no panel.
         diffs = {m: d for (m, a), d in analysis.differences.items() if a == arm and m not in analysis.saturated}
