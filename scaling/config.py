@@ -26,7 +26,7 @@ from scaling.dispersion_spec import VARIANTS, resolve_layers, validate_layer_spe
 from scaling.errors import ConfigError
 from scaling.ladder import RunConfigurator, get_ladder
 from scaling.observe_config import ObserveConfig, observe_study_from_dict
-from scaling.schema import as_list, build_config, read_study_mapping, to_plain
+from scaling.schema import as_list, build_config, flatten, read_study_mapping, to_plain
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from scaling.ladder import RunPlan, Rung
@@ -434,6 +434,15 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
+
+    def record_params(self) -> dict[str, Any]:
+        """The study's settings as flat MLflow params of its parent run: each arm with only what applies
+        to it, the search only when there is one."""
+        plain = self.to_dict()
+        plain["arms"] = {arm.name: arm.settings() or "-" for arm in self.arms}
+        if not self.search.num_samples:
+            del plain["search"]
+        return flatten(plain)
 
     def to_yaml(self) -> str:
         """The study with every default filled in (recorded with the study's MLflow run)."""

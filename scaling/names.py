@@ -65,6 +65,11 @@ ARM_DISPERSION = "dispersion"
 ARM_NEFTUNE = "neftune"
 ARM_ACTIVE_FORGETTING = "active_forgetting"
 ARMS = (ARM_BASELINE, ARM_DISPERSION, ARM_NEFTUNE, ARM_ACTIVE_FORGETTING)
+ARM_LABELS = {ARM_BASELINE: "base", ARM_DISPERSION: "disp", ARM_NEFTUNE: "neft", ARM_ACTIVE_FORGETTING: "forget"}
+"""Short arm names for run names: the MLflow runs table cuts names at ~16 characters."""
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI opens an experiment in the view this names
+EXPERIMENT_KIND = "custom_model_development"  # model training, not the GenAI (traces) view
 
 # --- run params (flattened study config, dotted) ------------------------------------
 PARAM_LAMBDA = "dispersion.lambda"

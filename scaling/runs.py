@@ -17,7 +17,7 @@ from scaling import faults, names
 from scaling.cluster import placement_strategy, resolve_storage_path
 from scaling.config import StudyConfig
 from scaling.errors import one_line
-from scaling.schema import config_hash, flatten
+from scaling.schema import config_hash
 from scaling.train import RunTask
 
 PREEMPTION_ERRORS = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ActorUnavailableError",
@@ -56,8 +56,18 @@ class ResolvedRun:
 
     config_hash: str
     run_name: str
+    """Short, arm first (`disp tiny-754K s0`): what the MLflow runs table shows."""
+    slug: str
+    """`tiny-754K-dispersion-s0`: file and folder names."""
     tags: dict[str, Any]
+    """What a run is (rung, arm, seed, sizes, budget): the columns to group and filter by."""
     params: dict[str, Any]
+    """What a run was trained with that differs between the runs of a study: the arm's settings and the
+    resolved schedule. Study-wide settings are the study run's params."""
+
+
+def run_name(arm: str, rung: str, seed: int) -> str:
+    return f"{names.ARM_LABELS.get(arm, arm)} {rung} s{seed}"
 
 
 def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str) -> ResolvedRun:
@@ -71,12 +81,13 @@ def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str)
                 "precision": study.resources.precision, "data": data_fingerprint}
     tags = {names.TAG_RUNG: rung.name, names.TAG_ARM: arm.name, names.TAG_SEED: seed,
             names.TAG_N_PARAMS: plan.params.total, names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding,
-            names.TAG_TOKENS: plan.tokens, names.TAG_LADDER: study.ladder}
-    params = {**arm.params(), "rung": rung.name, "seed": seed, "steps": plan.steps, "lr": plan.lr,
-              "warmup_steps": plan.warmup_steps, "tokens": plan.tokens,
-              **flatten(dataclasses.asdict(study.training), "training."),
-              **flatten(dataclasses.asdict(study.resources), "resources.")}
-    return ResolvedRun(config_hash(resolved), f"{rung.name}-{arm.name}-s{seed}", tags, params)
+            names.TAG_TOKENS: plan.tokens, names.TAG_STEPS: plan.steps, names.TAG_LADDER: study.ladder}
+    params = {**arm.params(), "lr": plan.lr, "warmup_steps": plan.warmup_steps}
+    init_from = study.training.init_from_for(rung.name)
+    if init_from:
+        params["init_from"] = init_from
+    return ResolvedRun(config_hash(resolved), run_name(arm.name, rung.name, seed), f"{rung.name}-{arm.name}-s{seed}",
+                       tags, params)
 
 
 def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: str, tracking_uri: str,
@@ -180,7 +191,7 @@ def train_run(study: StudyConfig, plan, arm, seed: int, data: DataRefs, tracker,
     task = build_task(study, plan, arm, seed, run.run_name, run_id, tracker.tracking_uri, data)
     say(f"{run.run_name}: {plan.steps} steps on {study.resources.num_workers} worker(s), "
         f"ZeRO-{study.resources.zero_stage}, run {run_id[:8]}")
-    outcome = fit(study, task, tracker, f"{study.study}-{run.run_name}-{run.config_hash[:8]}")
+    outcome = fit(study, task, tracker, f"{study.study}-{run.slug}-{run.config_hash[:8]}")
     if outcome.failure:
         tracker.finish(run_id, names.STATUS_FAILED, outcome.failure)
         say(f"{run.run_name}: FAILED: {outcome.failure}")

@@ -26,7 +26,6 @@ from scaling.console import format_progress, say
 from scaling.errors import ConfigError
 from scaling.provenance import resolve_tracking_uri
 from scaling.runs import DataRefs, RunOutcome, train_run
-from scaling.schema import flatten
 from scaling.sweep import best_arm, run_sweep
 from scaling.tracking import Tracker
 
@@ -99,7 +98,7 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
         progress(f"warning: {warning}")
 
     tracker = Tracker(tracking_uri, study.study)
-    parent_id = tracker.study_run_id(flatten(study.to_dict()), study_source, study.to_yaml())
+    parent_id = tracker.study_run_id(study.record_params(), study_source, study.to_yaml())
     data = prepare_data(study, vocab_size=min(plan.rung.vocab_size for plan in plans))
     refs = DataRefs(ray.put(data.train_blocks), ray.put(data.val_blocks), ray.put(data.probe_ids), data.fingerprint)
     progress(f"study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x {len(study.arms)} arm(s); "
@@ -241,10 +240,11 @@ class ProgressBoard:
                     self.say(line)
 
     def _line(self, run, now: float) -> str | None:
-        metrics, params = run.data.metrics, run.data.params
+        metrics = run.data.metrics
+        tags = run.data.tags
         try:
-            total = int(params["steps"])
-            step = round(metrics[names.TRAIN_TOKENS_SEEN] / (int(params["tokens"]) / total))
+            total = int(tags[names.TAG_STEPS])
+            step = round(metrics[names.TRAIN_TOKENS_SEEN] / (int(tags[names.TAG_TOKENS]) / total))
         except (KeyError, ValueError, ZeroDivisionError):
             return None
         run_id = run.info.run_id
@@ -256,7 +256,7 @@ class ProgressBoard:
         tokens_per_s = metrics.get(names.TRAIN_TOKENS_PER_S)
         rate = (step - first_step) / (now - first_time) if now > first_time and step > first_step else None
         if rate is None and tokens_per_s:  # first sight: the loop's own pace (probes and logging not included)
-            rate = tokens_per_s / (int(params["tokens"]) / total)
+            rate = tokens_per_s / (int(tags[names.TAG_TOKENS]) / total)
         eta = (total - step) / rate if rate else None
         return format_progress(run.info.run_name or run_id[:8], step, total, metrics.get(names.TRAIN_CE_LOSS),
                                tokens_per_s, eta)

@@ -95,13 +95,17 @@ class Tracker:
                 "check tracking_uri / MLFLOW_TRACKING_URI"
             ) from None
         if experiment is None:
-            self.experiment_id = self._client.create_experiment(study)
+            # Opens in MLflow's model-training view (runs, metrics), not its GenAI one (traces, judges).
+            self.experiment_id = self._client.create_experiment(
+                study, tags={names.EXPERIMENT_KIND_TAG: names.EXPERIMENT_KIND})
         elif experiment.lifecycle_stage == "deleted":
             raise ConfigError(
                 f"MLflow experiment {study!r} was deleted; restore it (mlflow experiments restore) or rename the study"
             )
         else:
             self.experiment_id = experiment.experiment_id
+            if names.EXPERIMENT_KIND_TAG not in experiment.tags:
+                self._client.set_experiment_tag(self.experiment_id, names.EXPERIMENT_KIND_TAG, names.EXPERIMENT_KIND)
 
     # -- finding runs -----------------------------------------------------------------
     def _search(self, filter_string: str) -> list:

@@ -248,7 +248,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         if step % task.training.log_every == 0 or step == task.steps:
             elapsed = time.perf_counter() - window_start
-            metrics = {names.TRAIN_CE_LOSS: ce, names.TRAIN_LR: scheduler.get_last_lr()[0],
+            metrics = {names.TRAIN_CE_LOSS: ce, names.TRAIN_LR: float(f"{scheduler.get_last_lr()[0]:.6g}"),
                        names.TRAIN_TOKENS_PER_S: window_tokens / max(elapsed, 1e-9),
                        names.TRAIN_TOKENS_SEEN: tokens_seen,
                        names.TRAIN_LOSS: total}

@@ -115,7 +115,7 @@ def test_two_rung_sweep_records_trials_picks_best_on_validation_and_survives_a_n
     study = study_from_dict(sweep_study(tmp_path, "sweep"))
     from scaling.faults import NAN_LOSS, Fault, install
 
-    with install(Fault(NAN_LOSS, step=1, run="-trial1-")):  # the second trial of each rung turns NaN
+    with install(Fault(NAN_LOSS, step=1, run="trial1 ")):  # the second trial of each rung turns NaN
         outcomes = run_study(study, "")
     runs = mlflow_runs(study.tracking_uri, "sweep")
     (parent,) = by_kind(runs, names.KIND_STUDY)
