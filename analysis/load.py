@@ -20,7 +20,7 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -91,7 +91,7 @@ class StudyRecords:
     runs: pl.DataFrame
     metrics: pl.DataFrame
     profiles: pl.DataFrame
-    probe_profiles: pl.DataFrame = pl.DataFrame(schema=PROBE_PROFILE_SCHEMA)
+    probe_profiles: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=PROBE_PROFILE_SCHEMA))
     """The per-layer profile (and histograms) at every probe step of training runs."""
     from_cache: bool = False
 

@@ -388,6 +388,7 @@ TINY = Ladder("tiny", (
     _gpt2("tiny-165K", *_TINY_SHAPES[0], 165e3, vocab_size=TINY_VOCAB, max_seq_len=TINY_SEQ_LEN),
     _gpt2("tiny-429K", *_TINY_SHAPES[1], 429e3, vocab_size=TINY_VOCAB, max_seq_len=TINY_SEQ_LEN),
     _gpt2("tiny-754K", *_TINY_SHAPES[2], 754e3, vocab_size=TINY_VOCAB, max_seq_len=TINY_SEQ_LEN),
+    _gpt2("tiny-1.1M", 4, 4, 112, 1.1e6, vocab_size=TINY_VOCAB, max_seq_len=TINY_SEQ_LEN),
 ), "GPT-2 layout, 4096-token local BPE, context 256: trains in seconds on a CPU (tests, demo).")
 
 GPT2 = Ladder("gpt2", (
