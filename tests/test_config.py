@@ -58,7 +58,7 @@ def test_overrides_use_dotted_paths(tmp_path):
     ("study: s\nresources: {zero_stage: 4}\n", "zero_stage=4"),
     ("study: s\ntraining: {batch_size: 4, micro_batch_size: 4}\nresources: {num_workers: 2}\n", "batch_size=4"),
     ("study: s\narms: [active_forgetting]\nresources: {zero_stage: 3}\n", "zero_stage 0, 1 or 2"),
-    ("study: s\ntraining: {init_from: {tiny-165K: a}}\n", "misses ['tiny-429K', 'tiny-754K']"),
+    ("study: s\ntraining: {init_from: {tiny-165K: a}}\n", "misses ['tiny-429K', 'tiny-754K', 'tiny-1.1M']"),
     ("study: s\nrungs: [tiny-165K]\ntraining: {init_from: {tiny-165K: a, nope: b}}\n", "names unknown rungs ['nope']"),
     ("study: s\ndata: {packing: zip}\n", "data.packing='zip': use one of"),
     ("study: s\ntraining: {min_lr_ratio: -0.1}\n", "min_lr_ratio=-0.1"),
