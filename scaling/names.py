@@ -34,6 +34,7 @@ TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nesting tag
 TAG_INIT_HASH = "init_hash"  # hash of the initial weights: equal across paired arms
 TAG_DATA_ORDER_HASH = "data_order_hash"  # chained hash of every batch's block indices
 TAG_RESUMED_FROM_STEP = "resumed_from_step"
+TAG_CHECKPOINT_FALLBACK = "checkpoint_fallback"  # newer checkpoints that could not be read on a resume, and why
 TAG_WORLD_SIZE = "world_size"
 TAG_DEVICE = "device"
 TAG_STEPS = "steps"

@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -179,14 +180,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     resumed = checkpoint is not None
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            _, client_state = engine.load_checkpoint(directory)
+        client_state, skipped = restore_checkpoint(engine, checkpoint, device)
         start_step = int(client_state["step"])
         tokens_seen = int(client_state["tokens_seen"])
         order_hash = client_state["order_hash"]
         _log(rank, f"{task.run_name}: resumed from checkpoint at step {start_step}")
         if logger is not None:
             logger.set_tags({names.TAG_RESUMED_FROM_STEP: start_step})
+            if skipped:
+                logger.set_tags({names.TAG_CHECKPOINT_FALLBACK: "; ".join(skipped)[:4000]})
 
     train_blocks = _resolve(task.train_blocks)
     val_blocks = _resolve(task.val_blocks)
@@ -512,6 +514,83 @@ def _float32_model(engine):
             master = safe_get_full_fp32_param(parameter)
             own[name].copy_(master if master is not None else parameter.float())
     return copy
+
+
+DEEPSPEED_CHECKPOINT_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                                "deepspeed.runtime.zero.config.ZeroStageEnum",
+                                "deepspeed.utils.tensor_fragment.fragment_address")
+"""The only non-tensor classes DeepSpeed's own checkpoints hold (ZeRO 0-3, fp32 and bf16): loading
+allows these and nothing else, so a tampered checkpoint cannot run code when it is unpickled."""
+
+
+def restore_checkpoint(engine, checkpoint, device) -> tuple[dict, list[str]]:
+    """Load the newest readable checkpoint of the run: Ray Train's latest, else an older one kept
+    beside it (`checkpoint.num_to_keep`), every rank agreeing on which. Returns the client state and
+    one line per newer checkpoint that could not be read. Raises when none can: a run never restarts
+    silently from step 0.
+
+    Files are unpickled with torch's weights-only loader (DeepSpeed asks for the full unpickler;
+    the environment switch overrides it), allowing DeepSpeed's own checkpoint classes only.
+    """
+    import importlib
+
+    import torch
+
+    from scaling.errors import TrainingFailure
+
+    allowed = [getattr(importlib.import_module(path.rpartition(".")[0]), path.rpartition(".")[2])
+               for path in DEEPSPEED_CHECKPOINT_CLASSES]
+    skipped = []
+    for candidate in _checkpoints_newest_first(checkpoint):
+        state, problem = None, None
+        saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            with candidate.as_directory() as directory, torch.serialization.safe_globals(allowed):
+                path, state = engine.load_checkpoint(directory)
+            if path is None or not state or "step" not in state:
+                problem = "no DeepSpeed checkpoint in it"
+        except Exception as exc:  # noqa: BLE001 -- truncated, corrupt or missing files: try the one before
+            problem = _brief(exc)
+        finally:
+            if saved is None:
+                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+        ok = torch.tensor([0 if problem else 1], device=device)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)  # a checkpoint every rank can read
+        if int(ok.item()):
+            if skipped:
+                _log(0, f"warning: resumed from an older checkpoint ({candidate.path}); skipped: {'; '.join(skipped)}")
+            return state, skipped
+        skipped.append(f"{candidate.path.rstrip('/').rsplit('/', 1)[-1]}: {problem or 'unreadable on another rank'}")
+    raise TrainingFailure(f"no readable checkpoint to resume from ({'; '.join(skipped)}); the run is not restarted "
+                          "from step 0: delete its Ray Train folder to start it over")
+
+
+def _checkpoints_newest_first(checkpoint) -> list:
+    """Ray Train's latest checkpoint, then the older ones kept in the same run folder."""
+    from pyarrow import fs
+    from ray.train import Checkpoint
+
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    try:
+        infos = checkpoint.filesystem.get_file_info(fs.FileSelector(parent))
+    except OSError:
+        return [checkpoint]
+    older = sorted((info.path for info in infos if info.type == fs.FileType.Directory
+                    and info.base_name.startswith("checkpoint_") and info.path != checkpoint.path.rstrip("/")),
+                   reverse=True)
+    return [checkpoint] + [Checkpoint(path, filesystem=checkpoint.filesystem) for path in older]
+
+
+def _brief(exc: BaseException) -> str:
+    """One line of a load failure: torch's weights-only unpickler puts the reason ("... unsupported
+    GLOBAL posix.system ...") in the middle of a long message, other errors on their last line."""
+    from scaling.errors import one_line
+
+    reason = re.search(r"[^\n]*unsupported [^\n]*", str(exc), flags=re.IGNORECASE)
+    return f"{type(exc).__name__}: {reason.group(0).strip()}"[:300] if reason else one_line(exc, 300)
 
 
 def _save_and_report(engine, report, step, tokens_seen, order_hash) -> None:
