@@ -288,11 +288,11 @@ def test_budget_helpers():
 def test_tens_of_megabytes_tokenized_once(ray_session, tokenizer, tokenizer_dir, bundled_rows, tmp_path):
     """A generated ~24 MB corpus: several pieces, every row accounted for, rows at both ends exact, reused."""
     rng = np.random.default_rng(0)
-    words = " ".join(bundled_rows).split()
+    words = np.array(" ".join(bundled_rows).split())
     source = tmp_path / "big.txt"
     with open(source, "w", encoding="utf-8") as out:
         while out.tell() < 24 << 20:
-            out.write("\n".join(" ".join(rng.choice(words, size=rng.integers(5, 120))) for _ in range(2000)) + "\n")
+            out.write("\n".join(" ".join(words[rng.integers(0, len(words), n)]) for n in rng.integers(5, 120, 2000)) + "\n")
     lines = source.read_text(encoding="utf-8").splitlines()
     spec, root = ShardSpec(str(source), str(tokenizer_dir)), str(tmp_path / "s")
     progress = []
