@@ -460,7 +460,8 @@ def _worker_tokenizer(ref_box: list, digest: str):
 
 def encode_rows(tokenizer, texts: list[str], eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of rows concatenated (each followed by `eos_id` unless None), and each row's length."""
-    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # _fast (no offsets) since 0.20
+    encodings = encode(texts, add_special_tokens=False)
     ids = [e.ids for e in encodings]
     if eos_id is not None:
         for row in ids:
@@ -475,18 +476,20 @@ def _tokenize_pieces(batch: dict, *, tokenizer_box: list, tokenizer_sha: str, pa
     """Ray Data UDF: read, tokenize and write each piece of the batch; return one row per part written
     (a piece without text returns a row with part -1; a bad input returns a row with its error)."""
     out: dict[str, list] = {k: [] for k in ("stream", "piece", "part", "file", "rows_file", "rows", "tokens",
-                                            "bytes", "rows_bytes", "error", "seconds")}
+                                            "bytes", "rows_bytes", "error", "cpu_seconds")}
+    clock = [time.process_time()]  # CPU time of this worker: throughput per core even on a busy machine
 
-    def emit(stream, piece, part=-1, file="", rows_file="", rows=0, tokens=0, size=0, rows_size=0, error="",
-             seconds=0.0):
+    def emit(stream, piece, part=-1, file="", rows_file="", rows=0, tokens=0, size=0, rows_size=0, error=""):
+        now = time.process_time()
         for key, value in zip(out, (stream, piece, part, file, rows_file, rows, tokens, size, rows_size, error,
-                                    seconds)):
+                                    now - clock[0])):
             out[key].append(value)
+        clock[0] = now
 
     tokenizer = _worker_tokenizer(tokenizer_box, tokenizer_sha)
     for desc in batch["piece_json"]:
         piece = json.loads(str(desc))
-        stream, index, started = piece["stream"], piece["piece"], time.perf_counter()
+        stream, index = piece["stream"], piece["piece"]
         separator = eos_id if packing == "eos" else None
         chunks, lengths, buffered, part, rows_seen = [], [], 0, 0, 0
 
@@ -498,7 +501,7 @@ def _tokenize_pieces(batch: dict, *, tokenizer_box: list, tokenizer_sha: str, pa
             size = _write_npy(attempt_uri, f"{name}.tokens.npy", tokens)
             rows_size = _write_npy(attempt_uri, f"{name}.rows.npy", ends)
             emit(stream, index, part, f"{name}.tokens.npy", f"{name}.rows.npy", len(ends), len(tokens), size,
-                 rows_size, seconds=time.perf_counter() - started)
+                 rows_size)
             chunks, lengths, buffered, part = [], [], 0, part + 1
 
         try:
@@ -525,7 +528,7 @@ def _tokenize_pieces(batch: dict, *, tokenizer_box: list, tokenizer_sha: str, pa
             if chunks:
                 flush()
             elif part == 0:
-                emit(stream, index, seconds=time.perf_counter() - started)
+                emit(stream, index)
         except DataError as exc:  # reported to the driver as data, not as a crashed task
             emit(stream, index, error=str(exc))
     return out
@@ -633,6 +636,7 @@ def build_token_shards(spec: ShardSpec, root: str, *, seq_len: int | None = None
         seconds = time.perf_counter() - started
         rows = sum(s["rows"] for s in streams.values())
         tokens = sum(s["tokens"] for s in streams.values())
+        cpu_seconds = sum(s.pop("cpu_seconds") for s in streams.values())
         manifest = {
             "version": FORMAT_VERSION, "key": plan.key, "directory": plan.directory, "attempt": attempt,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "created_unix": time.time(),
@@ -644,7 +648,8 @@ def build_token_shards(spec: ShardSpec, root: str, *, seq_len: int | None = None
             "packing": spec.packing, "max_rows": spec.max_rows, "dtype": _dtype(plan),
             "rows": rows, "tokens": tokens, "splits": streams,
             "build": {"seconds": round(seconds, 3), "cpus": cpus, "rows_per_s": round(rows / seconds, 1),
-                      "tokens_per_s": round(tokens / seconds, 1),
+                      "tokens_per_s": round(tokens / seconds, 1), "cpu_seconds": round(cpu_seconds, 3),
+                      "tokens_per_cpu_s": round(tokens / max(cpu_seconds, 1e-9), 1),
                       "pieces": sum(s["pieces"] for s in streams.values())},
         }
         _write_text(_join(attempt_uri, "tokenizer.json"), plan.tokenizer_json)
@@ -657,8 +662,8 @@ def build_token_shards(spec: ShardSpec, root: str, *, seq_len: int | None = None
         progress(f"{LOG_PREFIX} another writer published token shards {plan.key} first; using theirs")
     else:
         progress(f"{LOG_PREFIX} token shards {plan.key}: {rows:,} rows, {tokens:,} tokens in {seconds:.1f} s "
-                 f"({rows / seconds:,.0f} rows/s, {tokens / seconds:,.0f} tokens/s on {cpus} CPUs) "
-                 f"-> {_join(root, plan.directory)}")
+                 f"({rows / seconds:,.0f} rows/s, {tokens / seconds:,.0f} tokens/s on {cpus} CPUs; "
+                 f"{tokens / max(cpu_seconds, 1e-9):,.0f} tokens per CPU-second) -> {_join(root, plan.directory)}")
     _remove_stale(root, plan.directory, keep=winner["attempt"])
     return TokenShards(root, winner).check_seq_len(seq_len)
 
@@ -683,7 +688,7 @@ def _run_stream(plan: _Plan, source: _Source, stream: str, attempt_uri: str, cpu
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, False  # our own progress lines instead
     parts: list[dict] = []
-    started, last_print, done, rows, tokens = time.perf_counter(), time.perf_counter(), 0, 0, 0
+    started, last_print, done, rows, tokens, cpu = time.perf_counter(), time.perf_counter(), 0, 0, 0, 0.0
     progress(f"{LOG_PREFIX} tokenizing {stream} split of {source.label}: {len(pieces)} piece(s) on {cpus} CPUs "
              f"({plan.spec.packing} packing)")
     try:
@@ -695,6 +700,7 @@ def _run_stream(plan: _Plan, source: _Source, stream: str, attempt_uri: str, cpu
             for row in results.iter_rows():
                 if row["error"]:
                     raise DataError(str(row["error"]))
+                cpu += float(row["cpu_seconds"])
                 if int(row["part"]) >= 0:
                     parts.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
                     rows, tokens = rows + int(row["rows"]), tokens + int(row["tokens"])
@@ -724,7 +730,7 @@ def _run_stream(plan: _Plan, source: _Source, stream: str, attempt_uri: str, cpu
                         "rows_bytes": int(p["rows_bytes"])})
         offset += int(p["tokens"])
     return {"rows": sum(e["rows"] for e in entries), "tokens": offset, "pieces": len({p["piece"] for p in parts}),
-            "parts": entries}
+            "cpu_seconds": round(cpu, 3), "parts": entries}
 
 
 def _truncate_rows(parts: list[dict], limit: int, attempt_uri: str) -> list[dict]:
@@ -1142,6 +1148,12 @@ def describe_corpus(spec: ShardSpec, root: str) -> str:
         return f"{LOG_PREFIX} {spec.source}: not tokenized yet (token shards {plan.key} will be written to " \
                f"{_join(root, plan.directory)})"
     return f"{LOG_PREFIX} {spec.source}: {shards.describe()}"
+
+
+def corpus_tokens(spec: ShardSpec, root: str) -> int | None:
+    """Training-stream tokens of the published shards for `spec`, or None when not tokenized yet."""
+    shards = find_token_shards(spec, root)
+    return None if shards is None else shards.tokens("train")
 
 
 def epochs_for_budget(budget_tokens: float, corpus_tokens: int) -> float:
