@@ -14,7 +14,9 @@ the next:
 * tput-N: a private Ray with N logical CPUs; one small warm-up build (starts and warms the Ray
   workers), then the big corpus into an empty folder, timed by the build itself (rows/s, tokens/s
   and MB/s of text); the N=1 child also tokenizes the corpus in-process with the same code on one
-  thread first, as the per-core reference without Ray.
+  thread first, as the per-core reference without Ray;
+* read: microseconds per batch of random blocks (what a worker does per micro-batch) from the
+  memory-mapped shards vs from the old in-memory array, at two block lengths.
 
 Peak memory is the driver process's own high-water mark (`VmHWM` in /proc/self/status, and
 `ru_maxrss`); Ray's raylet, object store and workers are other processes and are not counted.
@@ -237,6 +239,10 @@ def main() -> None:
               f"({ray_result['seconds']:.1f} s, {ray_result['pieces']} "
               f"pieces, load {ray_result['load'][0]:.1f} -> {ray_result['load'][1]:.1f})", flush=True)
 
+    reads = {}
+    if args.only in ("all", "read"):
+        reads = read_cost(corpora[max(sizes)], tokenizer_dir, workdir, args)
+
     print("\n| measurement | value | goal |\n|---|---|---|")
     small, large = min(sizes), max(sizes)
     for path in ("old", "new"):
@@ -262,7 +268,39 @@ def main() -> None:
                   f"{ray1['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f}x | |")
     for cpus, result in sorted(tput.items()):
         print(f"| tokens per CPU-second in the tasks, {cpus} CPU(s) | {result['ray']['tokens_per_cpu_s']:,.0f} | |")
+    for seq_len, (shard_us, memory_us) in reads.items():
+        print(f"| one batch of {args.batch} random blocks of {seq_len}, shards / in-memory array | "
+              f"{shard_us:.0f} / {memory_us:.0f} us | |")
     print(f"\nload at the end {load():.1f}")
+
+
+def read_cost(corpus: Path, tokenizer_dir: Path, workdir: Path, args) -> dict:
+    """Microseconds per batch of random blocks: memory-mapped shards vs the old in-memory array (no Ray:
+    the shards of the big corpus are built once, or found, in this process's own private Ray)."""
+    import numpy as np
+
+    from scaling.shards import ShardSpec, build_token_shards
+
+    start_ray(2)
+    shards = build_token_shards(ShardSpec(str(corpus), str(tokenizer_dir)), str(workdir / "shards-read"),
+                                progress=lambda line: None)
+    result = {}
+    for seq_len in (128, 1024):
+        view = shards.blocks(seq_len, "train")
+        memory = np.asarray(view)
+        rng = np.random.default_rng(0)
+        batches = [rng.integers(0, len(view), args.batch) for _ in range(args.reads)]
+        timings = []
+        for source in (view, memory):
+            source[batches[0]]  # first touch (page cache, permutation) outside the clock
+            started = time.perf_counter()
+            for indices in batches:
+                source[indices]
+            timings.append((time.perf_counter() - started) / len(batches) * 1e6)
+        result[seq_len] = tuple(timings)
+        print(f"read seq_len {seq_len}: shards {timings[0]:.0f} us, in-memory {timings[1]:.0f} us per batch of "
+              f"{args.batch} (load {load():.1f})", flush=True)
+    return result
 
 
 def parse_args() -> argparse.Namespace:
@@ -273,7 +311,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probes", type=int, default=8, help="probe texts drawn by the driver")
     parser.add_argument("--workdir", default=None, help="keep corpora, tokenizer and shards here")
     parser.add_argument("--skip-old", action="store_true", help="do not measure the old driver path")
-    parser.add_argument("--only", choices=("all", "rss", "tput"), default="all", help="run only one half")
+    parser.add_argument("--only", choices=("all", "rss", "tput", "read"), default="all", help="run only one part")
+    parser.add_argument("--batch", type=int, default=8, help="blocks per batch in the read-cost part")
+    parser.add_argument("--reads", type=int, default=2000, help="batches timed in the read-cost part")
     # children only
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", default=None, help=argparse.SUPPRESS)

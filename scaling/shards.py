@@ -1123,9 +1123,17 @@ class TokenBlocks:
         """[k, seq_len] int64 of these global block numbers."""
         if self._stream is None:
             self._stream = _Stream(self.root, self.manifest, self.stream, self.cache_dir)
-        out = np.empty((len(global_blocks), self.seq_len), dtype=np.int64)
-        for row, block in enumerate(global_blocks):
-            self._stream.read(int(block) * self.seq_len, self.seq_len, out[row])
+        stream, length = self._stream, self.seq_len
+        out = np.empty((len(global_blocks), length), dtype=np.int64)
+        starts = np.asarray(global_blocks, dtype=np.int64) * length
+        parts = np.searchsorted(stream.offsets, starts, side="right") - 1
+        inside = starts + length <= stream.offsets[parts + 1]
+        for row, (start, part, whole) in enumerate(zip(starts.tolist(), parts.tolist(), inside.tolist())):
+            if whole:  # the usual case: the block lies in one part
+                begin = start - int(stream.offsets[part])
+                out[row] = stream._array(part, "file")[begin:begin + length]
+            else:
+                stream.read(start, length, out[row])
         return out
 
     def __repr__(self) -> str:
