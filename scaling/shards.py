@@ -1145,6 +1145,42 @@ class TokenBlocks:
         return array if dtype is None else array.astype(dtype)
 
 
+# --- what a study hands its workers -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyBlocks:
+    """Everything the old `prepare_data` returned, with views of the shards instead of arrays."""
+
+    train: TokenBlocks
+    """Training blocks; a worker indexes it with `DataOrder.batch(step)` as before."""
+    val: TokenBlocks
+    """Validation blocks: the source's own validation split, or blocks held out of the training stream."""
+    probe_ids: list
+    """Token ids (int64 arrays) of the condensation probe texts."""
+    vocab_size: int
+    """Tokens in the tokenizer (`len(tokenizer)`)."""
+    fingerprint: str
+    """Identifies the data in run hashes: shards, seq_len, split and probes."""
+    shards: TokenShards
+    """The shards themselves (manifest, token counts)."""
+
+
+def build_study_blocks(spec: ShardSpec, root: str, *, seq_len: int, val_fraction: float, probe_texts: int,
+                       probe_max_length: int, progress: Callable = print, split_seed: int = 0) -> StudyBlocks:
+    """Shards built or reused, then the train/val views and the probe ids: the driver-side replacement of
+    `scaling.study.prepare_data` (validation does not depend on a run's seed: `split_seed` is the study's)."""
+    shards = build_token_shards(spec, root, seq_len=seq_len, progress=progress)
+    train = shards.blocks(seq_len, "train", val_fraction=val_fraction, seed=split_seed)
+    val = shards.blocks(seq_len, "val", val_fraction=val_fraction, seed=split_seed)
+    probe_ids = shards.probe_ids(probe_texts, probe_max_length)
+    digest = hashlib.sha256(f"{train.fingerprint}|{val.fingerprint}".encode())
+    for ids in probe_ids:
+        digest.update(ids.tobytes())
+    return StudyBlocks(train, val, probe_ids, int(shards.manifest["tokenizer"]["vocab_size"]),
+                       digest.hexdigest()[:16], shards)
+
+
 # --- budget checks (dry run) -------------------------------------------------------------------------
 
 

@@ -90,6 +90,23 @@ def test_second_build_reuses_the_shards(bundled, tokenizer_dir):
     assert "not tokenized yet" in describe_corpus(ShardSpec("bundled", str(tokenizer_dir), packing="raw"), str(root))
 
 
+def test_study_blocks_replace_prepare_data(bundled, tokenizer, tokenizer_dir, bundled_rows):
+    from scaling.shards import build_study_blocks
+
+    _, root, _ = bundled
+    lines = []
+    data = build_study_blocks(ShardSpec("bundled", str(tokenizer_dir)), str(root), seq_len=64, val_fraction=0.1,
+                              probe_texts=2, probe_max_length=32, progress=lines.append)
+    assert lines[0].startswith("[shards] reusing token shards")
+    old = pack_blocks(tokenizer(bundled_rows, add_special_tokens=False)["input_ids"], 64, tokenizer.eos_token_id)
+    old_train, old_val = split_train_val(old, 0.1, seed=0)
+    assert np.array_equal(np.asarray(data.train), old_train) and np.array_equal(np.asarray(data.val), old_val)
+    assert data.vocab_size == len(tokenizer) and len(data.probe_ids) == 2
+    other = build_study_blocks(ShardSpec("bundled", str(tokenizer_dir)), str(root), seq_len=32, val_fraction=0.1,
+                               probe_texts=2, probe_max_length=32, progress=lines.append)
+    assert other.fingerprint != data.fingerprint  # same shards, other blocks
+
+
 def test_row_cap_matches_the_old_path(ray_session, tokenizer, tokenizer_dir, bundled_rows, tmp_path):
     shards = build_token_shards(ShardSpec("bundled", str(tokenizer_dir), max_rows=600), str(tmp_path), seq_len=32,
                                 progress=lambda _: None)
