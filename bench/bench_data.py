@@ -207,8 +207,8 @@ def main() -> None:
         corpora[size] = workdir / f"corpus-{size:g}mb.txt"
         if not corpora[size].is_file():
             generate_corpus(corpora[size], size)
-    print(f"workdir {workdir}; corpora " + ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in corpora.values())
-          + f"; load {load():.1f}; {os.cpu_count()} cores")
+    listing = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in corpora.values())
+    print(f"workdir {workdir}; corpora {listing}; load {load():.1f}; {os.cpu_count()} cores")
 
     rss = {}
     for size in sizes if args.only in ("all", "rss") else ():
@@ -251,7 +251,8 @@ def main() -> None:
             print(f"| driver peak RSS, {path} path: {small:g} MB -> {large:g} MB corpus | {a:.0f} -> {b:.0f} MB "
                   f"({b / a:.2f}x) | {'<= 1.25x' if path == 'new' else ''} |")
     if ("old", large) in rss:
-        print(f"| driver peak RSS at {large:g} MB, new / old | {rss[('new', large)]['vmhwm_mb'] / rss[('old', large)]['vmhwm_mb']:.2f}x | |")
+        ratio = rss[("new", large)]["vmhwm_mb"] / rss[("old", large)]["vmhwm_mb"]
+        print(f"| driver peak RSS at {large:g} MB, new / old | {ratio:.2f}x | |")
     if 1 in tput and 2 in tput:
         ratio = tput[2]["ray"]["tokens_per_s"] / tput[1]["ray"]["tokens_per_s"]
         share = (tput[2]["ray"]["cpu_seconds"] / tput[2]["ray"]["seconds"]) / (

@@ -67,17 +67,17 @@ class ShardSpec:
     """What a set of token shards is made of. Same spec and same source files -> same shards."""
 
     source: str
-    """bundled, wikitext, pubmed_qa, imdb, squad, hf:NAME[/CONFIG]:SPLIT:FIELD, or a .txt/.jsonl/.parquet file or folder (local path or URI)."""
+    """bundled, a reference name (wikitext, ...), hf:NAME[/CONFIG]:SPLIT:FIELD, or .txt/.jsonl/.parquet (path/URI)."""
     tokenizer: str
     """Tokenizer name or local folder (e.g. the folder `scaling.data.build_tokenizer` caches a trained BPE in)."""
     packing: str = "eos"
-    """eos: an EOS token after every row (the old driver path); raw: rows with their newline, no separator (the authors' code)."""
+    """eos: EOS after every row (the old driver path); raw: rows with their newline, no separator (the authors')."""
     field: str = "text"
     """Column (parquet) or JSON key (jsonl) holding the text; hf: sources name their own field."""
     max_rows: int | None = None
     """Use only the first this many non-empty rows of the source (quick runs)."""
     validation: str = "auto"
-    """auto: the source's own validation split when it has one, else held-out blocks; none: held-out blocks; or a source."""
+    """auto: the source's own validation split if it has one, else held-out blocks; none: held-out; or a source."""
 
     def __post_init__(self):
         if self.packing not in PACKINGS:
@@ -172,7 +172,8 @@ def _resolve_files(spec: str, field: str) -> _Source:
         filesystem, path = _filesystem(spec)
         info = filesystem.get_file_info(path)
     except Exception as exc:  # noqa: BLE001 -- a bad URI or missing credentials: the user's to fix
-        raise DataError(f"text source {spec!r} cannot be opened ({type(exc).__name__}: {exc}); check the path") from None
+        raise DataError(f"text source {spec!r} cannot be opened ({type(exc).__name__}: {exc}); "
+                        "check the path") from None
     if info.type == fs.FileType.NotFound:
         raise DataError(f"text source {spec!r}: file not found; check the path")
     if info.type == fs.FileType.Directory:
@@ -285,7 +286,8 @@ def _resolve_hf(name: str, config: str | None, split: str, field: str, validatio
                 info = filesystem.get_file_info(local)
                 infos.append((file_path, int(info.size or 0)))
                 # hub URLs carry the dataset revision; local files get their size and time: both change with the data
-                stamp.append([file_path, int(info.size or 0)] + ([] if "://" in file_path else [int(info.mtime_ns or 0)]))
+                stamp.append([file_path, int(info.size or 0)]
+                             + ([] if "://" in file_path else [int(info.mtime_ns or 0)]))
             _check_parquet(files[0], field)
             return _Source("parquet", label, {**base, "files": stamp}, tuple(infos), field)
         return _Source("hf_stream", label, {**base, "files": files}, field=field,
@@ -318,7 +320,8 @@ def plan_pieces(source: _Source, split: str, cpus: int, piece_bytes: int | None 
         n = len(_bundled_rows())
         count = max(1, min(n, cpus * PIECES_PER_CPU))
         bounds = np.linspace(0, n, count + 1).astype(int)
-        pieces = [{"kind": "bundled", "start": int(a), "stop": int(b)} for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        pieces = [{"kind": "bundled", "start": int(a), "stop": int(b)}
+                  for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     elif source.kind == "lines":
         total = sum(size for _, size in source.files)
         target = piece_bytes or int(min(MAX_PIECE_BYTES, max(MIN_PIECE_BYTES, total / (cpus * PIECES_PER_CPU))))
@@ -585,7 +588,8 @@ def _plan(spec: ShardSpec) -> _Plan:
         source = _with_validation(source, resolve_source(validation, spec.field, "none"))
     fingerprint = {"format": FORMAT_VERSION, "source": source.fingerprint,
                    "validation": source.validation.fingerprint if source.validation else None,
-                   "tokenizer_sha256": tokenizer_sha, "eos_id": tokenizer.eos_token_id if spec.packing == "eos" else None,
+                   "tokenizer_sha256": tokenizer_sha,
+                   "eos_id": tokenizer.eos_token_id if spec.packing == "eos" else None,
                    "packing": spec.packing, "max_rows": spec.max_rows}
     key = shard_key(fingerprint)
     return _Plan(spec, source, tokenizer, tokenizer_json, tokenizer_sha, key, f"{source.label}-{key}", fingerprint)
@@ -694,7 +698,8 @@ def _run_stream(plan: _Plan, source: _Source, stream: str, attempt_uri: str, cpu
     try:
         for first in range(0, len(pieces), wave):
             chunk = pieces[first:first + wave]
-            dataset = ray.data.from_items([{"piece_json": json.dumps(p)} for p in chunk], override_num_blocks=len(chunk))
+            dataset = ray.data.from_items([{"piece_json": json.dumps(p)} for p in chunk],
+                                          override_num_blocks=len(chunk))
             results = dataset.map_batches(_tokenize_pieces, batch_size=1, num_cpus=1, fn_kwargs=kwargs,
                                           batch_format="numpy")
             for row in results.iter_rows():
@@ -763,7 +768,8 @@ def _check_written(attempt_uri: str, streams: dict) -> None:
             for name, size in ((part["file"], part["bytes"]), (part["rows_file"], part["rows_bytes"])):
                 if found.get(name) != size:
                     raise DataError(
-                        f"token shard {name} written by a Ray task is {'missing' if name not in found else 'truncated'} "
+                        f"token shard {name} written by a Ray task is "
+                        f"{'missing' if name not in found else 'truncated'} "
                         f"under {attempt_uri}: the storage is not shared between the nodes; use s3://... or a shared "
                         "filesystem mounted at the same path on every node")
 

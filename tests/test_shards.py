@@ -66,7 +66,8 @@ def test_bundled_eos_gives_the_old_blocks_split_order_and_probes(bundled, tokeni
     assert np.array_equal(val[5], old_val[5]) and np.array_equal(val[-1], old_val[-1])
     assert np.array_equal(np.asarray(val[1::3]), old_val[1::3])
     assert shards.probe_texts(3) == sample_texts(bundled_rows, 3)
-    expected = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"][:32]) for t in sample_texts(bundled_rows, 2)]
+    expected = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"][:32])
+                for t in sample_texts(bundled_rows, 2)]
     assert all(np.array_equal(a, b) for a, b in zip(shards.probe_ids(2, 32), expected))
     assert any("tokens/s" in line and "rows/s" in line for line in lines)
 
@@ -137,7 +138,8 @@ def test_raw_packing_keeps_newlines_and_adds_no_eos(ray_session, tokenizer, toke
     train, val = raw.blocks(4, "train", val_fraction=0.25), raw.blocks(4, "val", val_fraction=0.25)
     assert len(val) == round(0.25 * n) and len(train) + len(val) == n
     assert np.array_equal(np.asarray(train), grid[train.global_index(np.arange(len(train)))])
-    assert sorted([*train.global_index(np.arange(len(train))), *val.global_index(np.arange(len(val)))]) == list(range(n))
+    used = [*train.global_index(np.arange(len(train))), *val.global_index(np.arange(len(val)))]
+    assert sorted(used) == list(range(n))
 
 
 def test_txt_jsonl_parquet_and_folders_give_one_stream(ray_session, tokenizer, tokenizer_dir, bundled_rows, tmp_path):
@@ -229,7 +231,8 @@ def test_concurrent_writers_of_one_key_agree(ray_session, tokenizer, tokenizer_d
     assert results[0].manifest == results[1].manifest
     assert attempts(results[0]) == [results[0].manifest["attempt"]]  # the loser removed its own folder
     assert not [p for p in Path(results[0].uri).iterdir() if p.name.endswith(".manifest.json")]
-    assert np.array_equal(results[0].read_tokens(), old_stream(tokenizer, [r.replace("\n", " ") for r in bundled_rows[:500]]))
+    rows = [r.replace("\n", " ") for r in bundled_rows[:500]]
+    assert np.array_equal(results[0].read_tokens(), old_stream(tokenizer, rows))
 
 
 def test_local_hf_dataset_folders(ray_session, tokenizer, tokenizer_dir, bundled_rows, tmp_path):
@@ -272,7 +275,8 @@ def test_bad_inputs_fail_in_one_line_before_anything_is_written(tokenizer_dir, t
     root = tmp_path / "never-written"
     cases = {
         "empty.txt": "is empty", "blank.txt": "no text", "binary.txt": "binary", "latin1.txt": "not UTF-8",
-        "bad.jsonl": "string field 'text'", "other.csv": ".txt, .jsonl or .parquet", "nocol.parquet": "no column 'text'",
+        "bad.jsonl": "string field 'text'", "other.csv": ".txt, .jsonl or .parquet",
+        "nocol.parquet": "no column 'text'",
         "missing.txt": "not found",
     }
     for name, message in cases.items():
@@ -309,7 +313,8 @@ def test_tens_of_megabytes_tokenized_once(ray_session, tokenizer, tokenizer_dir,
     source = tmp_path / "big.txt"
     with open(source, "w", encoding="utf-8") as out:
         while out.tell() < 24 << 20:
-            out.write("\n".join(" ".join(words[rng.integers(0, len(words), n)]) for n in rng.integers(5, 120, 2000)) + "\n")
+            lengths = rng.integers(5, 120, 2000)
+            out.write("\n".join(" ".join(words[rng.integers(0, len(words), n)]) for n in lengths) + "\n")
     lines = source.read_text(encoding="utf-8").splitlines()
     spec, root = ShardSpec(str(source), str(tokenizer_dir)), str(tmp_path / "s")
     progress = []
