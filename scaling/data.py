@@ -82,15 +82,8 @@ def parse_text_source(spec: str, *, training: bool = False) -> TextSource:
         name, config, split, field = named[spec]
         return TextSource(kind="hf", name=name, config=config, split=split, field=field)
     if spec.startswith("hf:"):
-        parts = spec[3:].split(":")
-        if len(parts) != 3 or not all(parts):
-            raise DataError(
-                f"text source {spec!r}: expected hf:NAME[/CONFIG]:SPLIT:FIELD, "
-                "e.g. hf:wikitext/wikitext-103-v1:train:text"
-            )
-        name_config, split, field = parts
-        name, _, config = name_config.partition("/")
-        return TextSource(kind="hf", name=name, config=config or None, split=split, field=field)
+        name, config, split, field = parse_hf_spec(spec)
+        return TextSource(kind="hf", name=name, config=config, split=split, field=field)
     if spec.endswith((".txt", ".jsonl")):
         if not Path(spec).is_file():
             raise DataError(f"text source {spec!r}: file not found; check the path")
@@ -101,51 +94,57 @@ def parse_text_source(spec: str, *, training: bool = False) -> TextSource:
     )
 
 
-def read_rows(source: TextSource, *, raw: bool = False) -> list[str]:
-    """All non-empty rows of a source, in order, stripped. With `raw`, rows exactly as stored
-    (line endings and whitespace kept, empty rows dropped only when they are empty strings): what
-    `raw` packing concatenates."""
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str, str]:
+    """`hf:NAME[/CONFIG]:SPLIT:FIELD` -> (name, config, split, field). NAME may be `org/name`, which then
+    needs its config (`hf:HuggingFaceFW/fineweb-edu/sample-10BT:train:text`, or `/default`), or a local
+    folder that `datasets` can load."""
+    parts = spec[3:].split(":")
+    if len(parts) != 3 or not all(parts):
+        raise DataError(f"text source {spec!r}: expected hf:NAME[/CONFIG]:SPLIT:FIELD, "
+                        "e.g. hf:HuggingFaceFW/fineweb-edu/sample-10BT:train:text")
+    name_config, split, field = parts
+    if Path(name_config).is_dir():
+        return name_config, None, split, field
+    pieces = name_config.split("/")
+    if len(pieces) > 3:
+        raise DataError(f"text source {spec!r}: NAME[/CONFIG] has too many '/'; use ORG/NAME/CONFIG")
+    name = "/".join(pieces[:2]) if len(pieces) == 3 else pieces[0]
+    return name, pieces[-1] if len(pieces) > 1 else None, split, field
+
+
+def read_rows(source: TextSource, limit: int | None = None) -> list[str]:
+    """The non-empty rows of a source, in order, stripped (the first `limit` of them: a Hugging Face
+    dataset is then streamed, not downloaded whole)."""
     if source.kind == "bundled":
-        rows = _read_bundled_rows(raw)
+        rows = _read_bundled_rows()
     elif source.kind == "file":
-        rows = _read_file_rows(Path(source.path or ""), source.field, raw)
+        rows = _read_file_rows(Path(source.path or ""), source.field)
     elif source.kind == "hf":
-        rows = _read_hf_rows(source)
+        rows = _read_hf_rows(source, limit)
     else:
         raise DataError(f"text source kind {source.kind!r} is unknown: use bundled, hf or file")
-    rows = [r for r in rows if r] if raw else [r for r in (row.strip() for row in rows) if r]
-    if not any(r.strip() for r in rows):
+    rows = [r for r in (row.strip() for row in rows) if r][:limit]
+    if not rows:
         raise DataError(f"text source {source.label!r} has no non-empty text; check its field/contents")
     return rows
 
 
-def read_split_rows(source: TextSource, split: str, *, raw: bool = False) -> list[str]:
-    """The rows of another split of a Hugging Face source (e.g. its `validation` split)."""
-    if source.kind != "hf":
-        raise DataError(f"data.val_split={split!r} needs a Hugging Face source with splits; {source.label!r} is "
-                        f"a {source.kind} source: use data.val_fraction to hold out blocks instead")
-    from dataclasses import replace
-
-    return read_rows(replace(source, split=split), raw=raw)
-
-
-def _read_bundled_rows(raw: bool = False) -> list[str]:
+def _read_bundled_rows() -> list[str]:
     from pydoc_data.topics import topics
 
     # Paragraphs of every topic, in a fixed (sorted) order so that seeds mean the same thing
-    # on every machine with the same Python minor version. Raw rows keep their paragraph break.
-    paragraphs = [p for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key])]
-    return [p + "\n\n" for p in paragraphs] if raw else paragraphs
+    # on every machine with the same Python minor version.
+    return [p for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key])]
 
 
-def _read_file_rows(path: Path, field: str, raw: bool = False) -> list[str]:
+def _read_file_rows(path: Path, field: str) -> list[str]:
     if not path.is_file():
         raise DataError(f"text file {str(path)!r} not found; check the path")
     data = path.read_bytes()
     try:
         if b"\x00" in data:  # UTF-16, images, archives: decodable by luck or not at all, never text
             raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
-        lines = data.decode("utf-8").splitlines(keepends=raw)
+        lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise DataError(f"text file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
                         "give a .txt file (one document per line) or a .jsonl file with a text field") from None
@@ -165,11 +164,14 @@ def _read_file_rows(path: Path, field: str, raw: bool = False) -> list[str]:
     return rows
 
 
-def _read_hf_rows(source: TextSource) -> list[str]:
+def _read_hf_rows(source: TextSource, limit: int | None = None) -> list[str]:
+    import itertools
+
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source.name, source.config, split=source.split)
+        dataset = datasets.load_dataset(source.name, source.config, split=source.split, streaming=limit is not None)
+        columns = dataset.column_names if limit is None else list(dataset.features or {})
     except Exception as exc:  # noqa: BLE001 -- datasets raises many kinds; all mean "cannot load"
         raise DataError(
             f"cannot load dataset {source.name!r} (config {source.config!r}, split {source.split!r}): "
@@ -177,11 +179,11 @@ def _read_hf_rows(source: TextSource) -> list[str]:
             "It needs network access to the Hugging Face hub (or a local cache); offline, use "
             "'bundled' or a local .txt/.jsonl file"
         ) from None
-    if source.field not in dataset.column_names:
-        raise DataError(
-            f"dataset {source.name!r} has no column {source.field!r}; columns: {dataset.column_names}"
-        )
-    return list(dataset[source.field])
+    if columns and source.field not in columns:
+        raise DataError(f"dataset {source.name!r} has no column {source.field!r}; columns: {columns}")
+    if limit is None:
+        return list(dataset[source.field])
+    return [row[source.field] for row in itertools.islice(dataset, limit)]
 
 
 def sample_texts(rows: list[str], repetitions: int, min_words: int = DEFAULT_MIN_WORDS) -> list[str]:

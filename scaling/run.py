@@ -62,13 +62,17 @@ def _main(args) -> int:
 def _train(study, source: str, args) -> int:
     from scaling.cluster import connect_ray
     from scaling.config import describe_study_plan, plan_runs
-    from scaling.study import format_summary, run_study
 
     plans = plan_runs(study)
     print(describe_study_plan(study, plans, gpu=args.gpu))
     if args.dry_run:
+        from scaling.study import describe_data
+
+        print("\n".join(describe_data(study, plans)))
         return 0
     _check_resume(args.resume, study.study, study.tracking_uri)
+    from scaling.study import format_summary, run_study
+
     connect_ray()
     outcomes = run_study(study, source, plans=plans)
     print()

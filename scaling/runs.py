@@ -28,7 +28,8 @@ get their own retry budget; anything else fails the run at once."""
 
 @dataclass(frozen=True)
 class DataRefs:
-    """The study's tokenized data as the workers receive it (Ray object refs), and its fingerprint."""
+    """The study's tokenized data as the workers receive it (views of the token shards, small enough to
+    travel in every run's task; or Ray object refs), and its fingerprint."""
 
     train_blocks: Any
     val_blocks: Any

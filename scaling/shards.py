@@ -43,12 +43,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from scaling.console import say
 from scaling.errors import DataError
 
 FORMAT_VERSION = 1
 PACKINGS = ("eos", "raw")
 MANIFEST = "manifest.json"
-LOG_PREFIX = "[shards]"
 DEFAULT_CACHE = Path.home() / ".cache" / "dispersion-scaling" / "token-shards"
 PART_TOKENS = 1 << 24
 """A task writes a new part file after this many tokens (32 MB as uint16), bounding its memory."""
@@ -130,39 +130,19 @@ def _join(base: str, *parts: str) -> str:
 
 def resolve_source(spec: str, field: str = "text", validation: str = "auto") -> _Source:
     """A source spec resolved to its files and a fingerprint (stat only: no text is read here)."""
-    from scaling.data import REFERENCE_SOURCES
+    from scaling.data import REFERENCE_SOURCES, TRAINING_SOURCES, parse_hf_spec
 
     spec = spec.strip()
     if spec == "bundled":
         rows = _bundled_rows()  # ~0.5 MB that ships with Python: its content is its identity
         digest = hashlib.sha256("\n\x00".join(rows).encode()).hexdigest()[:16]
         return _Source("bundled", "bundled", {"kind": "bundled", "sha256": digest, "rows": len(rows)})
-    if spec in REFERENCE_SOURCES:
-        return _resolve_hf(*REFERENCE_SOURCES[spec], validation)
+    named = {**REFERENCE_SOURCES, **TRAINING_SOURCES}  # shards are training data: wikitext is the raw version
+    if spec in named:
+        return _resolve_hf(*named[spec], validation)
     if spec.startswith("hf:"):
         return _resolve_hf(*parse_hf_spec(spec), validation)
     return _resolve_files(spec, field)
-
-
-def parse_hf_spec(spec: str) -> tuple[str, str | None, str, str]:
-    """`hf:NAME[/CONFIG]:SPLIT:FIELD` -> (name, config, split, field). NAME may be `org/name`, which then
-    needs its config (`hf:HuggingFaceFW/fineweb-edu/sample-10BT:train:text`, or `/default`), or a local
-    folder that `datasets` can load."""
-    parts = spec[3:].split(":")
-    if len(parts) != 3 or not all(parts):
-        raise DataError(f"text source {spec!r}: expected hf:NAME[/CONFIG]:SPLIT:FIELD, "
-                        "e.g. hf:HuggingFaceFW/fineweb-edu/sample-10BT:train:text")
-    name_config, split, field = parts
-    if Path(name_config).is_dir():
-        return name_config, None, split, field
-    pieces = name_config.split("/")
-    if len(pieces) == 1:
-        return pieces[0], None, split, field
-    if len(pieces) == 2:
-        return pieces[0], pieces[1], split, field
-    if len(pieces) == 3:
-        return "/".join(pieces[:2]), pieces[2], split, field
-    raise DataError(f"text source {spec!r}: NAME[/CONFIG] has too many '/'; use ORG/NAME/CONFIG")
 
 
 def _resolve_files(spec: str, field: str) -> _Source:
@@ -606,7 +586,7 @@ def find_token_shards(spec: ShardSpec, root: str) -> "TokenShards | None":
     return _read_published(root, plan.directory)
 
 
-def build_token_shards(spec: ShardSpec, root: str, *, seq_len: int | None = None, progress: Callable = print,
+def build_token_shards(spec: ShardSpec, root: str, *, seq_len: int | None = None, progress: Callable = say,
                        piece_bytes: int | None = None, part_tokens: int = PART_TOKENS,
                        progress_every_s: float = 10.0) -> "TokenShards":
     """Tokenize `spec`'s source into shards under `root` with Ray Data, or reuse the published ones.
@@ -618,7 +598,7 @@ def build_token_shards(spec: ShardSpec, root: str, *, seq_len: int | None = None
     plan = _plan(spec)
     published = _read_published(root, plan.directory)
     if published is not None:
-        progress(f"{LOG_PREFIX} reusing token shards {plan.key} ({published.total_tokens:,} tokens) "
+        progress(f"reusing token shards {plan.key} ({published.total_tokens:,} tokens) "
                  f"in {_join(root, plan.directory)}")
         return published.check_seq_len(seq_len)
 
@@ -663,9 +643,9 @@ def build_token_shards(spec: ShardSpec, root: str, *, seq_len: int | None = None
         raise
     if winner["attempt"] != attempt:
         _remove_tree(attempt_uri)  # another writer published first; nobody can have read ours
-        progress(f"{LOG_PREFIX} another writer published token shards {plan.key} first; using theirs")
+        progress(f"another writer published token shards {plan.key} first; using theirs")
     else:
-        progress(f"{LOG_PREFIX} token shards {plan.key}: {rows:,} rows, {tokens:,} tokens in {seconds:.1f} s "
+        progress(f"token shards {plan.key}: {rows:,} rows, {tokens:,} tokens in {seconds:.1f} s "
                  f"({rows / seconds:,.0f} rows/s, {tokens / seconds:,.0f} tokens/s on {cpus} CPUs; "
                  f"{tokens / max(cpu_seconds, 1e-9):,.0f} tokens per CPU-second) -> {_join(root, plan.directory)}")
     _remove_stale(root, plan.directory, keep=winner["attempt"])
@@ -693,7 +673,7 @@ def _run_stream(plan: _Plan, source: _Source, stream: str, attempt_uri: str, cpu
     bars, context.enable_progress_bars = context.enable_progress_bars, False  # our own progress lines instead
     parts: list[dict] = []
     started, last_print, done, rows, tokens, cpu = time.perf_counter(), time.perf_counter(), 0, 0, 0, 0.0
-    progress(f"{LOG_PREFIX} tokenizing {stream} split of {source.label}: {len(pieces)} piece(s) on {cpus} CPUs "
+    progress(f"tokenizing {stream} split of {source.label}: {len(pieces)} piece(s) on {cpus} CPUs "
              f"({plan.spec.packing} packing)")
     try:
         for first in range(0, len(pieces), wave):
@@ -716,7 +696,7 @@ def _run_stream(plan: _Plan, source: _Source, stream: str, attempt_uri: str, cpu
                 now = time.perf_counter()
                 if now - last_print >= progress_every_s:
                     last_print, elapsed = now, now - started
-                    progress(f"{LOG_PREFIX} {stream}: {done}/{len(pieces)} pieces, {rows:,} rows, {tokens:,} tokens "
+                    progress(f"{stream}: {done}/{len(pieces)} pieces, {rows:,} rows, {tokens:,} tokens "
                              f"({rows / elapsed:,.0f} rows/s, {tokens / elapsed:,.0f} tokens/s)")
             if limit is not None and rows >= limit:
                 break
@@ -1173,7 +1153,7 @@ class StudyBlocks:
 
 
 def build_study_blocks(spec: ShardSpec, root: str, *, seq_len: int, val_fraction: float, probe_texts: int,
-                       probe_max_length: int, progress: Callable = print, split_seed: int = 0) -> StudyBlocks:
+                       probe_max_length: int, progress: Callable = say, split_seed: int = 0) -> StudyBlocks:
     """Shards built or reused, then the train/val views and the probe ids: the driver-side replacement of
     `scaling.study.prepare_data` (validation does not depend on a run's seed: `split_seed` is the study's)."""
     shards = build_token_shards(spec, root, seq_len=seq_len, progress=progress)
@@ -1195,9 +1175,9 @@ def describe_corpus(spec: ShardSpec, root: str) -> str:
     plan = _plan(spec)
     shards = _read_published(root, plan.directory)
     if shards is None:
-        return f"{LOG_PREFIX} {spec.source}: not tokenized yet (token shards {plan.key} will be written to " \
+        return f"{spec.source}: not tokenized yet (token shards {plan.key} will be written to " \
                f"{_join(root, plan.directory)})"
-    return f"{LOG_PREFIX} {spec.source}: {shards.describe()}"
+    return f"{spec.source}: {shards.describe()}"
 
 
 def corpus_tokens(spec: ShardSpec, root: str) -> int | None:

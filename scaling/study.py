@@ -9,15 +9,11 @@ progress line per running run is printed from their MLflow records.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-
-import numpy as np
 
 from scaling import names
 from scaling.cluster import check_study_against_cluster, concurrent_runs
@@ -30,64 +26,83 @@ from scaling.sweep import best_arm, run_sweep
 from scaling.tracking import Tracker
 
 
-@dataclass(frozen=True)
-class StudyData:
-    """Tokenized blocks shared by every run of a study."""
-
-    train_blocks: np.ndarray
-    val_blocks: np.ndarray
-    probe_ids: list[np.ndarray]
-    vocab_size: int
-    fingerprint: str  # identifies the data in run hashes
+BPE_TRAINING_ROWS = 200_000
+"""A tokenizer trained for the study (data.tokenizer: null) learns from at most this many rows, read on the
+driver: enough for a 4096-token BPE, and the driver's memory stays flat whatever the corpus's size."""
 
 
-def prepare_data(study: StudyConfig, vocab_size: int) -> StudyData:
-    """Tokenize the study's text source, pack it into blocks, split off validation (the source's own
-    validation split, or held-out blocks), draw probe texts."""
-    from scaling.data import build_tokenizer, pack_blocks, parse_text_source, read_rows, read_split_rows, \
-        sample_texts, split_train_val
+def prepare_data(study: StudyConfig, vocab_size: int, progress: Callable[[str], None] = say):
+    """The study's token shards (tokenized once with Ray Data, on the cluster's CPUs, then reused by every run
+    and every later study with the same data: `scaling.shards`), as train/validation views and probe ids."""
+    from scaling.shards import build_study_blocks
 
     data = study.data
-    raw = data.packing == "raw"
-    source = parse_text_source(data.source, training=True)
-    rows = read_rows(source, raw=raw)
-    if data.max_rows is not None:
-        rows = rows[: data.max_rows]
-    # Mid-training reads text with the pretrained model's own tokenizer unless one is named.
-    first_checkpoint = next((study.training.init_from_for(r.name) for r in study.selected_rungs()), None)
-    tokenizer = build_tokenizer(data.tokenizer or first_checkpoint, rows=rows, vocab_size=vocab_size)
-    if len(tokenizer) > vocab_size:
+    blocks = build_study_blocks(shard_spec(study), shards_root(study),
+                                seq_len=study.training.seq_len, val_fraction=data.val_fraction,
+                                probe_texts=study.probes.texts, probe_max_length=study.probes.max_length,
+                                progress=progress)
+    if blocks.vocab_size > vocab_size:
         raise ConfigError(
-            f"data.tokenizer has {len(tokenizer)} tokens but the smallest rung's vocab_size is {vocab_size}; "
+            f"data.tokenizer has {blocks.vocab_size} tokens but the smallest rung's vocab_size is {vocab_size}; "
             "use a ladder whose vocab fits the tokenizer, or train a local tokenizer (data.tokenizer: null)"
         )
-    eos = None if raw else tokenizer.eos_token_id
+    return blocks
 
-    def blocks_of(text_rows):
-        return pack_blocks(tokenizer(text_rows, add_special_tokens=False)["input_ids"], study.training.seq_len, eos)
 
-    blocks = blocks_of(rows)
+def shards_root(study: StudyConfig) -> str:
+    """Token shards live beside the runs, on the storage every node shares."""
+    from scaling.cluster import resolve_storage_path
+
+    return f"{resolve_storage_path(study.storage_path)}/token-shards"
+
+
+def describe_data(study: StudyConfig, plans) -> list[str]:
+    """The dry run's data lines: the corpus's tokens (from its shards' manifest, or "not tokenized yet")
+    and how many passes each rung's budget makes over it. Offline, a hub source cannot be inspected."""
+    from scaling.errors import DispersionScalingError
+    from scaling.shards import budget_warning, corpus_tokens, describe_corpus
+
+    try:
+        spec = shard_spec(study)
+        lines = [f"data: {describe_corpus(spec, shards_root(study))}"]
+        tokens = corpus_tokens(spec, shards_root(study))
+    except DispersionScalingError as exc:
+        return [f"data: {study.data.source} not inspected here ({exc})"]
+    for plan in plans if tokens else ():
+        note = budget_warning(plan.tokens, tokens, what=f"rung {plan.rung.name}'s budget")
+        lines.append(f"data: rung {plan.rung.name} trains {plan.tokens / tokens:.2f} epochs"
+                     + (f"; warning: {note}" if note else ""))
+    return lines
+
+
+def shard_spec(study: StudyConfig):
+    """What the study's token shards are made of: source, tokenizer (named, the first rung's checkpoint's,
+    or trained here on the source), packing, row cap and validation split."""
+    from scaling.data import build_tokenizer, parse_text_source, read_rows
+    from scaling.shards import ShardSpec
+
+    data = study.data
+    tokenizer = data.tokenizer or next((study.training.init_from_for(r.name) for r in study.selected_rungs()), None)
+    if tokenizer is None:  # mid-training reads text with the checkpoint's own tokenizer; else train a BPE
+        rows = read_rows(parse_text_source(data.source, training=True), limit=BPE_TRAINING_ROWS)
+        rows = rows[: data.max_rows] if data.max_rows is not None else rows
+        tokenizer = build_tokenizer(None, rows=rows, vocab_size=min(r.vocab_size for r in study.selected_rungs()))
+        tokenizer = tokenizer.name_or_path  # the folder the trained BPE is cached in
+    validation = "none"
     if data.val_split is not None:
-        train, val = blocks, blocks_of(read_split_rows(source, data.val_split, raw=raw))
-    else:  # one split for the whole study (seed 0): validation data must not depend on the run's seed
-        train, val = split_train_val(blocks, data.val_fraction, seed=0)
-    probe_texts = sample_texts([r.strip() for r in rows if r.strip()], study.probes.texts)
-    probe_ids = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"][: study.probes.max_length],
-                            dtype=np.int64) for t in probe_texts]
-    digest = hashlib.sha256(blocks.tobytes())
-    if data.val_split is not None:
-        digest.update(val.tobytes())
-    for ids in probe_ids:
-        digest.update(ids.tobytes())
-    return StudyData(train, val, probe_ids, len(tokenizer), digest.hexdigest()[:16])
+        source = parse_text_source(data.source, training=True)
+        if source.kind != "hf":
+            raise ConfigError(f"data.val_split={data.val_split!r} needs a Hugging Face source with splits; "
+                              f"{data.source!r} is not one: use data.val_fraction to hold out blocks instead")
+        validation = f"hf:{source.name}{'/' + source.config if source.config else ''}:{data.val_split}:{source.field}"
+    return ShardSpec(source=data.source, tokenizer=str(tokenizer), packing=data.packing, max_rows=data.max_rows,
+                     validation=validation)
 
 
 def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Callable[[str], None] = say
               ) -> list[RunOutcome]:
     """Train every (rung, seed, arm) of the study that has not finished yet; with a `search`
     section, the dispersion arm is searched per rung instead (see `scaling.sweep`)."""
-    import ray
-
     plans = plan_runs(study) if plans is None else plans
     searching = study.search.num_samples > 0
     fixed = [(plan, arm, seed) for plan in plans for seed in study.seeds for arm in study.arms
@@ -99,10 +114,10 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
 
     tracker = Tracker(tracking_uri, study.study)
     parent_id = tracker.study_run_id(study.record_params(), study_source, study.to_yaml())
-    data = prepare_data(study, vocab_size=min(plan.rung.vocab_size for plan in plans))
-    refs = DataRefs(ray.put(data.train_blocks), ray.put(data.val_blocks), ray.put(data.probe_ids), data.fingerprint)
+    data = prepare_data(study, vocab_size=min(plan.rung.vocab_size for plan in plans), progress=progress)
+    refs = DataRefs(data.train, data.val, data.probe_ids, data.fingerprint)
     progress(f"study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x {len(study.arms)} arm(s); "
-             f"{len(data.train_blocks)} train / {len(data.val_blocks)} val blocks; MLflow {tracking_uri}")
+             f"{len(data.train):,} train / {len(data.val):,} val blocks; MLflow {tracking_uri}")
 
     def run(plan, arm, seed):
         return train_run(study, plan, arm, seed, refs, tracker, parent_id, progress)

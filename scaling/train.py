@@ -460,7 +460,7 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
             batch = shard[b * micro:(b + 1) * micro]
             if len(batch) == 0:
                 batch = shard[:1]
-            ids = torch.as_tensor(batch, device=device)
+            ids = torch.as_tensor(np.asarray(batch), device=device)  # a lazy view of the shards reads here
             totals[0] += engine(input_ids=ids, labels=ids).loss.double().cpu() * len(batch)
             totals[1] += len(batch)
         base = _float32_model(engine).base_model
