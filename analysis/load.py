@@ -107,6 +107,9 @@ class StudyRecords:
 # --- tracking URI and study selection ------------------------------------------------------
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
 def _check_store_exists(uri: str) -> None:
     # MLflow would silently create an empty database; a missing file is a user error.
     if uri.startswith("sqlite:///"):
@@ -116,6 +119,10 @@ def _check_store_exists(uri: str) -> None:
                 f"--tracking-uri {uri!r}: no MLflow database at {path.resolve()}; run a study first, "
                 "or point --tracking-uri / MLFLOW_TRACKING_URI at the store the trainer wrote"
             )
+        with open(path, "rb") as handle:
+            if path.stat().st_size and handle.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+                raise DataError(f"--tracking-uri {uri!r}: {path} is not an MLflow (SQLite) store; point "
+                                "--tracking-uri / MLFLOW_TRACKING_URI at the store the trainer wrote")
 
 
 def _client(uri: str):

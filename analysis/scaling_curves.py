@@ -44,7 +44,7 @@ from analysis.report import (
     render_markdown,
 )
 from scaling import names
-from scaling.console import quiet_libraries, run_cli
+from scaling.console import check_writable_dir, quiet_libraries, run_cli
 from scaling.errors import ConfigError, DataError
 from scaling.provenance import git_commit, resolve_tracking_uri
 
@@ -386,6 +386,7 @@ def run(args: argparse.Namespace) -> Path:
     uri = resolve_tracking_uri(args.tracking_uri)
     study = load.find_study_name(uri, args.study)
     out = args.out if args.out is not None else Path("outputs") / "analysis" / study
+    check_writable_dir(out, "--out")  # before reading every run's history
     records = load.read_study(uri, study, cache_dir=None if args.no_cache else out / "cache")
     analysis = analyse_study(records, metrics=list(dict.fromkeys(args.metrics)), size_column=SIZE_COLUMNS[args.size], control_arm=args.control_arm, options=options)
     fit_options = {

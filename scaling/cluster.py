@@ -48,6 +48,9 @@ def connect_ray(num_cpus: int | None = None) -> None:
 
     for key, value in FAST_REPORTS_ENV.items():
         os.environ.setdefault(key, value)
+    # Ctrl-C reaches the study driver (which marks runs killed), not Tune's own handler, which would
+    # swallow it and let the driver go on to the next rung.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     if ray.is_initialized():
         return
     quiet_ray_before_init()

@@ -129,7 +129,8 @@ class ArmConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "bundled"
-    """Training text: bundled, wikitext, pubmed_qa, imdb, squad, hf:NAME[/CONFIG]:SPLIT:FIELD, or a .txt/.jsonl path."""
+    """Training text: bundled, wikitext (the raw version), pubmed_qa, imdb, squad, hf:[ORG/]NAME[/CONFIG]:SPLIT:FIELD, or
+    a .txt/.jsonl/.parquet file or folder (local path or s3://)."""
     tokenizer: str | None = None
     """Tokenizer name or path; null trains a byte-level BPE on the source (vocab = the rung's vocab_size)."""
     val_fraction: float = 0.1
@@ -149,6 +150,10 @@ class DataConfig:
             raise ConfigError(f"data.max_rows={self.max_rows}: must be >= 1 or null")
         if self.packing not in PACKINGS:
             raise ConfigError(f"data.packing={self.packing!r}: use one of {list(PACKINGS)}")
+        local = self.source.endswith((".txt", ".jsonl", ".parquet")) and "://" not in self.source
+        if local and not Path(self.source).exists():
+            raise ConfigError(f"data.source={self.source!r}: no such file or folder; check the path (relative paths "
+                              "are from the working directory)")
         if self.val_split is not None and not self.val_split.strip():
             raise ConfigError("data.val_split is empty; name the split (e.g. validation) or use null")
 

@@ -42,7 +42,8 @@ TAG_PRECISION = "precision"  # training runs: bf16 (mixed, float32 master weight
 TAG_DTYPE = "dtype"  # observation runs: the dtype the model was measured in
 TAG_FAMILY_DTYPES = "family_dtypes"  # observation runs: every dtype its family is measured in ("float32,bfloat16")
 TAG_HIDDEN_STATES_END = "hidden_states_end"  # observation runs: what the last hidden state is
-TAG_INPUT_RUNS = "input_runs"  # analysis runs: how many runs the analysis read
+TAG_INPUT_RUNS = "input_runs"
+TAG_DRIVER_LEASE = "driver_lease"  # on a study run: which driver runs the study now (see tracking.StudyLock)  # analysis runs: how many runs the analysis read
 
 KIND_STUDY = "study"  # the study's parent run
 KIND_TRAIN = "train"  # one (rung, arm, seed) training run
@@ -55,6 +56,7 @@ STATUS_RUNNING = "running"
 STATUS_FINISHED = "finished"
 STATUS_FAILED = "failed"
 STATUS_STOPPED = "stopped"  # a sweep trial stopped early by the scheduler (ASHA)
+STATUS_KILLED = "killed"  # the driver was interrupted (Ctrl-C, SIGTERM) while the run trained: --resume continues it
 STATUS_SKIPPED = "skipped"  # not a record: what the driver reports for a run finished earlier
 
 TRIAL_FINISHED = "finished"

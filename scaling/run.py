@@ -41,9 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from scaling.console import run_cli
+    from scaling.console import run_cli, stop_on_sigterm
 
     args = parse_args(argv)
+    stop_on_sigterm()
     return run_cli(lambda: _main(args), "scaling.run")
 
 
@@ -71,6 +72,7 @@ def _train(study, source: str, args) -> int:
         print("\n".join(describe_data(study, plans)))
         return 0
     _check_resume(args.resume, study.study, study.tracking_uri)
+    _check_before_ray(study.storage_path, study.tracking_uri)
     from scaling.study import format_summary, run_study
 
     connect_ray()
@@ -88,6 +90,7 @@ def _observe(study, source: str, args) -> int:
         dry_run_observe(study)
         return 0
     _check_resume(args.resume, study.study, study.tracking_uri)
+    _check_before_ray(None, study.tracking_uri)
     from scaling.cluster import connect_ray
 
     connect_ray()
@@ -96,6 +99,23 @@ def _observe(study, source: str, args) -> int:
     print(format_outcomes(outcomes))
     _print_next_steps(study.study, study.tracking_uri)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _check_before_ray(storage_path: str | None, configured_uri: str | None) -> None:
+    """What the driver can check in a second, before it starts (or joins) Ray: a local storage folder it
+    can write, an MLflow store it can reach. The preflight then checks both from every node."""
+    from scaling.console import check_writable_dir
+    from scaling.errors import ConfigError
+    from scaling.provenance import resolve_tracking_uri
+    from scaling.tracking import check_reachable
+
+    if storage_path is not None and "://" not in storage_path:
+        check_writable_dir(storage_path, flag="storage_path")
+    uri = resolve_tracking_uri(configured_uri)
+    problem = check_reachable(uri)
+    if problem:
+        raise ConfigError(f"MLflow at {uri!r} is unreachable ({problem}); start the server or fix tracking_uri / "
+                          "MLFLOW_TRACKING_URI")
 
 
 def _check_resume(resume: bool, study: str, configured_uri: str | None) -> None:

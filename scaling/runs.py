@@ -9,6 +9,7 @@ folder, from whose latest checkpoint Ray Train resumes.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,6 +20,12 @@ from scaling.config import StudyConfig
 from scaling.errors import one_line
 from scaling.schema import config_hash
 from scaling.train import RunTask
+
+STOPPING = threading.Event()
+"""Set when the driver is interrupted: runs in flight stop recording their outcome (the driver marks
+them killed) and no new run starts."""
+
+STORAGE_FULL = "No space left on device"
 
 PREEMPTION_ERRORS = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ActorUnavailableError",
                      "OwnerDiedError", "ObjectLostError", "RayActorError", "WorkerGroupError")
@@ -174,7 +181,11 @@ def fit(study: StudyConfig, task: RunTask, tracker, trainer_name: str, *, callba
                 if on_preempted is not None:
                     on_preempted(preemptions, one_line(exc))
                 continue
-            return FitResult(time.perf_counter() - started, {}, one_line(exc), preemptions)
+            reason = one_line(exc)
+            if STORAGE_FULL in str(exc) or STORAGE_FULL in reason:
+                reason = (f"the storage is full ({reason}): free space under storage_path={study.storage_path!r} or "
+                          "point it at a larger volume, then re-run (finished runs and their records are intact)")
+            return FitResult(time.perf_counter() - started, {}, reason, preemptions)
     return FitResult(time.perf_counter() - started, result.metrics or {}, tracker.recorded_failure(task.run_id),
                      preemptions)
 
@@ -185,14 +196,20 @@ def train_run(study: StudyConfig, plan, arm, seed: int, data: DataRefs, tracker,
     rung = plan.rung
     arm = arm.for_family(rung.family)
     run = resolve_run(study, plan, arm, seed, data.fingerprint)
+    if STOPPING.is_set():
+        return RunOutcome(rung.name, arm.name, seed, names.STATUS_KILLED, "")
     run_id, status = tracker.child_run(parent_id, run.run_name, run.config_hash, run.tags, run.params)
     if status == names.STATUS_FINISHED:
         say(f"{run.run_name}: already finished (run {run_id[:8]}), skipped")
         return RunOutcome(rung.name, arm.name, seed, names.STATUS_SKIPPED, run_id)
+    if status != names.STATUS_RUNNING:  # failed or killed before: this driver takes it over
+        tracker.reopen(run_id)
     task = build_task(study, plan, arm, seed, run.run_name, run_id, tracker.tracking_uri, data)
     say(f"{run.run_name}: {plan.steps} steps on {study.resources.num_workers} worker(s), "
         f"ZeRO-{study.resources.zero_stage}, run {run_id[:8]}")
     outcome = fit(study, task, tracker, f"{study.study}-{run.slug}-{run.config_hash[:8]}")
+    if STOPPING.is_set():  # interrupted: the driver has marked the run killed; --resume continues it
+        return RunOutcome(rung.name, arm.name, seed, names.STATUS_KILLED, run_id, outcome.seconds)
     if outcome.failure:
         tracker.finish(run_id, names.STATUS_FAILED, outcome.failure)
         say(f"{run.run_name}: FAILED: {outcome.failure}")

@@ -21,9 +21,9 @@ from scaling.config import StudyConfig, plan_runs
 from scaling.console import format_progress, say
 from scaling.errors import ConfigError
 from scaling.provenance import resolve_tracking_uri
-from scaling.runs import DataRefs, RunOutcome, train_run
+from scaling.runs import STOPPING, DataRefs, RunOutcome, train_run
 from scaling.sweep import best_arm, run_sweep
-from scaling.tracking import Tracker
+from scaling.tracking import StudyLock, Tracker
 
 
 BPE_TRAINING_ROWS = 200_000
@@ -104,6 +104,7 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
     """Train every (rung, seed, arm) of the study that has not finished yet; with a `search`
     section, the dispersion arm is searched per rung instead (see `scaling.sweep`)."""
     plans = plan_runs(study) if plans is None else plans
+    STOPPING.clear()
     searching = study.search.num_samples > 0
     fixed = [(plan, arm, seed) for plan in plans for seed in study.seeds for arm in study.arms
              if not (searching and arm.name == names.ARM_DISPERSION)]
@@ -112,12 +113,24 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
                                                tracking_uri):
         progress(f"warning: {warning}")
 
+    # The data first: a source that cannot be read fails here, before anything is recorded in MLflow.
+    data = prepare_data(study, vocab_size=min(plan.rung.vocab_size for plan in plans), progress=progress)
     tracker = Tracker(tracking_uri, study.study)
     parent_id = tracker.study_run_id(study.record_params(), study_source, study.to_yaml())
-    data = prepare_data(study, vocab_size=min(plan.rung.vocab_size for plan in plans), progress=progress)
+    with StudyLock(tracker, parent_id):
+        try:
+            outcomes = _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress)
+        except KeyboardInterrupt:
+            stop_study(tracker, parent_id, progress)
+            raise
+    tracker.end_study(parent_id, failed=any(o.status == names.STATUS_FAILED for o in outcomes))
+    return outcomes
+
+
+def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress) -> list[RunOutcome]:
     refs = DataRefs(data.train, data.val, data.probe_ids, data.fingerprint)
     progress(f"study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x {len(study.arms)} arm(s); "
-             f"{len(data.train):,} train / {len(data.val):,} val blocks; MLflow {tracking_uri}")
+             f"{len(data.train):,} train / {len(data.val):,} val blocks; MLflow {tracker.tracking_uri}")
 
     def run(plan, arm, seed):
         return train_run(study, plan, arm, seed, refs, tracker, parent_id, progress)
@@ -132,18 +145,36 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
                 outcomes.extend(run_side_by_side(run, [job for job in fixed if job[0] is plan], width))
                 outcomes.extend(_search_rung(study, plan, refs, tracker, parent_id, run, progress))
             write_sweep_summary(study, tracker, parent_id, plans, progress)
-    tracker.end_study(parent_id, failed=any(o.status == names.STATUS_FAILED for o in outcomes))
     return outcomes
+
+
+def stop_study(tracker, parent_id: str, progress=say) -> None:
+    """After Ctrl-C or SIGTERM: no run records an outcome any more, every run still running is marked
+    killed in MLflow (never left RUNNING), and Ray goes, taking the workers and placement groups along."""
+    import ray
+
+    STOPPING.set()
+    killed = tracker.kill_running_runs()
+    tracker.end_study(parent_id, failed=False, killed=True)
+    progress(f"interrupted: {len(killed)} run(s) marked killed in MLflow; continue with --resume "
+             "(finished runs are kept, the rest resume from their latest checkpoint)")
+    ray.shutdown()
 
 
 def run_side_by_side(run, jobs: list[tuple], width: int) -> list:
     """`run(*job)` for every job, `width` at a time in threads (each blocks on its own Ray Train run);
-    results in the jobs' order whatever order they finish in."""
+    results in the jobs' order whatever order they finish in. An interrupt starts no further job."""
     if width <= 1 or len(jobs) <= 1:
         return [run(*job) for job in jobs]
-    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="run") as pool:
+    pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="run")
+    try:
         futures = [pool.submit(run, *job) for job in jobs]
         return [future.result() for future in futures]
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)  # the running ones end when Ray goes
+        raise
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _search_rung(study, plan, refs, tracker, parent_id, run, progress) -> list[RunOutcome]:

@@ -194,6 +194,9 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | Path) -> None:
         self._client.log_artifact(run_id, str(path))
 
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self._client.delete_tag(run_id, key)
+
     def finish(self, run_id: str, status: str, failure: str | None = None) -> None:
         """Mark a run finished, failed or stopped (with a one-line reason)."""
         self._client.set_tag(run_id, names.TAG_STATUS, status)
@@ -216,8 +219,18 @@ class Tracker:
             self._client.log_artifact(run_id, str(path))
         self.set_tags(run_id, tags)
 
-    def end_study(self, run_id: str, failed: bool) -> None:
-        self._client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    def end_study(self, run_id: str, failed: bool, killed: bool = False) -> None:
+        self._client.set_terminated(run_id, status="KILLED" if killed else "FAILED" if failed else "FINISHED")
+
+    def kill_running_runs(self) -> list[str]:
+        """Mark every run of the study still recorded as running killed (an interrupted driver); returns
+        their ids."""
+        killed = []
+        for run in self._search(_tag_equals(names.TAG_STATUS, names.STATUS_RUNNING)):
+            self._client.set_tag(run.info.run_id, names.TAG_STATUS, names.STATUS_KILLED)
+            self._client.set_terminated(run.info.run_id, status="KILLED")
+            killed.append(run.info.run_id)
+        return killed
 
 
 class RunLogger:
@@ -247,3 +260,76 @@ class RunLogger:
     def mark_failed(self, failure: str) -> None:
         self.client.set_tag(self.run_id, names.TAG_STATUS, names.STATUS_FAILED)
         self.client.set_tag(self.run_id, names.TAG_FAILURE, failure[:5000])
+
+
+class StudyLock:
+    """One driver at a time on a study: a lease in a tag of the study's run (which driver, since when,
+    last heartbeat). A second driver is refused with the first one named; a lease whose heartbeat
+    stopped (a crashed or killed driver) expires after `ttl_s`, so it never stays stuck.
+
+    MLflow has no compare-and-set, so taking the lease is write, wait, read back: of two drivers that
+    write at once, the one whose lease is read back wins and the other is refused.
+    """
+
+    def __init__(self, tracker: Tracker, study_run_id: str, *, ttl_s: float = 180.0, beat_s: float = 30.0,
+                 settle_s: float = 2.0):
+        import socket
+        import uuid
+
+        self.tracker, self.run_id = tracker, study_run_id
+        self.ttl_s, self.beat_s, self.settle_s = ttl_s, beat_s, settle_s
+        self.holder = f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
+        self._since = time.time()
+        self._stop = None
+
+    def _read(self) -> dict | None:
+        import json
+
+        text = self.tracker.get_run(self.run_id).data.tags.get(names.TAG_DRIVER_LEASE)
+        try:
+            return json.loads(text) if text else None
+        except ValueError:
+            return None
+
+    def _write(self) -> None:
+        import json
+
+        lease = {"holder": self.holder, "since": self._since, "beat": time.time()}
+        self.tracker.set_tags(self.run_id, {names.TAG_DRIVER_LEASE: json.dumps(lease)})
+
+    def _refuse_if_held(self) -> None:
+        lease = self._read()
+        if lease and lease.get("holder") != self.holder and time.time() - float(lease.get("beat", 0)) < self.ttl_s:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lease.get("since", 0))))
+            raise ConfigError(
+                f"study {self.tracker.study!r} is being run by another driver ({lease.get('holder')}, started "
+                f"{started}, last seen {time.time() - float(lease['beat']):.0f} s ago); wait for it to finish or "
+                f"stop it (a driver that died frees the study {self.ttl_s:.0f} s after its last heartbeat)")
+
+    def __enter__(self):
+        import threading
+
+        self._refuse_if_held()
+        self._write()
+        time.sleep(self.settle_s)
+        self._refuse_if_held()  # another driver wrote after us: it holds the study
+        self._stop = threading.Event()
+
+        def beat():
+            while not self._stop.wait(self.beat_s):
+                try:
+                    self._write()
+                except Exception:  # noqa: BLE001 -- the store may be away for a while: the lease outlives it
+                    pass
+
+        threading.Thread(target=beat, name="study-lease", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        try:
+            lease = self._read()
+            if lease and lease.get("holder") == self.holder:
+                self.tracker.delete_tag(self.run_id, names.TAG_DRIVER_LEASE)
+        except Exception:  # noqa: BLE001 -- an unreleased lease expires by itself
+            pass

@@ -82,7 +82,7 @@ def test_second_build_reuses_the_shards(bundled, tokenizer_dir):
     shards, root, _ = bundled
     lines = []
     again = build_token_shards(ShardSpec("bundled", str(tokenizer_dir)), str(root), seq_len=128, progress=lines.append)
-    assert lines == [f"[shards] reusing token shards {shards.key} ({shards.total_tokens:,} tokens) in {shards.uri}"]
+    assert lines == [f"reusing token shards {shards.key} ({shards.total_tokens:,} tokens) in {shards.uri}"]
     assert again.manifest["created_unix"] == shards.manifest["created_unix"]
     assert attempts(again) == [shards.manifest["attempt"]]
     found = find_token_shards(ShardSpec("bundled", str(tokenizer_dir)), str(root))
@@ -98,7 +98,7 @@ def test_study_blocks_replace_prepare_data(bundled, tokenizer, tokenizer_dir, bu
     lines = []
     data = build_study_blocks(ShardSpec("bundled", str(tokenizer_dir)), str(root), seq_len=64, val_fraction=0.1,
                               probe_texts=2, probe_max_length=32, progress=lines.append)
-    assert lines[0].startswith("[shards] reusing token shards")
+    assert lines[0].startswith("reusing token shards")
     old = pack_blocks(tokenizer(bundled_rows, add_special_tokens=False)["input_ids"], 64, tokenizer.eos_token_id)
     old_train, old_val = split_train_val(old, 0.1, seed=0)
     assert np.array_equal(np.asarray(data.train), old_train) and np.array_equal(np.asarray(data.val), old_val)
@@ -332,5 +332,5 @@ def test_tens_of_megabytes_tokenized_once(ray_session, tokenizer, tokenizer_dir,
     started = time.perf_counter()
     again = build_token_shards(spec, root, seq_len=512, progress=progress.append)
     assert time.perf_counter() - started < 5 and again.manifest == shards.manifest
-    assert progress[-1].startswith(f"[shards] reusing token shards {shards.key}")
+    assert progress[-1].startswith(f"reusing token shards {shards.key}")
     assert os.path.getsize(source) > 20 << 20
