@@ -253,13 +253,14 @@ def format_summary(outcomes: list[RunOutcome]) -> str:
 
 
 class ProgressBoard:
-    """Prints one line per training run (or trial) at a time while a study trains, read from the
+    """Prints progress lines of the training runs (and trials) while a study trains, read from the
     runs' own MLflow records (what rank 0 logged), so workers' output never floods the console.
 
-    A run's line appears when it has advanced and `every_s` seconds passed since its last one.
+    A run gets a line when it passes a quarter of its steps, and at least every `every_s` seconds
+    in between (long runs on a cluster).
     """
 
-    def __init__(self, tracker, say_line: Callable[[str], None], every_s: float = 20.0, poll_s: float = 5.0):
+    def __init__(self, tracker, say_line: Callable[[str], None], every_s: float = 600.0, poll_s: float = 5.0):
         self.tracker, self.say, self.every_s, self.poll_s = tracker, say_line, every_s, poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
@@ -295,8 +296,9 @@ class ProgressBoard:
             return None
         run_id = run.info.run_id
         first_step, first_time = self._first.setdefault(run_id, (step, now))
-        printed_step, printed_time = self._last.get(run_id, (0, -float("inf")))
-        if step <= printed_step or now - printed_time < self.every_s:
+        printed_step, printed_time = self._last.get(run_id, (0, first_time))
+        quarter = 4 * step // total > 4 * printed_step // total
+        if step <= printed_step or not (quarter or now - printed_time >= self.every_s):
             return None
         self._last[run_id] = (step, now)
         tokens_per_s = metrics.get(names.TRAIN_TOKENS_PER_S)
