@@ -14,6 +14,7 @@ any work starts, with a message that names the key (as a dotted path), the value
 from __future__ import annotations
 
 import math
+import re
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -447,10 +448,12 @@ class StudyConfig:
         plain["arms"] = {arm.name: arm.settings() or "-" for arm in self.arms}
         if not self.search.num_samples:
             del plain["search"]
+        for key in ("tracking_uri", "storage_path"):  # never a password in a record
+            plain[key] = redact_credentials(plain[key])
         return flatten(plain)
 
     def to_yaml(self) -> str:
-        """The study with every default filled in (recorded with the study's MLflow run)."""
+        """The study with every default filled in."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
@@ -463,6 +466,15 @@ def plan_runs(study: StudyConfig) -> list[RunPlan]:
                                    warmup_steps=training.warmup_steps, max_tokens=training.max_tokens,
                                    max_steps=training.max_steps)
     return [configurator.plan(rung, num_workers=study.resources.num_workers) for rung in study.selected_rungs()]
+
+
+_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+
+
+def redact_credentials(text: str | None) -> str | None:
+    """Text with the user:password part of every URI in it masked (http://user:pw@host -> http://***@host):
+    what a study records (params, the study file) never carries a password."""
+    return _CREDENTIALS.sub(r"\1***@", text) if text else text
 
 
 FEW_STEPS = 100

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling import names
+from scaling.config import redact_credentials
 from scaling.console import say
 from scaling.errors import DataError, DispersionScalingError, ModelError, one_line
 from scaling.measure import Measurement, MeasureTask
@@ -140,7 +141,7 @@ def run_observation_study(study: ObserveConfig, study_source: str, *, progress=s
 
     tracker = Tracker(resolve_tracking_uri(study.tracking_uri), study.study)
     parent_id = tracker.study_run_id({"kind": names.KIND_OBSERVE, "repetitions": study.repetitions,
-                                      "max_length": study.max_length}, study_source)
+                                      "max_length": study.max_length}, redact_credentials(study_source))
     plans = plan_models(study, read_cluster_shape())
     family_dtypes = family_dtype_switches(plans)
     for family, dtypes in family_dtypes.items():

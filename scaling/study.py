@@ -17,7 +17,7 @@ from typing import Callable
 
 from scaling import names
 from scaling.cluster import check_study_against_cluster, concurrent_runs
-from scaling.config import StudyConfig, plan_runs
+from scaling.config import StudyConfig, plan_runs, redact_credentials
 from scaling.console import format_progress, say
 from scaling.errors import ConfigError
 from scaling.provenance import resolve_tracking_uri
@@ -116,7 +116,8 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
     # The data first: a source that cannot be read fails here, before anything is recorded in MLflow.
     data = prepare_data(study, vocab_size=min(plan.rung.vocab_size for plan in plans), progress=progress)
     tracker = Tracker(tracking_uri, study.study)
-    parent_id = tracker.study_run_id(study.record_params(), study_source, study.to_yaml())
+    parent_id = tracker.study_run_id(study.record_params(), redact_credentials(study_source),
+                                     redact_credentials(study.to_yaml()))
     with StudyLock(tracker, parent_id):
         try:
             outcomes = _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress)

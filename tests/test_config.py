@@ -117,3 +117,14 @@ def test_unknown_study_kind_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="kind='sweep'.*use train .* or observe"):
         load_study_file(write(tmp_path, "kind: sweep\nstudy: x\n"))
     assert load_study_file(write(tmp_path, "kind: train\nstudy: x\n")).study == "x"
+
+
+def test_study_records_never_carry_credentials():
+    from scaling.config import redact_credentials
+
+    study = study_from_dict({"study": "s", "tracking_uri": "http://alice:s3cret@mlflow.internal:5000"})
+    params = study.record_params()
+    assert params["tracking_uri"] == "http://***@mlflow.internal:5000"
+    assert not any("s3cret" in str(v) for v in params.values())
+    assert redact_credentials("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    assert redact_credentials("s3://bucket/path@x") == "s3://bucket/path@x"  # an @ after the host is not a user
