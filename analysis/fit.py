@@ -594,6 +594,12 @@ def fit_scaling_curve(metric: str, n: np.ndarray, y: np.ndarray, options: FitOpt
     if why_not:
         return CurveResult(metric, trend, None, None, False, why_not if trend is not None or not reason else f"{why_not}; {reason.removeprefix(metric + ': ')}")
     fit = fit_power_law(n, y, options, what=metric)
+    lo, hi = options.alpha_bounds
+    ends = [fit.law.alpha] + ([fit.alpha.low, fit.alpha.high] if fit.alpha.has_bounds else [])
+    if any(not lo * 1.01 < value < hi * 0.99 for value in ends):  # alpha (or its CI) on a bound: not identified
+        return CurveResult(metric, trend, None, None, False,
+                           f"the exponent alpha = {fit.law.alpha:.3g} [{fit.alpha.low:.3g}, {fit.alpha.high:.3g}] reaches its "
+                           f"bound [{lo:g}, {hi:g}]: {np.unique(n).size} rungs do not pin down a power law; trend only")
     holdout = None
     if np.unique(n).size > options.min_rungs:
         holdout = check_leave_largest_out(n, y, options, what=metric)
