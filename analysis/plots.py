@@ -92,7 +92,7 @@ def plot_metric_curves(path: Path, metric: str, final: pl.DataFrame, curves: dic
     """Metric vs N (log x, linear y): every run, rung means, and the fitted power law with its
     CI band only where a fit is supported (the legend says why not, otherwise)."""
     fig = Figure(figsize=(7.0, 4.6))
-    ax = fig.add_subplot(_grid(fig, 1, 1, left=0.95, bottom=0.7, top=0.45)[0, 0])
+    ax = fig.add_subplot(_grid(fig, 1, 1, left=0.95, bottom=0.7, top=0.75)[0, 0])  # room for a 4-line title
     final = final.filter(pl.col("value").is_finite() & pl.col("n").is_not_null())
     if final.is_empty():
         ax.text(0.5, 0.5, f"{metric}: no finite values", ha="center", va="center", transform=ax.transAxes)
@@ -120,7 +120,7 @@ def plot_metric_curves(path: Path, metric: str, final: pl.DataFrame, curves: dic
     _y_for(ax, metric)
     ax.set_ylabel(metric)
     reasons = sorted({r.reason for r in curves.values() if r is not None and r.fit is None and r.reason})
-    subtitle = "" if not reasons else "\n" + textwrap.shorten("no power law: " + reasons[0], width=95, placeholder=" …")
+    subtitle = "" if not reasons else "\n" + "\n".join(textwrap.wrap("no power law: " + reasons[0], width=80)[:3])
     ax.set_title(f"{metric} vs model size{subtitle}", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.25)
