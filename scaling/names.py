@@ -28,7 +28,8 @@ TAG_BEST_RUN_ID = "best_run_id"  # on a sweep run: its best trial's run id
 TAG_TUNE_TRIAL_ID = "tune_trial_id"  # on a trial run: finds it again when a sweep resumes
 TAG_PREEMPTIONS = "preemptions"  # on a trial run: retries after a lost node/actor
 TAG_LADDER = "ladder"
-TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nesting tag
+TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nesting tag: trials under their rung's sweep
+TAG_STUDY_RUN_ID = "study_run_id"  # on training, sweep and observation runs: their study's run
 # Written by rank 0 of a training run. `data_order_hash` is written only once every step has
 # run: its presence is what says a run (or a sweep trial Tune stopped) trained to the end.
 TAG_INIT_HASH = "init_hash"  # hash of the initial weights: equal across paired arms

@@ -135,12 +135,17 @@ def _check_resume(resume: bool, study: str, configured_uri: str | None) -> None:
 
 def _print_next_steps(study: str, configured_uri: str | None) -> None:
     from scaling.provenance import resolve_tracking_uri
+    from scaling.tracking import find_study_run, runs_page
 
     uri = resolve_tracking_uri(configured_uri)
     print(f"\nnext: python -m analysis.scaling_curves --study {study}   (report in outputs/analysis/{study}/)")
+    record = find_study_run(uri, study)
+    page = runs_page(record.info.experiment_id) if record is not None else ""
     if uri.startswith("sqlite:"):
-        print(f"      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
-              "(then open http://127.0.0.1:5000)")
+        print(f"      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        print(f"      then open http://127.0.0.1:5000/{page}")
+    elif uri.startswith("http"):
+        print(f"      open {uri.rstrip('/')}/{page}")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,11 @@ def find_study_run(tracking_uri: str, study: str):
     return runs[0] if runs else None
 
 
+def runs_page(experiment_id: str) -> str:
+    """The MLflow UI path of a study's runs table, in the model-training view (not the GenAI one)."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def _tag_equals(tag: str, value: Any) -> str:
     return f"tags.`{tag}` = '{value}'"
 
@@ -166,14 +171,17 @@ class Tracker:
         """(run_id, status) of the child run for `config_hash`, created if new.
 
         An existing run keeps its id (a resumed run continues its record); `status` tells the
-        caller whether it already finished.
+        caller whether it already finished. Only trials nest under their parent (a rung's sweep)
+        in MLflow's runs table: training and observation runs are top-level rows, so the table
+        compares them at once, and name their study run in a tag instead.
         """
         existing = self.find_by_hash(config_hash)
         if existing is not None:
             return existing.info.run_id, existing.data.tags.get(names.TAG_STATUS, names.STATUS_RUNNING)
         all_tags = {names.TAG_KIND: kind, names.TAG_STUDY: self.study,
                     names.TAG_CONFIG_HASH: config_hash, names.TAG_GIT_COMMIT: git_commit(),
-                    names.TAG_STATUS: names.STATUS_RUNNING, names.TAG_PARENT_RUN_ID: parent_id,
+                    names.TAG_STATUS: names.STATUS_RUNNING,
+                    names.TAG_PARENT_RUN_ID if kind == names.KIND_TRIAL else names.TAG_STUDY_RUN_ID: parent_id,
                     **{k: str(v) for k, v in tags.items()}}
         run = self._client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
         self.log_params(run.info.run_id, params)

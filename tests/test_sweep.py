@@ -122,7 +122,7 @@ def test_two_rung_sweep_records_trials_picks_best_on_validation_and_survives_a_n
     sweeps = by_kind(runs, names.KIND_SWEEP)
     assert sorted(s.data.tags[names.TAG_RUNG] for s in sweeps) == ["tiny-165K", "tiny-429K"]
     for sweep in sweeps:
-        assert sweep.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert sweep.data.tags[names.TAG_STUDY_RUN_ID] == parent.info.run_id
         trials = [t for t in by_kind(runs, names.KIND_TRIAL)
                   if t.data.tags["mlflow.parentRunId"] == sweep.info.run_id]
         assert len(trials) == SAMPLES

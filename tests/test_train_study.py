@@ -52,7 +52,8 @@ def test_mlflow_parent_child_structure(finished_study):
     assert len(parents) == 1 and len(children) == 2
     for child in children:
         tags = child.data.tags
-        assert tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert tags[names.TAG_STUDY_RUN_ID] == parents[0].info.run_id
+        assert names.TAG_PARENT_RUN_ID not in tags  # top-level rows in MLflow's runs table
         assert tags[names.TAG_RUNG] == "tiny-165K" and tags[names.TAG_SEED] == "0"
         assert tags[names.TAG_STATUS] == names.STATUS_FINISHED
         assert int(tags[names.TAG_N_PARAMS]) > int(tags[names.TAG_N_PARAMS_NON_EMBEDDING]) > 0
