@@ -18,6 +18,7 @@ from scaling.cluster import placement_strategy, resolve_storage_path
 from scaling.config import StudyConfig
 from scaling.errors import one_line
 from scaling.schema import config_hash, flatten
+from scaling.tracking import UNWRITTEN_KEY
 from scaling.train import RunTask
 
 PREEMPTION_ERRORS = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ActorUnavailableError",
@@ -162,8 +163,9 @@ def fit(study: StudyConfig, task: RunTask, tracker, trainer_name: str, *, callba
                     on_preempted(preemptions, one_line(exc))
                 continue
             return FitResult(time.perf_counter() - started, {}, one_line(exc), preemptions)
-    return FitResult(time.perf_counter() - started, result.metrics or {}, tracker.recorded_failure(task.run_id),
-                     preemptions)
+    metrics = result.metrics or {}
+    failure = tracker.recorded_failure(task.run_id) or metrics.get(UNWRITTEN_KEY)  # a NaN, or records not written
+    return FitResult(time.perf_counter() - started, metrics, failure, preemptions)
 
 
 def train_run(study: StudyConfig, plan, arm, seed: int, data: DataRefs, tracker, parent_id: str,
