@@ -445,7 +445,7 @@ class RunLogger:
         self._known: dict[str, tuple[set[int], int]] = {}
         self._unchecked: set[str] | None = None  # keys the run had in the store before this logger wrote
         self._stale: set[str] = set()  # keys whose last batch failed after it may have landed
-        self._replaying = False
+        self._replaying = self.spill_path.exists() or self._replay_path.exists()  # an earlier life's spill
         self.already_written = 0  # metric values skipped because the store had their (key, step)
         self._thread = threading.Thread(target=self._write_loop, name=f"mlflow-writer-{run_id[:8]}", daemon=True)
         self._thread.start()
@@ -694,9 +694,21 @@ class RunLogger:
             steps.update(step for k, _, _, step in items if k == key)
             self._known[key] = (steps, max([largest] + [step for k, _, _, step in items if k == key]))
 
+    @property
+    def _replay_path(self) -> Path:
+        return self.spill_path.with_name(f"{self.run_id}.replaying.jsonl")
+
     def _replay_spill(self) -> None:
         """Write what an earlier life of this run spilled, before anything logged now."""
-        replaying = self.spill_path.with_name(f"{self.run_id}.replaying.jsonl")
+        try:
+            self._replay_file()
+        finally:
+            with self._cond:
+                self._replaying = False
+                self._cond.notify_all()
+
+    def _replay_file(self) -> None:
+        replaying = self._replay_path
         try:
             if self.spill_path.exists():
                 if replaying.exists():  # an earlier replay was cut short: keep both, oldest first
@@ -710,8 +722,6 @@ class RunLogger:
         except OSError as exc:
             self._notice(f"run {self.run_id[:8]}: cannot replay {self.spill_path} ({exc.strerror or exc})")
             return
-        with self._cond:
-            self._replaying = True
         self._notice(f"run {self.run_id[:8]}: writing the records an earlier MLflow outage left in {replaying}")
         with open(replaying, encoding="utf-8") as lines:
             batch: list[dict] = []
@@ -733,9 +743,6 @@ class RunLogger:
                 if batch:
                     self._deliver(batch, rest=lines)
         replaying.unlink(missing_ok=True)  # written, or moved to the spill file with the rest
-        with self._cond:
-            self._replaying = False
-            self._cond.notify_all()
 
 
 def _worker_notice(message: str) -> None:

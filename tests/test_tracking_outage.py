@@ -17,7 +17,7 @@ from scaling.tracking import RetryPolicy, RunLogger, Tracker
 
 FAST = RetryPolicy(budget_s=120, first_backoff_s=0.2, max_backoff_s=1.0, request_timeout_s=3)
 CE = names.TRAIN_CE_LOSS
-SLOW_CALL_S = 0.5  # a log call that takes this long waited on something; an enqueue takes microseconds
+BLOCKED = 20  # a log call longer than 1/20 of the outage waited on the server (an enqueue takes microseconds)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_a_killed_and_restarted_server_never_blocks_the_loop_and_loses_nothing(l
     assert "made-during-the-outage.txt" in {a.path for a in client.list_artifacts(run_id)}
     assert any("does not answer" in n for n in notes) and any("answers again" in n for n in notes)
     print(f"outage {outage_s:.1f} s, {loop.step} steps, slowest log call {max(loop.calls_s) * 1000:.1f} ms")
-    assert max(loop.calls_s) < SLOW_CALL_S
+    assert max(loop.calls_s) < outage_s / BLOCKED
 
 
 def test_a_frozen_server_that_takes_a_timed_out_batch_later_gets_it_once(live, tmp_path):
@@ -127,17 +127,19 @@ def test_a_frozen_server_that_takes_a_timed_out_batch_later_gets_it_once(live, t
     loop.log(5)
     assert logger.flush() is None
     live.freeze()
+    frozen = time.monotonic()
     try:
         loop.log(1)
         loop.log(100, pause_s=0.06)  # ~6 s: two timeouts of the writer
     finally:
         live.thaw()
+    frozen_s = time.monotonic() - frozen
     loop.log(5)
     assert logger.close() is None
     assert_each_step_once_as_measured(live.uri, run_id, loop)
-    print(f"frozen ~6 s, {loop.step} steps, slowest log call {max(loop.calls_s) * 1000:.1f} ms, "
+    print(f"frozen {frozen_s:.1f} s, {loop.step} steps, slowest log call {max(loop.calls_s) * 1000:.1f} ms, "
           f"{logger.already_written} value(s) found written before a re-send")
-    assert max(loop.calls_s) < SLOW_CALL_S
+    assert max(loop.calls_s) < frozen_s / BLOCKED
 
 
 def test_a_resumed_life_does_not_record_its_replayed_steps_twice(live, tmp_path):
@@ -165,6 +167,7 @@ def test_past_its_budget_a_logger_spills_and_the_next_life_writes_it_all_once(li
     _, finished_run = new_run(live.uri, "driver-waits")
     spill = tmp_path / "spill"
     live.kill()
+    killed = time.monotonic()
 
     logger = RunLogger(live.uri, run_id, spill_dir=spill, policy=RetryPolicy(
         budget_s=2, first_backoff_s=0.2, max_backoff_s=0.5, request_timeout_s=3), notice=notes.append)
@@ -182,7 +185,7 @@ def test_past_its_budget_a_logger_spills_and_the_next_life_writes_it_all_once(li
     problem = logger.close()
     assert problem is not None and "did not answer" in problem and str(spill) in problem
     assert (spill / f"{run_id}.jsonl").exists()
-    assert max(loop.calls_s) < SLOW_CALL_S
+    assert max(loop.calls_s) < (time.monotonic() - killed) / BLOCKED
 
     # The driver: one call gives up with a clear line past its budget; one waits until the server is back.
     with pytest.raises(TrackingUnavailable, match="did not answer .* --resume"):
