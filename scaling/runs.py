@@ -177,6 +177,8 @@ def train_run(study: StudyConfig, plan, arm, seed: int, data: DataRefs, tracker,
     if status == names.STATUS_FINISHED:
         say(f"{run.run_name}: already finished (run {run_id[:8]}), skipped")
         return RunOutcome(rung.name, arm.name, seed, names.STATUS_SKIPPED, run_id)
+    if status == names.STATUS_FAILED:
+        tracker.reopen(run_id)  # else its old failure, read back after `fit`, would fail the retry too
     task = build_task(study, plan, arm, seed, run.run_name, run_id, tracker.tracking_uri, data)
     say(f"{run.run_name}: {plan.steps} steps on {study.resources.num_workers} worker(s), "
         f"ZeRO-{study.resources.zero_stage}, run {run_id[:8]}")
