@@ -501,7 +501,8 @@ class RunLogger:
         if self._spill_error is not None:
             parts.append(self._spill_error)
         if self._refused:
-            parts.append(f"MLflow refused {len(self._refused)} batch(es) of records ({self._refused[0]})")
+            parts.append(f"MLflow refused {len(self._refused)} batch(es) of records of run {self.run_id} "
+                         f"({self._refused[0]})")
         return "; ".join(parts) or None
 
     # -- the queue ---------------------------------------------------------------------------

@@ -223,3 +223,25 @@ def test_past_its_budget_a_logger_spills_and_the_next_life_writes_it_all_once(li
     assert not list(spill.glob("*.jsonl")) and not list(spill.glob("*/staged-*"))
     assert client.get_run(finished_run).info.status == "FINISHED"
     assert client.get_run(finished_run).data.tags[names.TAG_STATUS] == names.STATUS_FINISHED
+
+
+def test_a_refusal_is_not_retried_and_is_reported(live, tmp_path):
+    # The store answers "no such run" (a 4xx): retrying cannot help, so close() reports it at once.
+    logger = RunLogger(live.uri, "0" * 32, spill_dir=tmp_path, policy=FAST, notice=print)
+    logger.log_metrics({CE: 1.0}, 1)
+    started = time.monotonic()
+    problem = logger.close()
+    assert problem is not None and "refused" in problem and "0" * 32 in problem
+    assert time.monotonic() - started < FAST.budget_s / 10
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "inf"])
+def test_a_bad_retry_budget_is_refused_with_the_fix(monkeypatch, value):
+    from scaling.errors import ConfigError
+    from scaling.tracking import RETRY_BUDGET_ENV
+
+    monkeypatch.setenv(RETRY_BUDGET_ENV, value)
+    with pytest.raises(ConfigError, match=f"{RETRY_BUDGET_ENV}=.* seconds > 0.*unset it"):
+        RetryPolicy.from_env()
+    monkeypatch.setenv(RETRY_BUDGET_ENV, "45")
+    assert RetryPolicy.from_env().budget_s == 45
