@@ -164,7 +164,7 @@ def fit(study: StudyConfig, task: RunTask, tracker, trainer_name: str, *, callba
                 continue
             return FitResult(time.perf_counter() - started, {}, one_line(exc), preemptions)
     metrics = result.metrics or {}
-    failure = tracker.recorded_failure(task.run_id) or metrics.get(UNWRITTEN_KEY)  # a NaN, or records not written
+    failure = tracker.recorded_failure(task.run_id) or tracker.unwritten(task.run_id, metrics.get(UNWRITTEN_KEY))
     return FitResult(time.perf_counter() - started, metrics, failure, preemptions)
 
 

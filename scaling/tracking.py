@@ -280,6 +280,16 @@ class Tracker:
         """A failure the workers recorded themselves (e.g. a NaN loss), if any."""
         return self._client.get_run(run_id).data.tags.get(names.TAG_FAILURE)
 
+    @_retried("checking a run's records are complete")
+    def unwritten(self, run_id: str, reported: str | None) -> str | None:
+        """`reported` (why some records of a run did not reach MLflow, from its last report) unless
+        the record now has rank 0's data-order tag: it is written after every other record of the
+        loop, so a later life of the run has written them since (Ray Train hands a resumed run's
+        old report back when the resumed life has no step left to report)."""
+        if not reported:
+            return None
+        return None if names.TAG_DATA_ORDER_HASH in self._client.get_run(run_id).data.tags else reported
+
     @_retried("listing a sweep's trials")
     def trial_runs(self, sweep_run_id: str) -> list:
         """The trial runs of one rung's sweep, oldest first."""
@@ -436,6 +446,7 @@ class RunLogger:
         self._current: list[dict] | None = None  # the batch the writer holds (sent or being retried)
         self._closed = False
         self._gave_up: str | None = None  # why the logger stopped writing to MLflow
+        self._dumped = False  # the writer moved what it held to the spill file: new records go straight there
         self._spill_file = None
         self._spilled = 0
         self._spill_error: str | None = None
@@ -474,7 +485,7 @@ class RunLogger:
         """Wait until everything logged so far is written (or the logger gave up); `problem()`."""
         with self._cond:
             self._cond.wait_for(lambda: (not self._queue and self._current is None and not self._replaying)
-                                or self._gave_up is not None or not self._thread.is_alive())
+                                or self._dumped or not self._thread.is_alive())
         return self.problem()
 
     def close(self) -> str | None:
@@ -485,8 +496,10 @@ class RunLogger:
             self._cond.notify_all()
         self._thread.join(timeout=self.policy.budget_s + 4 * self.policy.request_timeout_s)
         with self._cond:
-            if self._thread.is_alive() and self._gave_up is None:  # stuck inside one call: keep the rest
-                self._give_up("the MLflow writer did not finish")
+            if self._thread.is_alive():  # stuck inside one call: keep what it holds
+                if self._gave_up is None:
+                    self._give_up("the MLflow writer did not finish")
+                self._dump(self._current or ())
             if self._spill_file is not None:
                 self._spill_file.close()
                 self._spill_file = None
@@ -513,10 +526,10 @@ class RunLogger:
             if self._gave_up is None and self._buffered + size > self.policy.max_buffered:
                 self._give_up(f"more than {self.policy.max_buffered} metric values waited for MLflow at "
                               f"{self.tracking_uri}")
-            if self._gave_up is not None:
+            if self._dumped:
                 self._spill([record])
                 return
-            self._queue.append((record, size))
+            self._queue.append((record, size))  # after giving up, only until the writer dumps the queue
             self._buffered += size
             self._cond.notify_all()
 
@@ -524,7 +537,10 @@ class RunLogger:
         """The next batch: consecutive records of one kind within MLflow's batch limits."""
         with self._cond:
             self._cond.wait_for(lambda: self._queue or self._closed or self._gave_up is not None)
-            if self._gave_up is not None or not self._queue:
+            if self._gave_up is not None:
+                self._dump()
+                return None
+            if not self._queue:
                 return None
             first, total = self._queue.popleft()
             batch = [first]
@@ -544,13 +560,22 @@ class RunLogger:
 
     # -- giving up: the spill file -------------------------------------------------------------
     def _give_up(self, reason: str) -> None:
-        """(Lock held.) Stop writing to MLflow: what the queue holds goes to the spill file."""
+        """(Lock held.) Stop writing to MLflow; the writer then moves everything to the spill file."""
         self._gave_up = reason
+        self._notice(f"run {self.run_id[:8]}: {reason}; its records now go to {self.spill_path} (training goes on; "
+                     "resuming the run with MLflow answering writes them)")
+        self._cond.notify_all()
+
+    def _dump(self, held: Iterable[dict] = (), rest: Iterable[str] = ()) -> None:
+        """(Lock held.) Spill, oldest first: the batch in hand, the rest of a spill being replayed,
+        the queue. The order is kept so that a record written on replay says all before it were."""
+        if self._dumped:
+            return
+        self._spill(held, rest)
         self._spill([record for record, _ in self._queue])
         self._queue.clear()
         self._buffered = 0
-        self._notice(f"run {self.run_id[:8]}: {reason}; its records now go to {self.spill_path} (training goes on; "
-                     "resuming the run with MLflow answering writes them)")
+        self._dumped = True
         self._cond.notify_all()
 
     def _spill(self, records: Iterable[dict], lines: Iterable[str] = ()) -> None:
@@ -595,8 +620,7 @@ class RunLogger:
             with self._cond:
                 if self._gave_up is None:
                     self._give_up(f"the MLflow writer failed ({one_line(exc, 200)})")
-                if self._current:
-                    self._spill(self._current)
+                self._dump(self._current or ())
         finally:
             with self._cond:
                 self._current = None
@@ -608,6 +632,10 @@ class RunLogger:
         batch, then `rest` (spill lines not yet replayed), went to the spill file)."""
         started, waits = None, self.policy.waits()
         while True:
+            with self._cond:
+                if self._gave_up is not None:  # the memory bound was passed meanwhile
+                    self._dump(batch, rest)
+                    return False
             try:
                 self._send(batch)
             except Exception as exc:  # noqa: BLE001 -- classified: a refusal drops the batch, with a note
@@ -631,7 +659,7 @@ class RunLogger:
                     if self._gave_up is None:
                         self._cond.wait_for(lambda: self._gave_up is not None, timeout=wait)
                     if self._gave_up is not None:
-                        self._spill(batch, rest)
+                        self._dump(batch, rest)
                         return False
                 continue
             if started is not None:
