@@ -655,7 +655,9 @@ class RunLogger:
                 with self._cond:
                     if self._gave_up is None and now - started + wait > self.policy.budget_s:
                         self._give_up(f"MLflow at {self.tracking_uri} did not answer for "
-                                      f"{format_duration(now - started)} ({one_line(exc, 200)})")
+                                      f"{format_duration(now - started)} (retry budget "
+                                      f"{format_duration(self.policy.budget_s)}, {RETRY_BUDGET_ENV}; "
+                                      f"{one_line(exc, 200)})")
                     if self._gave_up is None:
                         self._cond.wait_for(lambda: self._gave_up is not None, timeout=wait)
                     if self._gave_up is not None:
