@@ -451,6 +451,7 @@ class RunLogger:
         self._spilled = 0
         self._spill_error: str | None = None
         self._refused: list[str] = []  # records the store refused (a 4xx), one line each
+        self._unstaged: list[str] = []  # files that could not even be copied for upload
         self._client = None
         # Steps already in the store, for metric keys that may repeat: key -> (steps, largest step).
         self._known: dict[str, tuple[set[int], int]] = {}
@@ -513,6 +514,8 @@ class RunLogger:
                          f"{self.spill_path}; resuming the run (--resume) with MLflow answering writes them")
         if self._spill_error is not None:
             parts.append(self._spill_error)
+        if self._unstaged:
+            parts.append(f"{len(self._unstaged)} file(s) of run {self.run_id} not recorded ({self._unstaged[0]})")
         if self._refused:
             parts.append(f"MLflow refused {len(self._refused)} batch(es) of records of run {self.run_id} "
                          f"({self._refused[0]})")
@@ -606,7 +609,7 @@ class RunLogger:
             except OSError as exc:
                 problem = f"file {str(path)!r} not recorded: {exc.strerror or exc}"
         with self._cond:
-            self._refused.append(problem)
+            self._unstaged.append(problem)
         return None
 
     # -- the writer thread --------------------------------------------------------------------
@@ -687,6 +690,10 @@ class RunLogger:
             if staged.exists():  # else an earlier life uploaded it before its spill was replayed
                 self._client.log_artifact(self.run_id, str(staged), batch[0]["artifact_path"])
                 shutil.rmtree(staged.parent, ignore_errors=True)
+                try:
+                    staged.parent.parent.rmdir()  # the run's staging folder, once empty
+                except OSError:
+                    pass
         elif kind == "metrics":
             items = [(key, value, record["timestamp"], record["step"])
                      for record in batch for key, value in record["values"].items()]
