@@ -19,6 +19,7 @@ from scaling.cluster import placement_strategy, resolve_storage_path
 from scaling.config import StudyConfig
 from scaling.errors import one_line
 from scaling.schema import config_hash
+from scaling.tracking import UNWRITTEN_KEY
 from scaling.train import RunTask
 
 STOPPING = threading.Event()
@@ -186,8 +187,9 @@ def fit(study: StudyConfig, task: RunTask, tracker, trainer_name: str, *, callba
                 reason = (f"the storage is full ({reason}): free space under storage_path={study.storage_path!r} or "
                           "point it at a larger volume, then re-run (finished runs and their records are intact)")
             return FitResult(time.perf_counter() - started, {}, reason, preemptions)
-    return FitResult(time.perf_counter() - started, result.metrics or {}, tracker.recorded_failure(task.run_id),
-                     preemptions)
+    metrics = result.metrics or {}
+    failure = tracker.recorded_failure(task.run_id) or tracker.unwritten(task.run_id, metrics.get(UNWRITTEN_KEY))
+    return FitResult(time.perf_counter() - started, metrics, failure, preemptions)
 
 
 def train_run(study: StudyConfig, plan, arm, seed: int, data: DataRefs, tracker, parent_id: str,
@@ -202,8 +204,8 @@ def train_run(study: StudyConfig, plan, arm, seed: int, data: DataRefs, tracker,
     if status == names.STATUS_FINISHED:
         say(f"{run.run_name}: already finished (run {run_id[:8]}), skipped")
         return RunOutcome(rung.name, arm.name, seed, names.STATUS_SKIPPED, run_id)
-    if status != names.STATUS_RUNNING:  # failed or killed before: this driver takes it over
-        tracker.reopen(run_id)
+    if status != names.STATUS_RUNNING:  # failed or killed before: this driver takes it over (a failure
+        tracker.reopen(run_id)            # left on the record would be read back after `fit` and fail it again)
     task = build_task(study, plan, arm, seed, run.run_name, run_id, tracker.tracking_uri, data)
     say(f"{run.run_name}: {plan.steps} steps on {study.resources.num_workers} worker(s), "
         f"ZeRO-{study.resources.zero_stage}, run {run_id[:8]}")

@@ -275,7 +275,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             report.update(_probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, step,
                                  final=is_last))
         if save_now:
-            _save_and_report(engine, report, step, tokens_seen, order_hash)
+            if is_last and logger is not None:
+                logger.set_tags({names.TAG_DATA_ORDER_HASH: order_hash, names.TAG_STEPS: task.steps})
+            _save_and_report(engine, report, step, tokens_seen, order_hash,
+                             records=logger if is_last else None)
         elif probe_now:
             ray.train.report(report)
 
@@ -283,12 +286,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _log(rank, f"{task.run_name}: FAILED: {failure}")
         if logger is not None:
             logger.mark_failed(failure)
+            logger.close()
         # Return normally without a report (every rank alike): a NaN is deterministic, so a Ray
         # Train retry would only fail again, and a report without the validation metrics would
         # confuse Tune's searcher. The driver reads the failure from MLflow.
         return
     if logger is not None:
         logger.set_tags({names.TAG_DATA_ORDER_HASH: order_hash, names.TAG_STEPS: task.steps})
+        logger.close()
 
 
 class DataOrder:
@@ -593,12 +598,14 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {reason.group(0).strip()}"[:300] if reason else one_line(exc, 300)
 
 
-def _save_and_report(engine, report, step, tokens_seen, order_hash) -> None:
+def _save_and_report(engine, report, step, tokens_seen, order_hash, records=None) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(directory, tag=f"step_{step:07d}", client_state={
             "step": step, "tokens_seen": tokens_seen, "order_hash": order_hash})
+        if records is not None:  # after the save's collectives: other ranks wait in the report, without a timeout
+            report.update(_wait_for_records(records))
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -631,9 +638,34 @@ def chain_hash(previous: str, indices: np.ndarray) -> str:
 
 
 def _rank0_logger(task: RunTask):
+    """Rank 0's MLflow writer; what an outage leaves unwritten is spilled to the run's Ray Train folder."""
     from scaling.tracking import RunLogger
 
-    return RunLogger(task.tracking_uri, task.run_id)
+    return RunLogger(task.tracking_uri, task.run_id, spill_dir=_spill_dir())
+
+
+def _spill_dir():
+    """`<storage_path>/<run folder>/mlflow-spill` when that folder is a local (or mounted) path, so a
+    resumed run finds what its earlier life spilled; else RunLogger's default temp folder."""
+    try:
+        import pyarrow.fs
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            return os.path.join(storage.experiment_fs_path, "mlflow-spill")
+    except Exception:  # noqa: BLE001 -- a developer API of Ray Train; the default folder still works
+        pass
+    return None
+
+
+def _wait_for_records(logger) -> dict[str, str]:
+    """Before the last report: wait until rank 0's records reached MLflow; what did not, and why,
+    goes in the report, so the driver fails the run instead of finishing it with metrics missing."""
+    from scaling.tracking import UNWRITTEN_KEY
+
+    problem = logger.flush()
+    return {UNWRITTEN_KEY: problem} if problem else {}
 
 
 def _log(rank: int, message: str) -> None:
