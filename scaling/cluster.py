@@ -55,6 +55,8 @@ def connect_ray(num_cpus: int | None = None) -> None:
         return
     quiet_ray_before_init()
     env = {key: os.environ[key] for key in FAST_REPORTS_ENV}
+    if "SCALING_MLFLOW_RETRY_S" in os.environ:  # how long rank 0 waits out an MLflow outage (scaling.tracking)
+        env["SCALING_MLFLOW_RETRY_S"] = os.environ["SCALING_MLFLOW_RETRY_S"]
     address = os.environ.get("RAY_ADDRESS") or _started_cluster_address()
     if address and address != "local":
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)

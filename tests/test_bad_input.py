@@ -4,7 +4,6 @@ code 2 and one line that names the problem and the fix, before any work and befo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
