@@ -150,18 +150,18 @@ def _read_file_rows(path: Path, field: str) -> list[str]:
                         "give a .txt file (one document per line) or a .jsonl file with a text field") from None
     if path.suffix != ".jsonl":
         return lines
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}); one JSON object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise DataError(f"{path}:{number}: expected an object with a string field {field!r}")
-        rows.append(record[field])
-    return rows
+    return [json_text(line, field, f"{path}:{number}") for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def json_text(line: str, field: str, where: str) -> str:
+    """The text of one .jsonl record: `field` of the JSON object on `line` (`where` names it in errors)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg}); one JSON object per line") from None
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        raise DataError(f"{where}: expected an object with a string field {field!r}; set the field name")
+    return record[field]
 
 
 def _read_hf_rows(source: TextSource, limit: int | None = None) -> list[str]:

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from scaling.console import say
+from scaling.data import json_text
 from scaling.errors import DataError
 
 FORMAT_VERSION = 1
@@ -207,17 +208,7 @@ def _check_text_head(path: str, size: int, field: str | None) -> None:
     if field is not None:
         first = next((line for line in text.splitlines() if line.strip()), None)
         if first is not None and (len(first) < len(text) or size <= CHECK_BYTES):
-            _json_text(first, field, f"{path} (first record)")
-
-
-def _json_text(line: str, field: str, where: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: not valid JSON ({exc.msg}); one JSON object per line") from None
-    if not isinstance(record, dict) or not isinstance(record.get(field), str):
-        raise DataError(f"{where}: expected an object with a string field {field!r}; set the field name")
-    return record[field]
+            json_text(first, field, f"{path} (first record)")
 
 
 def _check_parquet(path: str, field: str) -> None:
@@ -394,7 +385,7 @@ def _piece_rows(piece: dict) -> Iterator[str]:
         offset = piece["start"]
         for line in text.splitlines():
             if line.strip():
-                yield _json_text(line, piece["field"], f"{piece['path']} (record near byte {offset})")
+                yield json_text(line, piece["field"], f"{piece['path']} (record near byte {offset})")
             offset += len(line.encode("utf-8")) + 1
     elif kind == "parquet":
         import pyarrow.parquet as pq

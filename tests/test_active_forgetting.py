@@ -9,16 +9,11 @@ import sys
 from pathlib import Path
 
 
+from deepspeed_single import PREAMBLE
+
 REPO = Path(__file__).resolve().parent.parent
 
-SCRIPT = r'''
-import os, socket
-os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-s = socket.socket(); s.bind(("127.0.0.1", 0)); os.environ["MASTER_PORT"] = str(s.getsockname()[1]); s.close()
-import torch, deepspeed
-from scaling.train import skip_cpu_shm_build
-skip_cpu_shm_build()
-deepspeed.init_distributed(dist_backend="gloo")
+SCRIPT = PREAMBLE + r'''
 from deepspeed.utils import safe_get_full_fp32_param
 from scaling.config import ArmConfig, ProbeConfig, ResourcesConfig, TrainingConfig
 from scaling.ladder import build_model, get_ladder

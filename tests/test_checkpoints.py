@@ -8,19 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deepspeed_single import PREAMBLE
+
 REPO = Path(__file__).resolve().parent.parent
 
-SCRIPT = r'''
-import os, pickle, socket, sys, tempfile
+SCRIPT = PREAMBLE + r'''
+import pickle, sys, tempfile
 from pathlib import Path
-os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-s = socket.socket(); s.bind(("127.0.0.1", 0)); os.environ["MASTER_PORT"] = str(s.getsockname()[1]); s.close()
-import torch, deepspeed
 from ray.train import Checkpoint
-from scaling.train import restore_checkpoint, skip_cpu_shm_build
+from scaling.train import restore_checkpoint
 from scaling.errors import TrainingFailure
-skip_cpu_shm_build()
-deepspeed.init_distributed(dist_backend="gloo")
 from scaling.ladder import build_model, get_ladder
 
 rung = get_ladder("tiny").rungs[0]
