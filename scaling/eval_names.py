@@ -8,7 +8,9 @@ configured (`arc_easy`, `mmlu`, `bundled_cloze_val`), `<metric>` lm-eval's metri
 without its filter suffix when the filter is `none` (`acc`, `acc_norm`, `acc_stderr`,
 `word_perplexity`); any other filter is kept after an underscore
 (`exact_match_strict-match`). `eval/mean_acc` is the mean of `acc` over the configured
-tasks that report it (the paper's score for the `paper10` preset).
+tasks that report it (the paper's score for the `paper10` preset), leaving out the
+selection tasks; `eval/selection_mean_acc` is the mean over the selection tasks
+(validation data, allowed to choose checkpoints and to drive sweeps).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import re
 
 EVAL_PREFIX = "eval"
 EVAL_MEAN_ACC = "eval/mean_acc"
-"""Mean `acc` over the configured tasks; logged only when no configured task failed."""
+"""Mean `acc` over the configured tasks except the selection tasks; logged only when none of them failed."""
+EVAL_SELECTION_MEAN_ACC = "eval/selection_mean_acc"
+"""Mean `acc` over the selection tasks (validation data); logged only when none of them failed."""
 EVAL_NUM_FAILED = "eval/num_failed_tasks"
 """How many configured tasks could not be evaluated (0 when all gave results)."""
 EVAL_SECONDS = "eval/seconds"
@@ -57,7 +61,7 @@ def metric_name(lm_eval_key: str) -> str:
 
 
 def parse_eval_metric_key(key: str) -> tuple[str, str] | None:
-    """(task, metric) of an `eval/<task>/<metric>` key; None for any other key (and eval/mean_acc)."""
+    """(task, metric) of an `eval/<task>/<metric>` key; None for any other key (eval/mean_acc, ...)."""
     match = _KEY.fullmatch(key)
     return (match["task"], match["metric"]) if match else None
 

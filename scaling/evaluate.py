@@ -61,6 +61,8 @@ class EvalConfig:
 
     tasks: tuple[str, ...]
     """lm-eval task, group or tag names, or a preset (`paper10`: the paper's ten tasks and paloma_wikitext_103)."""
+    selection_tasks: tuple[str, ...] = ()
+    """Tasks among `tasks` on validation data (e.g. bundled_cloze_val): their mean may pick checkpoints and drive sweeps."""
     num_fewshot: dict[str, int] | int | str = 0
     """Few-shot examples: one count for all tasks, a task -> count mapping (others 0), or paper_gpt2 / paper_qwen3."""
     limit: int | None = None
@@ -90,6 +92,12 @@ class EvalConfig:
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
             raise ConfigError(f"eval.tasks: {twice} listed twice (presets included); list each task once")
+        selection = (self.selection_tasks,) if isinstance(self.selection_tasks, str) else tuple(self.selection_tasks)
+        object.__setattr__(self, "selection_tasks", selection)
+        for task in selection:
+            if task not in names:
+                raise ConfigError(f"eval.selection_tasks: {task!r} is not among eval.tasks {list(names)}; add it "
+                                  "there too (a selection task is evaluated like the others)")
         self._check_fewshot(names)
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
                                        or self.limit < 1):
@@ -132,7 +140,7 @@ class EvalConfig:
 
     def __hash__(self):  # num_fewshot may be a dict
         fewshot = tuple(sorted(self.num_fewshot.items())) if isinstance(self.num_fewshot, dict) else self.num_fewshot
-        return hash((self.tasks, fewshot, self.limit, self.batch_size, self.every_steps, self.at_start,
+        return hash((self.tasks, self.selection_tasks, fewshot, self.limit, self.batch_size, self.every_steps, self.at_start,
                      self.include_path, self.dtype, self.num_cpus, self.num_gpus))
 
     def task_names(self) -> tuple[str, ...]:
@@ -195,7 +203,8 @@ class EvalResult:
     model: str
     """The model evaluated (folder or hub name)."""
     metrics: dict[str, float]
-    """`eval/<task>/<metric>`, `eval/mean_acc` (when no task failed), `eval/num_failed_tasks`, `eval/seconds`."""
+    """`eval/<task>/<metric>`, `eval/mean_acc` and `eval/selection_mean_acc` (each only when none of its tasks
+    failed), `eval/num_failed_tasks`, `eval/seconds`."""
     failures: dict[str, str]
     """Configured task -> one line saying why it gave no result."""
     lm_eval: dict[str, Any] = field(repr=False)
@@ -302,7 +311,29 @@ def build_task_manager(config: EvalConfig):
         return TaskManager(include_defaults=True, include_path=include)
     root = _lm_eval_tasks_root()
     # Built-in folders first, include paths last: on a name clash the user's YAML wins, as in lm-eval.
-    return TaskManager(include_defaults=False, include_path=[str(root / f) for f in sorted(folders)] + include)
+    manager = TaskManager(include_defaults=False, include_path=[str(root / f) for f in sorted(folders)] + include)
+    if all(_members_indexed(manager.task_index, name, set()) for name in wanted):
+        return manager
+    return TaskManager(include_defaults=True, include_path=include)  # a group reaches into other folders
+
+
+def _members_indexed(index: dict, name: str, seen: set) -> bool:
+    """Whether a task or group and, recursively, every member a group names is in `index`."""
+    if name in seen:
+        return True
+    seen.add(name)
+    entry = index.get(name)
+    if entry is None:
+        return False
+    members = (entry.cfg or {}).get("task") if entry.cfg else None
+    if not isinstance(members, list):  # a task (its `task` is its own name)
+        return True
+    for member in members:
+        if isinstance(member, dict):
+            member = member.get("group", member.get("task"))
+        if isinstance(member, str) and not _members_indexed(index, member, seen):
+            return False
+    return True
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -357,22 +388,26 @@ def _merge(parts: list[dict]) -> dict:
     return merged
 
 
-def flatten_results(results: dict, names: list[str], leaves: dict[str, list[str]]) -> dict[str, float]:
-    """lm-eval results -> `eval/<task>/<metric>` for the configured names (a tag: its tasks), and
-    `eval/mean_acc` over the configured names that report `acc`."""
+def flatten_results(results: dict, names: list[str], leaves: dict[str, list[str]],
+                    selection: tuple[str, ...] = ()) -> dict[str, float]:
+    """lm-eval results -> `eval/<task>/<metric>` for the configured names (a tag: its tasks), with
+    `eval/mean_acc` over the names outside `selection` that report `acc`, and `eval/selection_mean_acc`
+    over those in `selection`."""
     per_task = results.get("results", {})
     metrics: dict[str, float] = {}
-    accuracies = []
+    accuracies: dict[bool, list[float]] = {False: [], True: []}
     for name in names:
         for reported in ([name] if name in per_task else leaves.get(name, [])):
             for key, value in per_task.get(reported, {}).items():
                 if "," not in key or isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue  # alias, sample_len, "N/A" stderrs
                 metrics[eval_names.eval_metric_key(reported, eval_names.metric_name(key))] = float(value)
-            if isinstance(per_task.get(reported, {}).get("acc,none"), (int, float)):
-                accuracies.append(float(per_task[reported]["acc,none"]))
-    if accuracies:
-        metrics[eval_names.EVAL_MEAN_ACC] = sum(accuracies) / len(accuracies)
+            acc = per_task.get(reported, {}).get("acc,none")
+            if isinstance(acc, (int, float)) and not isinstance(acc, bool):
+                accuracies[name in selection].append(float(acc))
+    for is_selection, key in ((False, eval_names.EVAL_MEAN_ACC), (True, eval_names.EVAL_SELECTION_MEAN_ACC)):
+        if accuracies[is_selection]:
+            metrics[key] = sum(accuracies[is_selection]) / len(accuracies[is_selection])
     return metrics
 
 
@@ -430,9 +465,12 @@ def evaluate_model(model: str | os.PathLike, config: EvalConfig, *, device: str 
     _release(lm)
 
     results = _merge(parts) if parts else {}
-    metrics = flatten_results(results, [n for n in names if n not in failures], leaves)
-    if failures:
-        metrics.pop(eval_names.EVAL_MEAN_ACC, None)  # a mean over fewer tasks is not the same score
+    metrics = flatten_results(results, [n for n in names if n not in failures], leaves, config.selection_tasks)
+    # A mean over fewer tasks is another score: drop it rather than log it under the same name.
+    if any(n not in config.selection_tasks for n in failures):
+        metrics.pop(eval_names.EVAL_MEAN_ACC, None)
+    if any(n in config.selection_tasks for n in failures):
+        metrics.pop(eval_names.EVAL_SELECTION_MEAN_ACC, None)
     metrics[eval_names.EVAL_NUM_FAILED] = float(len(failures))
     metrics[eval_names.EVAL_SECONDS] = time.perf_counter() - started
     settings = {**dataclasses.asdict(config), "device": device, "task_names": names}
@@ -469,6 +507,26 @@ def _release(lm) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def save_model_for_eval(model, directory: str | os.PathLike, *, tokenizer=None, state_dict=None) -> Path:
+    """Write a Hugging Face folder (`save_pretrained` + tokenizer) that evaluate_model, lm-eval's CLI
+    and AutoModelForCausalLM can load. Written next to `directory` and renamed into place, so an
+    evaluation started on it never sees a half-written folder; an existing folder is replaced.
+    Under ZeRO-3 pass the gathered full `state_dict` (rank 0 only writes)."""
+    import shutil
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    if directory.exists():
+        shutil.rmtree(directory)
+    partial.rename(directory)
+    return directory
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -574,8 +632,9 @@ def format_table(result: EvalResult) -> str:
         task, metric = parsed
         stderr = result.metrics.get(eval_names.eval_metric_key(task, f"{metric}_stderr"))
         lines.append(f"{task:<28} {metric:<20} {value:>10.4f} {'' if stderr is None else f'{stderr:8.4f}':>8}")
-    if eval_names.EVAL_MEAN_ACC in result.metrics:
-        lines.append(f"{'mean acc':<28} {'acc':<20} {result.metrics[eval_names.EVAL_MEAN_ACC]:>10.4f}")
+    for key, label in ((eval_names.EVAL_MEAN_ACC, "mean acc"), (eval_names.EVAL_SELECTION_MEAN_ACC, "selection mean acc")):
+        if key in result.metrics:
+            lines.append(f"{label:<28} {'acc':<20} {result.metrics[key]:>10.4f}")
     for task, reason in result.failures.items():
         lines.append(f"{task:<28} FAILED: {reason}")
     return "\n".join(lines)

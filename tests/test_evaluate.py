@@ -46,6 +46,7 @@ def test_config_defaults_presets_and_paper_rules():
     [
         ({"tasks": ()}, "eval.tasks"),
         ({"tasks": ("arc_easy", "paper10")}, "eval.tasks"),  # arc_easy twice
+        ({"selection_tasks": ("bundled_cloze_val",)}, "eval.selection_tasks"),  # not among tasks
         ({"num_fewshot": -1}, "eval.num_fewshot"),
         ({"num_fewshot": "paper_llama"}, "eval.num_fewshot"),
         ({"num_fewshot": {"piqa": 1}}, "eval.num_fewshot.piqa"),  # not a configured task
@@ -74,6 +75,9 @@ def test_config_loads_through_the_study_loader():
                                  "num_gpus": 1}, "eval")
     assert config.tasks == ("paper10",) and config.num_fewshot == {"mmlu": 1} and config.num_gpus == 1.0
     assert _build(EvalConfig, {"tasks": ["x"], "num_fewshot": "paper_gpt2"}, "eval").fewshot_for("x") == 0
+    selecting = _build(EvalConfig, {"tasks": ["paper10", "bundled_cloze_val"],
+                                    "selection_tasks": ["bundled_cloze_val"]}, "eval")
+    assert selecting.selection_tasks == ("bundled_cloze_val",)
     with pytest.raises(ConfigError, match="unknown key 'eval.shots'"):
         _build(EvalConfig, {"tasks": ["x"], "shots": 1}, "eval")
     with pytest.raises(ConfigError, match="eval.limit"):
@@ -136,8 +140,8 @@ LIMIT = 24
 def bundled_result(tiny_gpt2_dir):
     from scaling.evaluate import evaluate_model
 
-    config = EvalConfig(tasks=(BUNDLED_CLOZE, BUNDLED_CLOZE_VAL), limit=LIMIT, batch_size=8,
-                        include_path=str(TASKS_DIR))
+    config = EvalConfig(tasks=(BUNDLED_CLOZE, BUNDLED_CLOZE_VAL), selection_tasks=(BUNDLED_CLOZE_VAL,),
+                        limit=LIMIT, batch_size=8, include_path=str(TASKS_DIR))
     return evaluate_model(tiny_gpt2_dir, config, device="cpu")
 
 
@@ -149,8 +153,9 @@ def test_evaluate_model_on_the_bundled_tasks(bundled_result):
             assert 0.0 <= result.metrics[f"eval/{task}/{metric}"] <= 1.0
         assert result.metrics[f"eval/{task}/acc_stderr"] > 0
         assert result.lm_eval["n-samples"][task]["effective"] == LIMIT
-    accuracies = [result.metrics[f"eval/{t}/acc"] for t in (BUNDLED_CLOZE, BUNDLED_CLOZE_VAL)]
-    assert result.metrics[eval_names.EVAL_MEAN_ACC] == pytest.approx(sum(accuracies) / 2)
+    # The test task makes the reported mean; the validation task alone the selection mean.
+    assert result.metrics[eval_names.EVAL_MEAN_ACC] == result.metrics[f"eval/{BUNDLED_CLOZE}/acc"]
+    assert result.metrics[eval_names.EVAL_SELECTION_MEAN_ACC] == result.metrics[f"eval/{BUNDLED_CLOZE_VAL}/acc"]
     assert result.metrics[eval_names.EVAL_NUM_FAILED] == 0 and result.metrics[eval_names.EVAL_SECONDS] > 0
     assert all(",none" not in key for key in result.metrics)
     record = json.loads(result.to_json())  # the artifact: plain JSON
@@ -220,6 +225,7 @@ def test_failed_tasks_are_recorded_and_the_others_still_run(tiny_gpt2_dir, tmp_p
     assert 0.0 <= result.metrics["eval/bundled_cloze/acc"] <= 1.0
     assert result.metrics[eval_names.EVAL_NUM_FAILED] == 2
     assert eval_names.EVAL_MEAN_ACC not in result.metrics  # a mean over fewer tasks is another score
+    assert eval_names.EVAL_SELECTION_MEAN_ACC not in result.metrics  # no selection tasks configured
     assert not any(key.startswith(("eval/missing_data_cloze", "eval/failing_cloze")) for key in result.metrics)
 
 
@@ -232,9 +238,17 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_cli_writes_results_and_prints_a_table(tiny_gpt2_dir, tmp_path, capsys):
+def test_cli_on_an_exported_model_writes_results_and_prints_a_table(tiny_gpt2_dir, tokenizer, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from scaling.evaluate import save_model_for_eval
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    exported = save_model_for_eval(model, tmp_path / "hf", tokenizer=tokenizer)
+    exported = save_model_for_eval(model, exported, tokenizer=tokenizer)  # replaces the previous export
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no half-written folder left behind
     out = tmp_path / "out"
-    code, stdout, _ = run_cli(capsys, "--model", tiny_gpt2_dir, "--tasks", BUNDLED_CLOZE_VAL, "--limit", 8,
+    code, stdout, _ = run_cli(capsys, "--model", exported, "--tasks", BUNDLED_CLOZE_VAL, "--limit", 8,
                               "--device", "cpu", "--out", out)
     assert code == 0
     record = json.loads((out / eval_names.ARTIFACT_EVAL_JSON).read_text())
