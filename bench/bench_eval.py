@@ -75,7 +75,8 @@ def build_model(workdir: Path, n_layer: int, n_embd: int, *, vocab_size: int | N
     tokenizer_dir = workdir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
         rows = read_rows(parse_text_source("bundled"))
-        build_tokenizer(None, rows=rows, vocab_size=1024, cache_dir=workdir / "tokenizer-cache").save_pretrained(tokenizer_dir)
+        tokenizer = build_tokenizer(None, rows=rows, vocab_size=1024, cache_dir=workdir / "tokenizer-cache")
+        tokenizer.save_pretrained(tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=vocab_size or len(tokenizer), n_layer=n_layer, n_embd=n_embd,
@@ -202,12 +203,12 @@ def main() -> None:
         load_start = os.getloadavg()[0]
         print(f"model {model.name}, task {BUNDLED_CLOZE}, limit {args.limit}, batch {args.batch_size}, "
               f"{args.repeats} repeats; load {load_start:.1f} on {os.cpu_count()} cores", flush=True)
-        cli_best = {"lm_eval CLI": float("inf"), "python -m scaling.evaluate": float("inf")}
+        arms = {"lm_eval CLI": (lm_eval_cli, "lm_eval"), "python -m scaling.evaluate": (project_cli, "project")}
+        cli_best = dict.fromkeys(arms, float("inf"))
         for repeat in range(args.repeats):
-            out = workdir / f"out-{repeat}"
-            cli_best["lm_eval CLI"] = min(cli_best["lm_eval CLI"], run_quiet(lm_eval_cli(model, args, out / "lm_eval"), workdir))
-            cli_best["python -m scaling.evaluate"] = min(cli_best["python -m scaling.evaluate"],
-                                                         run_quiet(project_cli(model, args, out / "project"), workdir))
+            for name, (command, folder) in arms.items():
+                seconds = run_quiet(command(model, args, workdir / f"out-{repeat}" / folder), workdir)
+                cli_best[name] = min(cli_best[name], seconds)
         cli_acc = read_cli_acc(workdir / "out-0" / "lm_eval")
         project_acc = json.loads((workdir / "out-0" / "project" / "eval_results.json").read_text())["metrics"][
             f"eval/{BUNDLED_CLOZE}/acc"]

@@ -62,7 +62,7 @@ class EvalConfig:
     tasks: tuple[str, ...]
     """lm-eval task, group or tag names, or a preset (`paper10`: the paper's ten tasks and paloma_wikitext_103)."""
     selection_tasks: tuple[str, ...] = ()
-    """Tasks among `tasks` on validation data (e.g. bundled_cloze_val): their mean may pick checkpoints and drive sweeps."""
+    """Tasks among `tasks` on validation data (e.g. bundled_cloze_val), whose mean may pick checkpoints."""
     num_fewshot: dict[str, int] | int | str = 0
     """Few-shot examples: one count for all tasks, a task -> count mapping (others 0), or paper_gpt2 / paper_qwen3."""
     limit: int | None = None
@@ -140,8 +140,8 @@ class EvalConfig:
 
     def __hash__(self):  # num_fewshot may be a dict
         fewshot = tuple(sorted(self.num_fewshot.items())) if isinstance(self.num_fewshot, dict) else self.num_fewshot
-        return hash((self.tasks, self.selection_tasks, fewshot, self.limit, self.batch_size, self.every_steps, self.at_start,
-                     self.include_path, self.dtype, self.num_cpus, self.num_gpus))
+        return hash((self.tasks, self.selection_tasks, fewshot, self.limit, self.batch_size, self.every_steps,
+                     self.at_start, self.include_path, self.dtype, self.num_cpus, self.num_gpus))
 
     def task_names(self) -> tuple[str, ...]:
         """The configured tasks with presets expanded, in order."""
@@ -438,7 +438,8 @@ def evaluate_model(model: str | os.PathLike, config: EvalConfig, *, device: str 
         except Exception as exc:  # noqa: BLE001 - any loading error fails this task only
             failures[name] = f"could not load: {_one_line(exc)}"
             return []
-        leaves[name] = [t.task_name for o in objects for t in (o.get_all_tasks() if hasattr(o, "get_all_tasks") else [o])]
+        leaves[name] = [t.task_name for o in objects
+                        for t in (o.get_all_tasks() if hasattr(o, "get_all_tasks") else [o])]
         return objects
 
     loaded = {name: objects for name in names if (objects := load(name))}
@@ -462,7 +463,9 @@ def evaluate_model(model: str | os.PathLike, config: EvalConfig, *, device: str 
                     parts.append(run(objects))
                 except Exception as exc:  # noqa: BLE001
                     failures[name] = f"evaluation failed: {_one_line(exc)}"
-    _release(lm)
+    if lm is not None:
+        lm = None  # the last reference (`run` reads this variable): free the weights now
+        _free_memory()
 
     results = _merge(parts) if parts else {}
     metrics = flatten_results(results, [n for n in names if n not in failures], leaves, config.selection_tasks)
@@ -495,15 +498,12 @@ def _build_lm(model: str, config: EvalConfig, device: str, tokenizer: str | None
         raise ModelError(f"model {model!r} could not be loaded for evaluation: {_one_line(exc)}") from exc
 
 
-def _release(lm) -> None:
-    """Free the model now: a Ray worker process is reused by later tasks."""
-    if lm is None:
-        return
+def _free_memory() -> None:
+    """Return an evaluated model's memory now: Ray reuses a worker process for later tasks."""
     import gc
 
     import torch
 
-    del lm
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -632,7 +632,8 @@ def format_table(result: EvalResult) -> str:
         task, metric = parsed
         stderr = result.metrics.get(eval_names.eval_metric_key(task, f"{metric}_stderr"))
         lines.append(f"{task:<28} {metric:<20} {value:>10.4f} {'' if stderr is None else f'{stderr:8.4f}':>8}")
-    for key, label in ((eval_names.EVAL_MEAN_ACC, "mean acc"), (eval_names.EVAL_SELECTION_MEAN_ACC, "selection mean acc")):
+    for key, label in ((eval_names.EVAL_MEAN_ACC, "mean acc"),
+                       (eval_names.EVAL_SELECTION_MEAN_ACC, "selection mean acc")):
         if key in result.metrics:
             lines.append(f"{label:<28} {'acc':<20} {result.metrics[key]:>10.4f}")
     for task, reason in result.failures.items():
