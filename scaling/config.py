@@ -25,6 +25,7 @@ import yaml
 from scaling import names
 from scaling.dispersion_spec import VARIANTS, resolve_layers, validate_layer_spec
 from scaling.errors import ConfigError
+from scaling.evaluate import EvalConfig
 from scaling.ladder import RunConfigurator, get_ladder
 from scaling.observe_config import ObserveConfig, observe_study_from_dict
 from scaling.schema import as_list, build_config, flatten, read_study_mapping, to_plain
@@ -374,6 +375,8 @@ class StudyConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    eval: EvalConfig | None = None
+    """Downstream evaluation with lm-eval-harness during training (`scaling.evaluate`); null: none."""
     storage_path: str = "runs"
     """Ray Train storage: a local folder (relative to the working directory) or s3://..."""
     tracking_uri: str | None = None

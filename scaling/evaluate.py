@@ -5,7 +5,7 @@
 
 Scoring is lm-eval's own (`simple_evaluate` on an `HFLM`); this module chooses tasks and
 few-shot counts, keeps one broken task from sinking the others, and turns lm-eval's
-results into flat metrics `eval/<task>/<metric>` and one JSON record (`scaling.eval_names`).
+results into flat metrics `eval/<task>/<metric>` and one JSON record (`scaling.names`).
 
 Three costs are kept out of the way:
 - lm-eval's import (~2 s) happens inside the functions, so the CLI's --help and a study's
@@ -31,15 +31,15 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaling import eval_names
-from scaling.errors import ConfigError, DispersionScalingError, ModelError
-from scaling.eval_names import PAPER_FEWSHOT_SHOTS, PAPER_FEWSHOT_TASKS, PRESETS
+from scaling import names as keys
+from scaling.console import check_writable_dir
+from scaling.errors import ConfigError, ModelError, one_line
+from scaling.names import PAPER_FEWSHOT_SHOTS, PAPER_FEWSHOT_TASKS, PRESETS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FEWSHOT_PRESETS = tuple(f"paper_{family}" for family in PAPER_FEWSHOT_SHOTS)
@@ -221,7 +221,7 @@ class EvalResult:
                 "settings": self.settings, "lm_eval": self.lm_eval}
 
     def to_json(self) -> str:
-        """The record to store as an artifact (`scaling.eval_names.ARTIFACT_EVAL_JSON`)."""
+        """The record to store as an artifact (`scaling.names.ARTIFACT_EVAL_JSON`)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str, allow_nan=True)
 
 
@@ -353,11 +353,6 @@ def _quiet_lm_eval() -> None:
     logging.getLogger("lm_eval.api.task").addFilter(_DropCustomDatasetHint())
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
-
-
 def _load_task(manager, name: str, shots: int) -> list:
     """The Task/Group objects for one configured name, with its few-shot count set on every leaf task."""
     loaded = manager.load([name])
@@ -401,11 +396,11 @@ def flatten_results(results: dict, names: list[str], leaves: dict[str, list[str]
             for key, value in per_task.get(reported, {}).items():
                 if "," not in key or isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue  # alias, sample_len, "N/A" stderrs
-                metrics[eval_names.eval_metric_key(reported, eval_names.metric_name(key))] = float(value)
+                metrics[keys.eval_metric_key(reported, keys.metric_name(key))] = float(value)
             acc = per_task.get(reported, {}).get("acc,none")
             if isinstance(acc, (int, float)) and not isinstance(acc, bool):
                 accuracies[name in selection].append(float(acc))
-    for is_selection, key in ((False, eval_names.EVAL_MEAN_ACC), (True, eval_names.EVAL_SELECTION_MEAN_ACC)):
+    for is_selection, key in ((False, keys.EVAL_MEAN_ACC), (True, keys.EVAL_SELECTION_MEAN_ACC)):
         if accuracies[is_selection]:
             metrics[key] = sum(accuracies[is_selection]) / len(accuracies[is_selection])
     return metrics
@@ -421,10 +416,12 @@ def evaluate_model(model: str | os.PathLike, config: EvalConfig, *, device: str 
     """
     from lm_eval import simple_evaluate
 
+    from scaling.model import check_model_reference
+
     _quiet_lm_eval()
     started = time.perf_counter()
     model = str(model)
-    check_model_source(model)
+    check_model_reference(model)
     device = _resolve_device(device or config.device())
     names = list(config.task_names())
     manager = build_task_manager(config)
@@ -436,7 +433,7 @@ def evaluate_model(model: str | os.PathLike, config: EvalConfig, *, device: str 
         try:
             objects = _load_task(manager, name, config.fewshot_for(name))
         except Exception as exc:  # noqa: BLE001 - any loading error fails this task only
-            failures[name] = f"could not load: {_one_line(exc)}"
+            failures[name] = f"could not load: {one_line(exc)}"
             return []
         leaves[name] = [t.task_name for o in objects
                         for t in (o.get_all_tasks() if hasattr(o, "get_all_tasks") else [o])]
@@ -462,7 +459,7 @@ def evaluate_model(model: str | os.PathLike, config: EvalConfig, *, device: str 
                 try:
                     parts.append(run(objects))
                 except Exception as exc:  # noqa: BLE001
-                    failures[name] = f"evaluation failed: {_one_line(exc)}"
+                    failures[name] = f"evaluation failed: {one_line(exc)}"
     if lm is not None:
         lm = None  # the last reference (`run` reads this variable): free the weights now
         _free_memory()
@@ -471,11 +468,11 @@ def evaluate_model(model: str | os.PathLike, config: EvalConfig, *, device: str 
     metrics = flatten_results(results, [n for n in names if n not in failures], leaves, config.selection_tasks)
     # A mean over fewer tasks is another score: drop it rather than log it under the same name.
     if any(n not in config.selection_tasks for n in failures):
-        metrics.pop(eval_names.EVAL_MEAN_ACC, None)
+        metrics.pop(keys.EVAL_MEAN_ACC, None)
     if any(n in config.selection_tasks for n in failures):
-        metrics.pop(eval_names.EVAL_SELECTION_MEAN_ACC, None)
-    metrics[eval_names.EVAL_NUM_FAILED] = float(len(failures))
-    metrics[eval_names.EVAL_SECONDS] = time.perf_counter() - started
+        metrics.pop(keys.EVAL_SELECTION_MEAN_ACC, None)
+    metrics[keys.EVAL_NUM_FAILED] = float(len(failures))
+    metrics[keys.EVAL_SECONDS] = time.perf_counter() - started
     settings = {**dataclasses.asdict(config), "device": device, "task_names": names}
     return EvalResult(model=model, metrics=metrics, failures={n: failures[n] for n in names if n in failures},
                       lm_eval=results, settings=settings)
@@ -495,7 +492,7 @@ def _build_lm(model: str, config: EvalConfig, device: str, tokenizer: str | None
         return HFLM(pretrained=model, tokenizer=tokenizer, device=device, dtype=config.dtype,
                     batch_size=config.batch_size)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"model {model!r} could not be loaded for evaluation: {_one_line(exc)}") from exc
+        raise ModelError(f"model {model!r} could not be loaded for evaluation: {one_line(exc)}") from exc
 
 
 def _free_memory() -> None:
@@ -593,47 +590,17 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         raise ConfigError(message) from None
 
 
-def check_writable(out: Path) -> None:
-    """Fail before any work if `out` cannot become a writable folder (probes with a temporary file,
-    which also catches read-only mounts that permission bits do not show)."""
-    target = out
-    while not target.exists():
-        if target.parent == target:
-            break
-        target = target.parent
-    if not target.is_dir():
-        raise ConfigError(f"--out {str(out)!r}: {str(target)!r} is not a folder; choose another output folder")
-    try:
-        with tempfile.TemporaryFile(dir=target):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--out {str(out)!r}: cannot write in {str(target)!r} ({exc.strerror or exc}); "
-                          "choose a writable folder") from None
-
-
-def check_model_source(model: str) -> None:
-    """Fail before any work if `model` names a local folder that is missing or holds no model.
-    A hub name (`gpt2`, `org/name`) passes: only loading it can tell."""
-    path = Path(model).expanduser()
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        if not path.is_dir():
-            raise ModelError(f"model {model!r}: folder not found; give a Hugging Face model folder or hub name")
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model {model!r}: no config.json in the folder; save the model with "
-                             "save_pretrained (weights, config and tokenizer)")
-
-
 def format_table(result: EvalResult) -> str:
     lines = [f"{'task':<28} {'metric':<20} {'value':>10} {'stderr':>8}"]
     for key, value in result.metrics.items():
-        parsed = eval_names.parse_eval_metric_key(key)
+        parsed = keys.parse_eval_metric_key(key)
         if parsed is None or parsed[1].endswith("_stderr"):
             continue
         task, metric = parsed
-        stderr = result.metrics.get(eval_names.eval_metric_key(task, f"{metric}_stderr"))
+        stderr = result.metrics.get(keys.eval_metric_key(task, f"{metric}_stderr"))
         lines.append(f"{task:<28} {metric:<20} {value:>10.4f} {'' if stderr is None else f'{stderr:8.4f}':>8}")
-    for key, label in ((eval_names.EVAL_MEAN_ACC, "mean acc"),
-                       (eval_names.EVAL_SELECTION_MEAN_ACC, "selection mean acc")):
+    for key, label in ((keys.EVAL_MEAN_ACC, "mean acc"),
+                       (keys.EVAL_SELECTION_MEAN_ACC, "selection mean acc")):
         if key in result.metrics:
             lines.append(f"{label:<28} {'acc':<20} {result.metrics[key]:>10.4f}")
     for task, reason in result.failures.items():
@@ -645,19 +612,21 @@ def run(argv: list[str] | None = None) -> EvalResult:
     """parse -> validate everything (no model loaded, nothing written) -> evaluate -> write -> print."""
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    check_model_source(args.model)
+    from scaling.model import check_model_reference
+
+    check_model_reference(args.model)
     out = Path(args.out) if args.out else Path("evaluations") / Path(args.model.rstrip("/")).name
-    check_writable(out)
+    check_writable_dir(out, "--out")
     device = _resolve_device(args.device)
     check_tasks(config)
     result = evaluate_model(args.model, config, device=device, tokenizer=args.tokenizer)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / eval_names.ARTIFACT_EVAL_JSON
+    path = out / keys.ARTIFACT_EVAL_JSON
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(result.to_json() + "\n", encoding="utf-8")
     tmp.replace(path)
     print(f"{args.model} on {', '.join(config.task_names())} ({device}, limit {config.limit}, "
-          f"{result.metrics[eval_names.EVAL_SECONDS]:.1f} s)")
+          f"{result.metrics[keys.EVAL_SECONDS]:.1f} s)")
     print(format_table(result))
     print(f"wrote {path}")
     return result
@@ -665,15 +634,9 @@ def run(argv: list[str] | None = None) -> EvalResult:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line on stderr and return 2; a failed task returns 1."""
-    try:
-        result = run(argv)
-    except DispersionScalingError as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("evaluate: interrupted", file=sys.stderr)
-        return 130
-    return 0 if result.ok else 1
+    from scaling.console import run_cli
+
+    return run_cli(lambda: 0 if run(argv).ok else 1, "evaluate")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scaling import eval_names
+from scaling import names as eval_names
 from scaling.errors import ConfigError
 from scaling.eval_tasks import BUNDLED_CLOZE, BUNDLED_CLOZE_VAL, TASKS_DIR
 from scaling.evaluate import EvalConfig, main, paper_num_fewshot
@@ -70,7 +70,7 @@ def test_config_errors_name_the_key(kwargs, key):
 def test_config_loads_through_the_study_loader():
     """The study loader's generic _build/_coerce handles the section as it is today: lists become
     tuples, the few-shot mapping passes through to validation, errors keep the dotted key."""
-    from scaling.config import _build
+    from scaling.schema import build_config as _build
 
     config = _build(EvalConfig, {"tasks": ["paper10"], "num_fewshot": {"mmlu": 1}, "limit": 500,
                                  "num_gpus": 1}, "eval")
@@ -98,7 +98,7 @@ def test_metric_key_helpers():
 
 def test_imports_stay_light():
     """--help and config loading must not pay for lm-eval, torch or transformers."""
-    code = ("import sys, scaling.evaluate, scaling.eval_names, scaling.eval_tasks; "
+    code = ("import sys, scaling.evaluate, scaling.eval_tasks; "
             "print(sorted(m for m in ('lm_eval', 'torch', 'transformers', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -260,10 +260,10 @@ def test_cli_on_an_exported_model_writes_results_and_prints_a_table(tiny_gpt2_di
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--model", "/no/such/model-dir"], "folder not found"),
+        (["--model", "/no/such/model-dir"], "does not exist"),
         (["--model", "EMPTY_DIR"], "no config.json"),
-        (["--out", "FILE/out"], "is not a folder"),
-        (["--out", "/proc/no-such-dir/out"], "cannot write"),
+        (["--out", "FILE/out"], "is not a writable folder"),
+        (["--out", "/proc/no-such-dir/out"], "is not a writable folder"),
         (["--num-fewshot", "two"], "--num-fewshot 'two': expected an integer"),
         (["--num-fewshot", "-1"], "--num-fewshot=-1"),
         (["--num-fewshot", "piqa=1"], "--num-fewshot.piqa"),
