@@ -330,6 +330,10 @@ class SearchConfig:
     def __post_init__(self):
         if self.num_samples < 0:
             raise ConfigError(f"search.num_samples={self.num_samples}: must be >= 0")
+        if self.metric.startswith(f"{names.EVAL_PREFIX}/"):
+            raise ConfigError(f"search.metric={self.metric!r}: downstream evaluations run beside training and "
+                              "report after the probes ASHA decides on; search on val/loss (or a condensation "
+                              "metric) and compare the finished runs' eval/selection_mean_acc in the analysis")
         if self.metric not in SEARCH_METRICS:
             raise ConfigError(f"search.metric={self.metric!r} is not reported by any run; use one of "
                               f"{list(SEARCH_METRICS)}")

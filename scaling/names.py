@@ -46,6 +46,8 @@ TAG_DTYPE = "dtype"  # observation runs: the dtype the model was measured in
 TAG_FAMILY_DTYPES = "family_dtypes"  # observation runs: every dtype its family is measured in ("float32,bfloat16")
 TAG_HIDDEN_STATES_END = "hidden_states_end"  # observation runs: what the last hidden state is
 TAG_INPUT_RUNS = "input_runs"
+TAG_MODEL_DIR = "model_dir"  # training runs that evaluate: the final model's Hugging Face folder (loadable by lm-eval)
+TAG_EVAL_FAILED_PREFIX = "eval_failed/step_"  # + step: what could not be evaluated at that step, and why
 TAG_DRIVER_LEASE = "driver_lease"  # on a study run: which driver runs the study now (see tracking.StudyLock)  # analysis runs: how many runs the analysis read
 
 KIND_STUDY = "study"  # the study's parent run

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from scaling import faults, names
-from scaling.cluster import placement_strategy, resolve_storage_path
+from scaling.cluster import placement_strategy
+from scaling.storage import resolve_storage_path
 from scaling.config import StudyConfig
 from scaling.errors import one_line
 from scaling.schema import config_hash
@@ -44,6 +45,8 @@ class DataRefs:
     probe_ids: Any
     fingerprint: str
     """Identifies the data in run hashes."""
+    tokenizer_uri: str | None = None
+    """The study's tokenizer on shared storage (what exported models carry for their evaluations)."""
 
 
 @dataclass
@@ -88,6 +91,8 @@ def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str)
                 "training": dataclasses.asdict(study.training), "probes": dataclasses.asdict(study.probes),
                 "zero_stage": study.resources.zero_stage, "num_workers": study.resources.num_workers,
                 "precision": study.resources.precision, "data": data_fingerprint}
+    if study.eval is not None:  # keeps the hashes of runs without evaluation as they were
+        resolved["eval"] = dataclasses.asdict(study.eval)
     tags = {names.TAG_RUNG: rung.name, names.TAG_ARM: arm.name, names.TAG_SEED: seed,
             names.TAG_N_PARAMS: plan.params.total, names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding,
             names.TAG_TOKENS: plan.tokens, names.TAG_STEPS: plan.steps, names.TAG_LADDER: study.ladder}
@@ -100,14 +105,16 @@ def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str)
 
 
 def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: str, tracking_uri: str,
-               data: DataRefs) -> RunTask:
+               data: DataRefs, *, evaluate: bool = True) -> RunTask:
     """Everything the run's workers need; faults a test installed in this process ride along."""
     return RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, rung=plan.rung,
                    arm=arm.for_family(plan.rung.family), seed=seed, steps=plan.steps, lr=plan.lr,
                    warmup_steps=plan.warmup_steps, training=study.training, probes=study.probes,
                    resources=study.resources, checkpoint_every=study.checkpoint.every_steps,
                    train_blocks=data.train_blocks, val_blocks=data.val_blocks, probe_ids=data.probe_ids,
-                   init_from=study.training.init_from_for(plan.rung.name), faults=faults.installed())
+                   init_from=study.training.init_from_for(plan.rung.name),
+                   evaluation=study.eval.with_absolute_paths() if study.eval is not None and evaluate else None,
+                   tokenizer_uri=data.tokenizer_uri, faults=faults.installed())
 
 
 def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from scaling import storage
 from scaling.console import say
 from scaling.data import json_text
 from scaling.errors import DataError
@@ -110,23 +111,8 @@ def _label(text: str) -> str:
     return re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-.")[:40] or "source"
 
 
-def _filesystem(uri: str):
-    """(pyarrow filesystem, path) for a local path, a pyarrow URI (s3://, gs://, file://) or hf://."""
-    from pyarrow import fs
-
-    if uri.startswith("hf://"):
-        from huggingface_hub import HfFileSystem
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        return PyFileSystem(FSSpecHandler(HfFileSystem())), uri[len("hf://"):]
-    if "://" in uri:
-        filesystem, path = fs.FileSystem.from_uri(uri)
-        return filesystem, path.rstrip("/")
-    return fs.LocalFileSystem(), str(Path(uri).resolve())
 
 
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
 
 
 def resolve_source(spec: str, field: str = "text", validation: str = "auto") -> _Source:
@@ -150,7 +136,7 @@ def _resolve_files(spec: str, field: str) -> _Source:
     from pyarrow import fs
 
     try:
-        filesystem, path = _filesystem(spec)
+        filesystem, path = storage.filesystem(spec)
         info = filesystem.get_file_info(path)
     except Exception as exc:  # noqa: BLE001 -- a bad URI or missing credentials: the user's to fix
         raise DataError(f"text source {spec!r} cannot be opened ({type(exc).__name__}: {exc}); "
@@ -193,7 +179,7 @@ def _check_text_head(path: str, size: int, field: str | None) -> None:
     """Reject a binary, non-UTF-8 or blank file (and, for jsonl, a bad first record) before any work."""
     import codecs
 
-    filesystem, local = _filesystem(path)
+    filesystem, local = storage.filesystem(path)
     with filesystem.open_input_file(local) as stream:
         head = stream.read(min(size, CHECK_BYTES))
     if b"\x00" in head:
@@ -215,7 +201,7 @@ def _check_parquet(path: str, field: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    filesystem, local = _filesystem(path)
+    filesystem, local = storage.filesystem(path)
     try:
         with filesystem.open_input_file(local) as stream:
             schema = pq.ParquetFile(stream).schema_arrow
@@ -253,7 +239,7 @@ def _resolve_hf(name: str, config: str | None, split: str, field: str, validatio
         if files and all(f.endswith(".parquet") for f in files):
             infos, stamp = [], []
             for file_path in files:
-                filesystem, local = _filesystem(file_path)
+                filesystem, local = storage.filesystem(file_path)
                 info = filesystem.get_file_info(local)
                 infos.append((file_path, int(info.size or 0)))
                 # hub URLs carry the dataset revision; local files get their size and time: both change with the data
@@ -322,7 +308,7 @@ def _line_ranges(path: str, size: int, target: int) -> list[tuple[int, int]]:
     """Byte ranges of about `target` bytes, each ending just after a newline (or at the end of file)."""
     if size <= target:
         return [(0, size)]
-    filesystem, local = _filesystem(path)
+    filesystem, local = storage.filesystem(path)
     cuts = [0]
     with filesystem.open_input_file(local) as stream:
         for approx in range(target, size, target):
@@ -347,7 +333,7 @@ def _parquet_pieces(source: _Source, cpus: int, piece_bytes: int | None) -> list
 
     groups = []  # (path, row group, bytes)
     for path, _ in source.files:
-        filesystem, local = _filesystem(path)
+        filesystem, local = storage.filesystem(path)
         with filesystem.open_input_file(local) as stream:
             meta = pq.ParquetFile(stream).metadata
         groups.extend((path, g, meta.row_group(g).total_byte_size) for g in range(meta.num_row_groups))
@@ -369,7 +355,7 @@ def _piece_rows(piece: dict) -> Iterator[str]:
     if kind == "bundled":
         yield from _bundled_rows()[piece["start"]:piece["stop"]]
     elif kind == "lines":
-        filesystem, local = _filesystem(piece["path"])
+        filesystem, local = storage.filesystem(piece["path"])
         with filesystem.open_input_file(local) as stream:
             stream.seek(piece["start"])
             data = stream.read(piece["end"] - piece["start"])
@@ -390,7 +376,7 @@ def _piece_rows(piece: dict) -> Iterator[str]:
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
-        filesystem, local = _filesystem(piece["path"])
+        filesystem, local = storage.filesystem(piece["path"])
         with filesystem.open_input_file(local) as stream:
             parquet = pq.ParquetFile(stream)
             for group in piece["row_groups"]:
@@ -509,8 +495,8 @@ def _tokenize_pieces(batch: dict, *, tokenizer_box: list, tokenizer_sha: str, pa
 
 
 def _write_npy(attempt_uri: str, relative: str, array: np.ndarray) -> int:
-    filesystem, base = _filesystem(attempt_uri)
-    path = _join(base, relative)
+    filesystem, base = storage.filesystem(attempt_uri)
+    path = storage.join(base, relative)
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -590,7 +576,7 @@ def build_token_shards(spec: ShardSpec, root: str, *, seq_len: int | None = None
     published = _read_published(root, plan.directory)
     if published is not None:
         progress(f"reusing token shards {plan.key} ({published.total_tokens:,} tokens) "
-                 f"in {_join(root, plan.directory)}")
+                 f"in {storage.join(root, plan.directory)}")
         return published.check_seq_len(seq_len)
 
     import ray
@@ -599,7 +585,7 @@ def build_token_shards(spec: ShardSpec, root: str, *, seq_len: int | None = None
         ray.init()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     attempt = f"attempt-{int(time.time())}-{uuid.uuid4().hex[:8]}"
-    attempt_uri = _join(root, plan.directory, attempt)
+    attempt_uri = storage.join(root, plan.directory, attempt)
     started = time.perf_counter()
     try:
         streams = {"train": _run_stream(plan, plan.source, "train", attempt_uri, cpus, piece_bytes, part_tokens,
@@ -627,18 +613,18 @@ def build_token_shards(spec: ShardSpec, root: str, *, seq_len: int | None = None
                       "tokens_per_cpu_s": round(tokens / max(cpu_seconds, 1e-9), 1),
                       "pieces": sum(s["pieces"] for s in streams.values())},
         }
-        _write_text(_join(attempt_uri, "tokenizer.json"), plan.tokenizer_json)
+        storage.write_text(storage.join(attempt_uri, "tokenizer.json"), plan.tokenizer_json)
         winner = _publish(root, plan.directory, attempt, manifest)
     except BaseException:
-        _remove_tree(attempt_uri)
+        storage.remove_tree(attempt_uri)
         raise
     if winner["attempt"] != attempt:
-        _remove_tree(attempt_uri)  # another writer published first; nobody can have read ours
+        storage.remove_tree(attempt_uri)  # another writer published first; nobody can have read ours
         progress(f"another writer published token shards {plan.key} first; using theirs")
     else:
         progress(f"token shards {plan.key}: {rows:,} rows, {tokens:,} tokens in {seconds:.1f} s "
                  f"({rows / seconds:,.0f} rows/s, {tokens / seconds:,.0f} tokens/s on {cpus} CPUs; "
-                 f"{tokens / max(cpu_seconds, 1e-9):,.0f} tokens per CPU-second) -> {_join(root, plan.directory)}")
+                 f"{tokens / max(cpu_seconds, 1e-9):,.0f} tokens per CPU-second) -> {storage.join(root, plan.directory)}")
     _remove_stale(root, plan.directory, keep=winner["attempt"])
     return TokenShards(root, winner).check_seq_len(seq_len)
 
@@ -712,14 +698,14 @@ def _run_stream(plan: _Plan, source: _Source, stream: str, attempt_uri: str, cpu
 def _truncate_rows(parts: list[dict], limit: int, attempt_uri: str) -> list[dict]:
     """Keep the first `limit` rows: later parts are deleted, the part holding the last row is used in part."""
     kept, rows = [], 0
-    filesystem, base = _filesystem(attempt_uri)
+    filesystem, base = storage.filesystem(attempt_uri)
     for p in parts:
         if rows >= limit:
             for name in (p["file"], p["rows_file"]):
-                filesystem.delete_file(_join(base, name))
+                filesystem.delete_file(storage.join(base, name))
             continue
         if rows + p["rows"] > limit:
-            ends = _load_npy(filesystem, _join(base, p["rows_file"]))
+            ends = _load_npy(filesystem, storage.join(base, p["rows_file"]))
             p = {**p, "rows": limit - rows, "tokens": int(ends[limit - rows - 1])}
         kept.append(p)
         rows += p["rows"]
@@ -730,7 +716,7 @@ def _check_written(attempt_uri: str, streams: dict) -> None:
     """Every part the tasks reported is where the driver can see it, with its size (shared storage)."""
     from pyarrow import fs
 
-    filesystem, base = _filesystem(attempt_uri)
+    filesystem, base = storage.filesystem(attempt_uri)
     found = {info.path[len(base) + 1:]: info.size for info in
              filesystem.get_file_info(fs.FileSelector(base, recursive=True, allow_not_found=True))
              if info.type == fs.FileType.File}
@@ -749,14 +735,14 @@ def _publish(root: str, directory: str, attempt: str, manifest: dict) -> dict:
     """Make `manifest` the published one unless a valid one is there already; return the one in force."""
     from pyarrow import fs
 
-    filesystem, base = _filesystem(_join(root, directory))
-    final = _join(base, MANIFEST)
+    filesystem, base = storage.filesystem(storage.join(root, directory))
+    final = storage.join(base, MANIFEST)
     text = json.dumps(manifest, indent=1, sort_keys=True)
     existing = _read_published(root, directory)
     if existing is not None:
         return existing.manifest
     if isinstance(filesystem, fs.LocalFileSystem):
-        staged = _join(base, f".{attempt}.manifest.json")
+        staged = storage.join(base, f".{attempt}.manifest.json")
         Path(staged).write_text(text, encoding="utf-8")
         try:
             if Path(final).exists():  # an invalid manifest (older format, files gone): replace it
@@ -772,7 +758,7 @@ def _publish(root: str, directory: str, attempt: str, manifest: dict) -> dict:
             out.write(text.encode())
     winner = _read_published(root, directory)
     if winner is None:
-        raise DataError(f"token shards in {_join(root, directory)} could not be published (the manifest did not "
+        raise DataError(f"token shards in {storage.join(root, directory)} could not be published (the manifest did not "
                         "read back); check that the storage is writable and consistent")
     return winner.manifest
 
@@ -781,7 +767,7 @@ def _remove_stale(root: str, directory: str, keep: str) -> None:
     """Delete attempt folders no manifest names once they are older than STALE_AFTER_S (a crashed writer's)."""
     from pyarrow import fs
 
-    filesystem, base = _filesystem(_join(root, directory))
+    filesystem, base = storage.filesystem(storage.join(root, directory))
     try:
         entries = filesystem.get_file_info(fs.FileSelector(base, recursive=False))
     except Exception:  # noqa: BLE001 -- cleanup only
@@ -791,32 +777,13 @@ def _remove_stale(root: str, directory: str, keep: str) -> None:
         name = entry.path.rsplit("/", 1)[-1]
         match = re.fullmatch(r"attempt-(\d+)-[0-9a-f]+", name)
         if match and name != keep and now - int(match.group(1)) > STALE_AFTER_S:
-            _remove_tree(_join(root, directory, name))
+            storage.remove_tree(storage.join(root, directory, name))
 
 
-def _remove_tree(uri: str) -> None:
-    try:
-        filesystem, path = _filesystem(uri)
-        filesystem.delete_dir(path)
-    except Exception:  # noqa: BLE001 -- cleanup only; a leftover folder is never read without a manifest
-        pass
 
 
-def _write_text(uri: str, text: str) -> None:
-    filesystem, path = _filesystem(uri)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path) as out:
-        out.write(text.encode())
 
 
-def _read_text(uri: str) -> str | None:
-    from pyarrow import fs
-
-    filesystem, path = _filesystem(uri)
-    if filesystem.get_file_info(path).type != fs.FileType.File:
-        return None
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read().decode()
 
 
 def _load_npy(filesystem, path: str) -> np.ndarray:
@@ -828,7 +795,7 @@ def _read_published(root: str, directory: str) -> "TokenShards | None":
     """The shards whose manifest is complete and whose files are all there with their sizes, else None."""
     from pyarrow import fs
 
-    text = _read_text(_join(root, directory, MANIFEST))
+    text = storage.read_text(storage.join(root, directory, MANIFEST))
     if text is None:
         return None
     try:
@@ -837,7 +804,7 @@ def _read_published(root: str, directory: str) -> "TokenShards | None":
         return None
     if manifest.get("version") != FORMAT_VERSION or manifest.get("directory") != directory:
         return None
-    filesystem, base = _filesystem(_join(root, directory, manifest["attempt"]))
+    filesystem, base = storage.filesystem(storage.join(root, directory, manifest["attempt"]))
     found = {info.path[len(base) + 1:]: info.size for info in
              filesystem.get_file_info(fs.FileSelector(base, recursive=True, allow_not_found=True))
              if info.type == fs.FileType.File}
@@ -866,7 +833,7 @@ class TokenShards:
     @property
     def uri(self) -> str:
         """The folder holding the manifest."""
-        return _join(self.root, self.manifest["directory"])
+        return storage.join(self.root, self.manifest["directory"])
 
     @property
     def total_tokens(self) -> int:
@@ -947,7 +914,7 @@ class TokenShards:
     def _tokenizer(self):
         from tokenizers import Tokenizer
 
-        text = _read_text(_join(self.uri, self.manifest["attempt"], self.manifest["tokenizer"]["file"]))
+        text = storage.read_text(storage.join(self.uri, self.manifest["attempt"], self.manifest["tokenizer"]["file"]))
         return Tokenizer.from_str(text)
 
     def describe(self) -> str:
@@ -960,7 +927,7 @@ class _Stream:
     """One token stream (the parts of a split, in order), memory-mapped part by part on first use."""
 
     def __init__(self, root: str, manifest: dict, split: str, cache_dir: str | None):
-        self.base = _join(root, manifest["directory"], manifest["attempt"])
+        self.base = storage.join(root, manifest["directory"], manifest["attempt"])
         self.parts = manifest["splits"][split]["parts"]
         self.key = manifest["key"]
         self.offsets = np.array([p["offset"] for p in self.parts] + [manifest["splits"][split]["tokens"]], np.int64)
@@ -1004,7 +971,7 @@ def _local_copy(base: str, name: str, key: str, cache_dir: str | None) -> str:
     cache folder is given) a copy in the node-local cache, fetched once and renamed into place."""
     from pyarrow import fs
 
-    filesystem, path = _filesystem(_join(base, name))
+    filesystem, path = storage.filesystem(storage.join(base, name))
     if cache_dir is None and isinstance(filesystem, fs.LocalFileSystem):
         return path
     target = Path(cache_dir or DEFAULT_CACHE) / key / base.rstrip("/").rsplit("/", 1)[-1] / name
@@ -1167,7 +1134,7 @@ def describe_corpus(spec: ShardSpec, root: str) -> str:
     shards = _read_published(root, plan.directory)
     if shards is None:
         return f"{spec.source}: not tokenized yet (token shards {plan.key} will be written to " \
-               f"{_join(root, plan.directory)})"
+               f"{storage.join(root, plan.directory)})"
     return f"{spec.source}: {shards.describe()}"
 
 

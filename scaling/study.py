@@ -49,9 +49,20 @@ def prepare_data(study: StudyConfig, vocab_size: int, progress: Callable[[str], 
     return blocks
 
 
+def data_refs(study: StudyConfig, blocks) -> DataRefs:
+    """What every run's workers get of the data: views of the shards, probe ids, and (when the study
+    evaluates) its tokenizer on shared storage for the exported models."""
+    tokenizer_uri = None
+    if study.eval is not None:
+        from scaling.evaluations import publish_tokenizer
+
+        tokenizer_uri = publish_tokenizer(shard_spec(study).tokenizer, shards_root(study))
+    return DataRefs(blocks.train, blocks.val, blocks.probe_ids, blocks.fingerprint, tokenizer_uri)
+
+
 def shards_root(study: StudyConfig) -> str:
     """Token shards live beside the runs, on the storage every node shares."""
-    from scaling.cluster import resolve_storage_path
+    from scaling.storage import resolve_storage_path
 
     return f"{resolve_storage_path(study.storage_path)}/token-shards"
 
@@ -108,6 +119,10 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
     searching = study.search.num_samples > 0
     fixed = [(plan, arm, seed) for plan in plans for seed in study.seeds for arm in study.arms
              if not (searching and arm.name == names.ARM_DISPERSION)]
+    if study.eval is not None:  # an unknown task name fails here, before any training
+        from scaling.evaluate import check_tasks
+
+        check_tasks(study.eval)
     tracking_uri = resolve_tracking_uri(study.tracking_uri)
     for warning in check_study_against_cluster(study, len(plans) * len(study.seeds) * len(study.arms),
                                                tracking_uri):
@@ -129,14 +144,14 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
 
 
 def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress) -> list[RunOutcome]:
-    refs = DataRefs(data.train, data.val, data.probe_ids, data.fingerprint)
+    refs = data_refs(study, data)
     progress(f"study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x {len(study.arms)} arm(s); "
              f"{len(data.train):,} train / {len(data.val):,} val blocks; MLflow {tracker.tracking_uri}")
 
     def run(plan, arm, seed):
         return train_run(study, plan, arm, seed, refs, tracker, parent_id, progress)
 
-    width = concurrent_runs(study, len(fixed))
+    width = concurrent_runs(study, len(fixed), extra=study.eval.ray_options() if study.eval else None)
     with ProgressBoard(tracker, progress):
         if not searching:
             outcomes = run_side_by_side(run, fixed, width)

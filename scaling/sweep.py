@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scaling import faults, names
-from scaling.cluster import resolve_storage_path
+from scaling.storage import resolve_storage_path
 from scaling.config import ArmConfig, StudyConfig
 from scaling.console import say
 from scaling.errors import TrainingFailure
@@ -118,7 +118,10 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         params={**arm.params(), "lr": plan.lr, "warmup_steps": plan.warmup_steps},
         kind=names.KIND_TRIAL)
     with faults.install(*context.faults):
-        task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.data)
+        # Trials are compared on validation metrics as they train; downstream evaluation is for the fixed
+        # arms and the extra-seed reruns of the best settings.
+        task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.data,
+                          evaluate=False)
     completed = _exit_when_tune_stops(run_name)
     try:
         def preempted(count: int, reason: str) -> None:

@@ -51,6 +51,8 @@ class RunTask:
     val_blocks: Any
     probe_ids: Any  # list of token-id arrays
     init_from: str | None = None  # the rung's pretrained checkpoint (None: from scratch)
+    evaluation: Any = None  # scaling.evaluate.EvalConfig (absolute paths) or None: no downstream evaluation
+    tokenizer_uri: str | None = None  # the study's tokenizer folder on shared storage (evaluations need it)
     faults: tuple = ()  # scaling.faults.Fault: injected by tests, empty otherwise
 
     def to_loop_config(self) -> dict[str, Any]:
@@ -206,6 +208,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                          names.TAG_PRECISION: _precision(engine)})
     if start_step == 0 and task.probes.at_start:  # the initial state (MLflow only: Tune sees training probes)
         _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, 0, final=False)
+    evaluations = _run_evaluations(task, rank, logger, engine)
+    if evaluations is not None and start_step == 0 and evaluations.due(0):  # the pretrained/initial row
+        evaluations.export_and_submit(engine, 0)
 
     failure = None
     step = start_step
@@ -274,11 +279,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if probe_now:
             report.update(_probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, step,
                                  final=is_last))
+        if evaluations is not None:
+            if evaluations.due(step):
+                evaluations.export_and_submit(engine, step)
+            evaluations.collect(wait=False)  # what has finished; training never waits for one
         if save_now:
-            if is_last and logger is not None:
+            def finish_records():  # rank 0, after the checkpoint: a finished run has every record
+                if evaluations is not None:
+                    evaluations.finish()
                 logger.set_tags({names.TAG_DATA_ORDER_HASH: order_hash, names.TAG_STEPS: task.steps})
+                return _wait_for_records(logger)
+
             _save_and_report(engine, report, step, tokens_seen, order_hash,
-                             records=logger if is_last else None)
+                             finish=finish_records if is_last and logger is not None else None)
         elif probe_now:
             ray.train.report(report)
 
@@ -503,22 +516,34 @@ def _log_final_condensation(logger, result, task: RunTask) -> None:
 
 
 def _float32_model(engine):
-    """The trained model in float32 for measurement: the module itself when it trains in float32,
-    else a copy built from DeepSpeed's float32 master weights (every rank must call this: gathering
-    a partitioned master weight is a collective)."""
+    """The trained model in float32 for measurement: the module itself when it trains in float32
+    (under ZeRO-3 its forward gathers the weights), else `full_model` in float32."""
     import torch
-    from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module
     if next(module.parameters()).dtype == torch.float32:
         return module
-    copy = type(module)(module.config).to(device=next(module.parameters()).device, dtype=torch.float32).eval()
+    return full_model(engine, dtype=torch.float32)
+
+
+def full_model(engine, dtype):
+    """The trained model with all its weights, in `dtype`: the module itself when it holds them in
+    that dtype, else a copy built from DeepSpeed's float32 master weights (gathered under ZeRO-3).
+    Every rank must call this: gathering a partitioned weight is a collective."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    first = next(module.parameters())
+    if first.dtype == dtype and not hasattr(first, "ds_id"):
+        return module
+    copy = type(module)(module.config).to(device=first.device, dtype=torch.float32).eval()
     own = dict(copy.named_parameters())
     with torch.no_grad():
         for name, parameter in module.named_parameters():
             master = safe_get_full_fp32_param(parameter)
             own[name].copy_(master if master is not None else parameter.float())
-    return copy
+    return copy.to(dtype)
 
 
 DEEPSPEED_CHECKPOINT_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -598,14 +623,17 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {reason.group(0).strip()}"[:300] if reason else one_line(exc, 300)
 
 
-def _save_and_report(engine, report, step, tokens_seen, order_hash, records=None) -> None:
+def _save_and_report(engine, report, step, tokens_seen, order_hash, finish=None) -> None:
+    """Save a DeepSpeed checkpoint and report it. `finish` (rank 0, last step) runs after the save's
+    collectives, so the other ranks wait for it in the report, which has no timeout (a gloo call would
+    time out after 30 minutes of evaluations); what it returns joins the report."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(directory, tag=f"step_{step:07d}", client_state={
             "step": step, "tokens_seen": tokens_seen, "order_hash": order_hash})
-        if records is not None:  # after the save's collectives: other ranks wait in the report, without a timeout
-            report.update(_wait_for_records(records))
+        if finish is not None:
+            report.update(finish())
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -637,6 +665,35 @@ def chain_hash(previous: str, indices: np.ndarray) -> str:
     return hashlib.sha256(previous.encode() + indices.astype(np.int64).tobytes()).hexdigest()[:32]
 
 
+def _run_evaluations(task: RunTask, rank: int, logger, engine):
+    """The run's downstream evaluations (None when the study evaluates nothing)."""
+    if task.evaluation is None:
+        return None
+    import torch
+
+    from scaling.evaluations import RunEvaluations
+
+    return RunEvaluations(task.evaluation, total_steps=task.steps, rank=rank, logger=logger,
+                          tokenizer_uri=task.tokenizer_uri, run_folder=_run_folder(),
+                          precision_dtype=next(engine.module.parameters()).dtype
+                          if next(engine.module.parameters()).dtype == torch.bfloat16 else torch.float32)
+
+
+def _run_folder() -> str | None:
+    """This run's Ray Train folder on the storage, as a local path or a URI (s3://bucket/...)."""
+    try:
+        import pyarrow.fs
+        import ray.train
+
+        context = ray.train.get_context().get_storage()
+        path = context.experiment_fs_path
+        if isinstance(context.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            return path
+        return f"{context.storage_filesystem.type_name}://{path}"
+    except Exception:  # noqa: BLE001 -- a developer API of Ray Train: without it, nothing is exported
+        return None
+
+
 def _rank0_logger(task: RunTask):
     """Rank 0's MLflow writer; what an outage leaves unwritten is spilled to the run's Ray Train folder."""
     from scaling.tracking import RunLogger
@@ -647,16 +704,8 @@ def _rank0_logger(task: RunTask):
 def _spill_dir():
     """`<storage_path>/<run folder>/mlflow-spill` when that folder is a local (or mounted) path, so a
     resumed run finds what its earlier life spilled; else RunLogger's default temp folder."""
-    try:
-        import pyarrow.fs
-        import ray.train
-
-        storage = ray.train.get_context().get_storage()
-        if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
-            return os.path.join(storage.experiment_fs_path, "mlflow-spill")
-    except Exception:  # noqa: BLE001 -- a developer API of Ray Train; the default folder still works
-        pass
-    return None
+    folder = _run_folder()
+    return os.path.join(folder, "mlflow-spill") if folder and "://" not in folder else None
 
 
 def _wait_for_records(logger) -> dict[str, str]:
