@@ -512,6 +512,14 @@ def describe_study_plan(study: StudyConfig, plans: list[RunPlan], gpu: str = "H1
             lines.append("neftune: " + ", ".join(
                 f"{family} alpha {r.neftune_alpha:g}" + (" (family default)" if arm.neftune_alpha is None else "")
                 for family, r in resolved.items()))
+    if study.eval is not None:
+        evaluation = study.eval
+        steps = evaluation.eval_steps(plans[0].steps) if plans else ()
+        shots = sorted({evaluation.fewshot_for(task) for task in evaluation.task_names()})
+        lines.append(f"evaluation: {', '.join(evaluation.tasks)} ({len(evaluation.task_names())} tasks, "
+                     f"{'/'.join(str(s) for s in shots)}-shot, limit {evaluation.limit or 'all'}) at steps "
+                     f"{', '.join(str(s) for s in steps[:8])}{' ...' if len(steps) > 8 else ''}; each on "
+                     f"{evaluation.num_cpus:g} CPU(s) + {evaluation.num_gpus:g} GPU(s) beside its run")
     if study.training.init_from:
         lines.append("mid-training from: " + ", ".join(
             f"{plan.rung.name} <- {study.training.init_from_for(plan.rung.name)}" for plan in plans))

@@ -70,6 +70,10 @@ def _train(study, source: str, args) -> int:
         from scaling.study import describe_data
 
         print("\n".join(describe_data(study, plans)))
+        if study.eval is not None:  # task names are checked offline, from lm-eval's task index
+            from scaling.evaluate import check_tasks
+
+            check_tasks(study.eval)
         return 0
     _check_resume(args.resume, study.study, study.tracking_uri)
     _check_before_ray(study.storage_path, study.tracking_uri)

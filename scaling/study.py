@@ -70,9 +70,19 @@ def shards_root(study: StudyConfig) -> str:
 def describe_data(study: StudyConfig, plans) -> list[str]:
     """The dry run's data lines: the corpus's tokens (from its shards' manifest, or "not tokenized yet")
     and how many passes each rung's budget makes over it. Offline, a hub source cannot be inspected."""
+    from pathlib import Path
+
+    from scaling.data import parse_text_source
     from scaling.errors import DispersionScalingError
     from scaling.shards import budget_warning, corpus_tokens, describe_corpus
 
+    tokenizer = study.data.tokenizer or next((study.training.init_from_for(r.name) for r in study.selected_rungs()),
+                                             None)
+    hub = [what for what, named in (("dataset", parse_text_source(study.data.source, training=True).kind == "hf"),
+                                    ("tokenizer", tokenizer is not None and not Path(tokenizer).exists())) if named]
+    if hub:  # a dry run stays offline and fast; the driver inspects them when the study runs
+        return [f"data: {study.data.source} not inspected by the dry run (hub {' and '.join(hub)}: the study tokenizes "
+                "it into shards when it runs)"]
     try:
         spec = shard_spec(study)
         lines = [f"data: {describe_corpus(spec, shards_root(study))}"]
