@@ -369,5 +369,5 @@ def build_choice_table(choices: tuple[CheckpointChoice, ...], runs: pl.DataFrame
     frame = pl.DataFrame([{"run_id": c.run_id, "rule": c.rule, "selected_step": c.step, "criterion": c.criterion,
                            "criterion_step": c.criterion_step, "test_selected_step": c.test_step, "last_step": c.last_step,
                            "eval_steps": ",".join(map(str, c.eval_steps))} for c in choices], infer_schema_length=None)
-    info = runs.select("run_id", "rung", "arm", "seed")
-    return info.join(frame, on="run_id", how="inner").sort("rung", "arm", "seed")
+    info = runs.select("run_id", "rung", "n_params", "arm", "seed")
+    return info.join(frame, on="run_id", how="inner").sort("n_params", "arm", "seed").drop("n_params")

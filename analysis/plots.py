@@ -215,8 +215,11 @@ def plot_accuracy_curves(path: Path, values: pl.DataFrame, tasks: EvalTasks, *, 
         _log_n_axis(ax, rows["n"].to_list() or frame["n"].to_list(), size_label)
         ax.xaxis.label.set_fontsize(8)
         if column.endswith(WORD_PERPLEXITY):
-            ax.set_yscale("log")
-            ax.set_ylabel("word perplexity (log scale)", fontsize=8)
+            spread = rows["value"].max() / max(rows["value"].min(), 1e-12) if rows.height else 1.0
+            if spread > 10:  # e.g. the initial model next to trained ones; otherwise a log axis has no labelled tick
+                ax.set_yscale("log")
+                ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_ylabel("word perplexity" + (" (log scale)" if spread > 10 else ""), fontsize=8)
         ax.set_title("mean accuracy (the paper's score)" if column == MEAN_ACC else
                      f"{SELECTION_MEAN_ACC} (validation)" if column == SELECTION_MEAN_ACC else column, fontsize=9)
         ax.tick_params(labelsize=7)

@@ -4,7 +4,8 @@ Reads a study's runs from MLflow, fits per arm metric(N) = a * N^-alpha + c (val
 loss, last-layer and late-half mean cosine) or, where a power law is not supported, the
 trend of the metric with log N (always for Spearman/Kendall), computes paired effects of
 each arm against the baseline, checks the paper's claims (verdicts read off confidence
-intervals), and writes plots, tables, a markdown + HTML report and (unless --no-log) an
+intervals), tabulates downstream accuracy at checkpoints chosen on validation data
+(`analysis.downstream`), and writes plots, tables, a markdown + HTML report and (unless --no-log) an
 MLflow run of kind=analysis in the study's experiment.
 """
 
@@ -76,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
             "MLflow's artifact viewer), plots/*.png (final condensation heatmaps per rung and arm, the profile "
             "over training, paired differences vs N with CI bands, metric vs N with fits where supported, "
             "per-layer profiles), tables/*.csv and *.parquet (claims: the paper's claims with CI verdicts; tidy "
-            "metrics, runs, fits, paired differences, multipliers, lambda rule), provenance.json. "
+            "metrics, runs, fits, paired differences, multipliers, lambda rule; when runs were evaluated on downstream "
+            "tasks: accuracy (the paper's table per rung: initial, validation-selected and test-selected rows), "
+            "checkpoints (each run's chosen step and why), accuracy_by_run, with plots/accuracy_vs_n.png and "
+            "accuracy_difference_<arm>.png), provenance.json. "
             "Only runs with status=finished enter fits; failed runs are listed in the report. "
             "Exit status 2 with a one-line message on bad input."
         ),
