@@ -199,7 +199,7 @@ def compute_lambda_rule(trials: pl.DataFrame, options: FitOptions = FitOptions()
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED = "supported", "contradicted", "inconclusive", "not tested"
 VERDICTS = (SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED)
-EVAL_MEAN_ACC = "eval/mean_acc"  # mean downstream accuracy, logged when a study evaluates tasks
+EVAL_MEAN_ACC = names.EVAL_MEAN_ACC  # mean downstream accuracy, logged when a study evaluates tasks
 MAX_LOSS_COST = 0.01  # claim (c): dispersion costs at most 1% validation loss
 
 
@@ -354,7 +354,7 @@ PAPER_CLAIMS = (
               "slope of the paired difference (dispersion - baseline) per decade of N",
               VerdictRule("nonzero"), "no direct claim (its framing: small models need it most)", ""),
     ClaimSpec("f", "the dispersion loss improves downstream accuracy", EVAL_MEAN_ACC,
-              "mean paired difference dispersion - baseline (final)",
+              "mean paired difference dispersion - baseline (validation-selected checkpoint)",
               VerdictRule("above", 0.0), "dispersion improves downstream accuracy", CONTRADICTED),
 )
 
@@ -418,8 +418,10 @@ def check_paper_claims(final: pl.DataFrame, initial: pl.DataFrame, *, treatment:
     """Test `PAPER_CLAIMS` on a study.
 
     `final`: final values of finished training runs (columns rung, n, arm, seed, metric,
-    value); `initial`: the same columns at step 0 (may be empty: claim a is then not
-    tested). Never raises for missing data: an untestable claim says why.
+    value), with eval/mean_acc at each run's validation-selected checkpoint
+    (`analysis.downstream.with_selected_accuracy`: claim f never reads a test-selected or
+    merely last evaluation); `initial`: the same columns at step 0 (may be empty: claim a is
+    then not tested). Never raises for missing data: an untestable claim says why.
     """
     specs = {spec.key: spec for spec in PAPER_CLAIMS}
     checks = [_check_initial(specs["a"], initial, first_probe_step, options)]

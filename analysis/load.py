@@ -94,6 +94,8 @@ class StudyRecords:
     probe_profiles: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=PROBE_PROFILE_SCHEMA))
     """The per-layer profile (and histograms) at every probe step of training runs."""
     from_cache: bool = False
+    study_params: dict[str, str] = field(default_factory=dict)
+    """The study run's params: the study's settings, flattened (e.g. `eval.selection_tasks`)."""
 
     def finished(self, kind: str | None = names.KIND_TRAIN) -> pl.DataFrame:
         """Runs that finished (optionally of one kind): the only ones that enter fits."""
@@ -404,6 +406,7 @@ def read_study(tracking_uri: str | None = None, study: str | None = None, *, cac
         profiles=profiles,
         probe_profiles=probe_profiles,
         from_cache=cached is not None,
+        study_params=dict(parents[0].data.params) if parents else {},
     )
 
 

@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFormatter, NullLocator
 
+from analysis.downstream import INITIAL, MEAN_ACC, SELECTION_LABELS, SELECTION_MEAN_ACC, TEST, VALIDATION, WORD_PERPLEXITY, EvalTasks, table_columns
 from analysis.effects import EVAL_MEAN_ACC, DifferenceTrend, RungDifference
 from analysis.fit import CurveResult
 from analysis.report import human_size
@@ -172,6 +173,60 @@ def plot_paired_differences(path: Path, differences: dict[str, list[RungDifferen
         ax.legend(fontsize=6)
     if not metrics:
         fig.add_subplot().text(0.5, 0.5, "no paired runs", ha="center", va="center")
+    return _save(fig, path)
+
+
+def plot_accuracy_curves(path: Path, values: pl.DataFrame, tasks: EvalTasks, *, size_label: str) -> Path:
+    """Downstream accuracy vs N at the validation-selected checkpoint, one panel per column of the
+    paper's table (the mean first, then each test task; word perplexities last, log y): each seed
+    (dots), the arm's mean over seeds with ± one standard deviation, the initial model (step 0,
+    grey) and, on the mean panel, the paper's test-selected mean (dashed: optimistic)."""
+    test, selection, perplexity = table_columns(tasks)
+    panels = [MEAN_ACC] + test[:-1] + ([SELECTION_MEAN_ACC] if tasks.selection else []) + perplexity
+    frame = values.with_columns(pl.col("metric").str.strip_prefix(f"{names.EVAL_PREFIX}/")).filter(
+        pl.col("metric").is_in(panels) & pl.col("value").is_finite() & pl.col("n").is_not_null())
+    panels = [p for p in panels if frame.filter(pl.col("metric") == p).height] or [MEAN_ACC]
+    cols = min(4, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(3.9 * cols + 0.4, 3.3 * rows_n + 0.3))
+    grid = _grid(fig, rows_n, cols, left=0.8, wspace=0.75, hspace=1.0, top=0.55, bottom=0.7)
+    arms = sorted(frame.filter(pl.col("selection") != INITIAL)["arm"].drop_nulls().unique().to_list())
+    offsets = _arm_offsets(arms)
+    for k, column in enumerate(panels):
+        ax = fig.add_subplot(grid[k // cols, k % cols])
+        rows = frame.filter(pl.col("metric") == column)
+        initial = rows.filter(pl.col("selection") == INITIAL).group_by("n", "seed").agg(pl.col("value").mean())
+        if initial.height:
+            line = initial.group_by("n").agg(pl.col("value").mean()).sort("n")
+            ax.plot(line["n"], line["value"], "x--", color="0.5", ms=5, lw=1.0, label=SELECTION_LABELS[INITIAL])
+        for i, arm in enumerate(arms):
+            color = _color(arm, i)
+            chosen = rows.filter((pl.col("arm") == arm) & (pl.col("selection") == VALIDATION))
+            if chosen.height:
+                ax.scatter(chosen["n"].to_numpy() * offsets[arm], chosen["value"], s=10, alpha=0.4, color=color)
+                stats = chosen.group_by("n").agg(pl.col("value").mean().alias("mean"), pl.col("value").std().fill_null(0.0).alias("std")).sort("n")
+                ax.errorbar(stats["n"].to_numpy() * offsets[arm], stats["mean"], yerr=stats["std"], fmt="o-", color=color, ms=4, lw=1.4,
+                            capsize=3, label=f"{arm} (validation-selected)")
+            paper = rows.filter((pl.col("arm") == arm) & (pl.col("selection") == TEST))
+            if column == MEAN_ACC and paper.height:
+                line = paper.group_by("n").agg(pl.col("value").mean()).sort("n")
+                ax.plot(line["n"].to_numpy() * offsets[arm], line["value"], "o--", mfc="white", color=color, ms=4, lw=0.9,
+                        label=f"{arm}, test-selected (optimistic)")
+        _log_n_axis(ax, rows["n"].to_list() or frame["n"].to_list(), size_label)
+        ax.xaxis.label.set_fontsize(8)
+        if column.endswith(WORD_PERPLEXITY):
+            spread = rows["value"].max() / max(rows["value"].min(), 1e-12) if rows.height else 1.0
+            if spread > 10:  # e.g. the initial model next to trained ones; otherwise a log axis has no labelled tick
+                ax.set_yscale("log")
+                ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_ylabel("word perplexity" + (" (log scale)" if spread > 10 else ""), fontsize=8)
+        ax.set_title("mean accuracy (the paper's score)" if column == MEAN_ACC else
+                     f"{SELECTION_MEAN_ACC} (validation)" if column == SELECTION_MEAN_ACC else column, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.25)
+        if k == 0:
+            ax.set_ylabel("accuracy (mean ± std over seeds)", fontsize=8)
+            ax.legend(fontsize=6)
     return _save(fig, path)
 
 

@@ -12,7 +12,19 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis.effects import ClaimCheck, DifferenceTrend, LambdaRule, Multiplier, RungDifference
+from analysis.downstream import (
+    DELTA_MEAN_ACC,
+    MEAN_ACC,
+    RULE_LAST,
+    RULE_SELECTION_ACC,
+    RULE_VAL_LOSS,
+    SELECTION_LABELS,
+    SELECTION_MEAN_ACC,
+    TEST,
+    DownstreamAccuracy,
+    table_columns,
+)
+from analysis.effects import EVAL_MEAN_ACC, ClaimCheck, DifferenceTrend, LambdaRule, Multiplier, RungDifference
 from analysis.fit import CurveResult, FitOptions, Interval, Trend
 from scaling import names
 
@@ -124,6 +136,10 @@ class StudyAnalysis:
     budget: StudyBudget | None = None
     saturated: tuple[str, ...] = ()
     """Rank-correlation metrics at +-1 in every finished training run (left out of difference plots)."""
+    downstream: DownstreamAccuracy | None = None
+    """Downstream accuracy at the chosen checkpoints (None: no finished training run)."""
+    observation_accuracy: pl.DataFrame = field(default_factory=pl.DataFrame)
+    """Observation studies whose models were evaluated: accuracy next to Spearman per model."""
 
 
 def _ci_columns(prefix: str, interval: Interval | None) -> dict[str, float]:
@@ -293,6 +309,100 @@ def _claims_lines(analysis: StudyAnalysis) -> list[str]:
     return lines
 
 
+_ACCURACY_FIGURES = ("accuracy_vs_n", "accuracy_difference_")
+"""Figure stems shown in the downstream section."""
+
+
+def _mean_std(row: dict, column: str, *, signed: bool = False, general: bool = False) -> str:
+    """'mean ± std' over seeds (accuracies to 3 decimals; `general`: 4 significant digits, for
+    perplexities); '(n=k)' when fewer seeds than the row has gave a value."""
+    mean, std, n = row.get(column), row.get(f"{column}_std"), row.get(f"{column}_n") or 0
+    if not n or mean is None or math.isnan(mean):
+        return "–"
+    value = f"{mean:+.3f}" if signed else (f"{mean:.4g}" if general else f"{mean:.3f}")
+    if std is not None and not math.isnan(std):
+        value += f" ± {std:.2g}" if general else f" ± {std:.3f}"
+    return value + (f" (n={n})" if n != row["seeds"] else "")
+
+
+def _rule_counts(downstream: DownstreamAccuracy) -> str:
+    counts: dict[str, int] = {}
+    for choice in downstream.choices:
+        counts[choice.rule] = counts.get(choice.rule, 0) + 1
+    return ", ".join(f"`{rule}` in {k} run{'s' if k != 1 else ''}" for rule, k in counts.items())
+
+
+def _downstream_lines(analysis: StudyAnalysis, figures: list[Path], out_dir: Path) -> list[str]:
+    lines = ["## Downstream accuracy", ""]
+    downstream = analysis.downstream
+    if downstream is None or not downstream.evaluated:
+        return lines + ["The study evaluated no downstream tasks (no finished training run logged an `eval/<task>/<metric>`): "
+                        "add an `eval:` section to the study to measure accuracy; claim (f) is then tested.", ""]
+    tasks, table = downstream.tasks, downstream.table
+    selection = (f"`{RULE_SELECTION_ACC}` (validation-split tasks: {', '.join(tasks.selection)}; {tasks.source})"
+                 if tasks.selection else f"`{RULE_SELECTION_ACC}` (validation-split tasks; this study has none)")
+    steps = sorted({s for c in downstream.choices for s in c.eval_steps})
+    lines += [
+        "**Selection without peeking.** Each run's checkpoint is chosen on validation data only: the evaluation with the highest "
+        f"{selection} when the run logged it, else the lowest `{RULE_VAL_LOSS}` at the nearest probe step at or before each "
+        f"evaluation, else ({RULE_LAST}) the run's last evaluation; ties go to the evaluation nearest its probe, then the later step; step 0 is never a candidate (it is "
+        f"the initial row). Used here: {_rule_counts(downstream)}. The paper's choice, the evaluation with the best mean accuracy on "
+        f"the test tasks themselves, is shown next to it as *{SELECTION_LABELS[TEST]}*: a maximum over noisy test scores is biased upward.",
+        "",
+        f"Evaluations at steps {', '.join(map(str, steps))}. Cells: mean ± sample standard deviation over seeds (n = seeds in the row, "
+        "marked where fewer gave a value); Δ = the arm's mean accuracy minus step 0's, paired by seed; word perplexity is never "
+        "averaged with the accuracies. Tables: `tables/accuracy.csv` "
+        "(every rung, both selections), `tables/checkpoints.csv` (each run's rule and steps), `tables/accuracy_by_run.csv`.",
+        "",
+    ]
+    test_columns, _, perplexity = table_columns(tasks)
+    rungs = table.select("rung", "n").unique().sort("n")
+    rung, n = rungs.row(rungs.height - 1)
+    label = "Largest rung" if rungs.height > 1 else "Rung"
+    has_initial = table.filter(pl.col("row") == "initial").height > 0
+    header = (["row", "n", "steps"] + [c.removesuffix("/acc") for c in test_columns[:-1]] + ["**mean acc**"] + (["Δ mean vs step 0"] if has_initial else [])
+              + ([f"{SELECTION_MEAN_ACC} (validation)"] if tasks.selection else [])
+              + [f"mean acc, {SELECTION_LABELS[TEST]}"] + [f"{c.replace('/word_perplexity', ' word perplexity')} (not in the mean)" for c in perplexity])
+    rows = []
+    cell = table.filter(pl.col("rung") == rung)
+    test_means = {r["row"]: r for r in cell.filter(pl.col("selection") == SELECTION_LABELS[TEST]).iter_rows(named=True)}
+    for row in cell.filter(pl.col("selection") != SELECTION_LABELS[TEST]).iter_rows(named=True):
+        initial = row["row"] == "initial"
+        paper = test_means.get(row["row"])
+        rows.append([SELECTION_LABELS["initial"] if initial else row["row"], str(row["seeds"]), row["steps"]]
+                    + [_mean_std(row, c) for c in test_columns[:-1]] + [f"**{_mean_std(row, MEAN_ACC)}**"]
+                    + (["–" if initial else _mean_std(row, DELTA_MEAN_ACC, signed=True)] if has_initial else [])
+                    + ([_mean_std(row, SELECTION_MEAN_ACC)] if tasks.selection else [])
+                    + ["–" if paper is None else _mean_std(paper, MEAN_ACC)] + [_mean_std(row, c, general=True) for c in perplexity])
+    lines += [f"### {label}: {rung} (N={human_size(n)}), validation-selected", ""] + _markdown_table(header, rows)
+    if rungs.height > 1:
+        lines += ["### Mean accuracy per rung", ""]
+        rows = []
+        for row in table.iter_rows(named=True):
+            if row["selection"] == SELECTION_LABELS[TEST]:
+                continue
+            paper = table.filter((pl.col("rung") == row["rung"]) & (pl.col("row") == row["row"]) & (pl.col("selection") == SELECTION_LABELS[TEST]))
+            rows.append([row["rung"], human_size(row["n"]), row["row"], row["steps"], _mean_std(row, MEAN_ACC)]
+                        + (["–" if row["row"] == "initial" else _mean_std(row, DELTA_MEAN_ACC, signed=True)] if has_initial else [])
+                        + [_mean_std(paper.row(0, named=True), MEAN_ACC) if paper.height else "–"])
+        lines += _markdown_table(["rung", "N", "row", "steps", "mean acc (validation-selected)"] + (["Δ vs step 0"] if has_initial else [])
+                                 + [f"mean acc, {SELECTION_LABELS[TEST]}"], rows)
+    level = f"{analysis.options.confidence:.0%}"
+    diffs = [(arm, d) for (metric, arm), items in analysis.differences.items() if metric == EVAL_MEAN_ACC for d in items]
+    if diffs:
+        lines += [f"### Mean accuracy, treatment − {analysis.control_arm} (validation-selected, paired by rung and seed)", ""]
+        lines += _markdown_table(["treatment", "rung", "N", "pairs", f"difference [{level} CI]"],
+                                 [[arm, d.rung, human_size(d.n), str(d.n_pairs), _fmt_ci(d.difference, signed=True)] for arm, d in diffs])
+        for (metric, arm), trend in analysis.difference_trends.items():
+            if metric == EVAL_MEAN_ACC:
+                lines += [f"- {arm}: slope of the difference per decade of N {_fmt_ci(trend.slope_per_decade, signed=True)}. {trend.note}".rstrip(), ""]
+        lines += ["Claim (f) in *Paper claims* pools these pairs.", ""]
+    for p in figures:
+        if any(p.stem == stem or (stem.endswith("_") and p.stem.startswith(stem)) for stem in _ACCURACY_FIGURES):
+            lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})", ""]
+    return lines
+
+
 def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -> str:
     """The report: what the study rests on, the paper's claims with verdicts, the figures a
     researcher reads first, then the fits, differences and everything that could not be done."""
@@ -307,6 +417,9 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
         lines += ["## Key figures", ""]
         for p in key:
             lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})", ""]
+    accuracy = [p for p in plots if any(p.stem == s or (s.endswith("_") and p.stem.startswith(s)) for s in _ACCURACY_FIGURES)]
+    if analysis.downstream is not None:
+        lines += _downstream_lines(analysis, accuracy, out_dir)
     lines += [
         "## Method",
         "",
@@ -366,6 +479,14 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
                   "Per (family, source, metric): Spearman of the metric with log N (bootstrap CI over models) and the fitted "
                   "slope of metric = a + b·log10 N (change per decade of N, case-bootstrap CI). Negative: larger models condense less.", ""]
         lines += _markdown_table(list(obs.columns), [[_fmt(v) if isinstance(v, float) else str(v) for v in row] for row in obs.iter_rows()])
+    if analysis.observation_accuracy.height:
+        acc = analysis.observation_accuracy
+        lines += ["### Downstream accuracy next to condensation (per pretrained model)", "",
+                  "Each model's downstream results (one evaluation, before any training) and its Spearman of mean cosine "
+                  "with depth per text source. Table: `tables/observation_models.csv`.", ""]
+        header = [c.removeprefix("eval/") for c in acc.columns]
+        lines += _markdown_table(header, [[human_size(v) if c == "n" else (_fmt(v, 3) if isinstance(v, float) else str(v))
+                                           for c, v in zip(acc.columns, row)] for row in acc.iter_rows()])
     if analysis.paper_comparison.height:
         paper = analysis.paper_comparison
         lines += ["### Measured vs the paper (Spearman of mean cosine vs depth, wikitext; paper figures ±0.05)", ""]
@@ -376,7 +497,7 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
     if analysis.failed_runs.height:
         lines += ["## Failed runs (excluded from every fit)", ""]
         lines += _markdown_table(list(analysis.failed_runs.columns), [[str(v) for v in row] for row in analysis.failed_runs.iter_rows()])
-    rest = [p for p in plots if p not in key]
+    rest = [p for p in plots if p not in key and p not in accuracy]
     if rest:
         lines += ["## More figures" if key else "## Figures", ""]
         for p in rest:

@@ -4,7 +4,8 @@ Reads a study's runs from MLflow, fits per arm metric(N) = a * N^-alpha + c (val
 loss, last-layer and late-half mean cosine) or, where a power law is not supported, the
 trend of the metric with log N (always for Spearman/Kendall), computes paired effects of
 each arm against the baseline, checks the paper's claims (verdicts read off confidence
-intervals), and writes plots, tables, a markdown + HTML report and (unless --no-log) an
+intervals), tabulates downstream accuracy at checkpoints chosen on validation data
+(`analysis.downstream`), and writes plots, tables, a markdown + HTML report and (unless --no-log) an
 MLflow run of kind=analysis in the study's experiment.
 """
 
@@ -20,7 +21,14 @@ from pathlib import Path
 import polars as pl
 
 from analysis import load, plots
-from analysis.observe import build_observation_table, compare_with_paper, compute_observation_trends
+from analysis.downstream import (
+    DownstreamAccuracy,
+    analyse_downstream,
+    build_choice_table,
+    selection_tasks_from_params,
+    with_selected_accuracy,
+)
+from analysis.observe import build_observation_accuracy, build_observation_table, compare_with_paper, compute_observation_trends
 from analysis.effects import (
     EVAL_MEAN_ACC,
     check_paper_claims,
@@ -69,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
             "MLflow's artifact viewer), plots/*.png (final condensation heatmaps per rung and arm, the profile "
             "over training, paired differences vs N with CI bands, metric vs N with fits where supported, "
             "per-layer profiles), tables/*.csv and *.parquet (claims: the paper's claims with CI verdicts; tidy "
-            "metrics, runs, fits, paired differences, multipliers, lambda rule), provenance.json. "
+            "metrics, runs, fits, paired differences, multipliers, lambda rule; when runs were evaluated on downstream "
+            "tasks: accuracy (the paper's table per rung: initial, validation-selected and test-selected rows), "
+            "checkpoints (each run's chosen step and why), accuracy_by_run, with plots/accuracy_vs_n.png and "
+            "accuracy_difference_<arm>.png), provenance.json. "
             "Only runs with status=finished enter fits; failed runs are listed in the report. "
             "Exit status 2 with a one-line message on bad input."
         ),
@@ -105,6 +116,17 @@ def _train_at_steps(records: load.StudyRecords, size_column: str) -> pl.DataFram
     """Every logged point of finished training runs, with the size column as `n`."""
     ids = records.finished(kind=names.KIND_TRAIN)["run_id"].implode()
     return records.metrics.filter(pl.col("run_id").is_in(ids)).with_columns(pl.col(size_column).cast(pl.Float64).alias("n"))
+
+
+def _downstream(records: load.StudyRecords, size_column: str) -> DownstreamAccuracy:
+    """Checkpoint choices and the paper's accuracy table of finished training runs."""
+    return analyse_downstream(_train_at_steps(records, size_column), selection_tasks=selection_tasks_from_params(records.study_params))
+
+
+def _train_finals(final: pl.DataFrame, downstream: DownstreamAccuracy) -> pl.DataFrame:
+    """Final values of training runs, eval/mean_acc at the validation-selected checkpoint."""
+    train = final.filter(pl.col("kind") == names.KIND_TRAIN)
+    return with_selected_accuracy(train, downstream.values) if downstream.evaluated else train
 
 
 def _first_probe_step(train_points: pl.DataFrame) -> int | None:
@@ -241,7 +263,9 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
         raise DataError(f"study {records.study!r} has no finished runs ({seen}); wait for the runs to finish or fix the failures listed by the trainer")
     notes: list[str] = []
     final = _finals_with_size(records, size_column)
-    train = final.filter(pl.col("kind") == names.KIND_TRAIN)
+    downstream = _downstream(records, size_column)
+    notes.extend(downstream.notes)
+    train = _train_finals(final, downstream)
     # Logged only by studies that evaluate tasks: analysed when there, never a "missing" note.
     metrics = metrics + [m for m in OPTIONAL_METRICS if m not in metrics and train.filter(pl.col("metric") == m).height]
     sizes = sorted(train["n"].drop_nulls().unique().to_list())
@@ -270,6 +294,8 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
         multipliers=multipliers,
         lambda_rule=_lambda_rule(final, options, notes),
         observation_trends=compute_observation_trends(final.filter(pl.col("kind") == names.KIND_OBSERVE), options),
+        observation_accuracy=build_observation_accuracy(final.filter(pl.col("kind") == names.KIND_OBSERVE)),
+        downstream=downstream if train_runs.height else None,
         paper_comparison=compare_with_paper(final.filter(pl.col("kind") == names.KIND_OBSERVE)),
         runs_summary=_runs_summary(records),
         failed_runs=failed,
@@ -298,8 +324,11 @@ def _write_plots(records: load.StudyRecords, analysis: StudyAnalysis, final: pl.
     made = []
     plot_dir = out / "plots"
     label = f"parameters ({analysis.size_column})"
-    train = final.filter(pl.col("kind") == names.KIND_TRAIN)
+    downstream = analysis.downstream
+    train = _train_finals(final, downstream) if downstream is not None else final.filter(pl.col("kind") == names.KIND_TRAIN)
     for metric in dict.fromkeys(m for m, _ in analysis.curves):
+        if metric == EVAL_MEAN_ACC and downstream is not None and downstream.evaluated:
+            continue  # accuracy_vs_n.png shows it with the tasks and the initial row
         rows = train.filter(pl.col("metric") == metric)
         arm_curves = {arm: r for (m, arm), r in analysis.curves.items() if m == metric}
         made.append(plots.plot_metric_curves(plot_dir / f"curve_{metric.replace('/', '_')}.png", metric, rows, arm_curves, size_label=label))
@@ -319,12 +348,25 @@ def _write_plots(records: load.StudyRecords, analysis: StudyAnalysis, final: pl.
                                                       rung=rung, n=cell["n"][0]))
     for arm in analysis.treatment_arms:
         # A saturated rank correlation differs by 0 in every pair by construction: no panel.
-        diffs = {m: d for (m, a), d in analysis.differences.items() if a == arm and m not in analysis.saturated}
+        # Mean accuracy gets its own figure in the downstream section (accuracy_difference_<arm>.png).
+        diffs = {m: d for (m, a), d in analysis.differences.items() if a == arm and m not in analysis.saturated
+                 and not (m == EVAL_MEAN_ACC and downstream is not None and downstream.evaluated)}
         if diffs:
             pairs = {m: pair_arms(train.filter(pl.col("metric") == m), treatment=arm, control=analysis.control_arm) for m in diffs}
             arm_trends = {m: t for (m, a), t in analysis.difference_trends.items() if a == arm}
             made.append(plots.plot_paired_differences(plot_dir / f"difference_{arm}.png", diffs, treatment=arm, control=analysis.control_arm,
                                                       size_label=label, pairs=pairs, trends=arm_trends))
+    if downstream is not None and downstream.evaluated:
+        made.append(plots.plot_accuracy_curves(plot_dir / "accuracy_vs_n.png", downstream.values, downstream.tasks, size_label=label))
+        for arm in analysis.treatment_arms:
+            diffs = analysis.differences.get((EVAL_MEAN_ACC, arm))
+            if diffs:
+                key = f"{EVAL_MEAN_ACC} (validation-selected checkpoint)"
+                pairs = pair_arms(train.filter(pl.col("metric") == EVAL_MEAN_ACC), treatment=arm, control=analysis.control_arm)
+                trend = analysis.difference_trends.get((EVAL_MEAN_ACC, arm))
+                made.append(plots.plot_paired_differences(plot_dir / f"accuracy_difference_{arm}.png", {key: diffs}, treatment=arm,
+                                                          control=analysis.control_arm, size_label=label, pairs={key: pairs},
+                                                          trends={key: trend} if trend is not None else None))
     if profiles.height:
         made.append(plots.plot_layer_profiles(plot_dir / "layer_profiles.png", profiles))
     observe = final.filter((pl.col("kind") == names.KIND_OBSERVE) & (pl.col("metric") == names.COND_SPEARMAN))
@@ -361,6 +403,10 @@ def write_outputs(records: load.StudyRecords, analysis: StudyAnalysis, out: Path
     files += _write_table(build_multiplier_table(analysis.multipliers), tables, "multipliers")
     files += _write_table(build_lambda_table(analysis.lambda_rule), tables, "best_lambda")
     files += _write_table(build_claims_table(analysis.claims), tables, "claims")
+    if analysis.downstream is not None and analysis.downstream.evaluated:
+        files += _write_table(analysis.downstream.table, tables, "accuracy")
+        files += _write_table(analysis.downstream.values, tables, "accuracy_by_run")
+        files += _write_table(build_choice_table(analysis.downstream.choices, records.runs), tables, "checkpoints")
     if analysis.observation_trends is not None:
         files += _write_table(analysis.observation_trends, tables, "observation_trends")
         observe = final.filter(pl.col("kind") == names.KIND_OBSERVE)
