@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import uuid
 from pathlib import Path
 from typing import Mapping
@@ -59,12 +61,17 @@ def connect_ray(num_cpus: int | None = None) -> None:
     if "SCALING_MLFLOW_RETRY_S" in os.environ:  # how long rank 0 waits out an MLflow outage (scaling.tracking)
         env["SCALING_MLFLOW_RETRY_S"] = os.environ["SCALING_MLFLOW_RETRY_S"]
     address = os.environ.get("RAY_ADDRESS") or _started_cluster_address()
+    # ray.init installs Ray's C++ crash handler over SIGTERM (it aborts the driver, leaving runs RUNNING):
+    # the caller's own SIGTERM handler (scaling.console.stop_on_sigterm) is put back after it.
+    sigterm = signal.getsignal(signal.SIGTERM)
     if address and address != "local":
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-             runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def _started_cluster_address() -> str | None:

@@ -64,6 +64,17 @@ def quiet_libraries() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
 
 
+def quiet_ray_data_console() -> None:
+    """After `import ray.data`, which installs its own handlers: its console handler shows warnings only,
+    its session log file under /tmp/ray keeps everything."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # spend its one-time "progress bars disabled" warning: ours show
+
+
 def quiet_ray_before_init() -> None:
     """Before `ray.init`: no usage-stats banner; third-party chatter lowered."""
     quiet_libraries()

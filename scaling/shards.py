@@ -639,6 +639,9 @@ def _run_stream(plan: _Plan, source: _Source, stream: str, attempt_uri: str, cpu
     import ray
     import ray.data
 
+    from scaling.console import quiet_ray_data_console
+
+    quiet_ray_data_console()
     pieces = plan_pieces(source, stream, cpus, piece_bytes)
     limit = plan.spec.max_rows if stream == "train" else None
     wave = len(pieces) if limit is None else max(4, 2 * cpus)

@@ -29,11 +29,12 @@ def write_study(tmp: Path, name: str, **overrides) -> Path:
         "study": name, "ladder": "tiny", "rungs": ["tiny-165K"],
         "arms": ["baseline", {"name": "dispersion", "lambda": 0.1, "layers": "all"}], "seeds": [0],
         "data": {"source": "bundled", "max_rows": 600},
-        "training": {"seq_len": 32, "batch_size": 4, "micro_batch_size": 4, "max_steps": 60, "lr": 3e-3,
-                     "log_every": 1},
-        "probes": {"every_steps": 20, "texts": 2, "max_length": 32, "val_batches": 1},
+        # Long enough (~40 s of steps on a quiet CPU) that the drivers are stopped mid-run, not after it.
+        "training": {"seq_len": 32, "batch_size": 4, "micro_batch_size": 4, "max_steps": 3000, "lr": 3e-3,
+                     "log_every": 10},
+        "probes": {"every_steps": 1000, "texts": 2, "max_length": 32, "val_batches": 1},
         "resources": {"num_workers": 1, "zero_stage": 0},
-        "checkpoint": {"every_steps": 10, "num_to_keep": 2, "max_failures": 0},
+        "checkpoint": {"every_steps": 100, "num_to_keep": 2, "max_failures": 0},
         "storage_path": str(tmp / "runs"), "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
     }
     raw.update(overrides)
@@ -73,9 +74,15 @@ def wait_for(condition, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def both_training(tmp: Path, study: str) -> bool:
+def both_training(tmp: Path, study: str, past_step: int = 150) -> bool:
+    """Both runs are past their first checkpoint, so a resume has one to continue from."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     trained = training_runs(tmp, study)
-    return len(trained) == 2 and all(names.TRAIN_CE_LOSS in r.data.metrics for r in trained)
+    return len(trained) == 2 and all(
+        max((m.step for m in client.get_metric_history(r.info.run_id, names.TRAIN_CE_LOSS)), default=-1) >= past_step
+        for r in trained)
 
 
 def test_sigterm_marks_runs_killed_a_second_driver_is_refused_and_resume_finishes(tmp_path):
@@ -111,7 +118,7 @@ def test_sigterm_marks_runs_killed_a_second_driver_is_refused_and_resume_finishe
     assert {r.info.run_id for r in finished} == ids  # the same runs continued, none twice
     assert all(r.info.status == "FINISHED" and r.data.tags[names.TAG_STATUS] == names.STATUS_FINISHED
                for r in finished)
-    assert all(int(r.data.tags[names.TAG_RESUMED_FROM_STEP]) >= 10 for r in finished)  # from a checkpoint
+    assert all(int(r.data.tags[names.TAG_RESUMED_FROM_STEP]) >= 100 for r in finished)  # from a checkpoint
     print(f"SIGTERM -> exit 130 in {stopped_s:.1f} s")
 
 
