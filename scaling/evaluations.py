@@ -55,13 +55,11 @@ class RunEvaluations:
     def due(self, step: int) -> bool:
         return step in self.steps
 
-    def export_and_submit(self, engine, step: int) -> None:
-        """Every rank: gather the weights; rank 0: write the folder, start its evaluation."""
+    def export_and_submit(self, model, step: int) -> None:
+        """Rank 0: write `model` (every rank gathered it: `scaling.train.full_model`) to the run's folder
+        and start its evaluation."""
         import ray
 
-        from scaling.train import full_model
-
-        model = full_model(engine, dtype=self.precision_dtype)
         if self.rank != 0:
             return
         if self.root is None:

@@ -210,7 +210,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, 0, final=False)
     evaluations = _run_evaluations(task, rank, logger, engine)
     if evaluations is not None and start_step == 0 and evaluations.due(0):  # the pretrained/initial row
-        evaluations.export_and_submit(engine, 0)
+        evaluations.export_and_submit(full_model(engine, evaluations.precision_dtype), 0)
 
     failure = None
     step = start_step
@@ -281,7 +281,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                  final=is_last))
         if evaluations is not None:
             if evaluations.due(step):
-                evaluations.export_and_submit(engine, step)
+                evaluations.export_and_submit(full_model(engine, evaluations.precision_dtype), step)
             evaluations.collect(wait=False)  # what has finished; training never waits for one
         if save_now:
             def finish_records():  # rank 0, after the checkpoint: a finished run has every record
