@@ -56,8 +56,13 @@ class CondenseOptions:
     """Show a progress bar."""
     num_actors: int = 0
     """Reduce the hidden states on this many Ray actors (0: in this process)."""
+    batch_size: int | None = None
+    """Texts per forward pass; None: as many as fit a share of the device's free memory."""
 
     def __post_init__(self):
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1 (omit it to size batches "
+                              "from free memory)")
         if self.repetitions < 1:
             raise ConfigError(f"--repetitions {self.repetitions}: must be at least 1")
         if self.max_length < 1:
@@ -94,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--last-n", type=int, default=DEFAULT_LAST_N, help="summarise the last N hidden states")
     parser.add_argument("--no-effective-rank", action="store_true", help="skip RankMe (faster on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="texts per forward pass (default: as many as fit a share of the free memory)")
     parser.add_argument("--num-actors", type=int, default=0,
                         help="reduce the hidden states on N Ray actors (joins a running Ray cluster, else starts "
                              "a local one); 0 = in this process")
@@ -109,7 +116,7 @@ def parse_options(argv: list[str] | None = None) -> CondenseOptions:
         model=args.model, tokenizer=args.tokenizer, dataset=None if args.texts else dataset, texts=args.texts,
         repetitions=args.repetitions, max_length=args.max_length, device=args.device, dtype=args.dtype,
         out=out, last_n=args.last_n, effective_rank=not args.no_effective_rank, progress=not args.no_progress,
-        num_actors=args.num_actors,
+        num_actors=args.num_actors, batch_size=args.batch_size,
     )
 
 
@@ -119,7 +126,8 @@ def build_measure_task(options: CondenseOptions):
 
     return MeasureTask(model_path=options.model, tokenizer=options.tokenizer, device=options.device,
                        dtype=options.dtype, max_length=options.max_length, num_actors=options.num_actors,
-                       effective_rank=options.effective_rank, last_n=options.last_n)
+                       effective_rank=options.effective_rank, last_n=options.last_n,
+                       batch_size=options.batch_size)
 
 
 def format_table(result, last_n: int) -> str:

@@ -11,6 +11,7 @@ are computed); its hidden states are the same tensors the full causal LM returns
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,50 @@ def context_length(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+MAX_BATCH = {"cpu": 8, "cuda": 64}
+"""Most texts per measurement forward pass: on CPU larger batches stop paying (the matrix
+products are already large enough for the cores: bench/bench_condense.py); on a GPU 64
+sequences of 512 tokens keep it busy."""
+MEMORY_SHARE = {"cpu": 0.25, "cuda": 0.5}
+"""Share of the free memory one measurement batch may take."""
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of a CUDA device, or the RAM the kernel reports available (MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def sequence_bytes(config, tokens: int, dtype_bytes: int = 4) -> int:
+    """Rough peak bytes one sequence of `tokens` adds to a measurement forward pass: every hidden
+    state kept (output_hidden_states), one block's activations (MLP, attention scores if the
+    attention is not fused), and the metric's float64 copy of one layer plus its Gram matrix."""
+    width = int(getattr(config, "hidden_size", None) or 768)
+    layers = int(getattr(config, "num_hidden_layers", None) or 12)
+    heads = int(getattr(config, "num_attention_heads", None) or 12)
+    mlp = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * width)
+    hidden = (layers + 1) * tokens * width * dtype_bytes
+    block = tokens * (4 * width + 2 * mlp) * dtype_bytes + heads * tokens * tokens * 4
+    metric = tokens * width * (4 + 8 * 2) + 2 * min(tokens, width) ** 2 * 8
+    return int(1.5 * (hidden + block + metric))
+
+
+def auto_batch_size(config, tokens: int, device: torch.device, dtype_bytes: int = 4) -> int:
+    """Texts per measurement forward pass: what fits `MEMORY_SHARE` of the free memory, at most
+    `MAX_BATCH` (at least 1)."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    budget = free_memory_bytes(device) * MEMORY_SHARE[kind]
+    return int(max(1, min(MAX_BATCH[kind], budget // max(1, sequence_bytes(config, tokens, dtype_bytes)))))
 
 
 def count_parameters(model: torch.nn.Module) -> int:
