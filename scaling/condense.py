@@ -151,24 +151,40 @@ def format_table(result, last_n: int) -> str:
 
 
 def run(options: CondenseOptions) -> tuple[Path, Path]:
-    """read texts -> check the output folder -> load and measure -> write; prints the table."""
+    """check (cheapest first) -> read texts -> load and measure -> write; prints the table."""
     from scaling.console import check_writable_dir
     from scaling.data import read_measurement_texts
-    from scaling.measure import measure_model
-    from scaling.model import check_model_reference, resolve_device, resolve_dtype
-    from scaling.plots import write_condensation_record
+    from scaling.model import (check_device_name, check_dtype_name, check_last_n, check_max_length,
+                               check_model_reference, config_depth, context_length, read_local_config)
 
+    # Bad input fails here in a fraction of a second: no torch or transformers import yet.
     if options.texts is not None and not options.texts.endswith((".txt", ".jsonl")):
         raise ConfigError(f"--texts {options.texts!r}: must be a .txt or .jsonl file")
+    check_dtype_name(options.dtype, check_device_name(options.device))
+    config = read_local_config(check_model_reference(options.model))
+    if config is not None:
+        check_max_length(options.max_length, context_length(config), repr(options.model))
+        check_last_n(options.last_n, config_depth(config))
     texts, source_info = read_measurement_texts(options.source_spec, options.repetitions)
-    resolve_dtype(options.dtype, resolve_device(options.device))  # fail fast, before any loading or writing
-    check_model_reference(options.model)
     check_writable_dir(options.out)
+
+    from scaling.measure import measure_model
+    from scaling.model import resolve_device, resolve_dtype
+    from scaling.plots import write_condensation_record
+
+    resolve_dtype(options.dtype, resolve_device(options.device))  # CUDA present? before any loading
     if options.num_actors:
         from scaling.cluster import connect_ray
 
         connect_ray()
-    measurement = measure_model(build_measure_task(options), texts, progress=options.progress)
+    from transformers.utils import logging as hf_logging
+
+    if not options.progress:
+        hf_logging.disable_progress_bar()  # the weight-loading bar too: quiet means quiet
+    try:
+        measurement = measure_model(build_measure_task(options), texts, progress=options.progress)
+    finally:
+        hf_logging.enable_progress_bar()
     result = measurement.result
     metadata = {"model": options.model, "repetitions": options.repetitions, "max_length": options.max_length,
                 "source": source_info, **measurement.metadata(),
@@ -188,14 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         options = parse_options(argv)
         quiet_libraries()
-        from transformers.utils import logging as hf_logging
-
-        if not options.progress:
-            hf_logging.disable_progress_bar()  # the weight-loading bar too: quiet means quiet
-        try:
-            run(options)
-        finally:
-            hf_logging.enable_progress_bar()
+        run(options)
         return 0
 
     return run_cli(body, "condense")

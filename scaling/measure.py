@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from scaling.errors import ConfigError, DataError, ModelError
+from scaling.errors import DataError, ModelError
 
 
 @dataclass(frozen=True)
@@ -141,13 +141,6 @@ def load_model(task: MeasureTask):
     return model, next(model.parameters()).device, sum(p.numel() for p in model.parameters())
 
 
-def _check_last_n(model, last_n: int | None) -> None:
-    blocks = getattr(model.config, "num_hidden_layers", None)
-    if last_n is not None and isinstance(blocks, int) and last_n > blocks + 1:
-        raise ConfigError(f"--last-n {last_n}: the model has only {blocks + 1} hidden states "
-                          f"({blocks} blocks + embedding output); use --last-n {blocks + 1} or less")
-
-
 def measure_model(task: MeasureTask, texts: Sequence[str], *, progress: bool = False) -> Measurement:
     """Load, check, measure; the finalized result with what its record needs."""
     import torch
@@ -155,10 +148,11 @@ def measure_model(task: MeasureTask, texts: Sequence[str], *, progress: bool = F
     from scaling.actors import measure_condensation_sharded
     from scaling.condensation import measure_sequences, tokenize_texts
     from scaling.data import build_tokenizer
+    from scaling.model import check_last_n, config_depth
 
     started = time.perf_counter()
     model, device, num_params = load_model(task)
-    _check_last_n(model, task.last_n)
+    check_last_n(task.last_n, config_depth(model.config))
     tokenizer = build_tokenizer(task.tokenizer or task.model_path)
     sequences = tokenize_texts(tokenizer, texts, task.max_length)
     shortest, longest = check_sequences_fit(model, sequences)
