@@ -16,8 +16,9 @@ MLflow store and storage folder), condensation through `python -m scaling.conden
 - the same run with the dispersion arm (angular_spread, lambda 0.1, all layers): its tokens/s
   and overhead = baseline tokens/s / dispersion tokens/s - 1 (goal <= 5%).
 - `condense` of a random GPT-2-small-shaped model (12 x 768), R = 100 bundled-corpus texts of
-  T = 512 tokens, RankMe on: wall time of the whole command (goal < 10 s) and of the
-  measurement alone.
+  T = 512 tokens: wall time of the whole command (goal < 10 s) and of the measurement alone,
+  with RankMe (the default: 13 x 100 eigen-decompositions of 512 x 512 float64 matrices) and
+  without it (`--no-effective-rank`).
 - an evaluation of the bundled lm-eval task (`scaling.evaluate`, when this checkout has it;
   otherwise the row says it was skipped).
 - ZeRO-3 correctness: the baseline again with ZeRO-3; its cross-entropy at step `--compare-step`
@@ -228,11 +229,11 @@ def build_condense_model(profile: Profile, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def condense(profile: Profile, model_dir: Path, out: Path) -> dict:
+def condense(profile: Profile, model_dir: Path, out: Path, *extra: str) -> dict:
     """`python -m scaling.condense` on the bundled corpus, timed from start to exit."""
     command = [sys.executable, "-m", "scaling.condense", "--model", str(model_dir), "--dataset", "bundled",
                "--repetitions", str(profile.condense_texts), "--max-length", str(profile.condense_tokens),
-               "--device", "cuda" if profile.use_gpu else "cpu", "--out", str(out), "--no-progress"]
+               "--device", "cuda" if profile.use_gpu else "cpu", "--out", str(out), "--no-progress", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -379,13 +380,14 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         build_condense_model(profile, model_dir)
     shape = "x".join(str(v) for v in profile.condense_shape[:2])
-    done = condense(profile, model_dir, workdir / "condense-out")
-    check = f"condense GPT-2 {shape}, R={profile.condense_texts}, T={profile.condense_tokens}, RankMe on"
-    if "failed" in done:
-        table.failure(check, done["failed"])
-    else:
-        table.add(f"{check}: whole command", f"{done['wall_s']:.1f} s (measurement {done['measure_s']:.1f} s, "
-                  f"{done['texts']} texts on {done['device']})", "< 10 s", done["wall_s"] < 10.0)
+    for rank, extra in (("on", ()), ("off", ("--no-effective-rank",))):
+        done = condense(profile, model_dir, workdir / f"condense-rank-{rank}", *extra)
+        check = f"condense GPT-2 {shape}, R={profile.condense_texts}, T={profile.condense_tokens}, RankMe {rank}"
+        if "failed" in done:
+            table.failure(check, done["failed"])
+        else:
+            table.add(f"{check}: whole command", f"{done['wall_s']:.1f} s (measurement {done['measure_s']:.1f} s, "
+                      f"{done['texts']} texts on {done['device']})", "< 10 s", done["wall_s"] < 10.0)
 
     evaluated = evaluate(profile, model_dir)
     if "skipped" in evaluated:

@@ -26,4 +26,4 @@ def test_gpu_check_smoke_runs_every_row_on_cpu(tmp_path):
     assert not any("FAILED" in line for line in table), done.stdout
     zero3 = next(line for name, line in rows.items() if name.startswith("ZeRO-3 vs ZeRO-2"))
     assert zero3.rstrip(" |").endswith("met") and "NOT MET" not in zero3
-    assert (tmp_path / "condense-out" / "condensation.json").is_file()
+    assert (tmp_path / "condense-rank-on" / "condensation.json").is_file()
