@@ -20,7 +20,7 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -32,6 +32,9 @@ from scaling.provenance import resolve_tracking_uri
 KIND_UNKNOWN = "unknown"
 _LAYER_METRIC = re.compile(r"^condensation/layer_(\d+)/(mean_cos|mean_cos_offdiag|effective_rank)$")
 _PARENT_TAG = "mlflow.parentRunId"
+# Older runs carry the optimizer steps and token budget as params only (the report's budget).
+_STEPS_PARAM = "steps"
+_TOKENS_PARAM = "tokens"
 
 RUN_SCHEMA = {
     "run_id": pl.String,
@@ -44,6 +47,7 @@ RUN_SCHEMA = {
     "n_params": pl.Int64,
     "n_params_non_embedding": pl.Int64,
     "tokens": pl.Int64,
+    "steps": pl.Int64,
     "arm": pl.String,
     "seed": pl.Int64,
     "lambda": pl.Float64,
@@ -70,8 +74,10 @@ PROFILE_SCHEMA = {
     "effective_rank": pl.Float64,
     "histogram": pl.List(pl.Float64),
 }
+PROBE_PROFILE_SCHEMA = {"step": pl.Int64, **PROFILE_SCHEMA}
+"""Profiles at every probe step of a training run (its `probes/step_*.json` artifacts)."""
 _TIDY_METRIC_SCHEMA = {"run_id": pl.String, "step": pl.Int64, "metric": pl.String, "value": pl.Float64}
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,11 @@ class StudyRecords:
     runs: pl.DataFrame
     metrics: pl.DataFrame
     profiles: pl.DataFrame
+    probe_profiles: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=PROBE_PROFILE_SCHEMA))
+    """The per-layer profile (and histograms) at every probe step of training runs."""
     from_cache: bool = False
+    study_params: dict[str, str] = field(default_factory=dict)
+    """The study run's params: the study's settings, flattened (e.g. `eval.selection_tasks`)."""
 
     def finished(self, kind: str | None = names.KIND_TRAIN) -> pl.DataFrame:
         """Runs that finished (optionally of one kind): the only ones that enter fits."""
@@ -99,6 +109,9 @@ class StudyRecords:
 # --- tracking URI and study selection ------------------------------------------------------
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
 def _check_store_exists(uri: str) -> None:
     # MLflow would silently create an empty database; a missing file is a user error.
     if uri.startswith("sqlite:///"):
@@ -108,6 +121,10 @@ def _check_store_exists(uri: str) -> None:
                 f"--tracking-uri {uri!r}: no MLflow database at {path.resolve()}; run a study first, "
                 "or point --tracking-uri / MLFLOW_TRACKING_URI at the store the trainer wrote"
             )
+        with open(path, "rb") as handle:
+            if path.stat().st_size and handle.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+                raise DataError(f"--tracking-uri {uri!r}: {path} is not an MLflow (SQLite) store; point "
+                                "--tracking-uri / MLFLOW_TRACKING_URI at the store the trainer wrote")
 
 
 def _client(uri: str):
@@ -204,7 +221,8 @@ def _run_row(run, study: str) -> dict:
         "rung": tags.get(names.TAG_RUNG),
         "n_params": _to_int(tags.get(names.TAG_N_PARAMS)),
         "n_params_non_embedding": _to_int(tags.get(names.TAG_N_PARAMS_NON_EMBEDDING)),
-        "tokens": _to_int(tags.get(names.TAG_TOKENS)),
+        "tokens": _to_int(tags.get(names.TAG_TOKENS) or params.get(_TOKENS_PARAM)),
+        "steps": _to_int(tags.get(names.TAG_STEPS) or params.get(_STEPS_PARAM)),
         "arm": tags.get(names.TAG_ARM),
         "seed": _to_int(tags.get(names.TAG_SEED)),
         "lambda": _to_float(params.get(names.PARAM_LAMBDA)),
@@ -252,6 +270,25 @@ def _profile_from_artifact(client, run_id: str) -> list[dict] | None:
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, names.ARTIFACT_CONDENSATION_JSON, tmp)
         record = json.loads(Path(path).read_text())
+    return _profile_rows(run_id, record)
+
+
+def _probe_profiles(client, run_id: str) -> list[dict]:
+    """Rows of PROBE_PROFILE_SCHEMA from a training run's probes/step_*.json artifacts (none: [])."""
+    entries = [e.path for e in client.list_artifacts(run_id, names.ARTIFACT_PROBES_DIR) if e.path.endswith(".json")]
+    if not entries:
+        return []
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(client.download_artifacts(run_id, names.ARTIFACT_PROBES_DIR, tmp))
+        for path in sorted(folder.glob("step_*.json")):
+            record = json.loads(path.read_text())
+            step = int(record.get("step", path.stem.removeprefix("step_")))
+            rows += [{"step": step, **row} for row in _profile_rows(run_id, record)]
+    return rows
+
+
+def _profile_rows(run_id: str, record: dict) -> list[dict]:
     layers = record.get("layers") or []
     last = max((entry["layer"] for entry in layers), default=0) or 1
     return [
@@ -302,20 +339,23 @@ def _fingerprint(experiment_id: str, runs: list) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read_cache(cache_dir: Path, fingerprint: str) -> tuple[pl.DataFrame, pl.DataFrame] | None:
+_CACHED_TABLES = ("metrics", "profiles", "probe_profiles")
+
+
+def _read_cache(cache_dir: Path, fingerprint: str) -> tuple[pl.DataFrame, ...] | None:
     stamp = cache_dir / "fingerprint.txt"
     if not stamp.exists() or stamp.read_text().strip() != fingerprint:
         return None
     try:
-        return pl.read_parquet(cache_dir / "metrics.parquet"), pl.read_parquet(cache_dir / "profiles.parquet")
+        return tuple(pl.read_parquet(cache_dir / f"{name}.parquet") for name in _CACHED_TABLES)
     except (OSError, pl.exceptions.PolarsError):
         return None  # a damaged cache is rebuilt, never trusted
 
 
-def _write_cache(cache_dir: Path, fingerprint: str, metrics: pl.DataFrame, profiles: pl.DataFrame) -> None:
+def _write_cache(cache_dir: Path, fingerprint: str, *tables: pl.DataFrame) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    metrics.write_parquet(cache_dir / "metrics.parquet")
-    profiles.write_parquet(cache_dir / "profiles.parquet")
+    for name, table in zip(_CACHED_TABLES, tables):
+        table.write_parquet(cache_dir / f"{name}.parquet")
     (cache_dir / "fingerprint.txt").write_text(fingerprint + "\n")
 
 
@@ -340,18 +380,21 @@ def read_study(tracking_uri: str | None = None, study: str | None = None, *, cac
     fingerprint = _fingerprint(experiment.experiment_id, data_runs)
     cached = _read_cache(cache_dir, fingerprint) if cache_dir is not None else None
     if cached is not None:
-        raw_metrics, profiles = cached
+        raw_metrics, profiles, probe_profiles = cached
     else:
-        metric_rows, profile_rows = [], []
+        metric_rows, profile_rows, probe_rows = [], [], []
         for run in data_runs:
             metric_rows.extend(_metric_rows(client, run))
             if _status_of(run) == names.STATUS_FINISHED:
                 profile = _profile_from_artifact(client, run.info.run_id)
                 profile_rows.extend(profile if profile is not None else _profile_from_metrics(run.info.run_id, run.data.metrics))
+                if run.data.tags.get(names.TAG_KIND) == names.KIND_TRAIN:
+                    probe_rows.extend(_probe_profiles(client, run.info.run_id))
         raw_metrics = pl.DataFrame(metric_rows, schema=_TIDY_METRIC_SCHEMA, orient="row") if metric_rows else pl.DataFrame(schema=_TIDY_METRIC_SCHEMA)
         profiles = pl.DataFrame(profile_rows, schema=PROFILE_SCHEMA, orient="row") if profile_rows else pl.DataFrame(schema=PROFILE_SCHEMA)
+        probe_profiles = pl.DataFrame(probe_rows, schema=PROBE_PROFILE_SCHEMA, orient="row") if probe_rows else pl.DataFrame(schema=PROBE_PROFILE_SCHEMA)
         if cache_dir is not None:
-            _write_cache(cache_dir, fingerprint, raw_metrics, profiles)
+            _write_cache(cache_dir, fingerprint, raw_metrics, profiles, probe_profiles)
     metrics = raw_metrics.join(runs, on="run_id", how="left").sort("run_id", "metric", "step")
     return StudyRecords(
         study=study_name,
@@ -361,7 +404,9 @@ def read_study(tracking_uri: str | None = None, study: str | None = None, *, cac
         runs=runs,
         metrics=metrics,
         profiles=profiles,
+        probe_profiles=probe_profiles,
         from_cache=cached is not None,
+        study_params=dict(parents[0].data.params) if parents else {},
     )
 
 

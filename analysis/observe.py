@@ -81,15 +81,41 @@ def compute_observation_trends(observe: pl.DataFrame, options: FitOptions) -> pl
     return pl.DataFrame(out, infer_schema_length=None)
 
 
+_ACCURACY_METRIC = r"^eval/([^/]+/(acc|word_perplexity)|mean_acc|selection_mean_acc)$"
+"""Downstream results shown next to condensation: task accuracies, their means, word perplexities."""
+
+
+def _accuracy_metrics(observe: pl.DataFrame) -> list[str]:
+    found = observe.filter(pl.col("metric").str.contains(_ACCURACY_METRIC))["metric"].unique().to_list()
+    # The paper's score first, then the tasks' accuracies, then perplexities.
+    return sorted(found, key=lambda m: (m != names.EVAL_MEAN_ACC, m.endswith("word_perplexity"), m))
+
+
 def build_observation_table(observe: pl.DataFrame) -> pl.DataFrame:
-    """One row per finished (family, model, source): N and the summary metrics, sorted by N."""
-    wanted = observe.filter(pl.col("metric").is_in([*OBSERVATION_METRICS, names.COND_LAST_LAYER_MEAN_COS]))
+    """One row per finished (family, model, source): N, the summary metrics and, when the models
+    were evaluated, their downstream results (per model, whichever source's run logged them)."""
+    accuracy = _accuracy_metrics(observe)
+    wanted = observe.filter(pl.col("metric").is_in([*OBSERVATION_METRICS, names.COND_LAST_LAYER_MEAN_COS, *accuracy]))
     if wanted.is_empty():
         return pl.DataFrame()
-    return (
-        wanted.pivot(on="metric", index=["family", "model", "source", "n"], values="value", aggregate_function="first")
-        .sort("family", "source", "n")
-    )
+    table = wanted.pivot(on="metric", index=["family", "model", "source", "n"], values="value", aggregate_function="first")
+    return table.with_columns(pl.col(m).mean().over("family", "model") for m in accuracy).sort("family", "source", "n")
+
+
+def build_observation_accuracy(observe: pl.DataFrame) -> pl.DataFrame:
+    """Accuracy next to condensation per pretrained model: one row per (family, model), N, its
+    downstream results and its Spearman per text source; empty when no model was evaluated."""
+    accuracy = _accuracy_metrics(observe)
+    if not accuracy:
+        return pl.DataFrame()
+    models = (observe.filter(pl.col("metric").is_in(accuracy))
+              .pivot(on="metric", index=["family", "model", "n"], values="value", aggregate_function="mean"))
+    spearman = observe.filter((pl.col("metric") == names.COND_SPEARMAN) & pl.col("source").is_not_null())
+    if spearman.height:
+        per_source = (spearman.with_columns(pl.format("spearman ({})", pl.col("source")).alias("column"))
+                      .pivot(on="column", index=["family", "model"], values="value", aggregate_function="first"))
+        models = models.join(per_source, on=["family", "model"], how="left")
+    return models.select("family", "model", "n", *accuracy, *[c for c in models.columns if c.startswith("spearman (")]).sort("family", "n")
 
 
 def compare_with_paper(observe: pl.DataFrame) -> pl.DataFrame:

@@ -7,6 +7,7 @@ no display needed), so it runs headless on a laptop or in CI.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -17,9 +18,12 @@ import numpy as np
 import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFormatter, NullLocator
 
-from analysis.effects import RungDifference
+from analysis.downstream import INITIAL, MEAN_ACC, SELECTION_LABELS, SELECTION_MEAN_ACC, TEST, VALIDATION, WORD_PERPLEXITY, EvalTasks, table_columns
+from analysis.effects import EVAL_MEAN_ACC, DifferenceTrend, RungDifference
 from analysis.fit import CurveResult
+from analysis.report import human_size
 from scaling import names
 
 _ARM_COLORS = {
@@ -30,78 +34,199 @@ _ARM_COLORS = {
 }
 
 
+RANK_METRICS = frozenset({names.COND_SPEARMAN, names.COND_KENDALL})
+"""Bounded in [-1, 1]: always a linear y axis with those limits."""
+
+
 def _color(arm: str, index: int) -> str:
     return _ARM_COLORS.get(arm, f"C{index % 10}")
 
 
+def _grid(fig: Figure, nrows: int, ncols: int, *, left: float = 0.85, right: float = 0.25, bottom: float = 0.65, top: float = 0.55,
+          wspace: float = 0.75, hspace: float = 0.75, width_ratios: list[float] | None = None):
+    """A GridSpec with margins and gaps in inches, so labels fit whatever the figure size
+    (a layout engine would draw every figure twice: slow on 2 cores)."""
+    w, h = fig.get_size_inches()
+    ratios = width_ratios or [1.0] * ncols
+    axis_w = (w - left - right - (ncols - 1) * wspace) / sum(ratios) * (sum(ratios) / ncols)
+    axis_h = (h - top - bottom - (nrows - 1) * hspace) / nrows
+    return fig.add_gridspec(nrows, ncols, left=left / w, right=1 - right / w, bottom=bottom / h, top=1 - top / h,
+                            wspace=wspace / max(axis_w, 1e-3), hspace=hspace / max(axis_h, 1e-3), width_ratios=width_ratios)
+
+
 def _save(fig: Figure, path: Path) -> Path:
-    # Fixed margins instead of a layout engine: constrained/tight layout draws every
-    # figure twice, which doubled the plotting time on a 2-core machine.
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.1, top=0.92, wspace=0.35, hspace=0.45)
     FigureCanvasAgg(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
 
 
+def _log_n_axis(ax, sizes, label: str) -> None:
+    """Log N on x with one labelled tick per rung (no minor labels such as '3x10^5 4x10^5')."""
+    sizes = sorted({float(v) for v in sizes if v is not None and np.isfinite(v) and v > 0})
+    ax.set_xscale("log")
+    if sizes:
+        lo, hi = sizes[0], sizes[-1]
+        pad = max(1.25, (hi / lo) ** 0.08)
+        ax.set_xlim(lo / pad, hi * pad)
+        step = max(1, math.ceil(len(sizes) / 7))
+        ticks = sizes[::step]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FixedFormatter([human_size(v) for v in ticks]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(label)
+
+
+def _y_for(ax, metric: str) -> None:
+    if metric in RANK_METRICS:
+        ax.set_ylim(-1.05, 1.05)
+
+
+def _arm_offsets(arms: list[str]) -> dict[str, float]:
+    """Small multiplicative x offsets so the arms' points at one rung do not hide each other."""
+    k = len(arms)
+    return {arm: 10 ** (0.012 * (i - (k - 1) / 2)) for i, arm in enumerate(arms)}
+
+
 def plot_metric_curves(path: Path, metric: str, final: pl.DataFrame, curves: dict[str, CurveResult], *, size_label: str) -> Path:
-    """Metric vs N on log axes: every run, rung means, fitted curve and CI band per arm."""
-    fig = Figure(figsize=(6.4, 4.4))
-    ax = fig.add_subplot()
+    """Metric vs N (log x, linear y): every run, rung means, and the fitted power law with its
+    CI band only where a fit is supported (the legend says why not, otherwise)."""
+    fig = Figure(figsize=(7.0, 4.6))
+    ax = fig.add_subplot(_grid(fig, 1, 1, left=0.95, bottom=0.7, top=0.75)[0, 0])  # room for a 4-line title
     final = final.filter(pl.col("value").is_finite() & pl.col("n").is_not_null())
     if final.is_empty():
         ax.text(0.5, 0.5, f"{metric}: no finite values", ha="center", va="center", transform=ax.transAxes)
         return _save(fig, path)
-    positive = bool((final["value"] > 0).all())
-    for i, (arm, group) in enumerate(sorted(final.group_by("arm"), key=lambda item: str(item[0][0]))):
-        arm = str(arm[0])
+    arms = sorted(str(a) for a in final["arm"].drop_nulls().unique().to_list())
+    offsets = _arm_offsets(arms)
+    for i, arm in enumerate(arms):
+        group = final.filter(pl.col("arm") == arm)
         color = _color(arm, i)
-        ax.scatter(group["n"], group["value"], s=12, alpha=0.45, color=color)
+        ax.scatter(group["n"].to_numpy() * offsets[arm], group["value"], s=14, alpha=0.45, color=color)
         means = group.group_by("n").agg(pl.col("value").mean()).sort("n")
         result = curves.get(arm)
-        label = arm
-        if result is not None and result.fit is not None:
-            fit = result.fit
+        fit = result.fit if result is not None else None
+        if fit is not None:
             ax.plot(fit.curve_n, fit.law.predict(fit.curve_n), color=color, lw=1.6)
             if np.all(np.isfinite(fit.curve_low)):
                 ax.fill_between(fit.curve_n, fit.curve_low, fit.curve_high, color=color, alpha=0.18, lw=0)
-            label += f"  ({fit.law.scale:.3g}·(N/{fit.law.n_ref:.2g})^-{fit.law.alpha:.2f} + {fit.law.offset:.3g})"
-        elif result is not None and result.trend is not None:
-            label += f"  (trend ρ={result.trend.spearman.estimate:+.2f})"
-        ax.plot(means["n"], means["value"], "o--" if result is None or result.fit is None else "o", color=color, ms=5, lw=0.8, label=label)
-    ax.set_xscale("log")
-    if positive:
-        ax.set_yscale("log")
-    ax.set_xlabel(size_label)
+            label = f"{arm}: {fit.law.scale:.3g}·(N/{human_size(fit.law.n_ref)})^-{fit.law.alpha:.2f} + {fit.law.offset:.3g}"
+        else:
+            label = f"{arm}: rung means, no power law"
+            if result is not None and result.trend is not None:
+                label += f" (trend ρ={result.trend.spearman.estimate:+.2f})"
+        ax.plot(means["n"].to_numpy() * offsets[arm], means["value"], "o" if fit is not None else "o:", color=color, ms=5, lw=1.0, label=label)
+    _log_n_axis(ax, final["n"].to_list(), size_label)
+    _y_for(ax, metric)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs model size")
+    reasons = sorted({r.reason for r in curves.values() if r is not None and r.fit is None and r.reason})
+    subtitle = "" if not reasons else "\n" + "\n".join(textwrap.wrap("no power law: " + reasons[0], width=80)[:3])
+    ax.set_title(f"{metric} vs model size{subtitle}", fontsize=9)
     ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.25)
+    ax.grid(True, alpha=0.25)
     return _save(fig, path)
 
 
-def plot_paired_differences(path: Path, differences: dict[str, list[RungDifference]], *, treatment: str, control: str, size_label: str) -> Path:
-    """Treatment minus control per rung with CIs, one panel per metric."""
-    metrics = [m for m, rows in differences.items() if rows]
+def plot_paired_differences(path: Path, differences: dict[str, list[RungDifference]], *, treatment: str, control: str, size_label: str,
+                            pairs: dict[str, pl.DataFrame] | None = None, trends: dict[str, DifferenceTrend] | None = None) -> Path:
+    """Treatment minus control vs N, one panel per metric: each seed pair (dots), the rung
+    mean with its CI as a band and error bars, zero line, the slope per decade of N."""
+    first = (names.COND_LATE_HALF_MEAN_COS, names.VAL_LOSS, EVAL_MEAN_ACC)  # the claims' metrics lead
+    metrics = sorted((m for m, rows in differences.items() if rows), key=lambda m: first.index(m) if m in first else len(first))
     cols = max(1, min(3, len(metrics)))
     rows_n = max(1, math.ceil(len(metrics) / cols))
-    fig = Figure(figsize=(4.2 * cols, 3.4 * rows_n))
+    fig = Figure(figsize=(4.6 * cols, 3.6 * rows_n))
+    grid = _grid(fig, rows_n, cols, left=0.95, wspace=1.0, hspace=1.15, top=0.75, bottom=0.7)
+    color = _color(treatment, 1)
     for k, metric in enumerate(metrics):
-        ax = fig.add_subplot(rows_n, cols, k + 1)
-        rows = differences[metric]
+        ax = fig.add_subplot(grid[k // cols, k % cols])
+        rows = sorted(differences[metric], key=lambda r: r.n)
         n = np.array([r.n for r in rows])
         est = np.array([r.difference.estimate for r in rows])
         low = np.array([r.difference.low for r in rows])
         high = np.array([r.difference.high for r in rows])
-        err = np.vstack([np.where(np.isfinite(low), est - low, 0), np.where(np.isfinite(high), high - est, 0)])
-        ax.errorbar(n, est, yerr=err, fmt="o-", color=_color(treatment, 1), capsize=3)
+        has_ci = np.isfinite(low) & np.isfinite(high)
+        if pairs is not None and metric in pairs and pairs[metric].height > len(rows):  # more than one pair per rung
+            ax.scatter(pairs[metric]["n"], pairs[metric]["diff"], s=10, color="0.45", alpha=0.6, zorder=2, label="seed pairs")
+        if has_ci.sum() >= 2:
+            ax.fill_between(n[has_ci], low[has_ci], high[has_ci], color=color, alpha=0.2, lw=0, label="CI of the rung mean")
+        err = np.vstack([np.where(has_ci, est - low, 0), np.where(has_ci, high - est, 0)])
+        ax.errorbar(n, est, yerr=err, fmt="-", color=color, capsize=3, zorder=3)
+        if has_ci.any():
+            ax.plot(n[has_ci], est[has_ci], "o", color=color, ms=5, zorder=4, label="rung mean ± CI")
+        if (~has_ci).any():
+            ax.plot(n[~has_ci], est[~has_ci], "o", mfc="white", mec=color, ms=6, zorder=4, label="rung mean, 1 seed: no CI")
         ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel(size_label)
-        ax.set_title(f"{metric}\n{treatment} − {control}", fontsize=9)
+        _log_n_axis(ax, n, size_label)
+        ax.xaxis.label.set_fontsize(8)
+        ax.set_ylabel(f"{treatment} − {control}", fontsize=8)
+        title = metric
+        trend = (trends or {}).get(metric)
+        if trend is not None:
+            s = trend.slope_per_decade
+            ci = f" [{s.low:+.3g}, {s.high:+.3g}]" if s.has_bounds else f" (no CI: {s.why or 'no bootstrap'})"
+            title += f"\nslope per decade of N: {s.estimate:+.3g}{ci}"
+        ax.set_title(title, fontsize=8)
         ax.grid(True, alpha=0.25)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
     if not metrics:
         fig.add_subplot().text(0.5, 0.5, "no paired runs", ha="center", va="center")
+    return _save(fig, path)
+
+
+def plot_accuracy_curves(path: Path, values: pl.DataFrame, tasks: EvalTasks, *, size_label: str) -> Path:
+    """Downstream accuracy vs N at the validation-selected checkpoint, one panel per column of the
+    paper's table (the mean first, then each test task; word perplexities last, log y): each seed
+    (dots), the arm's mean over seeds with ± one standard deviation, the initial model (step 0,
+    grey) and, on the mean panel, the paper's test-selected mean (dashed: optimistic)."""
+    test, selection, perplexity = table_columns(tasks)
+    panels = [MEAN_ACC] + test[:-1] + ([SELECTION_MEAN_ACC] if tasks.selection else []) + perplexity
+    frame = values.with_columns(pl.col("metric").str.strip_prefix(f"{names.EVAL_PREFIX}/")).filter(
+        pl.col("metric").is_in(panels) & pl.col("value").is_finite() & pl.col("n").is_not_null())
+    panels = [p for p in panels if frame.filter(pl.col("metric") == p).height] or [MEAN_ACC]
+    cols = min(4, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(3.9 * cols + 0.4, 3.3 * rows_n + 0.3))
+    grid = _grid(fig, rows_n, cols, left=0.8, wspace=0.75, hspace=1.0, top=0.55, bottom=0.7)
+    arms = sorted(frame.filter(pl.col("selection") != INITIAL)["arm"].drop_nulls().unique().to_list())
+    offsets = _arm_offsets(arms)
+    for k, column in enumerate(panels):
+        ax = fig.add_subplot(grid[k // cols, k % cols])
+        rows = frame.filter(pl.col("metric") == column)
+        initial = rows.filter(pl.col("selection") == INITIAL).group_by("n", "seed").agg(pl.col("value").mean())
+        if initial.height:
+            line = initial.group_by("n").agg(pl.col("value").mean()).sort("n")
+            ax.plot(line["n"], line["value"], "x--", color="0.5", ms=5, lw=1.0, label=SELECTION_LABELS[INITIAL])
+        for i, arm in enumerate(arms):
+            color = _color(arm, i)
+            chosen = rows.filter((pl.col("arm") == arm) & (pl.col("selection") == VALIDATION))
+            if chosen.height:
+                ax.scatter(chosen["n"].to_numpy() * offsets[arm], chosen["value"], s=10, alpha=0.4, color=color)
+                stats = chosen.group_by("n").agg(pl.col("value").mean().alias("mean"), pl.col("value").std().fill_null(0.0).alias("std")).sort("n")
+                ax.errorbar(stats["n"].to_numpy() * offsets[arm], stats["mean"], yerr=stats["std"], fmt="o-", color=color, ms=4, lw=1.4,
+                            capsize=3, label=f"{arm} (validation-selected)")
+            paper = rows.filter((pl.col("arm") == arm) & (pl.col("selection") == TEST))
+            if column == MEAN_ACC and paper.height:
+                line = paper.group_by("n").agg(pl.col("value").mean()).sort("n")
+                ax.plot(line["n"].to_numpy() * offsets[arm], line["value"], "o--", mfc="white", color=color, ms=4, lw=0.9,
+                        label=f"{arm}, test-selected (optimistic)")
+        _log_n_axis(ax, rows["n"].to_list() or frame["n"].to_list(), size_label)
+        ax.xaxis.label.set_fontsize(8)
+        if column.endswith(WORD_PERPLEXITY):
+            spread = rows["value"].max() / max(rows["value"].min(), 1e-12) if rows.height else 1.0
+            if spread > 10:  # e.g. the initial model next to trained ones; otherwise a log axis has no labelled tick
+                ax.set_yscale("log")
+                ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_ylabel("word perplexity" + (" (log scale)" if spread > 10 else ""), fontsize=8)
+        ax.set_title("mean accuracy (the paper's score)" if column == MEAN_ACC else
+                     f"{SELECTION_MEAN_ACC} (validation)" if column == SELECTION_MEAN_ACC else column, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.25)
+        if k == 0:
+            ax.set_ylabel("accuracy (mean ± std over seeds)", fontsize=8)
+            ax.legend(fontsize=6)
     return _save(fig, path)
 
 
@@ -117,75 +242,172 @@ def _mean_histograms(cell: pl.DataFrame) -> tuple[np.ndarray, np.ndarray] | None
 
 
 def plot_heatmap_grid(path: Path, profiles: pl.DataFrame) -> Path:
-    """The paper's condensation heatmaps, rows = rungs (small to large), columns = arms:
-    x = layer fraction, y = cosine similarity, colour = density (seeds averaged)."""
-    rungs = profiles.select("rung", "n").unique().sort("n")["rung"].to_list()
+    """The paper's condensation heatmaps of the final profile, one row per rung (small to
+    large), the arms side by side: x = layer fraction, y = cosine similarity, colour =
+    density (seeds averaged), the per-layer mean cosine drawn over it, one shared colorbar."""
+    rungs = profiles.select("rung", "n").unique().sort("n")
+    labels = [f"{r} (N={human_size(n)})" if n is not None else str(r) for r, n in rungs.iter_rows()]
     arms = sorted(profiles["arm"].unique().to_list())
-    return _heatmap_grid(path, profiles, ("rung", rungs), ("arm", arms), titles=arms, empty="no histogram")
+    return _heatmap_grid(path, profiles, ("rung", rungs["rung"].to_list()), ("arm", arms), titles=arms, row_labels=labels, empty="no histogram")
+
+
+_DENSITY_MAX = 10.0  # the paper's colour scale: density 0..10 over cosine in [-1, 1]
 
 
 def _heatmap_grid(path: Path, profiles: pl.DataFrame, rows: tuple[str, list], columns: tuple[str, list], *,
-                  titles: list[str], empty: str) -> Path:
+                  titles: list[str], empty: str, row_labels: list[str] | None = None) -> Path:
     """One heatmap per (row, column) cell of `profiles`, in the paper's colours (white -> red,
-    density 0..10, as scaling/plots.py draws a single one)."""
+    density 0..10, as scaling/plots.py draws a single one), with a shared colorbar."""
     (row_key, row_values), (col_key, col_values) = rows, columns
-    fig = Figure(figsize=(3.0 * max(1, len(col_values)), 2.4 * max(1, len(row_values))))
+    n_rows, n_cols = max(1, len(row_values)), max(1, len(col_values))
+    fig = Figure(figsize=(3.1 * n_cols + 1.3, 2.5 * n_rows + 0.6))
+    grid = _grid(fig, n_rows, n_cols + 1, left=0.95, right=0.55, top=0.45, bottom=0.6, wspace=0.35, hspace=0.45,
+                 width_ratios=[1.0] * n_cols + [0.06])
+    image = None
+    mean_drawn = False
     for r, row in enumerate(row_values):
         for c, column in enumerate(col_values):
-            ax = fig.add_subplot(len(row_values), len(col_values), r * len(col_values) + c + 1)
+            ax = fig.add_subplot(grid[r, c])
             cell = profiles.filter((pl.col(row_key) == row) & (pl.col(col_key) == column))
             made = _mean_histograms(cell) if not cell.is_empty() else None
             if made is None:
                 ax.text(0.5, 0.5, empty, ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                ax.set_xlim(0, 1)
+                ax.set_ylim(-1, 1)
             else:
-                fractions, grid = made
-                ax.imshow(grid.T, origin="lower", aspect="auto", cmap="Reds", vmin=0.0, vmax=10.0,
-                          extent=(float(fractions.min()), float(fractions.max()), -1.0, 1.0))
+                fractions, hist = made
+                # Each column centred on its layer fraction (half a layer of margin either side).
+                half = 0.5 / max(1, fractions.size - 1)
+                image = ax.imshow(hist.T, origin="lower", aspect="auto", cmap="Reds", vmin=0.0, vmax=_DENSITY_MAX,
+                                  extent=(float(fractions.min()) - half, float(fractions.max()) + half, -1.0, 1.0))
+                means = cell.drop_nulls("mean_cosine").group_by("layer_fraction").agg(pl.col("mean_cosine").mean()).sort("layer_fraction")
+                if means.height:
+                    ax.plot(means["layer_fraction"], means["mean_cosine"], "o-", color="black", ms=2.5, lw=0.9,
+                            label="mean cosine" if not mean_drawn else None)
+                    mean_drawn = True
             if r == 0:
                 ax.set_title(titles[c], fontsize=9)
             if c == 0:
-                ax.set_ylabel(f"{row}\ncosine", fontsize=8)
-            if r == len(row_values) - 1:
-                ax.set_xlabel("layer fraction", fontsize=8)
+                ax.set_ylabel(f"{(row_labels or row_values)[r]}\ncosine similarity", fontsize=8)
+            else:
+                ax.set_yticklabels([])
+            if r == n_rows - 1:
+                ax.set_xlabel("layer fraction (0 = embeddings)", fontsize=8)
             ax.tick_params(labelsize=7)
+    if mean_drawn:
+        fig.axes[0].legend(fontsize=6, loc="lower right")
+    cax = fig.add_subplot(grid[:, n_cols])
+    if image is not None:
+        bar = fig.colorbar(image, cax=cax, extend="max")
+        bar.set_label("density of pairwise cosine", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    else:
+        cax.set_axis_off()
     return _save(fig, path)
 
 
+def plot_heatmaps_over_training(path: Path, probe_profiles: pl.DataFrame, *, rung: str, n: float | None) -> Path:
+    """One rung's condensation heatmap at every probe step: a row per arm, a column per step (the
+    paper's figure of GPT-2 mid-training), histograms averaged over the seeds of each cell."""
+    arms = sorted(probe_profiles["arm"].unique().to_list(), key=lambda a: (a != "baseline", a))
+    steps = sorted(probe_profiles["step"].unique().to_list())
+    seeds = probe_profiles["seed"].n_unique()
+    size = f", N={human_size(n)}" if n else ""
+    titles = [f"{rung}{size}\nstep {step}" + (" (initial)" if step == 0 else "") for step in steps]
+    return _heatmap_grid(path, probe_profiles, rows=("arm", arms), columns=("step", steps), titles=titles,
+                         empty="no probe", row_labels=[f"{arm} ({seeds} seed{'s' * (seeds > 1)})" for arm in arms])
+
+
 def plot_layer_profiles(path: Path, profiles: pl.DataFrame) -> Path:
-    """Per-layer mean cosine vs layer fraction, one line per rung, one panel per arm."""
+    """Final per-layer mean cosine vs layer fraction, one line per rung, one panel per arm
+    (shared y, so the arms compare at a glance)."""
     arms = sorted(profiles["arm"].unique().to_list())
-    fig = Figure(figsize=(4.2 * max(1, len(arms)), 3.4))
+    fig = Figure(figsize=(4.4 * max(1, len(arms)) + 0.6, 3.8))
+    grid = _grid(fig, 1, max(1, len(arms)), left=0.95, bottom=0.7, top=0.45, wspace=0.45)
     rungs = profiles.select("rung", "n").unique().sort("n")
     cmap = matplotlib.colormaps["viridis"]
+    first = None
     for a, arm in enumerate(arms):
-        ax = fig.add_subplot(1, max(1, len(arms)), a + 1)
-        for r, rung in enumerate(rungs["rung"].to_list()):
+        ax = fig.add_subplot(grid[0, a], sharey=first)
+        first = first or ax
+        for r, (rung, n) in enumerate(rungs.iter_rows()):
             cell = profiles.filter((pl.col("rung") == rung) & (pl.col("arm") == arm)).drop_nulls("mean_cosine")
             if cell.is_empty():
                 continue
             line = cell.group_by("layer_fraction").agg(pl.col("mean_cosine").mean()).sort("layer_fraction")
-            ax.plot(line["layer_fraction"], line["mean_cosine"], "o-", ms=3, color=cmap(r / max(1, rungs.height - 1)), label=rung)
-        ax.set_title(arm, fontsize=9)
-        ax.set_xlabel("layer fraction")
-        ax.set_ylabel("mean cosine similarity")
+            label = f"{rung} (N={human_size(n)})" if n is not None else str(rung)
+            ax.plot(line["layer_fraction"], line["mean_cosine"], "o-", ms=3, color=cmap(r / max(1, rungs.height - 1)), label=label)
+        ax.set_title(f"{arm}: final profile", fontsize=9)
+        ax.set_xlabel("layer fraction (0 = embeddings)")
+        if a == 0:
+            ax.set_ylabel("mean cosine similarity")
+        else:
+            ax.tick_params(labelleft=False)
         ax.grid(True, alpha=0.25)
         ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_profile_over_training(path: Path, layers: pl.DataFrame) -> Path:
+    """How the condensation profile moves during training: per-layer mean cosine at every
+    probe step (colour = step, dashed = step 0), one row per rung, one column per arm.
+
+    `layers`: columns rung, n, arm, step, layer, value (seeds already averaged or not)."""
+    rungs = layers.select("rung", "n").unique().sort("n")
+    arms = sorted(layers["arm"].drop_nulls().unique().to_list())
+    steps = sorted(layers["step"].unique().to_list())
+    n_rows, n_cols = max(1, rungs.height), max(1, len(arms))
+    fig = Figure(figsize=(3.6 * n_cols + 1.4, 2.6 * n_rows + 0.7))
+    grid = _grid(fig, n_rows, n_cols + 1, left=0.95, right=0.7, top=0.5, bottom=0.65, wspace=0.3, hspace=0.5,
+                 width_ratios=[1.0] * n_cols + [0.06])
+    cmap = matplotlib.colormaps["viridis_r"]
+    norm = matplotlib.colors.Normalize(vmin=min(steps) if steps else 0, vmax=max(steps) if steps else 1)
+    first = None
+    for r, (rung, n) in enumerate(rungs.iter_rows()):
+        for c, arm in enumerate(arms):
+            ax = fig.add_subplot(grid[r, c], sharey=first)
+            first = first or ax
+            cell = layers.filter((pl.col("rung") == rung) & (pl.col("arm") == arm))
+            for step in steps:
+                line = cell.filter(pl.col("step") == step).group_by("layer").agg(pl.col("value").mean()).sort("layer")
+                if line.height:
+                    ax.plot(line["layer"], line["value"], "--" if step == 0 else "-", marker="o", ms=2.5, lw=1.1, color=cmap(norm(step)))
+            if r == 0:
+                ax.set_title(arm, fontsize=9)
+            if c == 0:
+                label = f"{rung} (N={human_size(n)})" if n is not None else str(rung)
+                ax.set_ylabel(f"{label}\nmean cosine", fontsize=8)
+            else:
+                ax.tick_params(labelleft=False)
+            if r == n_rows - 1:
+                ax.set_xlabel("layer (0 = embeddings)", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.tick_params(labelsize=7)
+            ax.grid(True, alpha=0.25)
+    cax = fig.add_subplot(grid[:, n_cols])
+    bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax)
+    if 0 < len(steps) <= 12:
+        bar.set_ticks(steps)
+    else:
+        bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    bar.set_label("probe step" + ("" if 0 in steps else " (no step-0 probe recorded)"), fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     return _save(fig, path)
 
 
 def plot_observation_trends(path: Path, final: pl.DataFrame, *, metric: str) -> Path:
     """Observation studies: metric vs N per (family, source)."""
     fig = Figure(figsize=(6.4, 4.4))
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(_grid(fig, 1, 1, left=0.95, bottom=0.7, top=0.35)[0, 0])
     for i, ((family, source), group) in enumerate(sorted(final.group_by("family", "source"), key=lambda item: (str(item[0][0]), str(item[0][1])))):
         group = group.sort("n")
         ax.plot(group["n"], group["value"], "o-", color=f"C{i % 10}", label=f"{family} / {source}")
-    ax.set_xscale("log")
+    _log_n_axis(ax, final["n"].to_list(), "parameters")
+    _y_for(ax, metric)
     ax.axhline(0.0, color="black", lw=0.6)
-    ax.set_xlabel("parameters")
     ax.set_ylabel(metric)
     ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.25)
+    ax.grid(True, alpha=0.25)
     return _save(fig, path)
 
 
@@ -195,9 +417,10 @@ def plot_observation_family(path: Path, final: pl.DataFrame, trends: pl.DataFram
     from analysis.observe import OBSERVATION_METRICS
 
     metrics = [m for m in OBSERVATION_METRICS if final.filter(pl.col("metric") == m).height]
-    fig = Figure(figsize=(4.4 * max(1, len(metrics)), 3.8))
+    fig = Figure(figsize=(4.6 * max(1, len(metrics)), 3.9))
+    panels = _grid(fig, 1, max(1, len(metrics)), left=0.85, wspace=0.95, bottom=0.7, top=0.45)
     for k, metric in enumerate(metrics):
-        ax = fig.add_subplot(1, max(1, len(metrics)), k + 1)
+        ax = fig.add_subplot(panels[0, k])
         rows = final.filter((pl.col("metric") == metric) & pl.col("value").is_finite()).drop_nulls("n")
         for i, (source, group) in enumerate(sorted(rows.group_by("source"), key=lambda item: str(item[0][0]))):
             source = str(source[0])
@@ -214,13 +437,13 @@ def plot_observation_family(path: Path, final: pl.DataFrame, trends: pl.DataFram
                 b, a = np.polyfit(x, group["value"].to_numpy(), 1)
                 grid = np.linspace(x.min(), x.max(), 20)
                 ax.plot(10**grid, a + b * grid, "-", color=f"C{i % 10}", lw=1.2)
-        ax.set_xscale("log")
+        _log_n_axis(ax, rows["n"].to_list(), "parameters (log)")
+        _y_for(ax, metric)
         if metric != names.COND_LATE_HALF_MEAN_COS:
             ax.axhline(0.0, color="black", lw=0.6)
-        ax.set_xlabel("parameters (log)")
         ax.set_ylabel(metric.removeprefix("condensation/"))
         ax.set_title(f"{family}: {metric.removeprefix('condensation/')}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.25)
+        ax.grid(True, alpha=0.25)
         ax.legend(fontsize=6)
     if not metrics:
         fig.add_subplot().text(0.5, 0.5, "no finished measurement", ha="center", va="center")

@@ -1,16 +1,110 @@
-"""Turn analysis results into tables (Polars) and a markdown report. No fitting, no I/O
-beyond writing the files it is asked to write."""
+"""Turn analysis results into tables (Polars), a markdown report and its self-contained
+HTML twin. No fitting, no I/O beyond reading the figures it embeds."""
 
 from __future__ import annotations
 
+import base64
+import html
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from analysis.effects import DifferenceTrend, LambdaRule, Multiplier, RungDifference
+from analysis.downstream import (
+    DELTA_MEAN_ACC,
+    MEAN_ACC,
+    RULE_LAST,
+    RULE_SELECTION_ACC,
+    RULE_VAL_LOSS,
+    SELECTION_LABELS,
+    SELECTION_MEAN_ACC,
+    TEST,
+    DownstreamAccuracy,
+    table_columns,
+)
+from analysis.effects import EVAL_MEAN_ACC, ClaimCheck, DifferenceTrend, LambdaRule, Multiplier, RungDifference
 from analysis.fit import CurveResult, FitOptions, Interval, Trend
+from scaling import names
+
+
+def human_size(n: float) -> str:
+    """165000 -> '165K', 1.2e6 -> '1.2M' (tables and tick labels alike)."""
+    if n is None or not math.isfinite(n):
+        return "–"
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.3g}"
+
+
+MIN_RUNGS_FOR_LAW = FitOptions.min_rungs
+FEW_LAYERS = 8
+"""With this many hidden states or fewer, Spearman/Kendall over layers take few values and saturate."""
+
+
+@dataclass(frozen=True)
+class StudyBudget:
+    """What a study's training runs rest on: the report states it before any claim."""
+
+    rungs: tuple[tuple[str, float], ...]
+    """(rung, N) of the rungs with finished training runs, small to large."""
+    arms: tuple[str, ...]
+    seeds: tuple[int, int]
+    """Fewest and most finished seeds of any (rung, arm)."""
+    tokens: tuple[int, int] | None
+    """Fewest and most training tokens of a run (None when not recorded)."""
+    steps: tuple[int, int] | None
+    tokens_per_param: tuple[float, float] | None
+    probe_steps: tuple[int, ...]
+    """Steps at which the condensation probe ran (any run)."""
+    hidden_states: tuple[int, int] | None
+    """Fewest and most hidden states (layers + embedding output) in a final profile."""
+    caveats: tuple[str, ...]
+
+
+def _span(values: list) -> tuple | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return (min(values), max(values)) if values else None
+
+
+def compute_budget(train_runs: pl.DataFrame, metrics: pl.DataFrame, profiles: pl.DataFrame, *, size_column: str = "n_params",
+                   saturated: tuple[str, ...] = ()) -> StudyBudget:
+    """The budget of finished training runs and the caveats it implies for the claims
+    (`saturated`: rank-correlation metrics found pinned at +-1)."""
+    runs = train_runs.with_columns(pl.col(size_column).cast(pl.Float64).alias("n"))
+    rungs = tuple((str(r), float(n) if n is not None else math.nan) for r, n in runs.select("rung", "n").unique().sort("n").iter_rows())
+    arms = tuple(sorted(runs["arm"].drop_nulls().unique().to_list()))
+    per_cell = runs.group_by("rung", "arm").agg(pl.col("seed").n_unique().alias("k"))["k"].to_list()
+    seeds = (min(per_cell), max(per_cell)) if per_cell else (0, 0)
+    tokens = _span(runs["tokens"].to_list())
+    steps = _span(runs["steps"].to_list()) if "steps" in runs.columns else None
+    ratio = _span((runs["tokens"].cast(pl.Float64) / runs["n"]).to_list()) if runs.height else None
+    ids = runs["run_id"].implode()
+    probed = metrics.filter(pl.col("run_id").is_in(ids) & (pl.col("metric") == names.COND_SPEARMAN))
+    probe_steps = tuple(sorted(probed["step"].unique().to_list()))
+    depth = profiles.filter(pl.col("run_id").is_in(ids)).group_by("run_id").len()["len"].to_list()
+    hidden = _span(depth)
+    caveats = []
+    if len(rungs) < 2:
+        caveats.append(f"{len(rungs)} rung: no claim about model size (d, e) can be tested; add rungs")
+    elif len(rungs) < MIN_RUNGS_FOR_LAW:
+        caveats.append(f"{len(rungs)} rungs: no power law is fitted (a 3-parameter law needs >= {MIN_RUNGS_FOR_LAW}); "
+                       f"size claims (d, e) rest on a {len(rungs)}-point trend")
+    if seeds[0] < 2:
+        caveats.append(f"{seeds[0]} seed for some (rung, arm): per-rung differences have no confidence interval; "
+                       "pooled claims resample across rungs (>= 4 pairs) or stay inconclusive; use >= 2 seeds")
+    if saturated:
+        depth = f" over {hidden[0]} hidden states" if hidden is not None and hidden[0] <= FEW_LAYERS else ""
+        caveats.append(f"{' and '.join(m.removeprefix('condensation/') for m in saturated)} saturated at ±1{depth}: "
+                       "a rank correlation over so few layers cannot separate arms or sizes; read the mean cosines")
+    if ratio is not None and ratio[1] < 1.0:
+        caveats.append(f"{ratio[1]:.2g} training tokens per parameter at most (compute-optimal is ~20): the models are far "
+                       "from trained, so final-state claims describe early training")
+    if probe_steps and probe_steps[0] != 0:
+        caveats.append(f"no step-0 probe recorded (first probe at step {probe_steps[0]}): claim (a) is not tested")
+    return StudyBudget(rungs, arms, seeds, tokens, steps, ratio, probe_steps, hidden, tuple(caveats))
 
 
 @dataclass(frozen=True)
@@ -37,6 +131,15 @@ class StudyAnalysis:
     provenance: dict = field(default_factory=dict)
     paper_comparison: pl.DataFrame = field(default_factory=pl.DataFrame)
     """Observation studies holding the paper's models: measured vs published Spearman (wikitext)."""
+    claims: tuple[ClaimCheck, ...] = ()
+    """The paper's claims tested on this study's training runs (empty for observation studies)."""
+    budget: StudyBudget | None = None
+    saturated: tuple[str, ...] = ()
+    """Rank-correlation metrics at +-1 in every finished training run (left out of difference plots)."""
+    downstream: DownstreamAccuracy | None = None
+    """Downstream accuracy at the chosen checkpoints (None: no finished training run)."""
+    observation_accuracy: pl.DataFrame = field(default_factory=pl.DataFrame)
+    """Observation studies whose models were evaluated: accuracy next to Spearman per model."""
 
 
 def _ci_columns(prefix: str, interval: Interval | None) -> dict[str, float]:
@@ -119,12 +222,36 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _fmt_ci(interval: Interval | None, digits: int = 3) -> str:
+def _fmt_ci(interval: Interval | None, digits: int = 3, *, percent: bool = False, signed: bool = False) -> str:
+    """'est [low, high]', or 'est (no CI: why)': an estimate without bounds always says why."""
     if interval is None:
         return "–"
-    if math.isnan(interval.low):
-        return f"{_fmt(interval.estimate, digits)} (no CI)"
-    return f"{_fmt(interval.estimate, digits)} [{_fmt(interval.low, digits)}, {_fmt(interval.high, digits)}]"
+    if percent:
+        fmt = lambda v: "–" if math.isnan(v) else f"{v:+.{max(1, digits - 1)}%}"  # noqa: E731
+    elif signed:
+        fmt = lambda v: _fmt(v, digits) if math.isnan(v) or math.isinf(v) else f"{v:+.{digits}g}"  # noqa: E731
+    else:
+        fmt = lambda v: _fmt(v, digits)  # noqa: E731
+    if not interval.has_bounds:
+        return f"{fmt(interval.estimate)} (no CI: {interval.why or 'no bootstrap'})"
+    return f"{fmt(interval.estimate)} [{fmt(interval.low)}, {fmt(interval.high)}]"
+
+
+def _claim_n(check: ClaimCheck) -> str:
+    if not check.n_units:
+        return "–"
+    return f"{check.n_units} {check.unit}, {check.n_rungs} rung{'s' if check.n_rungs != 1 else ''}, {check.seeds_per_rung} seed{'s' if check.seeds_per_rung != 1 else ''}/rung"
+
+
+def build_claims_table(claims: tuple[ClaimCheck, ...]) -> pl.DataFrame:
+    """`tables/claims.csv`: one row per claim; the verdict is read off ci_low/ci_high alone."""
+    rows = [
+        {"key": c.key, "claim": c.claim, "metric": c.metric, "estimate": c.estimate.estimate, "ci_low": c.estimate.low, "ci_high": c.estimate.high,
+         "verdict": c.verdict, "n": _claim_n(c), "n_units": c.n_units, "unit": c.unit, "n_rungs": c.n_rungs, "seeds_per_rung": c.seeds_per_rung,
+         "statistic": c.statistic, "rule": c.rule, "paper": c.paper, "contradicts_paper": c.contradicts_paper, "note": c.note}
+        for c in claims
+    ]
+    return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -133,27 +260,188 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
+_KEY_FIGURES = ("condensation_heatmaps", "heatmaps_over_training_", "profile_over_training", "difference_")
+"""Figure stems shown right under the claims, in this order; the rest go under 'More figures'."""
+
+
+def _budget_lines(budget: StudyBudget) -> list[str]:
+    def span(pair, fmt=str) -> str:
+        return "not recorded" if pair is None else (fmt(pair[0]) if pair[0] == pair[1] else f"{fmt(pair[0])}–{fmt(pair[1])}")
+
+    rungs = ", ".join(f"{r} (N={human_size(n)})" for r, n in budget.rungs) or "none"
+    lines = ["## What this rests on", ""]
+    lines += [
+        f"- **Rungs**: {len(budget.rungs)} — {rungs}",
+        f"- **Arms**: {', '.join(budget.arms) or 'none'}; **seeds** per (rung, arm): {span(budget.seeds)}",
+        f"- **Training per run**: {span(budget.steps)} steps, {span(budget.tokens, lambda v: human_size(float(v)))} tokens "
+        f"({span(budget.tokens_per_param, lambda v: f'{v:.2g}')} tokens per parameter)",
+        f"- **Condensation probes** at steps {', '.join(str(s) for s in budget.probe_steps) or 'none'}; "
+        f"{span(budget.hidden_states)} hidden states per run (layers + embedding output)",
+        "",
+    ]
+    if budget.caveats:
+        lines += ["**Caveats — too small to support some claims:**", ""] + [f"- {c}" for c in budget.caveats] + [""]
+    return lines
+
+
+def _claims_lines(analysis: StudyAnalysis) -> list[str]:
+    level = f"{analysis.options.confidence:.0%}"
+    lines = ["## Paper claims", "",
+             f"Each claim of arXiv 2602.00217 that a training study can test, as one statistic with a {level} bootstrap CI. "
+             "The verdict is read off the CI alone, never the point estimate: **supported** when the whole CI lies on the "
+             "claimed side of the threshold, **contradicted** when it lies wholly on the other side, *inconclusive* otherwise "
+             "(or without a CI), *not tested* when the study did not record what the claim needs. Table: `tables/claims.csv`.", ""]
+    rows = []
+    for c in analysis.claims:
+        verdict = f"**{c.verdict}**" if c.verdict in ("supported", "contradicted") else f"*{c.verdict}*"
+        estimate = "–" if c.verdict == "not tested" else _fmt_ci(c.estimate, percent=c.key == "c", signed=True)
+        rows.append([f"({c.key}) {c.claim}", c.statistic, estimate, _claim_n(c), verdict, c.paper])
+    lines += _markdown_table(["claim", "statistic", f"estimate [{level} CI]", "n", "verdict", "the paper"], rows)
+    against = [c for c in analysis.claims if c.contradicts_paper]
+    if against:
+        lines += [f"- **Contradicts the paper — ({c.key})**: the paper says \"{c.paper}\"; this study's CI "
+                  f"{_fmt_ci(c.estimate, percent=c.key == 'c', signed=True)} lies on the other side." for c in against]
+    else:
+        tested = [c for c in analysis.claims if c.verdict != "not tested"]
+        lines += ["- No verdict contradicts the paper." if tested else "- No claim could be tested."]
+    lines += [f"- ({c.key}) {c.note}" for c in analysis.claims if c.note]
+    lines += ["", "Verdict rules:", ""] + [f"- ({c.key}) {c.rule}" for c in analysis.claims] + [""]
+    return lines
+
+
+_ACCURACY_FIGURES = ("accuracy_vs_n", "accuracy_difference_")
+"""Figure stems shown in the downstream section."""
+
+
+def _mean_std(row: dict, column: str, *, signed: bool = False, general: bool = False) -> str:
+    """'mean ± std' over seeds (accuracies to 3 decimals; `general`: 4 significant digits, for
+    perplexities); '(n=k)' when fewer seeds than the row has gave a value."""
+    mean, std, n = row.get(column), row.get(f"{column}_std"), row.get(f"{column}_n") or 0
+    if not n or mean is None or math.isnan(mean):
+        return "–"
+    value = f"{mean:+.3f}" if signed else (f"{mean:.4g}" if general else f"{mean:.3f}")
+    if std is not None and not math.isnan(std):
+        value += f" ± {std:.2g}" if general else f" ± {std:.3f}"
+    return value + (f" (n={n})" if n != row["seeds"] else "")
+
+
+def _rule_counts(downstream: DownstreamAccuracy) -> str:
+    counts: dict[str, int] = {}
+    for choice in downstream.choices:
+        counts[choice.rule] = counts.get(choice.rule, 0) + 1
+    return ", ".join(f"`{rule}` in {k} run{'s' if k != 1 else ''}" for rule, k in counts.items())
+
+
+def _downstream_lines(analysis: StudyAnalysis, figures: list[Path], out_dir: Path) -> list[str]:
+    lines = ["## Downstream accuracy", ""]
+    downstream = analysis.downstream
+    if downstream is None or not downstream.evaluated:
+        return lines + ["The study evaluated no downstream tasks (no finished training run logged an `eval/<task>/<metric>`): "
+                        "add an `eval:` section to the study to measure accuracy; claim (f) is then tested.", ""]
+    tasks, table = downstream.tasks, downstream.table
+    selection = (f"`{RULE_SELECTION_ACC}` (validation-split tasks: {', '.join(tasks.selection)}; {tasks.source})"
+                 if tasks.selection else f"`{RULE_SELECTION_ACC}` (validation-split tasks; this study has none)")
+    steps = sorted({s for c in downstream.choices for s in c.eval_steps})
+    lines += [
+        "**Selection without peeking.** Each run's checkpoint is chosen on validation data only: the evaluation with the highest "
+        f"{selection} when the run logged it, else the lowest `{RULE_VAL_LOSS}` at the nearest probe step at or before each "
+        f"evaluation, else ({RULE_LAST}) the run's last evaluation; ties go to the evaluation nearest its probe, then the later step; step 0 is never a candidate (it is "
+        f"the initial row). Used here: {_rule_counts(downstream)}. The paper's choice, the evaluation with the best mean accuracy on "
+        f"the test tasks themselves, is shown next to it as *{SELECTION_LABELS[TEST]}*: a maximum over noisy test scores is biased upward.",
+        "",
+        f"Evaluations at steps {', '.join(map(str, steps))}. Cells: mean ± sample standard deviation over seeds (n = seeds in the row, "
+        "marked where fewer gave a value); Δ = the arm's mean accuracy minus step 0's, paired by seed; word perplexity is never "
+        "averaged with the accuracies. Tables: `tables/accuracy.csv` "
+        "(every rung, both selections), `tables/checkpoints.csv` (each run's rule and steps), `tables/accuracy_by_run.csv`.",
+        "",
+    ]
+    test_columns, _, perplexity = table_columns(tasks)
+    rungs = table.select("rung", "n").unique().sort("n")
+    rung, n = rungs.row(rungs.height - 1)
+    label = "Largest rung" if rungs.height > 1 else "Rung"
+    has_initial = table.filter(pl.col("row") == "initial").height > 0
+    header = (["row", "n", "steps"] + [c.removesuffix("/acc") for c in test_columns[:-1]] + ["**mean acc**"] + (["Δ mean vs step 0"] if has_initial else [])
+              + ([f"{SELECTION_MEAN_ACC} (validation)"] if tasks.selection else [])
+              + [f"mean acc, {SELECTION_LABELS[TEST]}"] + [f"{c.replace('/word_perplexity', ' word perplexity')} (not in the mean)" for c in perplexity])
+    rows = []
+    cell = table.filter(pl.col("rung") == rung)
+    test_means = {r["row"]: r for r in cell.filter(pl.col("selection") == SELECTION_LABELS[TEST]).iter_rows(named=True)}
+    for row in cell.filter(pl.col("selection") != SELECTION_LABELS[TEST]).iter_rows(named=True):
+        initial = row["row"] == "initial"
+        paper = test_means.get(row["row"])
+        rows.append([SELECTION_LABELS["initial"] if initial else row["row"], str(row["seeds"]), row["steps"]]
+                    + [_mean_std(row, c) for c in test_columns[:-1]] + [f"**{_mean_std(row, MEAN_ACC)}**"]
+                    + (["–" if initial else _mean_std(row, DELTA_MEAN_ACC, signed=True)] if has_initial else [])
+                    + ([_mean_std(row, SELECTION_MEAN_ACC)] if tasks.selection else [])
+                    + ["–" if paper is None else _mean_std(paper, MEAN_ACC)] + [_mean_std(row, c, general=True) for c in perplexity])
+    lines += [f"### {label}: {rung} (N={human_size(n)}), validation-selected", ""] + _markdown_table(header, rows)
+    if rungs.height > 1:
+        lines += ["### Mean accuracy per rung", ""]
+        rows = []
+        for row in table.iter_rows(named=True):
+            if row["selection"] == SELECTION_LABELS[TEST]:
+                continue
+            paper = table.filter((pl.col("rung") == row["rung"]) & (pl.col("row") == row["row"]) & (pl.col("selection") == SELECTION_LABELS[TEST]))
+            rows.append([row["rung"], human_size(row["n"]), row["row"], row["steps"], _mean_std(row, MEAN_ACC)]
+                        + (["–" if row["row"] == "initial" else _mean_std(row, DELTA_MEAN_ACC, signed=True)] if has_initial else [])
+                        + [_mean_std(paper.row(0, named=True), MEAN_ACC) if paper.height else "–"])
+        lines += _markdown_table(["rung", "N", "row", "steps", "mean acc (validation-selected)"] + (["Δ vs step 0"] if has_initial else [])
+                                 + [f"mean acc, {SELECTION_LABELS[TEST]}"], rows)
+    level = f"{analysis.options.confidence:.0%}"
+    diffs = [(arm, d) for (metric, arm), items in analysis.differences.items() if metric == EVAL_MEAN_ACC for d in items]
+    if diffs:
+        lines += [f"### Mean accuracy, treatment − {analysis.control_arm} (validation-selected, paired by rung and seed)", ""]
+        lines += _markdown_table(["treatment", "rung", "N", "pairs", f"difference [{level} CI]"],
+                                 [[arm, d.rung, human_size(d.n), str(d.n_pairs), _fmt_ci(d.difference, signed=True)] for arm, d in diffs])
+        for (metric, arm), trend in analysis.difference_trends.items():
+            if metric == EVAL_MEAN_ACC:
+                lines += [f"- {arm}: slope of the difference per decade of N {_fmt_ci(trend.slope_per_decade, signed=True)}. {trend.note}".rstrip(), ""]
+        lines += ["Claim (f) in *Paper claims* pools these pairs.", ""]
+    for p in figures:
+        if any(p.stem == stem or (stem.endswith("_") and p.stem.startswith(stem)) for stem in _ACCURACY_FIGURES):
+            lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})", ""]
+    return lines
+
+
 def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -> str:
-    """The report: what was fitted, with which intervals, and what could not be."""
+    """The report: what the study rests on, the paper's claims with verdicts, the figures a
+    researcher reads first, then the fits, differences and everything that could not be done."""
     level = f"{analysis.options.confidence:.0%}"
     lines = [f"# Scaling analysis of study `{analysis.study}`", ""]
+    if analysis.budget is not None and analysis.budget.rungs:
+        lines += _budget_lines(analysis.budget)
+    if analysis.claims:
+        lines += _claims_lines(analysis)
+    key = [p for stem in _KEY_FIGURES for p in plots if p.stem == stem or (stem.endswith("_") and p.stem.startswith(stem))]
+    if key:
+        lines += ["## Key figures", ""]
+        for p in key:
+            lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})", ""]
+    accuracy = [p for p in plots if any(p.stem == s or (s.endswith("_") and p.stem.startswith(s)) for s in _ACCURACY_FIGURES)]
+    if analysis.downstream is not None:
+        lines += _downstream_lines(analysis, accuracy, out_dir)
     lines += [
-        f"Size axis: `{analysis.size_column}`. Intervals: {level} bootstrap ({analysis.options.n_bootstrap} replicates, runs resampled within rungs). "
-        f"Power law: y = a·N^(−α) + c, Huber (δ={analysis.options.huber_delta}) in log space, L-BFGS-B from a grid of starts. "
-        "Rank correlations (Spearman/Kendall) are signed and bounded, so they get a trend (Spearman of metric vs log N), never a power law.",
+        "## Method",
+        "",
+        f"Size axis: `{analysis.size_column}`. Intervals: {level}, from {analysis.options.n_bootstrap} bootstrap replicates (runs resampled within rungs; "
+        "across rungs when a rung has one seed). Means, paired differences and slopes: estimate ± t × bootstrap SE, "
+        "t with Welch–Satterthwaite degrees of freedom from the seeds' spread (with 2–5 seeds a percentile interval covers far "
+        "less than its level); power-law parameters and rank correlations: percentile intervals. "
+        f"Power law: y = a·N^(−α) + c, Huber (δ={analysis.options.huber_delta}) in log space, L-BFGS-B from a grid of starts, "
+        f"fitted only to >= {analysis.options.min_rungs} rungs (three parameters pass exactly through three points) and only to metrics that fall with N; "
+        "elsewhere a trend: Spearman of the metric with log N and the slope per decade of N. "
+        "Rank correlations (Spearman/Kendall) are signed and bounded, so they only ever get a trend.",
         "",
     ]
     if analysis.notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in analysis.notes] + [""]
-    lines += ["## Runs", ""]
-    summary = analysis.runs_summary
-    lines += _markdown_table(list(summary.columns), [[str(v) for v in row] for row in summary.iter_rows()]) if summary.height else ["(none)", ""]
     if analysis.curves:
         lines += ["## Scaling curves", ""]
         rows = []
         for (metric, arm), r in analysis.curves.items():
             fit, h = r.fit, r.holdout
             holdout = "–" if h is None else f"pred {_fmt(h.predicted)} vs obs {_fmt(h.observed)} ({h.relative_error:+.1%}; {'inside' if h.inside else 'OUTSIDE'} PI)"
+            trend = r.trend
             rows.append(
                 [
                     metric,
@@ -161,15 +449,16 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
                     _fmt_ci(fit.a) if fit else "–",
                     _fmt_ci(fit.alpha) if fit else "–",
                     _fmt_ci(fit.offset) if fit else "–",
-                    _fmt_ci(r.trend.spearman) if r.trend else "–",
+                    _fmt_ci(trend.spearman) if trend else "–",
+                    _fmt_ci(trend.slope_per_decade) if trend and trend.slope_per_decade else "–",
                     holdout,
-                    r.reason or "",
+                    "; ".join(x for x in (r.reason, fit.note if fit else "", trend.note if trend else "") if x),
                 ]
             )
-        lines += _markdown_table(["metric", "arm", "a", "α", "c", "trend ρ(metric, log N)", "leave-largest-out", "notes"], rows)
+        lines += _markdown_table(["metric", "arm", "a", "α", "c", "trend ρ(metric, log N)", "slope per decade of N", "leave-largest-out", "notes"], rows)
     if analysis.differences:
         lines += [f"## Paired differences (treatment − {analysis.control_arm}, paired by rung and seed)", ""]
-        rows = [[metric, arm, d.rung, _fmt(d.n), str(d.n_pairs), _fmt_ci(d.difference)] for (metric, arm), diffs in analysis.differences.items() for d in diffs]
+        rows = [[metric, arm, d.rung, human_size(d.n), str(d.n_pairs), _fmt_ci(d.difference)] for (metric, arm), diffs in analysis.differences.items() for d in diffs]
         lines += _markdown_table(["metric", "treatment", "rung", "N", "pairs", "difference"], rows)
     if analysis.difference_trends:
         lines += ["### Does the difference shrink or grow with scale?", ""]
@@ -190,16 +479,130 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
                   "Per (family, source, metric): Spearman of the metric with log N (bootstrap CI over models) and the fitted "
                   "slope of metric = a + b·log10 N (change per decade of N, case-bootstrap CI). Negative: larger models condense less.", ""]
         lines += _markdown_table(list(obs.columns), [[_fmt(v) if isinstance(v, float) else str(v) for v in row] for row in obs.iter_rows()])
+    if analysis.observation_accuracy.height:
+        acc = analysis.observation_accuracy
+        lines += ["### Downstream accuracy next to condensation (per pretrained model)", "",
+                  "Each model's downstream results (one evaluation, before any training) and its Spearman of mean cosine "
+                  "with depth per text source. Table: `tables/observation_models.csv`.", ""]
+        header = [c.removeprefix("eval/") for c in acc.columns]
+        lines += _markdown_table(header, [[human_size(v) if c == "n" else (_fmt(v, 3) if isinstance(v, float) else str(v))
+                                           for c, v in zip(acc.columns, row)] for row in acc.iter_rows()])
     if analysis.paper_comparison.height:
         paper = analysis.paper_comparison
         lines += ["### Measured vs the paper (Spearman of mean cosine vs depth, wikitext; paper figures ±0.05)", ""]
         lines += _markdown_table(list(paper.columns), [[_fmt(v, 3) if isinstance(v, float) else str(v) for v in row] for row in paper.iter_rows()])
+    lines += ["## Runs", ""]
+    summary = analysis.runs_summary
+    lines += _markdown_table(list(summary.columns), [[str(v) for v in row] for row in summary.iter_rows()]) if summary.height else ["(none)", ""]
     if analysis.failed_runs.height:
         lines += ["## Failed runs (excluded from every fit)", ""]
         lines += _markdown_table(list(analysis.failed_runs.columns), [[str(v) for v in row] for row in analysis.failed_runs.iter_rows()])
-    if plots:
-        lines += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots] + [""]
+    rest = [p for p in plots if p not in key and p not in accuracy]
+    if rest:
+        lines += ["## More figures" if key else "## Figures", ""]
+        for p in rest:
+            lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})", ""]
     prov = analysis.provenance
     if prov:
         lines += ["## Provenance", "", f"- git commit: `{prov.get('git_commit')}`", f"- tracking URI: `{prov.get('tracking_uri')}`", f"- input runs: {len(prov.get('input_run_ids', []))} (ids in `provenance.json`)", ""]
     return "\n".join(lines)
+
+
+# --- HTML ------------------------------------------------------------------------------------------
+# The MLflow artifact viewer shows a markdown file as raw text, so the report also goes out as
+# one HTML file with its figures inlined. The report only uses headings, paragraphs, bullets,
+# pipe tables, images, `code`, **bold** and *italics*: a converter for that subset is a few
+# lines and adds no dependency.
+
+_CSS = (
+    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.45;color:#222}"
+    "table{border-collapse:collapse;margin:0.6em 0 1.2em;font-size:0.88em;display:block;overflow-x:auto}"
+    "th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}th{background:#f3f3f3}"
+    "img{max-width:100%;border:1px solid #eee;margin:0.4em 0}code{background:#f5f5f5;padding:0 3px;border-radius:3px}"
+    "h1{font-size:1.6em}h2{font-size:1.3em;border-bottom:1px solid #ddd;padding-bottom:0.2em;margin-top:1.6em}h3{font-size:1.1em}"
+)
+_IMAGE = re.compile(r"^!\[([^\]]*)\]\(([^)]+)\)$")
+
+
+def _inline(text: str) -> str:
+    """Escape, then `code`, **bold**, *italic* (code spans are left alone inside)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    out = []
+    for part in parts:
+        if len(part) >= 2 and part.startswith("`") and part.endswith("`"):
+            out.append(f"<code>{html.escape(part[1:-1])}</code>")
+            continue
+        part = html.escape(part, quote=False)
+        part = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", part)
+        part = re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<em>\1</em>", part)
+        out.append(part)
+    return "".join(out)
+
+
+def _table_cells(line: str) -> list[str]:
+    cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+    return [c.strip().replace("\\|", "|") for c in cells]
+
+
+def _data_uri(src: str, base: Path) -> str:
+    path = (base / src).resolve()
+    kind = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}.get(path.suffix.lower())
+    if kind is None or not path.is_file():
+        return ""
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def render_html(markdown: str, base: Path, *, title: str = "analysis report") -> str:
+    """The report as one HTML page; every image is embedded as a base64 data URI (read from
+    `base`), so the page shows its figures wherever it is opened. A missing image becomes a
+    visible note, never an external link."""
+    body: list[str] = []
+    paragraph: list[str] = []
+    lines = markdown.splitlines()
+
+    def flush() -> None:
+        if paragraph:
+            body.append(f"<p>{_inline(' '.join(paragraph))}</p>")
+            paragraph.clear()
+
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        heading = re.match(r"^(#{1,6}) (.*)$", line)
+        image = _IMAGE.match(line.strip())
+        if not line.strip():
+            flush()
+        elif heading:
+            flush()
+            level = len(heading.group(1))
+            body.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+        elif image:
+            flush()
+            alt, src = image.groups()
+            uri = _data_uri(src, base)
+            body.append(f'<figure><img alt="{html.escape(alt)}" src="{uri}"><figcaption>{html.escape(alt)}</figcaption></figure>' if uri
+                        else f"<p><em>figure {html.escape(alt)} missing</em></p>")
+        elif line.startswith("- "):
+            flush()
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            body.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif line.startswith("|") and i + 1 < len(lines) and re.match(r"^\|(\s*:?-+:?\s*\|)+$", lines[i + 1].strip()):
+            flush()
+            header = "".join(f"<th>{_inline(c)}</th>" for c in _table_cells(line))
+            rows = []
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in _table_cells(lines[i])) + "</tr>")
+                i += 1
+            body.append(f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+            continue
+        else:
+            paragraph.append(line.strip())
+        i += 1
+    flush()
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -3,8 +3,10 @@
 Reads a study's runs from MLflow, fits per arm metric(N) = a * N^-alpha + c (validation
 loss, last-layer and late-half mean cosine) or, where a power law is not supported, the
 trend of the metric with log N (always for Spearman/Kendall), computes paired effects of
-each arm against the baseline, and writes plots, tables, a markdown report and (unless
---no-log) an MLflow run of kind=analysis in the study's experiment.
+each arm against the baseline, checks the paper's claims (verdicts read off confidence
+intervals), tabulates downstream accuracy at checkpoints chosen on validation data
+(`analysis.downstream`), and writes plots, tables, a markdown + HTML report and (unless --no-log) an
+MLflow run of kind=analysis in the study's experiment.
 """
 
 from __future__ import annotations
@@ -19,20 +21,38 @@ from pathlib import Path
 import polars as pl
 
 from analysis import load, plots
-from analysis.observe import build_observation_table, compare_with_paper, compute_observation_trends
-from analysis.effects import compute_difference_trend, compute_lambda_rule, compute_paired_differences, compute_parameter_multipliers, pair_arms
+from analysis.downstream import (
+    DownstreamAccuracy,
+    analyse_downstream,
+    build_choice_table,
+    selection_tasks_from_params,
+    with_selected_accuracy,
+)
+from analysis.observe import build_observation_accuracy, build_observation_table, compare_with_paper, compute_observation_trends
+from analysis.effects import (
+    EVAL_MEAN_ACC,
+    check_paper_claims,
+    compute_difference_trend,
+    compute_lambda_rule,
+    compute_paired_differences,
+    compute_parameter_multipliers,
+    pair_arms,
+)
 from analysis.fit import CurveResult, FitOptions, fit_scaling_curve
 from analysis.report import (
     StudyAnalysis,
+    build_claims_table,
     build_difference_table,
     build_difference_trend_table,
     build_fit_table,
     build_lambda_table,
     build_multiplier_table,
+    compute_budget,
+    render_html,
     render_markdown,
 )
 from scaling import names
-from scaling.console import quiet_libraries, run_cli
+from scaling.console import check_writable_dir, quiet_libraries, run_cli
 from scaling.errors import ConfigError, DataError
 from scaling.provenance import git_commit, resolve_tracking_uri
 
@@ -43,6 +63,7 @@ DEFAULT_METRICS = (
     names.COND_LATE_HALF_MEAN_COS,
     names.COND_KENDALL,
 )
+OPTIONAL_METRICS = (EVAL_MEAN_ACC,)
 SIZE_COLUMNS = {"total": "n_params", "non_embedding": "n_params_non_embedding"}
 
 
@@ -52,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "Outputs in --out: report.md, plots/*.png (metric vs N with fits and CI bands per arm, paired "
-            "differences, condensation heatmap grid, per-layer profiles), tables/*.csv and *.parquet (tidy "
-            "metrics, runs, fits, paired differences, multipliers, lambda rule), provenance.json. "
+            "Outputs in --out: report.md and report.html (the same report, figures embedded: it renders in "
+            "MLflow's artifact viewer), plots/*.png (final condensation heatmaps per rung and arm, the profile "
+            "over training, paired differences vs N with CI bands, metric vs N with fits where supported, "
+            "per-layer profiles), tables/*.csv and *.parquet (claims: the paper's claims with CI verdicts; tidy "
+            "metrics, runs, fits, paired differences, multipliers, lambda rule; when runs were evaluated on downstream "
+            "tasks: accuracy (the paper's table per rung: initial, validation-selected and test-selected rows), "
+            "checkpoints (each run's chosen step and why), accuracy_by_run, with plots/accuracy_vs_n.png and "
+            "accuracy_difference_<arm>.png), provenance.json. "
             "Only runs with status=finished enter fits; failed runs are listed in the report. "
             "Exit status 2 with a one-line message on bad input."
         ),
@@ -63,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study", "--experiment", dest="study", default=None, help="study (= experiment) name (default: the most recently created study)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: outputs/analysis/<study>)")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="final-value metrics to analyse (default: %(default)s)")
-    parser.add_argument("--size", choices=sorted(SIZE_COLUMNS), default="total", help="size axis N: total or non-embedding parameters (default: %(default)s)")
+    parser.add_argument("--size", choices=sorted(SIZE_COLUMNS), default="non_embedding", help="size axis N: non-embedding parameters (as the dry run and the token budgets; observation runs fall back to their total) or total (default: %(default)s)")
     parser.add_argument("--control-arm", default=names.ARM_BASELINE, help="arm the paired differences are taken against (default: %(default)s)")
     parser.add_argument("--bootstrap", type=int, default=FitOptions.n_bootstrap, help="bootstrap replicates for every interval (default: %(default)s)")
     parser.add_argument("--confidence", type=float, default=FitOptions.confidence, help="interval level (default: %(default)s)")
@@ -84,6 +110,67 @@ def _finals_with_size(records: load.StudyRecords, size_column: str) -> pl.DataFr
     if size_column != "n_params":
         size = size.fill_null(pl.col("n_params"))  # observation runs only carry n_params
     return final.with_columns(size.cast(pl.Float64).alias("n"))
+
+
+def _train_at_steps(records: load.StudyRecords, size_column: str) -> pl.DataFrame:
+    """Every logged point of finished training runs, with the size column as `n`."""
+    ids = records.finished(kind=names.KIND_TRAIN)["run_id"].implode()
+    return records.metrics.filter(pl.col("run_id").is_in(ids)).with_columns(pl.col(size_column).cast(pl.Float64).alias("n"))
+
+
+def _downstream(records: load.StudyRecords, size_column: str) -> DownstreamAccuracy:
+    """Checkpoint choices and the paper's accuracy table of finished training runs."""
+    return analyse_downstream(_train_at_steps(records, size_column), selection_tasks=selection_tasks_from_params(records.study_params))
+
+
+def _train_finals(final: pl.DataFrame, downstream: DownstreamAccuracy) -> pl.DataFrame:
+    """Final values of training runs, eval/mean_acc at the validation-selected checkpoint."""
+    train = final.filter(pl.col("kind") == names.KIND_TRAIN)
+    return with_selected_accuracy(train, downstream.values) if downstream.evaluated else train
+
+
+def _first_probe_step(train_points: pl.DataFrame) -> int | None:
+    steps = train_points.filter(pl.col("metric") == names.COND_SPEARMAN)["step"]
+    return int(steps.min()) if steps.len() else None
+
+
+_LAYER_MEAN_COS = r"^condensation/layer_(\d+)/mean_cos$"
+
+
+def _layer_history(train_points: pl.DataFrame) -> pl.DataFrame:
+    """Per-layer mean cosine at every probe step: columns rung, n, arm, seed, step, layer, value."""
+    return (
+        train_points.filter(pl.col("metric").str.contains(_LAYER_MEAN_COS))
+        .with_columns(pl.col("metric").str.extract(_LAYER_MEAN_COS, 1).cast(pl.Int64).alias("layer"))
+        .select("rung", "n", "arm", "seed", "step", "layer", "value")
+    )
+
+
+_RANK_METRICS = (names.COND_SPEARMAN, names.COND_KENDALL)
+
+
+def _saturation_notes(train: pl.DataFrame, profiles: pl.DataFrame) -> dict[str, str]:
+    """Rank correlations pinned at +-1: what that means, per metric (empty when not saturated).
+
+    With few layers a rank correlation over depth takes few values, and any monotone profile
+    gives exactly +1: then arms and sizes cannot differ in it, and a zero paired difference or
+    a constant trend is the metric's bound, not a logging error."""
+    depth = profiles.filter(pl.col("run_id").is_in(train["run_id"].implode())).group_by("run_id").len()["len"]
+    layers = f" with {depth.min()}–{depth.max()} hidden states per run" if depth.len() and depth.min() != depth.max() else (
+        f" with {depth.min()} hidden states per run" if depth.len() else "")
+    out = {}
+    for metric in _RANK_METRICS:
+        values = train.filter((pl.col("metric") == metric) & pl.col("value").is_finite())["value"]
+        if values.len() == 0:
+            continue
+        at_bound = int(((values.abs() - 1.0).abs() < 1e-9).sum())
+        if at_bound == values.len():
+            out[metric] = (f"{metric}: every finished run is at {values[0]:+.3f}{layers}: the rank correlation is saturated (any monotone "
+                           "profile gives exactly ±1), so arms and sizes cannot differ in it; read the mean cosines instead")
+        elif at_bound * 2 >= values.len():
+            out[metric] = (f"{metric}: {at_bound} of {values.len()} finished runs at ±1{layers}: the rank correlation is mostly saturated; "
+                           "differences in it are coarse")
+    return out
 
 
 def _runs_summary(records: load.StudyRecords) -> pl.DataFrame:
@@ -126,7 +213,7 @@ def _fit_curves(train: pl.DataFrame, metrics: list[str], options: FitOptions, no
     return curves
 
 
-def _paired_effects(train: pl.DataFrame, curves, metrics, control: str, options: FitOptions, notes: list[str]):
+def _paired_effects(train: pl.DataFrame, curves, metrics, control: str, options: FitOptions, notes: list[str], saturated: dict[str, str]):
     arms = sorted(set(train["arm"].drop_nulls().unique().to_list()) - {control})
     differences, trends, multipliers = {}, {}, {}
     if control not in set(train["arm"].drop_nulls().to_list()):
@@ -143,7 +230,10 @@ def _paired_effects(train: pl.DataFrame, curves, metrics, control: str, options:
                 try:
                     trends[(metric, arm)] = compute_difference_trend(paired, options)
                 except DataError as err:
-                    notes.append(f"difference trend {metric} / {arm}: {err}")
+                    if metric in saturated:
+                        notes.append(f"difference trend {metric} / {arm}: none; the metric is saturated (see its note)")
+                    else:
+                        notes.append(f"difference trend {metric} / {arm}: {err}")
             baseline = curves.get((metric, control))
             if metric == names.VAL_LOSS and baseline is not None and baseline.fit is not None:
                 multipliers[arm] = compute_parameter_multipliers(baseline.fit, paired, options)
@@ -173,13 +263,26 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
         raise DataError(f"study {records.study!r} has no finished runs ({seen}); wait for the runs to finish or fix the failures listed by the trainer")
     notes: list[str] = []
     final = _finals_with_size(records, size_column)
-    train = final.filter(pl.col("kind") == names.KIND_TRAIN)
+    downstream = _downstream(records, size_column)
+    notes.extend(downstream.notes)
+    train = _train_finals(final, downstream)
+    # Logged only by studies that evaluate tasks: analysed when there, never a "missing" note.
+    metrics = metrics + [m for m in OPTIONAL_METRICS if m not in metrics and train.filter(pl.col("metric") == m).height]
     sizes = sorted(train["n"].drop_nulls().unique().to_list())
     if train.height and len(sizes) == 1:
         notes.append(f"only one rung ({train['rung'][0]}, N={sizes[0]:.4g}) has finished runs: no scaling curve or trend with N; per-rung differences and figures only")
+    saturated = _saturation_notes(train, records.profiles) if train.height else {}
+    notes.extend(saturated.values())
     curves = _fit_curves(train, metrics, options, notes) if train.height else {}
-    arms, differences, trends, multipliers = _paired_effects(train, curves, metrics, control_arm, options, notes) if train.height else ([], {}, {}, {})
+    arms, differences, trends, multipliers = _paired_effects(train, curves, metrics, control_arm, options, notes, saturated) if train.height else ([], {}, {}, {})
     failed = records.failed().select("run_id", "kind", "rung", "arm", "seed", "failure") if records.failed().height else pl.DataFrame()
+    claims, budget = (), None
+    train_runs = records.finished(kind=names.KIND_TRAIN)
+    if train_runs.height:
+        points = _train_at_steps(records, size_column)
+        claims = check_paper_claims(train, points.filter(pl.col("step") == 0), control=control_arm,
+                                    first_probe_step=_first_probe_step(points), options=options)
+        budget = compute_budget(train_runs, records.metrics, records.profiles, size_column=size_column, saturated=tuple(saturated))
     return StudyAnalysis(
         study=records.study,
         size_column=size_column,
@@ -191,11 +294,16 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
         multipliers=multipliers,
         lambda_rule=_lambda_rule(final, options, notes),
         observation_trends=compute_observation_trends(final.filter(pl.col("kind") == names.KIND_OBSERVE), options),
+        observation_accuracy=build_observation_accuracy(final.filter(pl.col("kind") == names.KIND_OBSERVE)),
+        downstream=downstream if train_runs.height else None,
         paper_comparison=compare_with_paper(final.filter(pl.col("kind") == names.KIND_OBSERVE)),
         runs_summary=_runs_summary(records),
         failed_runs=failed,
         notes=tuple(notes),
         options=options,
+        claims=claims,
+        budget=budget,
+        saturated=tuple(saturated),
     )
 
 
@@ -216,19 +324,50 @@ def _write_plots(records: load.StudyRecords, analysis: StudyAnalysis, final: pl.
     made = []
     plot_dir = out / "plots"
     label = f"parameters ({analysis.size_column})"
-    train = final.filter(pl.col("kind") == names.KIND_TRAIN)
+    downstream = analysis.downstream
+    train = _train_finals(final, downstream) if downstream is not None else final.filter(pl.col("kind") == names.KIND_TRAIN)
     for metric in dict.fromkeys(m for m, _ in analysis.curves):
+        if metric == EVAL_MEAN_ACC and downstream is not None and downstream.evaluated:
+            continue  # accuracy_vs_n.png shows it with the tasks and the initial row
         rows = train.filter(pl.col("metric") == metric)
         arm_curves = {arm: r for (m, arm), r in analysis.curves.items() if m == metric}
         made.append(plots.plot_metric_curves(plot_dir / f"curve_{metric.replace('/', '_')}.png", metric, rows, arm_curves, size_label=label))
-    for arm in analysis.treatment_arms:
-        diffs = {m: d for (m, a), d in analysis.differences.items() if a == arm}
-        if diffs:
-            made.append(plots.plot_paired_differences(plot_dir / f"difference_{arm}.png", diffs, treatment=arm, control=analysis.control_arm, size_label=label))
     runs = records.runs.select("run_id", "rung", "arm", "kind", pl.col(analysis.size_column).cast(pl.Float64).alias("n"))
     profiles = records.profiles.join(runs, on="run_id").filter(pl.col("kind") == names.KIND_TRAIN)
     if profiles.height:
         made.append(plots.plot_heatmap_grid(plot_dir / "condensation_heatmaps.png", profiles))
+    history = _layer_history(_train_at_steps(records, analysis.size_column))
+    if history.height:
+        made.append(plots.plot_profile_over_training(plot_dir / "profile_over_training.png", history))
+    probes = records.probe_profiles.join(records.runs.select("run_id", "rung", "arm", "seed", "kind",
+                                                             pl.col(analysis.size_column).cast(pl.Float64).alias("n")),
+                                         on="run_id").filter(pl.col("kind") == names.KIND_TRAIN)
+    for rung in probes.sort("n")["rung"].unique(maintain_order=True).to_list():
+        cell = probes.filter(pl.col("rung") == rung)
+        made.append(plots.plot_heatmaps_over_training(plot_dir / f"heatmaps_over_training_{rung}.png", cell,
+                                                      rung=rung, n=cell["n"][0]))
+    for arm in analysis.treatment_arms:
+        # A saturated rank correlation differs by 0 in every pair by construction: no panel.
+        # Mean accuracy gets its own figure in the downstream section (accuracy_difference_<arm>.png).
+        diffs = {m: d for (m, a), d in analysis.differences.items() if a == arm and m not in analysis.saturated
+                 and not (m == EVAL_MEAN_ACC and downstream is not None and downstream.evaluated)}
+        if diffs:
+            pairs = {m: pair_arms(train.filter(pl.col("metric") == m), treatment=arm, control=analysis.control_arm) for m in diffs}
+            arm_trends = {m: t for (m, a), t in analysis.difference_trends.items() if a == arm}
+            made.append(plots.plot_paired_differences(plot_dir / f"difference_{arm}.png", diffs, treatment=arm, control=analysis.control_arm,
+                                                      size_label=label, pairs=pairs, trends=arm_trends))
+    if downstream is not None and downstream.evaluated:
+        made.append(plots.plot_accuracy_curves(plot_dir / "accuracy_vs_n.png", downstream.values, downstream.tasks, size_label=label))
+        for arm in analysis.treatment_arms:
+            diffs = analysis.differences.get((EVAL_MEAN_ACC, arm))
+            if diffs:
+                key = f"{EVAL_MEAN_ACC} (validation-selected checkpoint)"
+                pairs = pair_arms(train.filter(pl.col("metric") == EVAL_MEAN_ACC), treatment=arm, control=analysis.control_arm)
+                trend = analysis.difference_trends.get((EVAL_MEAN_ACC, arm))
+                made.append(plots.plot_paired_differences(plot_dir / f"accuracy_difference_{arm}.png", {key: diffs}, treatment=arm,
+                                                          control=analysis.control_arm, size_label=label, pairs={key: pairs},
+                                                          trends={key: trend} if trend is not None else None))
+    if profiles.height:
         made.append(plots.plot_layer_profiles(plot_dir / "layer_profiles.png", profiles))
     observe = final.filter((pl.col("kind") == names.KIND_OBSERVE) & (pl.col("metric") == names.COND_SPEARMAN))
     if observe.height:
@@ -263,6 +402,11 @@ def write_outputs(records: load.StudyRecords, analysis: StudyAnalysis, out: Path
     files += _write_table(build_difference_trend_table(analysis.difference_trends), tables, "difference_trends")
     files += _write_table(build_multiplier_table(analysis.multipliers), tables, "multipliers")
     files += _write_table(build_lambda_table(analysis.lambda_rule), tables, "best_lambda")
+    files += _write_table(build_claims_table(analysis.claims), tables, "claims")
+    if analysis.downstream is not None and analysis.downstream.evaluated:
+        files += _write_table(analysis.downstream.table, tables, "accuracy")
+        files += _write_table(analysis.downstream.values, tables, "accuracy_by_run")
+        files += _write_table(build_choice_table(analysis.downstream.choices, records.runs), tables, "checkpoints")
     if analysis.observation_trends is not None:
         files += _write_table(analysis.observation_trends, tables, "observation_trends")
         observe = final.filter(pl.col("kind") == names.KIND_OBSERVE)
@@ -272,9 +416,12 @@ def write_outputs(records: load.StudyRecords, analysis: StudyAnalysis, out: Path
     files += figures
     provenance = out / "provenance.json"
     provenance.write_text(json.dumps(analysis.provenance, indent=2, default=str) + "\n")
+    markdown = render_markdown(analysis, figures, out) + "\n"
     report = out / "report.md"
-    report.write_text(render_markdown(analysis, figures, out) + "\n")
-    return files + [provenance, report]
+    report.write_text(markdown)
+    page = out / "report.html"
+    page.write_text(render_html(markdown, out, title=f"analysis of {analysis.study}"))
+    return files + [provenance, report, page]
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -285,6 +432,7 @@ def run(args: argparse.Namespace) -> Path:
     uri = resolve_tracking_uri(args.tracking_uri)
     study = load.find_study_name(uri, args.study)
     out = args.out if args.out is not None else Path("outputs") / "analysis" / study
+    check_writable_dir(out, "--out")  # before reading every run's history
     records = load.read_study(uri, study, cache_dir=None if args.no_cache else out / "cache")
     analysis = analyse_study(records, metrics=list(dict.fromkeys(args.metrics)), size_column=SIZE_COLUMNS[args.size], control_arm=args.control_arm, options=options)
     fit_options = {

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Mapping
 
 from scaling.errors import ConfigError, one_line
+from scaling.storage import filesystem, join, resolve_storage_path, write_text
 from scaling.placement import (UNLIMITED, NodeType, build_worker_bundle, check_capacity, choose_placement_strategy,
                                plan_placement, read_launcher_node_types)
 
@@ -48,10 +49,15 @@ def connect_ray(num_cpus: int | None = None) -> None:
 
     for key, value in FAST_REPORTS_ENV.items():
         os.environ.setdefault(key, value)
+    # Ctrl-C reaches the study driver (which marks runs killed), not Tune's own handler, which would
+    # swallow it and let the driver go on to the next rung.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     if ray.is_initialized():
         return
     quiet_ray_before_init()
     env = {key: os.environ[key] for key in FAST_REPORTS_ENV}
+    if "SCALING_MLFLOW_RETRY_S" in os.environ:  # how long rank 0 waits out an MLflow outage (scaling.tracking)
+        env["SCALING_MLFLOW_RETRY_S"] = os.environ["SCALING_MLFLOW_RETRY_S"]
     address = os.environ.get("RAY_ADDRESS") or _started_cluster_address()
     if address and address != "local":
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
@@ -126,11 +132,23 @@ def read_largest_node() -> tuple[int, float]:
     return gpus, memory or math.inf
 
 
-def concurrent_runs(study, num_runs: int) -> int:
-    """How many of the study's runs the connected cluster (with its autoscaler) fits side by side."""
+def concurrent_runs(study, num_runs: int, extra: Mapping[str, float] | None = None) -> int:
+    """How many of the study's runs the connected cluster (with its autoscaler) fits side by side.
+
+    `extra` is what each run needs besides its workers (its evaluation task's CPUs/GPUs): reserved,
+    or runs waiting at their end for an evaluation could hold every CPU it needs.
+    """
+    import ray
+
     resources = study.resources
-    return plan_placement(resources.num_workers, resources.cpus_per_worker, resources.use_gpu,
-                          read_cluster_node_types(), num_runs).concurrent_runs
+    width = plan_placement(resources.num_workers, resources.cpus_per_worker, resources.use_gpu,
+                           read_cluster_node_types(), num_runs).concurrent_runs
+    if extra:
+        total = ray.cluster_resources()
+        per_run = {"CPU": resources.num_workers * resources.cpus_per_worker + extra.get("num_cpus", 0.0),
+                   "GPU": resources.num_workers * resources.use_gpu + extra.get("num_gpus", 0.0)}
+        width = min([width] + [int(total.get(key, 0.0) // need) for key, need in per_run.items() if need > 0])
+    return max(1, width)
 
 
 def placement_strategy(study) -> str:
@@ -142,11 +160,6 @@ def placement_strategy(study) -> str:
 
 
 # --- probes --------------------------------------------------------------------------------------
-
-
-def resolve_storage_path(path: str) -> str:
-    """An absolute local folder (workers have other working directories) or the URI as given."""
-    return path if "://" in path else str(Path(path).resolve())
 
 
 def probe_storage(storage_path: str) -> None:
@@ -182,23 +195,13 @@ def probe_storage(storage_path: str) -> None:
             pass
 
 
-def _filesystem(uri: str):
-    from pyarrow import fs
-
-    filesystem, root = fs.FileSystem.from_uri(uri)
-    return filesystem, root.rstrip("/")
-
-
 def _write_probe(uri: str, relative: str) -> None:
-    filesystem, root = _filesystem(uri)
-    filesystem.create_dir(f"{root}/{relative.rsplit('/', 1)[0]}", recursive=True)
-    with filesystem.open_output_stream(f"{root}/{relative}") as stream:
-        stream.write(b"dispersion-scaling preflight\n")
+    write_text(join(uri, relative), "dispersion-scaling preflight\n")
 
 
 def _delete_probe(uri: str, relative: str) -> None:
-    filesystem, root = _filesystem(uri)
-    filesystem.delete_file(f"{root}/{relative}")
+    found, root = filesystem(uri)
+    found.delete_file(f"{root}/{relative}")
 
 
 def _storage_probe_task_body(uri: str, marker: str) -> str:
@@ -206,8 +209,8 @@ def _storage_probe_task_body(uri: str, marker: str) -> str:
     from pyarrow import fs
 
     try:
-        filesystem, root = _filesystem(uri)
-        if filesystem.get_file_info(f"{root}/{marker}").type != fs.FileType.File:
+        found, root = filesystem(uri)
+        if found.get_file_info(f"{root}/{marker}").type != fs.FileType.File:
             return ("cannot see a file the driver just wrote there: a local folder is not shared between nodes; "
                     "use s3://... or a shared filesystem (NFS) mounted at the same path on every node")
         own = f"{marker}-{uuid.uuid4().hex[:8]}"

@@ -14,8 +14,9 @@ any work starts, with a message that names the key (as a dotted path), the value
 from __future__ import annotations
 
 import math
+import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,14 +25,24 @@ import yaml
 from scaling import names
 from scaling.dispersion_spec import VARIANTS, resolve_layers, validate_layer_spec
 from scaling.errors import ConfigError
+from scaling.evaluate import EvalConfig
 from scaling.ladder import RunConfigurator, get_ladder
 from scaling.observe_config import ObserveConfig, observe_study_from_dict
-from scaling.schema import as_list, build_config, read_study_mapping, to_plain
+from scaling.schema import as_list, build_config, flatten, read_study_mapping, to_plain
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from scaling.ladder import RunPlan, Rung
 
 PRECISIONS = ("auto", "fp32", "bf16")
+PACKINGS = ("eos", "raw")
+LR_SCALINGS = ("none", "sqrt_world_size")
+LAST_BLOCK_OUTPUTS = ("final_norm", "raw")
+FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
+    # What the authors' scripts use per model family (docs/protocols.md): the Qwen3 scripts keep
+    # the clamp at its default 0.25 and use NEFTune alpha 5; the GPT-2 ones 0.1 and 1.
+    "gpt2": {"clamp_threshold": 0.1, "neftune_alpha": 1.0},
+    "qwen3": {"clamp_threshold": 0.25, "neftune_alpha": 5.0},
+}
 
 
 @dataclass(frozen=True)
@@ -48,12 +59,21 @@ class ArmConfig:
     """Layers the loss applies to: all, last, early_half, late_half, "0,3,5" (block indices) or "0.5:1.0"."""
     tau: float = 1.0
     """Temperature of the dispersion loss."""
-    clamp_threshold: float = 0.1
-    """Cosine clamp t of angular_spread/orthogonalization (0.1 in GPT-2 runs, 0.25 in Qwen3 runs)."""
-    neftune_alpha: float = 1.0
-    """NEFTune noise scale alpha (neftune arm): uniform noise of magnitude alpha / sqrt(S * H)."""
+    clamp_threshold: float | None = None
+    """Cosine clamp t of angular_spread/orthogonalization; null: the rung family's default (GPT-2 0.1, Qwen3 0.25)."""
+    last_block_output: str = "final_norm"
+    """The last block's hidden state the loss sees: `final_norm` (Hugging Face's last hidden state) or `raw`
+    (before the final norm, as the authors' torchtitan run)."""
+    neftune_alpha: float | None = None
+    """NEFTune noise scale alpha (neftune arm): uniform noise of magnitude alpha / sqrt(S * H); null: the
+    family's default (GPT-2 1, Qwen3 5)."""
     forget_every: int = 1000
     """Re-initialise the input embeddings every this many steps (active_forgetting arm)."""
+    embedding_lr: float | None = 5e-5
+    """active_forgetting: peak learning rate of the input embeddings' own schedule (the reference: 5e-5); null: the
+    run's schedule."""
+    embedding_warmup_fraction: float = 0.08
+    """active_forgetting: linear warmup share of the embeddings' schedule, then linear decay to 0 (the reference: 8%)."""
 
     def __post_init__(self):
         if self.name not in names.ARMS:
@@ -62,12 +82,20 @@ class ArmConfig:
             raise ConfigError(f"arms.{self.name}.lambda={self.lam}: must be a finite number >= 0")
         if not (math.isfinite(self.tau) and self.tau > 0):
             raise ConfigError(f"arms.{self.name}.tau={self.tau}: must be > 0")
-        if not 0 <= self.clamp_threshold < 1:
-            raise ConfigError(f"arms.{self.name}.clamp_threshold={self.clamp_threshold}: must be in [0, 1)")
-        if self.neftune_alpha < 0:
-            raise ConfigError(f"arms.{self.name}.neftune_alpha={self.neftune_alpha}: must be >= 0")
+        if self.clamp_threshold is not None and not 0 <= self.clamp_threshold < 1:
+            raise ConfigError(f"arms.{self.name}.clamp_threshold={self.clamp_threshold}: must be in [0, 1) or null")
+        if self.neftune_alpha is not None and self.neftune_alpha < 0:
+            raise ConfigError(f"arms.{self.name}.neftune_alpha={self.neftune_alpha}: must be >= 0 or null")
         if self.forget_every < 1:
             raise ConfigError(f"arms.{self.name}.forget_every={self.forget_every}: must be >= 1")
+        if self.last_block_output not in LAST_BLOCK_OUTPUTS:
+            raise ConfigError(f"arms.{self.name}.last_block_output={self.last_block_output!r}: use one of "
+                              f"{list(LAST_BLOCK_OUTPUTS)}")
+        if self.embedding_lr is not None and not self.embedding_lr > 0:
+            raise ConfigError(f"arms.{self.name}.embedding_lr={self.embedding_lr}: must be > 0 or null")
+        if not 0 <= self.embedding_warmup_fraction < 1:
+            raise ConfigError(f"arms.{self.name}.embedding_warmup_fraction={self.embedding_warmup_fraction}: "
+                              "must be in [0, 1)")
         if self.name == names.ARM_DISPERSION:
             if self.variant not in VARIANTS:
                 raise ConfigError(
@@ -75,41 +103,69 @@ class ArmConfig:
                 )
             validate_layer_spec(self.layers)
 
+    def for_family(self, family: str) -> ArmConfig:
+        """The arm with the family's defaults filled in where it leaves them null (what a run trains)."""
+        defaults = FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["gpt2"])
+        return replace(self, **{key: value for key, value in defaults.items() if getattr(self, key) is None})
+
     def params(self) -> dict[str, Any]:
         """The arm's settings as flat MLflow params (only those that mean something for it)."""
         if self.name == names.ARM_DISPERSION:
             return {names.PARAM_LAMBDA: self.lam, names.PARAM_LAYERS: self.layers,
                     names.PARAM_VARIANT: self.variant, names.PARAM_TAU: self.tau,
-                    names.PARAM_CLAMP: self.clamp_threshold}
+                    names.PARAM_CLAMP: self.clamp_threshold, names.PARAM_LAST_BLOCK: self.last_block_output}
         if self.name == names.ARM_NEFTUNE:
             return {names.PARAM_NEFTUNE_ALPHA: self.neftune_alpha}
         if self.name == names.ARM_ACTIVE_FORGETTING:
-            return {names.PARAM_FORGET_EVERY: self.forget_every}
+            return {names.PARAM_FORGET_EVERY: self.forget_every, names.PARAM_EMBEDDING_LR: self.embedding_lr}
         return {names.PARAM_LAMBDA: 0.0}
+
+    def settings(self) -> dict[str, Any]:
+        """The YAML keys that mean something for this arm (what a study record shows of it)."""
+        keys = {names.ARM_DISPERSION: ("variant", "lam", "layers", "tau", "clamp_threshold", "last_block_output"),
+                names.ARM_NEFTUNE: ("neftune_alpha",),
+                names.ARM_ACTIVE_FORGETTING: ("forget_every", "embedding_lr", "embedding_warmup_fraction")}
+        return {"lambda" if key == "lam" else key: getattr(self, key) for key in keys.get(self.name, ())}
 
 
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "bundled"
-    """Training text: bundled, wikitext, pubmed_qa, imdb, squad, hf:NAME[/CONFIG]:SPLIT:FIELD, or a .txt/.jsonl path."""
+    """Training text: bundled, wikitext (the raw version), pubmed_qa, imdb, squad, hf:[ORG/]NAME[/CONFIG]:SPLIT:FIELD, or
+    a .txt/.jsonl/.parquet file or folder (local path or s3://)."""
     tokenizer: str | None = None
     """Tokenizer name or path; null trains a byte-level BPE on the source (vocab = the rung's vocab_size)."""
     val_fraction: float = 0.1
     """Share of packed blocks held out for validation."""
     max_rows: int | None = None
     """Use only the first this many rows of the source (quick runs)."""
+    packing: str = "eos"
+    """How rows become blocks: `eos` (an end-of-text token after every row) or `raw` (rows concatenated as they are,
+    newlines kept, no separator: the authors' mid-training data)."""
+    val_split: str | None = None
+    """The source's own validation split (e.g. `validation`); null: hold out `val_fraction` of the blocks."""
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction}: must be in (0, 1)")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"data.max_rows={self.max_rows}: must be >= 1 or null")
+        if self.packing not in PACKINGS:
+            raise ConfigError(f"data.packing={self.packing!r}: use one of {list(PACKINGS)}")
+        local = self.source.endswith((".txt", ".jsonl", ".parquet")) and "://" not in self.source
+        if local and not Path(self.source).exists():
+            raise ConfigError(f"data.source={self.source!r}: no such file or folder; check the path (relative paths "
+                              "are from the working directory)")
+        if self.val_split is not None and not self.val_split.strip():
+            raise ConfigError("data.val_split is empty; name the split (e.g. validation) or use null")
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     tokens_per_param: float = 20.0
     """Token budget as a multiple of the rung's non-embedding parameters (Chinchilla-style)."""
+    tokens: int | None = None
+    """A fixed token budget for every rung (the paper's mid-training: 200M); overrides tokens_per_param. Steps round up."""
     max_tokens: int | None = None
     """Cap on the token budget (smoke runs)."""
     max_steps: int | None = None
@@ -122,15 +178,27 @@ class TrainingConfig:
     """Sequences per worker per forward pass; gradient accumulation makes up the rest."""
     lr: float | None = None
     """Peak learning rate; null derives it from the rung's size."""
+    lr_scaling: str = "none"
+    """`sqrt_world_size`: the peak is lr x sqrt(num_workers) (the paper's mid-training rule); `none`: lr as given."""
     warmup_fraction: float = 0.2
-    """Share of steps spent in linear warmup (the paper: 20%)."""
+    """Share of steps spent in linear warmup (the paper: 20%); rounded up to whole steps."""
+    warmup_steps: int | None = None
+    """A fixed warmup instead of warmup_fraction (the paper's from-scratch Qwen3: 100)."""
     min_lr_ratio: float = 0.1
-    """Cosine schedule decays to this fraction of the peak."""
+    """Cosine schedule decays to this fraction of the peak (0: to zero, as Hugging Face's cosine schedule)."""
     weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on biases, norms or the position table)."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
     grad_clip: float = 1.0
-    init_from: str | None = None
-    """null trains from scratch; a model name or path starts from pretrained weights (mid-training)."""
+    """Gradient clipping by global norm."""
+    dropout: float = 0.0
+    """Dropout of a model trained from scratch (residual, embedding, attention); GPT-2's own template uses 0.1."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for large rungs, ~30% more compute."""
+    init_from: str | dict[str, str] | None = None
+    """null trains from scratch; a model name or path starts every rung from those pretrained weights; a mapping
+    rung -> model makes a pretrained ladder (each rung mid-trained from its own checkpoint)."""
     log_every: int = 1
     """Log train metrics every this many steps."""
 
@@ -146,6 +214,24 @@ class TrainingConfig:
             raise ConfigError(f"training.warmup_fraction={self.warmup_fraction}: must be in [0, 1)")
         if not self.tokens_per_param > 0:
             raise ConfigError(f"training.tokens_per_param={self.tokens_per_param}: must be > 0")
+        if self.tokens is not None and self.tokens < 1:
+            raise ConfigError(f"training.tokens={self.tokens}: must be >= 1 or null")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"training.warmup_steps={self.warmup_steps}: must be >= 0 or null")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"training.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1] (0 decays to zero)")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ConfigError(f"training.lr_scaling={self.lr_scaling!r}: use one of {list(LR_SCALINGS)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"training.dropout={self.dropout}: must be in [0, 1)")
+        if isinstance(self.init_from, dict) and not self.init_from:
+            raise ConfigError("training.init_from is an empty mapping; map rung names to checkpoints or use null")
+
+    def init_from_for(self, rung: str) -> str | None:
+        """The checkpoint a rung starts from (None: from scratch)."""
+        if isinstance(self.init_from, dict):
+            return self.init_from.get(rung)
+        return self.init_from
 
 
 @dataclass(frozen=True)
@@ -158,6 +244,8 @@ class ProbeConfig:
     """Tokens per probe text."""
     val_batches: int = 4
     """Validation micro-batches per worker per probe."""
+    at_start: bool = False
+    """Also probe at step 0: the initial state (condensation at initialisation, the pretrained row)."""
 
     def __post_init__(self):
         if self.every_steps < 0:
@@ -242,6 +330,10 @@ class SearchConfig:
     def __post_init__(self):
         if self.num_samples < 0:
             raise ConfigError(f"search.num_samples={self.num_samples}: must be >= 0")
+        if self.metric.startswith(f"{names.EVAL_PREFIX}/"):
+            raise ConfigError(f"search.metric={self.metric!r}: downstream evaluations run beside training and "
+                              "report after the probes ASHA decides on; search on val/loss (or a condensation "
+                              "metric) and compare the finished runs' eval/selection_mean_acc in the analysis")
         if self.metric not in SEARCH_METRICS:
             raise ConfigError(f"search.metric={self.metric!r} is not reported by any run; use one of "
                               f"{list(SEARCH_METRICS)}")
@@ -287,6 +379,8 @@ class StudyConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    eval: EvalConfig | None = None
+    """Downstream evaluation with lm-eval-harness during training (`scaling.evaluate`); null: none."""
     storage_path: str = "runs"
     """Ray Train storage: a local folder (relative to the working directory) or s3://..."""
     tracking_uri: str | None = None
@@ -312,12 +406,19 @@ class StudyConfig:
                 f"training.batch_size={self.training.batch_size} must be a multiple of micro_batch_size x "
                 f"num_workers = {self.training.micro_batch_size * self.resources.num_workers}"
             )
-        if any(a.name == names.ARM_ACTIVE_FORGETTING for a in self.arms) and self.resources.zero_stage != 0:
+        if any(a.name == names.ARM_ACTIVE_FORGETTING for a in self.arms) and self.resources.zero_stage == 3:
             raise ConfigError(
-                "arms: active_forgetting resets the embeddings' optimizer state, which ZeRO stages 1-3 "
-                f"partition; set resources.zero_stage: 0 (it is {self.resources.zero_stage})"
+                "arms: active_forgetting re-initialises the input embeddings, which ZeRO-3 keeps partitioned "
+                "across workers; use resources.zero_stage 0, 1 or 2"
             )
         rungs = self.selected_rungs()  # raises on an unknown ladder or rung
+        if isinstance(self.training.init_from, dict):
+            missing = [r.name for r in rungs if r.name not in self.training.init_from]
+            unknown = sorted(set(self.training.init_from) - {r.name for r in rungs})
+            if missing or unknown:
+                raise ConfigError(f"training.init_from maps rungs to checkpoints but {'misses ' + str(missing) if missing else ''}"
+                                  f"{' and ' if missing and unknown else ''}{'names unknown rungs ' + str(unknown) if unknown else ''}; "
+                                  f"give one checkpoint per rung of {[r.name for r in rungs]}")
         if self.search.num_samples:
             if names.ARM_BASELINE not in arm_names:
                 raise ConfigError("search: a sweep is compared against the baseline arm; add `baseline` to arms")
@@ -347,19 +448,86 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
 
+    def record_params(self) -> dict[str, Any]:
+        """The study's settings as flat MLflow params of its parent run: each arm with only what applies
+        to it, the search only when there is one."""
+        plain = self.to_dict()
+        plain["arms"] = {arm.name: arm.settings() or "-" for arm in self.arms}
+        if not self.search.num_samples:
+            del plain["search"]
+        for key in ("tracking_uri", "storage_path"):  # never a password in a record
+            plain[key] = redact_credentials(plain[key])
+        return flatten(plain)
+
     def to_yaml(self) -> str:
-        """The study with every default filled in (recorded with the study's MLflow run)."""
+        """The study with every default filled in."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 def plan_runs(study: StudyConfig) -> list[RunPlan]:
     """The RunPlan of every selected rung (token budget, batch, steps, lr), the study's caps applied."""
     training = study.training
-    configurator = RunConfigurator(tokens_per_param=training.tokens_per_param, seq_len=training.seq_len,
-                                   batch_size=training.batch_size, lr=training.lr,
-                                   warmup_fraction=training.warmup_fraction, max_tokens=training.max_tokens,
+    configurator = RunConfigurator(tokens_per_param=training.tokens_per_param, token_budget=training.tokens,
+                                   seq_len=training.seq_len, batch_size=training.batch_size, lr=training.lr,
+                                   lr_scaling=training.lr_scaling, warmup_fraction=training.warmup_fraction,
+                                   warmup_steps=training.warmup_steps, max_tokens=training.max_tokens,
                                    max_steps=training.max_steps)
     return [configurator.plan(rung, num_workers=study.resources.num_workers) for rung in study.selected_rungs()]
+
+
+_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+
+
+def redact_credentials(text: str | None) -> str | None:
+    """Text with the user:password part of every URI in it masked (http://user:pw@host -> http://***@host):
+    what a study records (params, the study file) never carries a password."""
+    return _CREDENTIALS.sub(r"\1***@", text) if text else text
+
+
+FEW_STEPS = 100
+"""A rung whose budget gives fewer optimizer steps than this is flagged by the dry run: its warmup
+and schedule barely happen, so what it measures is mostly the initialisation."""
+
+
+def describe_study_plan(study: StudyConfig, plans: list[RunPlan], gpu: str = "H100", mfu: float = 0.4) -> str:
+    """The dry run as a user reads it: the rung table, then the study's totals and what to watch."""
+    from scaling.ladder import format_ladder_table
+
+    runs_per_rung = len(study.seeds) * len(study.arms)
+    hours = sum(plan.gpu_hours(gpu, mfu) for plan in plans) * runs_per_rung  # GPU-hours already sum over GPUs
+    lines = [format_ladder_table(plans, gpu=gpu, mfu=mfu), "",
+             f"{len(plans) * runs_per_rung} runs: {len(plans)} rung(s) x {len(study.arms)} arm(s) "
+             f"({', '.join(a.name for a in study.arms)}) x {len(study.seeds)} seed(s); about {hours:,.3g} GPU-hours "
+             f"in all at {mfu:.0%} MFU" + (" (the runs train on CPU here: resources.use_gpu is false)"
+                                           if not study.resources.use_gpu else "")]
+    families = sorted({plan.rung.family for plan in plans})
+    for arm in study.arms:
+        resolved = {family: arm.for_family(family) for family in families}
+        if arm.name == names.ARM_DISPERSION:
+            lines.append("dispersion: " + ", ".join(
+                f"{family} clamp {r.clamp_threshold:g}" + (" (family default)" if arm.clamp_threshold is None else "")
+                for family, r in resolved.items()) + f"; lambda {arm.lam:g}, layers {arm.layers}, last block "
+                f"{arm.last_block_output}")
+        if arm.name == names.ARM_NEFTUNE:
+            lines.append("neftune: " + ", ".join(
+                f"{family} alpha {r.neftune_alpha:g}" + (" (family default)" if arm.neftune_alpha is None else "")
+                for family, r in resolved.items()))
+    if study.eval is not None:
+        evaluation = study.eval
+        steps = evaluation.eval_steps(plans[0].steps) if plans else ()
+        shots = sorted({evaluation.fewshot_for(task) for task in evaluation.task_names()})
+        lines.append(f"evaluation: {', '.join(evaluation.tasks)} ({len(evaluation.task_names())} tasks, "
+                     f"{'/'.join(str(s) for s in shots)}-shot, limit {evaluation.limit or 'all'}) at steps "
+                     f"{', '.join(str(s) for s in steps[:8])}{' ...' if len(steps) > 8 else ''}; each on "
+                     f"{evaluation.num_cpus:g} CPU(s) + {evaluation.num_gpus:g} GPU(s) beside its run")
+    if study.training.init_from:
+        lines.append("mid-training from: " + ", ".join(
+            f"{plan.rung.name} <- {study.training.init_from_for(plan.rung.name)}" for plan in plans))
+    for plan in plans:
+        if plan.steps < FEW_STEPS:
+            lines.append(f"warning: rung {plan.rung.name} trains only {plan.steps} steps ({plan.warmup_steps} of "
+                         f"warmup): too few for the schedule to matter; raise its budget or drop the rung")
+    return "\n".join(lines)
 
 
 # --- loading -------------------------------------------------------------------------------------------

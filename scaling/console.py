@@ -41,6 +41,17 @@ def run_cli(body: Callable[[], int], prog: str) -> int:
         return 130
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`) stops a driver as Ctrl-C does: the study marks its runs killed
+    and releases its workers, instead of dying with runs left RUNNING."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def quiet_libraries() -> None:
     """Lower third-party INFO logs and deprecation chatter to warnings (real warnings still show)."""
     for name in NOISY_LOGGERS:
@@ -84,20 +95,29 @@ def format_progress(label: str, step: int, total: int, loss: float | None, token
 
 
 def check_writable_dir(path, flag: str = "--out") -> None:
-    """Refuse an output folder that cannot be created or written, before any long work.
-
-    Creates the folder (and its parents) if missing, writes and deletes a probe file.
-    """
+    """Refuse an output folder that cannot be created or written, before any long work, and leave
+    nothing behind: folders made for the probe are removed again."""
     from pathlib import Path
 
     from scaling.errors import ConfigError
 
-    directory = Path(path)
+    directory = Path(path).absolute()
+    missing = []
+    cursor = directory
+    while not cursor.exists() and cursor != cursor.parent:
+        missing.append(cursor)
+        cursor = cursor.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"{flag} {str(directory)!r} is not a writable folder ({exc.strerror or exc}); "
+        raise ConfigError(f"{flag} {str(path)!r} is not a writable folder ({exc.strerror or exc}); "
                           "pick a folder you can write to") from None
+    finally:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass

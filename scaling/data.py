@@ -35,6 +35,11 @@ REFERENCE_SOURCES: dict[str, tuple[str, str | None, str, str]] = {
     "imdb": ("imdb", None, "train", "text"),
     "squad": ("squad", None, "train", "context"),
 }
+TRAINING_SOURCES: dict[str, tuple[str, str | None, str, str]] = {
+    # Training reads wikitext-103 in its raw form, as the authors' mid-training does; the reference's
+    # condensation protocol measures on the tokenised-for-LM version above (wikitext-103-v1).
+    "wikitext": ("wikitext", "wikitext-103-raw-v1", "train", "text"),
+}
 DEFAULT_MIN_WORDS = 1024
 START_FRACTION = 0.95  # the reference draws the start row below 95% of the rows
 DEFAULT_CACHE = Path.home() / ".cache" / "dispersion-scaling"
@@ -65,25 +70,20 @@ class TextSource:
         return self.name
 
 
-def parse_text_source(spec: str) -> TextSource:
+def parse_text_source(spec: str, *, training: bool = False) -> TextSource:
     """`bundled`, a reference name (`wikitext`, `pubmed_qa`, `imdb`, `squad`),
-    `hf:NAME[/CONFIG]:SPLIT:FIELD`, or a path to a `.txt`/`.jsonl` file."""
+    `hf:NAME[/CONFIG]:SPLIT:FIELD`, or a path to a `.txt`/`.jsonl` file. With `training`,
+    `wikitext` means the raw version the authors train on."""
     spec = spec.strip()
     if spec == "bundled":
         return TextSource(kind="bundled", name="bundled")
-    if spec in REFERENCE_SOURCES:
-        name, config, split, field = REFERENCE_SOURCES[spec]
+    named = {**REFERENCE_SOURCES, **TRAINING_SOURCES} if training else REFERENCE_SOURCES
+    if spec in named:
+        name, config, split, field = named[spec]
         return TextSource(kind="hf", name=name, config=config, split=split, field=field)
     if spec.startswith("hf:"):
-        parts = spec[3:].split(":")
-        if len(parts) != 3 or not all(parts):
-            raise DataError(
-                f"text source {spec!r}: expected hf:NAME[/CONFIG]:SPLIT:FIELD, "
-                "e.g. hf:wikitext/wikitext-103-v1:train:text"
-            )
-        name_config, split, field = parts
-        name, _, config = name_config.partition("/")
-        return TextSource(kind="hf", name=name, config=config or None, split=split, field=field)
+        name, config, split, field = parse_hf_spec(spec)
+        return TextSource(kind="hf", name=name, config=config, split=split, field=field)
     if spec.endswith((".txt", ".jsonl")):
         if not Path(spec).is_file():
             raise DataError(f"text source {spec!r}: file not found; check the path")
@@ -94,17 +94,36 @@ def parse_text_source(spec: str) -> TextSource:
     )
 
 
-def read_rows(source: TextSource) -> list[str]:
-    """All non-empty rows of a source, in order."""
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str, str]:
+    """`hf:NAME[/CONFIG]:SPLIT:FIELD` -> (name, config, split, field). NAME may be `org/name`, which then
+    needs its config (`hf:HuggingFaceFW/fineweb-edu/sample-10BT:train:text`, or `/default`), or a local
+    folder that `datasets` can load."""
+    parts = spec[3:].split(":")
+    if len(parts) != 3 or not all(parts):
+        raise DataError(f"text source {spec!r}: expected hf:NAME[/CONFIG]:SPLIT:FIELD, "
+                        "e.g. hf:HuggingFaceFW/fineweb-edu/sample-10BT:train:text")
+    name_config, split, field = parts
+    if Path(name_config).is_dir():
+        return name_config, None, split, field
+    pieces = name_config.split("/")
+    if len(pieces) > 3:
+        raise DataError(f"text source {spec!r}: NAME[/CONFIG] has too many '/'; use ORG/NAME/CONFIG")
+    name = "/".join(pieces[:2]) if len(pieces) == 3 else pieces[0]
+    return name, pieces[-1] if len(pieces) > 1 else None, split, field
+
+
+def read_rows(source: TextSource, limit: int | None = None) -> list[str]:
+    """The non-empty rows of a source, in order, stripped (the first `limit` of them: a Hugging Face
+    dataset is then streamed, not downloaded whole)."""
     if source.kind == "bundled":
         rows = _read_bundled_rows()
     elif source.kind == "file":
         rows = _read_file_rows(Path(source.path or ""), source.field)
     elif source.kind == "hf":
-        rows = _read_hf_rows(source)
+        rows = _read_hf_rows(source, limit)
     else:
         raise DataError(f"text source kind {source.kind!r} is unknown: use bundled, hf or file")
-    rows = [r for r in (row.strip() for row in rows) if r]
+    rows = [r for r in (row.strip() for row in rows) if r][:limit]
     if not rows:
         raise DataError(f"text source {source.label!r} has no non-empty text; check its field/contents")
     return rows
@@ -131,25 +150,28 @@ def _read_file_rows(path: Path, field: str) -> list[str]:
                         "give a .txt file (one document per line) or a .jsonl file with a text field") from None
     if path.suffix != ".jsonl":
         return lines
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}); one JSON object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise DataError(f"{path}:{number}: expected an object with a string field {field!r}")
-        rows.append(record[field])
-    return rows
+    return [json_text(line, field, f"{path}:{number}") for number, line in enumerate(lines, start=1) if line.strip()]
 
 
-def _read_hf_rows(source: TextSource) -> list[str]:
+def json_text(line: str, field: str, where: str) -> str:
+    """The text of one .jsonl record: `field` of the JSON object on `line` (`where` names it in errors)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg}); one JSON object per line") from None
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        raise DataError(f"{where}: expected an object with a string field {field!r}; set the field name")
+    return record[field]
+
+
+def _read_hf_rows(source: TextSource, limit: int | None = None) -> list[str]:
+    import itertools
+
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source.name, source.config, split=source.split)
+        dataset = datasets.load_dataset(source.name, source.config, split=source.split, streaming=limit is not None)
+        columns = dataset.column_names if limit is None else list(dataset.features or {})
     except Exception as exc:  # noqa: BLE001 -- datasets raises many kinds; all mean "cannot load"
         raise DataError(
             f"cannot load dataset {source.name!r} (config {source.config!r}, split {source.split!r}): "
@@ -157,11 +179,11 @@ def _read_hf_rows(source: TextSource) -> list[str]:
             "It needs network access to the Hugging Face hub (or a local cache); offline, use "
             "'bundled' or a local .txt/.jsonl file"
         ) from None
-    if source.field not in dataset.column_names:
-        raise DataError(
-            f"dataset {source.name!r} has no column {source.field!r}; columns: {dataset.column_names}"
-        )
-    return list(dataset[source.field])
+    if columns and source.field not in columns:
+        raise DataError(f"dataset {source.name!r} has no column {source.field!r}; columns: {columns}")
+    if limit is None:
+        return list(dataset[source.field])
+    return [row[source.field] for row in itertools.islice(dataset, limit)]
 
 
 def sample_texts(rows: list[str], repetitions: int, min_words: int = DEFAULT_MIN_WORDS) -> list[str]:
@@ -272,13 +294,14 @@ def _train_bpe(rows: list[str], vocab_size: int, cache_root: Path):
 # --- training blocks ---------------------------------------------------------------------------
 
 
-def pack_blocks(token_rows: list[list[int]], block_size: int, eos_id: int) -> np.ndarray:
-    """Concatenate tokenized rows (each followed by EOS) and cut into [n, block_size] blocks;
-    the tail that does not fill a block is dropped."""
+def pack_blocks(token_rows: list[list[int]], block_size: int, eos_id: int | None) -> np.ndarray:
+    """Concatenate tokenized rows (each followed by EOS; with `eos_id` None, nothing between them:
+    `raw` packing) and cut into [n, block_size] blocks; the tail that does not fill a block is dropped."""
     if block_size < 2:
         raise DataError(f"block_size={block_size}: must be at least 2")
+    separator = () if eos_id is None else (eos_id,)
     stream = np.fromiter(
-        (t for row in token_rows for t in (*row, eos_id)), dtype=np.int64
+        (t for row in token_rows for t in (*row, *separator)), dtype=np.int64
     )
     n_blocks = len(stream) // block_size
     if n_blocks == 0:

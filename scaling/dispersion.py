@@ -160,13 +160,15 @@ def dispersion_over_layers(
     margin: float = 0.5,
     pooling: str = "flatten",
     generator: torch.Generator | None = None,
+    subset_per_layer: bool = False,
 ) -> torch.Tensor:
     """Mean of `dispersion_loss` over `hidden_states[i] for i in layers`, a scalar.
 
-    `layers` are indices into `hidden_states` (as `resolve_layers` returns them).
-    One token subset serves every layer, and the selected layers are stacked and
-    computed in one batched call rather than a Python loop. Equal to the mean of
-    per-layer `dispersion_loss` calls given the same token subset.
+    `layers` are indices into `hidden_states` (as `resolve_layers` returns them). The
+    selected layers are stacked and computed in one batched call rather than a Python
+    loop. One token subset serves every layer, or with `subset_per_layer` each layer
+    draws its own (as the reference does, one draw per layer call). Equal to the mean
+    of per-layer `dispersion_loss` calls given the same token subsets.
     """
     opts = DispersionOptions(variant, tau, clamp_threshold, eps, max_tokens, margin, pooling)
     layers = tuple(layers)
@@ -188,12 +190,14 @@ def dispersion_over_layers(
                 f"hidden_states[{layers[0]}] has {tuple(first.shape)}; all selected layers "
                 "must share [B, T, F]"
             )
-    positions = draw_token_subset(first.shape[1], opts.max_tokens, generator, device=first.device)
-    # Subset before stacking: one copy of max_tokens positions per layer, not two of T.
-    selected = [
-        hidden_states[i] if positions is None else hidden_states[i].index_select(1, positions)
-        for i in layers
-    ]
+    shared = draw_token_subset(first.shape[1], opts.max_tokens, generator, device=first.device)
+    selected = []
+    for index, i in enumerate(layers):
+        positions = shared
+        if subset_per_layer and shared is not None and index > 0:
+            positions = draw_token_subset(first.shape[1], opts.max_tokens, generator, device=first.device)
+        # Subset before stacking: one copy of max_tokens positions per layer, not two of T.
+        selected.append(hidden_states[i] if positions is None else hidden_states[i].index_select(1, positions))
     return compute_group_losses(torch.stack(selected), opts).mean()
 
 

@@ -26,6 +26,10 @@ class TrainingFailure(DispersionScalingError, RuntimeError):
     """A training run failed for a reason worth recording (e.g. a NaN loss)."""
 
 
+class TrackingUnavailable(DispersionScalingError, RuntimeError):
+    """The MLflow store did not answer within the retry budget; what was trained is kept."""
+
+
 def one_line(exc: BaseException, limit: int = 500) -> str:
     """`Type: message` of the innermost cause of a (possibly Ray-wrapped) exception.
 

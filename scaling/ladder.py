@@ -270,8 +270,9 @@ def split_weight_decay(named_parameters) -> tuple[list, list]:
 
 
 def build_model_config(rung: Rung, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
-                       pad_token_id: int | None = None) -> "PretrainedConfig":
-    """The transformers config of a rung (GPT2Config / Qwen3Config), dropout off everywhere.
+                       pad_token_id: int | None = None, dropout: float = 0.0) -> "PretrainedConfig":
+    """The transformers config of a rung (GPT2Config / Qwen3Config); `dropout` on the residual,
+    embedding and attention paths (GPT-2's own template uses 0.1; off by default).
 
     Token ids default to the config class's defaults (GPT-2: 50256) when not given; pass the
     tokenizer's ids when the vocabulary is a locally trained one.
@@ -294,7 +295,7 @@ def build_model_config(rung: Rung, *, bos_token_id: int | None = None, eos_token
         return GPT2Config(
             vocab_size=rung.vocab_size, n_positions=rung.max_seq_len, n_embd=rung.d_model,
             n_layer=rung.n_layers, n_head=rung.n_heads, n_inner=rung.d_ff,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
+            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, summary_first_dropout=0.0,
             tie_word_embeddings=rung.tie_embeddings, **token_ids)
     from transformers import Qwen3Config
 
@@ -305,10 +306,10 @@ def build_model_config(rung: Rung, *, bos_token_id: int | None = None, eos_token
         max_position_embeddings=rung.max_seq_len, tie_word_embeddings=rung.tie_embeddings,
         # Qwen3's released checkpoints use rope_theta 1e6 and full attention in every layer.
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        use_sliding_window=False, attention_dropout=0.0, **token_ids)
+        use_sliding_window=False, attention_dropout=dropout, **token_ids)
 
 
-def build_model(rung: Rung, seed: int, **token_ids: int | None) -> "torch.nn.Module":
+def build_model(rung: Rung, seed: int, *, dropout: float = 0.0, **token_ids: int | None) -> "torch.nn.Module":
     """A randomly initialised causal LM for a rung (fp32, CPU, train mode).
 
     The same (rung, seed) gives bitwise identical weights; the caller's global torch RNG
@@ -317,7 +318,7 @@ def build_model(rung: Rung, seed: int, **token_ids: int | None) -> "torch.nn.Mod
     """
     import torch
 
-    config = build_model_config(rung, **token_ids)
+    config = build_model_config(rung, dropout=dropout, **token_ids)
     if rung.family == "gpt2":
         from transformers import GPT2LMHeadModel as model_class
     else:
@@ -372,10 +373,10 @@ def _gpt2(name: str, n_layers: int, n_heads: int, d_model: int, nominal: float, 
 
 
 def _qwen3(name: str, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, d_model: int, d_ff: int,
-           nominal: float, *, vocab_size: int = 151936, max_seq_len: int = 4096) -> Rung:
+           nominal: float, *, vocab_size: int = 151936, max_seq_len: int = 4096, tie_embeddings: bool = True) -> Rung:
     return Rung(name=name, family="qwen3", n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                 head_dim=head_dim, d_model=d_model, d_ff=d_ff, vocab_size=vocab_size, max_seq_len=max_seq_len,
-                nominal_params=nominal)
+                nominal_params=nominal, tie_embeddings=tie_embeddings)
 
 
 TINY_VOCAB = 4096
@@ -387,6 +388,7 @@ TINY = Ladder("tiny", (
     _gpt2("tiny-165K", *_TINY_SHAPES[0], 165e3, vocab_size=TINY_VOCAB, max_seq_len=TINY_SEQ_LEN),
     _gpt2("tiny-429K", *_TINY_SHAPES[1], 429e3, vocab_size=TINY_VOCAB, max_seq_len=TINY_SEQ_LEN),
     _gpt2("tiny-754K", *_TINY_SHAPES[2], 754e3, vocab_size=TINY_VOCAB, max_seq_len=TINY_SEQ_LEN),
+    _gpt2("tiny-1.1M", 4, 4, 112, 1.1e6, vocab_size=TINY_VOCAB, max_seq_len=TINY_SEQ_LEN),
 ), "GPT-2 layout, 4096-token local BPE, context 256: trains in seconds on a CPU (tests, demo).")
 
 GPT2 = Ladder("gpt2", (
@@ -406,18 +408,22 @@ GPT2_FFN = Ladder("gpt2-ffn", (
     _gpt2("gpt2-small-ffn4096", 12, 12, 768, 143.3e6, d_ff=4096),
 ), "The paper's controlled ladder: GPT-2 small with only the MLP width varied (64/256/1024/4096).")
 
-QWEN3_PAPER_RUNG = "qwen3-61M"
-"""The paper's from-scratch Qwen3-like shape (d=256, 28 layers, FFN 768). The paper does not
-state its heads; we use 4 query heads, 2 key/value heads, head_dim 64 (d_attn = d_model)."""
+QWEN3_PAPER_RUNG = "qwen3-63M"
+"""The paper's from-scratch Qwen3-like shape, as the authors' torchtitan config has it: d = 256,
+28 layers, FFN 768, 2 query heads and 2 key/value heads of width 128 (d_attn = d_model)."""
 
 QWEN3 = Ladder("qwen3", (
     _qwen3("qwen3-9.8M", 2, 2, 1, 32, 64, 192, 9.8e6),
     _qwen3("qwen3-20M", 4, 2, 1, 64, 128, 384, 20e6),
-    _qwen3(QWEN3_PAPER_RUNG, 28, 4, 2, 64, 256, 768, 61e6),
+    _qwen3(QWEN3_PAPER_RUNG, 28, 2, 2, 128, 256, 768, 62.8e6),
     _qwen3("qwen3-166M", 28, 8, 4, 64, 512, 1536, 166e6),
+    # The released Qwen3 shapes (their config.json files): the pretrained ladder of mid-training studies.
     _qwen3("qwen3-0.6B", 28, 16, 8, 128, 1024, 3072, 0.6e9, max_seq_len=40960),
-), "Qwen3 layout and vocabulary (151936), tied embeddings: tiny shapes, the paper's from-scratch "
-   "shape (d=256, 28 layers, FFN 768), and Qwen3-0.6B's exact shape.")
+    _qwen3("qwen3-1.7B", 28, 16, 8, 128, 2048, 6144, 1.72e9, max_seq_len=40960),
+    _qwen3("qwen3-4B", 36, 32, 8, 128, 2560, 9728, 4.02e9, max_seq_len=40960),
+    _qwen3("qwen3-8B", 36, 32, 8, 128, 4096, 12288, 8.19e9, max_seq_len=40960, tie_embeddings=False),
+), "Qwen3 layout and vocabulary (151936): tiny shapes, the paper's from-scratch shape (d=256, 28 layers, "
+   "FFN 768, 2 heads of 128), and the released Qwen3-0.6B/1.7B/4B/8B shapes (tied embeddings up to 4B).")
 
 TINY_QWEN3 = Ladder("tiny-qwen3", (
     _qwen3("tiny-qwen3-156K", 2, 2, 1, 16, 32, 96, 156e3, vocab_size=TINY_VOCAB, max_seq_len=TINY_SEQ_LEN),
@@ -574,6 +580,8 @@ class RunConfigurator:
     """Sequences per optimizer step, instead of batch_tokens; None: from batch_tokens."""
     lr: float | None = None
     """Peak learning rate; None: compute_lr(N) (Porian et al. 2024)."""
+    lr_scaling: str = "none"
+    """`sqrt_world_size`: the peak is multiplied by sqrt(num_workers) (the paper's mid-training rule)."""
     warmup_fraction: float = 0.2
     """Share of steps in linear warmup (the paper's mid-training: 20%)."""
     warmup_steps: int | None = None
@@ -605,6 +613,8 @@ class RunConfigurator:
             raise ConfigError(f"warmup_fraction={self.warmup_fraction}: must be in [0, 1)")
         if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
             raise ConfigError(f"warmup_steps={self.warmup_steps!r}: must be an integer >= 0 or null")
+        if self.lr_scaling not in ("none", "sqrt_world_size"):
+            raise ConfigError(f"lr_scaling={self.lr_scaling!r}: use none or sqrt_world_size")
 
     def plan(self, rung: Rung, *, num_workers: int = 1) -> RunPlan:
         """Token budget, batch, steps, lr, warmup and compute for one rung on `num_workers` workers."""
@@ -630,7 +640,7 @@ class RunConfigurator:
         tokens_per_step = batch_size * self.seq_len
 
         target = self.token_budget if self.token_budget is not None else self.tokens_per_param * n
-        steps = max(1, round(target / tokens_per_step))
+        steps = max(1, _ceil(target / tokens_per_step))  # a budget is a floor: 200M tokens -> 1526 steps
         if self.max_tokens is not None:
             if self.max_tokens < tokens_per_step:
                 raise ConfigError(f"max_tokens={self.max_tokens} is less than one optimizer step "
@@ -643,13 +653,21 @@ class RunConfigurator:
         if self.warmup_steps is not None:
             warmup = min(self.warmup_steps, steps)
         else:
-            warmup = round(self.warmup_fraction * steps)
+            warmup = min(steps, _ceil(self.warmup_fraction * steps))  # 20% of 1526 -> 306
+        lr = self.lr if self.lr is not None else compute_lr(n)
+        if self.lr_scaling == "sqrt_world_size":
+            lr *= math.sqrt(num_workers)
         tokens = steps * tokens_per_step
         return RunPlan(
             rung=rung, params=params, param_basis=self.param_basis, n_params=n, tokens=tokens,
             seq_len=self.seq_len, batch_size=batch_size, num_workers=num_workers, steps=steps,
-            lr=self.lr if self.lr is not None else compute_lr(n), warmup_steps=warmup,
+            lr=lr, warmup_steps=warmup,
             flops=tokens * compute_flops_per_token(rung, params, self.seq_len), flops_6nd=6.0 * n * tokens)
+
+
+def _ceil(value: float) -> int:
+    """Round up, forgiving float noise (0.1 x 30 is 3.0000000000000004, not a reason for a 4th step)."""
+    return math.ceil(value - 1e-9)
 
 
 # --------------------------------------------------------------------------------------
@@ -668,7 +686,7 @@ def format_count(value: float) -> str:
 def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "H100", mfu: float = 0.4) -> str:
     """The dry-run table: one row per plan with shape, params, tokens, steps, FLOPs and GPU-hours."""
     gpu_label = gpu if gpu in PEAK_BF16_FLOPS else f"GPU({resolve_peak_flops(gpu):.3g} FLOP/s)"
-    headers = ("rung", "family", "shape", "vocab", "params", "non-emb", "tokens", "batch", "steps", "lr",
+    headers = ("rung", "family", "shape", "vocab", "params", "non-emb", "tokens", "batch", "steps", "warmup", "lr",
                "FLOPs", f"{gpu_label}-h@{mfu:.0%}")
     rows = []
     for plan in plans:
@@ -676,7 +694,8 @@ def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "
         rows.append((
             rung.name, rung.family, rung.describe_shape(), str(rung.vocab_size),
             format_count(plan.params.total), format_count(plan.params.non_embedding), format_count(plan.tokens),
-            f"{plan.batch_size}x{plan.seq_len}", str(plan.steps), f"{plan.lr:.2e}", f"{plan.flops:.2e}",
+            f"{plan.batch_size}x{plan.seq_len}", str(plan.steps), str(plan.warmup_steps), f"{plan.lr:.2e}",
+            f"{plan.flops:.2e}",
             f"{plan.gpu_hours(gpu, mfu):.3g}",
         ))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
@@ -684,6 +703,7 @@ def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     if plans:
-        lines.append(f"N = {plans[0].param_basis} parameters; FLOPs = tokens x (6 x matmul params + attention), "
-                     f"GPU-hours at {mfu:.0%} MFU of {gpu_label}'s dense bf16 peak.")
+        lines.append(f"N = {plans[0].param_basis} parameters (the size axis of the analysis too); FLOPs = tokens x "
+                     f"(6 x matmul params + attention); GPU-hours per run at {mfu:.0%} MFU of {gpu_label}'s dense "
+                     "bf16 peak.")
     return "\n".join(lines)

@@ -4,6 +4,8 @@ Pure Python on purpose: `analysis` imports this module on a laptop without torch
 Metric keys are slash-namespaced; the step of every metric is the optimizer step.
 """
 
+import re
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the trainer's store and the analysis' default
 
 # --- run tags -----------------------------------------------------------------------
@@ -28,18 +30,25 @@ TAG_BEST_RUN_ID = "best_run_id"  # on a sweep run: its best trial's run id
 TAG_TUNE_TRIAL_ID = "tune_trial_id"  # on a trial run: finds it again when a sweep resumes
 TAG_PREEMPTIONS = "preemptions"  # on a trial run: retries after a lost node/actor
 TAG_LADDER = "ladder"
-TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nesting tag
+TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nesting tag: trials under their rung's sweep
+TAG_STUDY_RUN_ID = "study_run_id"  # on training, sweep and observation runs: their study's run
 # Written by rank 0 of a training run. `data_order_hash` is written only once every step has
 # run: its presence is what says a run (or a sweep trial Tune stopped) trained to the end.
 TAG_INIT_HASH = "init_hash"  # hash of the initial weights: equal across paired arms
 TAG_DATA_ORDER_HASH = "data_order_hash"  # chained hash of every batch's block indices
 TAG_RESUMED_FROM_STEP = "resumed_from_step"
+TAG_CHECKPOINT_FALLBACK = "checkpoint_fallback"  # newer checkpoints that could not be read on a resume, and why
 TAG_WORLD_SIZE = "world_size"
 TAG_DEVICE = "device"
 TAG_STEPS = "steps"
+TAG_PRECISION = "precision"  # training runs: bf16 (mixed, float32 master weights) or fp32
 TAG_DTYPE = "dtype"  # observation runs: the dtype the model was measured in
+TAG_FAMILY_DTYPES = "family_dtypes"  # observation runs: every dtype its family is measured in ("float32,bfloat16")
 TAG_HIDDEN_STATES_END = "hidden_states_end"  # observation runs: what the last hidden state is
-TAG_INPUT_RUNS = "input_runs"  # analysis runs: how many runs the analysis read
+TAG_INPUT_RUNS = "input_runs"
+TAG_MODEL_DIR = "model_dir"  # training runs that evaluate: the final model's Hugging Face folder (loadable by lm-eval)
+TAG_EVAL_FAILED_PREFIX = "eval_failed/step_"  # + step: what could not be evaluated at that step, and why
+TAG_DRIVER_LEASE = "driver_lease"  # on a study run: which driver runs the study now (see tracking.StudyLock)  # analysis runs: how many runs the analysis read
 
 KIND_STUDY = "study"  # the study's parent run
 KIND_TRAIN = "train"  # one (rung, arm, seed) training run
@@ -52,6 +61,7 @@ STATUS_RUNNING = "running"
 STATUS_FINISHED = "finished"
 STATUS_FAILED = "failed"
 STATUS_STOPPED = "stopped"  # a sweep trial stopped early by the scheduler (ASHA)
+STATUS_KILLED = "killed"  # the driver was interrupted (Ctrl-C, SIGTERM) while the run trained: --resume continues it
 STATUS_SKIPPED = "skipped"  # not a record: what the driver reports for a run finished earlier
 
 TRIAL_FINISHED = "finished"
@@ -63,6 +73,11 @@ ARM_DISPERSION = "dispersion"
 ARM_NEFTUNE = "neftune"
 ARM_ACTIVE_FORGETTING = "active_forgetting"
 ARMS = (ARM_BASELINE, ARM_DISPERSION, ARM_NEFTUNE, ARM_ACTIVE_FORGETTING)
+ARM_LABELS = {ARM_BASELINE: "base", ARM_DISPERSION: "disp", ARM_NEFTUNE: "neft", ARM_ACTIVE_FORGETTING: "forget"}
+"""Short arm names for run names: the MLflow runs table cuts names at ~16 characters."""
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI opens an experiment in the view this names
+EXPERIMENT_KIND = "custom_model_development"  # model training, not the GenAI (traces) view
 
 # --- run params (flattened study config, dotted) ------------------------------------
 PARAM_LAMBDA = "dispersion.lambda"
@@ -70,7 +85,9 @@ PARAM_LAYERS = "dispersion.layers"
 PARAM_VARIANT = "dispersion.variant"
 PARAM_TAU = "dispersion.tau"
 PARAM_CLAMP = "dispersion.clamp_threshold"
+PARAM_LAST_BLOCK = "dispersion.last_block_output"
 PARAM_NEFTUNE_ALPHA = "neftune.alpha"
+PARAM_EMBEDDING_LR = "active_forgetting.embedding_lr"
 PARAM_FORGET_EVERY = "active_forgetting.every"
 
 # --- metrics --------------------------------------------------------------------------
@@ -100,5 +117,68 @@ def layer_metric(layer: int, stat: str = "mean_cos") -> str:
 # --- artifacts --------------------------------------------------------------------------
 ARTIFACT_CONDENSATION_JSON = "condensation.json"
 ARTIFACT_HEATMAP_PNG = "heatmap.png"
+ARTIFACT_PROBES_DIR = "probes"  # training runs: probes/step_0000100.json, the profile at every probe
 ARTIFACT_STUDY_YAML = "study.yaml"  # the study with every default filled in
 ARTIFACT_STUDY_SOURCE = "study_source.yaml"  # the study file as the user wrote it
+
+# --- downstream evaluation (lm-eval-harness, scaling.evaluate) ------------------------------
+# A metric key is `eval/<task>/<metric>`: `<task>` is the lm-eval task or group name as
+# configured (`arc_easy`, `mmlu`, `bundled_cloze_val`), `<metric>` lm-eval's metric name
+# without its filter suffix when the filter is `none` (`acc`, `acc_norm`, `acc_stderr`,
+# `word_perplexity`); any other filter is kept after an underscore. `eval/mean_acc` is the
+# mean of `acc` over the configured tasks that report it (the paper's score for `paper10`),
+# leaving out the selection tasks; `eval/selection_mean_acc` the mean over the selection tasks
+# (validation data: allowed to choose checkpoints and to drive sweeps).
+
+EVAL_PREFIX = "eval"
+EVAL_MEAN_ACC = "eval/mean_acc"
+"""Mean `acc` over the configured tasks except the selection tasks; logged only when none of them failed."""
+EVAL_SELECTION_MEAN_ACC = "eval/selection_mean_acc"
+"""Mean `acc` over the selection tasks (validation data); logged only when none of them failed."""
+EVAL_NUM_FAILED = "eval/num_failed_tasks"
+"""How many configured tasks could not be evaluated (0 when all gave results)."""
+EVAL_SECONDS = "eval/seconds"
+"""Wall time of one evaluation (loading the model and tasks included)."""
+ARTIFACT_EVAL_JSON = "eval_results.json"
+"""One evaluation's record: flat metrics, failures, settings and lm-eval's own results."""
+
+# --- the paper's evaluation (arXiv 2602.00217) -------------------------------------------
+PAPER10_TASKS = ("anli_r2", "lambada_openai", "openbookqa", "piqa", "truthfulqa_mc2", "winogrande",
+                 "arc_easy", "arc_challenge", "medmcqa", "mmlu")
+"""The paper's ten accuracy tasks (metric `acc`); their mean is the paper's score."""
+PAPER_PERPLEXITY_TASK = "paloma_wikitext_103"
+"""Reported next to the ten (word perplexity), never averaged with them."""
+PRESETS = {"paper10": PAPER10_TASKS + (PAPER_PERPLEXITY_TASK,)}
+"""Preset name -> lm-eval task names, usable as an entry of `eval.tasks`."""
+PAPER_FEWSHOT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "medmcqa")
+"""Evaluated few-shot in the paper (1-shot for GPT-2, 5-shot for Qwen3); the rest zero-shot."""
+PAPER_FEWSHOT_SHOTS = {"gpt2": 1, "qwen3": 5}
+PAPER_LIMITS = {"gpt2": 500, "qwen3": 200}
+"""Samples per task in the paper's evaluations."""
+
+_KEY = re.compile(r"eval/(?P<task>[^/]+)/(?P<metric>[^/]+)")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\- ]")  # MLflow keys allow these (and "/")
+
+
+def eval_metric_key(task: str, metric: str) -> str:
+    """`eval/<task>/<metric>`, e.g. eval_metric_key("arc_easy", "acc") == "eval/arc_easy/acc"."""
+    return f"{EVAL_PREFIX}/{task}/{metric}"
+
+
+def metric_name(lm_eval_key: str) -> str:
+    """lm-eval's `"<metric>,<filter>"` -> our metric name: "acc,none" -> "acc",
+    "acc_stderr,none" -> "acc_stderr", "exact_match,strict-match" -> "exact_match_strict-match"."""
+    metric, _, filter_name = lm_eval_key.partition(",")
+    name = metric if filter_name in ("", "none") else f"{metric}_{filter_name}"
+    return _UNSAFE.sub("_", name)
+
+
+def parse_eval_metric_key(key: str) -> tuple[str, str] | None:
+    """(task, metric) of an `eval/<task>/<metric>` key; None for any other key (eval/mean_acc, ...)."""
+    match = _KEY.fullmatch(key)
+    return (match["task"], match["metric"]) if match else None
+
+
+def eval_artifact_path(step: int) -> str:
+    """Where one evaluation's JSON goes in a run's artifacts: `eval/step_000120/eval_results.json`."""
+    return f"{EVAL_PREFIX}/step_{step:06d}/{ARTIFACT_EVAL_JSON}"

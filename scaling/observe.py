@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling import names
+from scaling.config import redact_credentials
 from scaling.console import say
 from scaling.errors import DataError, DispersionScalingError, ModelError, one_line
 from scaling.measure import Measurement, MeasureTask
@@ -55,20 +56,33 @@ def count_parameters_from_config(path: str) -> int:
 
 
 def plan_models(study: ObserveConfig, cluster: ClusterShape) -> list[ModelPlan]:
-    """Every model of the study, with its parameter count and placement, or the reason it cannot run."""
+    """Every model of the study, with its parameter count and placement, or the reason it cannot run.
+
+    With `family_dtype: uniform` a family is measured in the dtype its largest model needs."""
     plans = []
     for family in study.families:
+        counted = []
         for entry in family.models:
             path = study.resolve_model(entry.name)
             try:
-                n_params = int(entry.params) if entry.params else count_parameters_from_config(path)
+                counted.append((entry, path, int(entry.params) if entry.params else count_parameters_from_config(path)))
             except DispersionScalingError as exc:
                 plans.append(ModelPlan(family.name, entry, path, None, None, problem=str(exc)))
-                continue
-            dtype = entry.dtype or pick_dtype(study, n_params)
+        largest = max((n for _, _, n in counted), default=0)
+        for entry, path, n_params in counted:
+            dtype = entry.dtype or pick_dtype(study, largest if study.family_dtype == "uniform" else n_params)
             placement = compute_placement(n_params, dtype, study.resources, cluster)
             plans.append(ModelPlan(family.name, entry, path, n_params, placement, problem=placement.unsupported))
     return plans
+
+
+def family_dtype_switches(plans: list[ModelPlan]) -> dict[str, list[str]]:
+    """Families measured in more than one dtype (a size trend across them is confounded)."""
+    dtypes: dict[str, list[str]] = {}
+    for plan in plans:
+        if plan.placement is not None and plan.placement.dtype not in dtypes.setdefault(plan.family, []):
+            dtypes[plan.family].append(plan.placement.dtype)
+    return {family: found for family, found in dtypes.items() if len(found) > 1}
 
 
 def read_cluster_shape() -> ClusterShape:
@@ -127,8 +141,12 @@ def run_observation_study(study: ObserveConfig, study_source: str, *, progress=s
 
     tracker = Tracker(resolve_tracking_uri(study.tracking_uri), study.study)
     parent_id = tracker.study_run_id({"kind": names.KIND_OBSERVE, "repetitions": study.repetitions,
-                                      "max_length": study.max_length}, study_source)
+                                      "max_length": study.max_length}, redact_credentials(study_source))
     plans = plan_models(study, read_cluster_shape())
+    family_dtypes = family_dtype_switches(plans)
+    for family, dtypes in family_dtypes.items():
+        progress(f"warning: family {family} is measured in {' and '.join(dtypes)} (recorded in tag "
+                 f"{names.TAG_FAMILY_DTYPES}): the dtype switch confounds its size trend")
     texts_by_source: dict[str, Any] = {}
     outcomes: list[ObserveOutcome] = []
     pending: dict[Any, tuple] = {}
@@ -172,7 +190,8 @@ def run_observation_study(study: ObserveConfig, study_source: str, *, progress=s
         for plan in plans:
             dtype = plan.placement.dtype if plan.placement else (plan.entry.dtype or "auto")
             digest = measurement_hash(plan.path, resolved, study.repetitions, study.max_length, dtype)
-            tags = {names.TAG_FAMILY: plan.family, names.TAG_MODEL: plan.label, names.TAG_SOURCE: label}
+            tags = {names.TAG_FAMILY: plan.family, names.TAG_MODEL: plan.label, names.TAG_SOURCE: label,
+                    names.TAG_FAMILY_DTYPES: ",".join(family_dtypes.get(plan.family, [dtype]))}
             if plan.n_params is not None:
                 tags[names.TAG_N_PARAMS] = plan.n_params
             params = {"model.path": plan.path, "source.spec": resolved, "repetitions": study.repetitions,
@@ -241,6 +260,12 @@ def format_plan(study: ObserveConfig, plans: list[ModelPlan]) -> str:
                      f"{where:<16} {plan.problem or ''}")
     lines.append(f"{len(plans)} models x {len(study.sources)} sources = {len(plans) * len(study.sources)} "
                  f"measurements, R={study.repetitions}, T={study.max_length}")
+    if any(p.placement is not None and p.placement.num_gpus for p in plans):
+        lines.append("placement: 'x0.25 GPU' = a quarter of one GPU (Ray fractional GPUs: four such measurements "
+                     "share a GPU); 'x2 GPU' = two whole GPUs of one node, the model spread with device_map='auto'")
+    for family, dtypes in family_dtype_switches(plans).items():
+        lines.append(f"warning: family {family} is measured in {' and '.join(dtypes)}: the dtype switch confounds "
+                     "its size trend; use family_dtype: uniform (the default) or say so when reporting it")
     return "\n".join(lines)
 
 

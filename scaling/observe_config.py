@@ -143,6 +143,9 @@ class ObserveConfig:
     """Also compute RankMe per layer (an eigen-decomposition per layer and text)."""
     sizing: tuple[SizeRule, ...] = (SizeRule(max_params=3e9, dtype="float32"), SizeRule(dtype="bfloat16"))
     """dtype by parameter count; the first rule with N <= max_params applies."""
+    family_dtype: str = "uniform"
+    """`uniform`: every model of a family in the dtype its largest model needs, so a dtype switch never
+    confounds the size trend; `per_model`: each model by `sizing` (a switch is flagged and recorded)."""
     resources: ObserveResources = field(default_factory=ObserveResources)
     base_dir: str = "."
     """Folder that `./` model paths and relative text files are resolved against ($VARS expanded)."""
@@ -172,6 +175,8 @@ class ObserveConfig:
         finite = [b for b in bounds if b is not None]
         if finite != sorted(finite):
             raise ConfigError(f"sizing: max_params must increase from rule to rule, got {bounds}")
+        if self.family_dtype not in ("uniform", "per_model"):
+            raise ConfigError(f"family_dtype={self.family_dtype!r}: use uniform or per_model")
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

@@ -41,9 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from scaling.console import run_cli
+    from scaling.console import run_cli, stop_on_sigterm
 
     args = parse_args(argv)
+    stop_on_sigterm()
     return run_cli(lambda: _main(args), "scaling.run")
 
 
@@ -61,15 +62,23 @@ def _main(args) -> int:
 
 def _train(study, source: str, args) -> int:
     from scaling.cluster import connect_ray
-    from scaling.config import plan_runs
-    from scaling.ladder import format_ladder_table
-    from scaling.study import format_summary, run_study
+    from scaling.config import describe_study_plan, plan_runs
 
     plans = plan_runs(study)
-    print(format_ladder_table(plans, gpu=args.gpu))
+    print(describe_study_plan(study, plans, gpu=args.gpu))
     if args.dry_run:
+        from scaling.study import describe_data
+
+        print("\n".join(describe_data(study, plans)))
+        if study.eval is not None:  # task names are checked offline, from lm-eval's task index
+            from scaling.evaluate import check_tasks
+
+            check_tasks(study.eval)
         return 0
     _check_resume(args.resume, study.study, study.tracking_uri)
+    _check_before_ray(study.storage_path, study.tracking_uri)
+    from scaling.study import format_summary, run_study
+
     connect_ray()
     outcomes = run_study(study, source, plans=plans)
     print()
@@ -85,6 +94,7 @@ def _observe(study, source: str, args) -> int:
         dry_run_observe(study)
         return 0
     _check_resume(args.resume, study.study, study.tracking_uri)
+    _check_before_ray(None, study.tracking_uri)
     from scaling.cluster import connect_ray
 
     connect_ray()
@@ -93,6 +103,23 @@ def _observe(study, source: str, args) -> int:
     print(format_outcomes(outcomes))
     _print_next_steps(study.study, study.tracking_uri)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _check_before_ray(storage_path: str | None, configured_uri: str | None) -> None:
+    """What the driver can check in a second, before it starts (or joins) Ray: a local storage folder it
+    can write, an MLflow store it can reach. The preflight then checks both from every node."""
+    from scaling.console import check_writable_dir
+    from scaling.errors import ConfigError
+    from scaling.provenance import resolve_tracking_uri
+    from scaling.tracking import check_reachable
+
+    if storage_path is not None and "://" not in storage_path:
+        check_writable_dir(storage_path, flag="storage_path")
+    uri = resolve_tracking_uri(configured_uri)
+    problem = check_reachable(uri)
+    if problem:
+        raise ConfigError(f"MLflow at {uri!r} is unreachable ({problem}); start the server or fix tracking_uri / "
+                          "MLFLOW_TRACKING_URI")
 
 
 def _check_resume(resume: bool, study: str, configured_uri: str | None) -> None:
@@ -112,12 +139,17 @@ def _check_resume(resume: bool, study: str, configured_uri: str | None) -> None:
 
 def _print_next_steps(study: str, configured_uri: str | None) -> None:
     from scaling.provenance import resolve_tracking_uri
+    from scaling.tracking import find_study_run, runs_page
 
     uri = resolve_tracking_uri(configured_uri)
     print(f"\nnext: python -m analysis.scaling_curves --study {study}   (report in outputs/analysis/{study}/)")
+    record = find_study_run(uri, study)
+    page = runs_page(record.info.experiment_id) if record is not None else ""
     if uri.startswith("sqlite:"):
-        print(f"      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
-              "(then open http://127.0.0.1:5000)")
+        print(f"      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        print(f"      then open http://127.0.0.1:5000/{page}")
+    elif uri.startswith("http"):
+        print(f"      open {uri.rstrip('/')}/{page}")
 
 
 if __name__ == "__main__":

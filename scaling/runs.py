@@ -9,16 +9,25 @@ folder, from whose latest checkpoint Ray Train resumes.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from scaling import faults, names
-from scaling.cluster import placement_strategy, resolve_storage_path
+from scaling.cluster import placement_strategy
+from scaling.storage import resolve_storage_path
 from scaling.config import StudyConfig
 from scaling.errors import one_line
-from scaling.schema import config_hash, flatten
+from scaling.schema import config_hash
+from scaling.tracking import UNWRITTEN_KEY
 from scaling.train import RunTask
+
+STOPPING = threading.Event()
+"""Set when the driver is interrupted: runs in flight stop recording their outcome (the driver marks
+them killed) and no new run starts."""
+
+STORAGE_FULL = "No space left on device"
 
 PREEMPTION_ERRORS = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ActorUnavailableError",
                      "OwnerDiedError", "ObjectLostError", "RayActorError", "WorkerGroupError")
@@ -28,13 +37,16 @@ get their own retry budget; anything else fails the run at once."""
 
 @dataclass(frozen=True)
 class DataRefs:
-    """The study's tokenized data as the workers receive it (Ray object refs), and its fingerprint."""
+    """The study's tokenized data as the workers receive it (views of the token shards, small enough to
+    travel in every run's task; or Ray object refs), and its fingerprint."""
 
     train_blocks: Any
     val_blocks: Any
     probe_ids: Any
     fingerprint: str
     """Identifies the data in run hashes."""
+    tokenizer_uri: str | None = None
+    """The study's tokenizer on shared storage (what exported models carry for their evaluations)."""
 
 
 @dataclass
@@ -56,37 +68,53 @@ class ResolvedRun:
 
     config_hash: str
     run_name: str
+    """Short, arm first (`disp tiny-754K s0`): what the MLflow runs table shows."""
+    slug: str
+    """`tiny-754K-dispersion-s0`: file and folder names."""
     tags: dict[str, Any]
+    """What a run is (rung, arm, seed, sizes, budget): the columns to group and filter by."""
     params: dict[str, Any]
+    """What a run was trained with that differs between the runs of a study: the arm's settings and the
+    resolved schedule. Study-wide settings are the study run's params."""
+
+
+def run_name(arm: str, rung: str, seed: int) -> str:
+    return f"{names.ARM_LABELS.get(arm, arm)} {rung} s{seed}"
 
 
 def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str) -> ResolvedRun:
     """The hash covers everything that changes what the run computes, so the same config always
-    maps to the same MLflow run."""
+    maps to the same MLflow run. `arm` is the arm as trained (family defaults filled in)."""
     rung = plan.rung
     resolved = {"rung": dataclasses.asdict(rung), "arm": dataclasses.asdict(arm), "seed": seed,
                 "steps": plan.steps, "lr": plan.lr, "warmup_steps": plan.warmup_steps,
                 "training": dataclasses.asdict(study.training), "probes": dataclasses.asdict(study.probes),
                 "zero_stage": study.resources.zero_stage, "num_workers": study.resources.num_workers,
                 "precision": study.resources.precision, "data": data_fingerprint}
+    if study.eval is not None:  # keeps the hashes of runs without evaluation as they were
+        resolved["eval"] = dataclasses.asdict(study.eval)
     tags = {names.TAG_RUNG: rung.name, names.TAG_ARM: arm.name, names.TAG_SEED: seed,
             names.TAG_N_PARAMS: plan.params.total, names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding,
-            names.TAG_TOKENS: plan.tokens, names.TAG_LADDER: study.ladder}
-    params = {**arm.params(), "rung": rung.name, "seed": seed, "steps": plan.steps, "lr": plan.lr,
-              "warmup_steps": plan.warmup_steps, "tokens": plan.tokens,
-              **flatten(dataclasses.asdict(study.training), "training."),
-              **flatten(dataclasses.asdict(study.resources), "resources.")}
-    return ResolvedRun(config_hash(resolved), f"{rung.name}-{arm.name}-s{seed}", tags, params)
+            names.TAG_TOKENS: plan.tokens, names.TAG_STEPS: plan.steps, names.TAG_LADDER: study.ladder}
+    params = {**arm.params(), "lr": plan.lr, "warmup_steps": plan.warmup_steps}
+    init_from = study.training.init_from_for(rung.name)
+    if init_from:
+        params["init_from"] = init_from
+    return ResolvedRun(config_hash(resolved), run_name(arm.name, rung.name, seed), f"{rung.name}-{arm.name}-s{seed}",
+                       tags, params)
 
 
 def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: str, tracking_uri: str,
-               data: DataRefs) -> RunTask:
+               data: DataRefs, *, evaluate: bool = True) -> RunTask:
     """Everything the run's workers need; faults a test installed in this process ride along."""
-    return RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, rung=plan.rung, arm=arm,
-                   seed=seed, steps=plan.steps, lr=plan.lr, warmup_steps=plan.warmup_steps,
-                   training=study.training, probes=study.probes, resources=study.resources,
-                   checkpoint_every=study.checkpoint.every_steps, train_blocks=data.train_blocks,
-                   val_blocks=data.val_blocks, probe_ids=data.probe_ids, faults=faults.installed())
+    return RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, rung=plan.rung,
+                   arm=arm.for_family(plan.rung.family), seed=seed, steps=plan.steps, lr=plan.lr,
+                   warmup_steps=plan.warmup_steps, training=study.training, probes=study.probes,
+                   resources=study.resources, checkpoint_every=study.checkpoint.every_steps,
+                   train_blocks=data.train_blocks, val_blocks=data.val_blocks, probe_ids=data.probe_ids,
+                   init_from=study.training.init_from_for(plan.rung.name),
+                   evaluation=study.eval.with_absolute_paths() if study.eval is not None and evaluate else None,
+                   tokenizer_uri=data.tokenizer_uri, faults=faults.installed())
 
 
 def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):
@@ -161,24 +189,36 @@ def fit(study: StudyConfig, task: RunTask, tracker, trainer_name: str, *, callba
                 if on_preempted is not None:
                     on_preempted(preemptions, one_line(exc))
                 continue
-            return FitResult(time.perf_counter() - started, {}, one_line(exc), preemptions)
-    return FitResult(time.perf_counter() - started, result.metrics or {}, tracker.recorded_failure(task.run_id),
-                     preemptions)
+            reason = one_line(exc)
+            if STORAGE_FULL in str(exc) or STORAGE_FULL in reason:
+                reason = (f"the storage is full ({reason}): free space under storage_path={study.storage_path!r} or "
+                          "point it at a larger volume, then re-run (finished runs and their records are intact)")
+            return FitResult(time.perf_counter() - started, {}, reason, preemptions)
+    metrics = result.metrics or {}
+    failure = tracker.recorded_failure(task.run_id) or tracker.unwritten(task.run_id, metrics.get(UNWRITTEN_KEY))
+    return FitResult(time.perf_counter() - started, metrics, failure, preemptions)
 
 
 def train_run(study: StudyConfig, plan, arm, seed: int, data: DataRefs, tracker, parent_id: str,
               say: Callable[[str], None]) -> RunOutcome:
     """One fixed (rung, arm, seed) run: skip it if finished, else train it and record how it ended."""
     rung = plan.rung
+    arm = arm.for_family(rung.family)
     run = resolve_run(study, plan, arm, seed, data.fingerprint)
+    if STOPPING.is_set():
+        return RunOutcome(rung.name, arm.name, seed, names.STATUS_KILLED, "")
     run_id, status = tracker.child_run(parent_id, run.run_name, run.config_hash, run.tags, run.params)
     if status == names.STATUS_FINISHED:
         say(f"{run.run_name}: already finished (run {run_id[:8]}), skipped")
         return RunOutcome(rung.name, arm.name, seed, names.STATUS_SKIPPED, run_id)
+    if status != names.STATUS_RUNNING:  # failed or killed before: this driver takes it over (a failure
+        tracker.reopen(run_id)            # left on the record would be read back after `fit` and fail it again)
     task = build_task(study, plan, arm, seed, run.run_name, run_id, tracker.tracking_uri, data)
     say(f"{run.run_name}: {plan.steps} steps on {study.resources.num_workers} worker(s), "
         f"ZeRO-{study.resources.zero_stage}, run {run_id[:8]}")
-    outcome = fit(study, task, tracker, f"{study.study}-{run.run_name}-{run.config_hash[:8]}")
+    outcome = fit(study, task, tracker, f"{study.study}-{run.slug}-{run.config_hash[:8]}")
+    if STOPPING.is_set():  # interrupted: the driver has marked the run killed; --resume continues it
+        return RunOutcome(rung.name, arm.name, seed, names.STATUS_KILLED, run_id, outcome.seconds)
     if outcome.failure:
         tracker.finish(run_id, names.STATUS_FAILED, outcome.failure)
         say(f"{run.run_name}: FAILED: {outcome.failure}")

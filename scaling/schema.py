@@ -119,6 +119,8 @@ def coerce(hint, value, dotted: str):
     if dataclasses.is_dataclass(hint):
         return build_config(hint, value, dotted)
     if origin is tuple:
+        if isinstance(value, str) and len(args) == 2 and args[1] is Ellipsis and args[0] is str:
+            value = [value]  # `tasks: paper10` means [paper10]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{dotted}={value!r}: expected a list")
         if len(args) == 2 and args[1] is Ellipsis:

@@ -9,93 +9,159 @@ progress line per running run is printed from their MLflow records.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from scaling import names
 from scaling.cluster import check_study_against_cluster, concurrent_runs
-from scaling.config import StudyConfig, plan_runs
+from scaling.config import StudyConfig, plan_runs, redact_credentials
 from scaling.console import format_progress, say
 from scaling.errors import ConfigError
 from scaling.provenance import resolve_tracking_uri
-from scaling.runs import DataRefs, RunOutcome, train_run
-from scaling.schema import flatten
+from scaling.runs import STOPPING, DataRefs, RunOutcome, train_run
 from scaling.sweep import best_arm, run_sweep
-from scaling.tracking import Tracker
+from scaling.tracking import StudyLock, Tracker
 
 
-@dataclass(frozen=True)
-class StudyData:
-    """Tokenized blocks shared by every run of a study."""
-
-    train_blocks: np.ndarray
-    val_blocks: np.ndarray
-    probe_ids: list[np.ndarray]
-    vocab_size: int
-    fingerprint: str  # identifies the data in run hashes
+BPE_TRAINING_ROWS = 200_000
+"""A tokenizer trained for the study (data.tokenizer: null) learns from at most this many rows, read on the
+driver: enough for a 4096-token BPE, and the driver's memory stays flat whatever the corpus's size."""
 
 
-def prepare_data(study: StudyConfig, vocab_size: int) -> StudyData:
-    """Tokenize the study's text source, pack it into blocks, split off validation, draw probe texts."""
-    from scaling.data import build_tokenizer, pack_blocks, parse_text_source, read_rows, sample_texts, \
-        split_train_val
+def prepare_data(study: StudyConfig, vocab_size: int, progress: Callable[[str], None] = say):
+    """The study's token shards (tokenized once with Ray Data, on the cluster's CPUs, then reused by every run
+    and every later study with the same data: `scaling.shards`), as train/validation views and probe ids."""
+    from scaling.shards import build_study_blocks
 
-    rows = read_rows(parse_text_source(study.data.source))
-    if study.data.max_rows is not None:
-        rows = rows[: study.data.max_rows]
-    # Mid-training reads text with the pretrained model's own tokenizer unless one is named.
-    tokenizer = build_tokenizer(study.data.tokenizer or study.training.init_from, rows=rows, vocab_size=vocab_size)
-    if len(tokenizer) > vocab_size:
+    data = study.data
+    blocks = build_study_blocks(shard_spec(study), shards_root(study),
+                                seq_len=study.training.seq_len, val_fraction=data.val_fraction,
+                                probe_texts=study.probes.texts, probe_max_length=study.probes.max_length,
+                                progress=progress)
+    if blocks.vocab_size > vocab_size:
         raise ConfigError(
-            f"data.tokenizer has {len(tokenizer)} tokens but the smallest rung's vocab_size is {vocab_size}; "
+            f"data.tokenizer has {blocks.vocab_size} tokens but the smallest rung's vocab_size is {vocab_size}; "
             "use a ladder whose vocab fits the tokenizer, or train a local tokenizer (data.tokenizer: null)"
         )
-    token_rows = tokenizer(rows, add_special_tokens=False)["input_ids"]
-    blocks = pack_blocks(token_rows, study.training.seq_len, tokenizer.eos_token_id)
-    # One split for the whole study (seed 0): validation data must not depend on the run's seed.
-    train, val = split_train_val(blocks, study.data.val_fraction, seed=0)
-    probe_texts = sample_texts(rows, study.probes.texts)
-    probe_ids = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"][: study.probes.max_length],
-                            dtype=np.int64) for t in probe_texts]
-    digest = hashlib.sha256(blocks.tobytes())
-    for ids in probe_ids:
-        digest.update(ids.tobytes())
-    return StudyData(train, val, probe_ids, len(tokenizer), digest.hexdigest()[:16])
+    return blocks
+
+
+def data_refs(study: StudyConfig, blocks) -> DataRefs:
+    """What every run's workers get of the data: views of the shards, probe ids, and (when the study
+    evaluates) its tokenizer on shared storage for the exported models."""
+    tokenizer_uri = None
+    if study.eval is not None:
+        from scaling.evaluations import publish_tokenizer
+
+        tokenizer_uri = publish_tokenizer(shard_spec(study).tokenizer, shards_root(study))
+    return DataRefs(blocks.train, blocks.val, blocks.probe_ids, blocks.fingerprint, tokenizer_uri)
+
+
+def shards_root(study: StudyConfig) -> str:
+    """Token shards live beside the runs, on the storage every node shares."""
+    from scaling.storage import resolve_storage_path
+
+    return f"{resolve_storage_path(study.storage_path)}/token-shards"
+
+
+def describe_data(study: StudyConfig, plans) -> list[str]:
+    """The dry run's data lines: the corpus's tokens (from its shards' manifest, or "not tokenized yet")
+    and how many passes each rung's budget makes over it. Offline, a hub source cannot be inspected."""
+    from pathlib import Path
+
+    from scaling.data import parse_text_source
+    from scaling.errors import DispersionScalingError
+    from scaling.shards import budget_warning, corpus_tokens, describe_corpus
+
+    tokenizer = study.data.tokenizer or next((study.training.init_from_for(r.name) for r in study.selected_rungs()),
+                                             None)
+    hub = [what for what, named in (("dataset", parse_text_source(study.data.source, training=True).kind == "hf"),
+                                    ("tokenizer", tokenizer is not None and not Path(tokenizer).exists())) if named]
+    if hub:  # a dry run stays offline and fast; the driver inspects them when the study runs
+        return [f"data: {study.data.source} not inspected by the dry run (hub {' and '.join(hub)}: the study tokenizes "
+                "it into shards when it runs)"]
+    try:
+        spec = shard_spec(study)
+        lines = [f"data: {describe_corpus(spec, shards_root(study))}"]
+        tokens = corpus_tokens(spec, shards_root(study))
+    except DispersionScalingError as exc:
+        return [f"data: {study.data.source} not inspected here ({exc})"]
+    for plan in plans if tokens else ():
+        note = budget_warning(plan.tokens, tokens, what=f"rung {plan.rung.name}'s budget")
+        lines.append(f"data: rung {plan.rung.name} trains {plan.tokens / tokens:.2f} epochs"
+                     + (f"; warning: {note}" if note else ""))
+    return lines
+
+
+def shard_spec(study: StudyConfig):
+    """What the study's token shards are made of: source, tokenizer (named, the first rung's checkpoint's,
+    or trained here on the source), packing, row cap and validation split."""
+    from scaling.data import build_tokenizer, parse_text_source, read_rows
+    from scaling.shards import ShardSpec
+
+    data = study.data
+    tokenizer = data.tokenizer or next((study.training.init_from_for(r.name) for r in study.selected_rungs()), None)
+    if tokenizer is None:  # mid-training reads text with the checkpoint's own tokenizer; else train a BPE
+        rows = read_rows(parse_text_source(data.source, training=True), limit=BPE_TRAINING_ROWS)
+        rows = rows[: data.max_rows] if data.max_rows is not None else rows
+        tokenizer = build_tokenizer(None, rows=rows, vocab_size=min(r.vocab_size for r in study.selected_rungs()))
+        tokenizer = tokenizer.name_or_path  # the folder the trained BPE is cached in
+    validation = "none"
+    if data.val_split is not None:
+        source = parse_text_source(data.source, training=True)
+        if source.kind != "hf":
+            raise ConfigError(f"data.val_split={data.val_split!r} needs a Hugging Face source with splits; "
+                              f"{data.source!r} is not one: use data.val_fraction to hold out blocks instead")
+        validation = f"hf:{source.name}{'/' + source.config if source.config else ''}:{data.val_split}:{source.field}"
+    return ShardSpec(source=data.source, tokenizer=str(tokenizer), packing=data.packing, max_rows=data.max_rows,
+                     validation=validation)
 
 
 def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Callable[[str], None] = say
               ) -> list[RunOutcome]:
     """Train every (rung, seed, arm) of the study that has not finished yet; with a `search`
     section, the dispersion arm is searched per rung instead (see `scaling.sweep`)."""
-    import ray
-
     plans = plan_runs(study) if plans is None else plans
+    STOPPING.clear()
     searching = study.search.num_samples > 0
     fixed = [(plan, arm, seed) for plan in plans for seed in study.seeds for arm in study.arms
              if not (searching and arm.name == names.ARM_DISPERSION)]
+    if study.eval is not None:  # an unknown task name fails here, before any training
+        from scaling.evaluate import check_tasks
+
+        check_tasks(study.eval)
     tracking_uri = resolve_tracking_uri(study.tracking_uri)
     for warning in check_study_against_cluster(study, len(plans) * len(study.seeds) * len(study.arms),
                                                tracking_uri):
         progress(f"warning: {warning}")
 
+    # The data first: a source that cannot be read fails here, before anything is recorded in MLflow.
+    data = prepare_data(study, vocab_size=min(plan.rung.vocab_size for plan in plans), progress=progress)
     tracker = Tracker(tracking_uri, study.study)
-    parent_id = tracker.study_run_id(flatten(study.to_dict()), study_source, study.to_yaml())
-    data = prepare_data(study, vocab_size=min(plan.rung.vocab_size for plan in plans))
-    refs = DataRefs(ray.put(data.train_blocks), ray.put(data.val_blocks), ray.put(data.probe_ids), data.fingerprint)
+    parent_id = tracker.study_run_id(study.record_params(), redact_credentials(study_source),
+                                     redact_credentials(study.to_yaml()))
+    with StudyLock(tracker, parent_id):
+        try:
+            outcomes = _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress)
+        except KeyboardInterrupt:
+            stop_study(tracker, parent_id, progress)
+            raise
+    tracker.end_study(parent_id, failed=any(o.status == names.STATUS_FAILED for o in outcomes))
+    return outcomes
+
+
+def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress) -> list[RunOutcome]:
+    refs = data_refs(study, data)
     progress(f"study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x {len(study.arms)} arm(s); "
-             f"{len(data.train_blocks)} train / {len(data.val_blocks)} val blocks; MLflow {tracking_uri}")
+             f"{len(data.train):,} train / {len(data.val):,} val blocks; MLflow {tracker.tracking_uri}")
 
     def run(plan, arm, seed):
         return train_run(study, plan, arm, seed, refs, tracker, parent_id, progress)
 
-    width = concurrent_runs(study, len(fixed))
+    width = concurrent_runs(study, len(fixed), extra=study.eval.ray_options() if study.eval else None)
     with ProgressBoard(tracker, progress):
         if not searching:
             outcomes = run_side_by_side(run, fixed, width)
@@ -105,18 +171,36 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
                 outcomes.extend(run_side_by_side(run, [job for job in fixed if job[0] is plan], width))
                 outcomes.extend(_search_rung(study, plan, refs, tracker, parent_id, run, progress))
             write_sweep_summary(study, tracker, parent_id, plans, progress)
-    tracker.end_study(parent_id, failed=any(o.status == names.STATUS_FAILED for o in outcomes))
     return outcomes
+
+
+def stop_study(tracker, parent_id: str, progress=say) -> None:
+    """After Ctrl-C or SIGTERM: no run records an outcome any more, every run still running is marked
+    killed in MLflow (never left RUNNING), and Ray goes, taking the workers and placement groups along."""
+    import ray
+
+    STOPPING.set()
+    killed = tracker.kill_running_runs()
+    tracker.end_study(parent_id, failed=False, killed=True)
+    progress(f"interrupted: {len(killed)} run(s) marked killed in MLflow; continue with --resume "
+             "(finished runs are kept, the rest resume from their latest checkpoint)")
+    ray.shutdown()
 
 
 def run_side_by_side(run, jobs: list[tuple], width: int) -> list:
     """`run(*job)` for every job, `width` at a time in threads (each blocks on its own Ray Train run);
-    results in the jobs' order whatever order they finish in."""
+    results in the jobs' order whatever order they finish in. An interrupt starts no further job."""
     if width <= 1 or len(jobs) <= 1:
         return [run(*job) for job in jobs]
-    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="run") as pool:
+    pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="run")
+    try:
         futures = [pool.submit(run, *job) for job in jobs]
         return [future.result() for future in futures]
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)  # the running ones end when Ray goes
+        raise
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _search_rung(study, plan, refs, tracker, parent_id, run, progress) -> list[RunOutcome]:
@@ -195,13 +279,14 @@ def format_summary(outcomes: list[RunOutcome]) -> str:
 
 
 class ProgressBoard:
-    """Prints one line per training run (or trial) at a time while a study trains, read from the
+    """Prints progress lines of the training runs (and trials) while a study trains, read from the
     runs' own MLflow records (what rank 0 logged), so workers' output never floods the console.
 
-    A run's line appears when it has advanced and `every_s` seconds passed since its last one.
+    A run gets a line when it passes a quarter of its steps, and at least every `every_s` seconds
+    in between (long runs on a cluster).
     """
 
-    def __init__(self, tracker, say_line: Callable[[str], None], every_s: float = 20.0, poll_s: float = 5.0):
+    def __init__(self, tracker, say_line: Callable[[str], None], every_s: float = 600.0, poll_s: float = 5.0):
         self.tracker, self.say, self.every_s, self.poll_s = tracker, say_line, every_s, poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
@@ -228,22 +313,24 @@ class ProgressBoard:
                     self.say(line)
 
     def _line(self, run, now: float) -> str | None:
-        metrics, params = run.data.metrics, run.data.params
+        metrics = run.data.metrics
+        tags = run.data.tags
         try:
-            total = int(params["steps"])
-            step = round(metrics[names.TRAIN_TOKENS_SEEN] / (int(params["tokens"]) / total))
+            total = int(tags[names.TAG_STEPS])
+            step = round(metrics[names.TRAIN_TOKENS_SEEN] / (int(tags[names.TAG_TOKENS]) / total))
         except (KeyError, ValueError, ZeroDivisionError):
             return None
         run_id = run.info.run_id
         first_step, first_time = self._first.setdefault(run_id, (step, now))
-        printed_step, printed_time = self._last.get(run_id, (0, -float("inf")))
-        if step <= printed_step or now - printed_time < self.every_s:
+        printed_step, printed_time = self._last.get(run_id, (0, first_time))
+        quarter = 4 * step // total > 4 * printed_step // total
+        if step <= printed_step or not (quarter or now - printed_time >= self.every_s):
             return None
         self._last[run_id] = (step, now)
         tokens_per_s = metrics.get(names.TRAIN_TOKENS_PER_S)
         rate = (step - first_step) / (now - first_time) if now > first_time and step > first_step else None
         if rate is None and tokens_per_s:  # first sight: the loop's own pace (probes and logging not included)
-            rate = tokens_per_s / (int(params["tokens"]) / total)
+            rate = tokens_per_s / (int(tags[names.TAG_TOKENS]) / total)
         eta = (total - step) / rate if rate else None
         return format_progress(run.info.run_name or run_id[:8], step, total, metrics.get(names.TRAIN_CE_LOSS),
                                tokens_per_s, eta)

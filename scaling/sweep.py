@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scaling import faults, names
-from scaling.cluster import resolve_storage_path
+from scaling.storage import resolve_storage_path
 from scaling.config import ArmConfig, StudyConfig
 from scaling.console import say
 from scaling.errors import TrainingFailure
@@ -108,25 +108,28 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     arm = arm_from_trial(config)
     tracker = Tracker(context.tracking_uri, study.study)
     ordinal = len(tracker.trial_runs(context.sweep_run_id))  # trials recorded before this one
-    run_name = f"{plan.rung.name}-trial{ordinal}-{trial_id}"
+    run_name = f"trial{ordinal} {plan.rung.name} {trial_id}"  # short, as the fixed arms' names
     run_id, _ = tracker.child_run(
         context.sweep_run_id, run_name, config_hash({"sweep": context.sweep_hash, "trial": trial_id}),
         tags={names.TAG_RUNG: plan.rung.name, names.TAG_ARM: names.ARM_DISPERSION, names.TAG_SEED: context.seed,
               names.TAG_N_PARAMS: plan.params.total,
               names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding, names.TAG_TOKENS: plan.tokens,
-              names.TAG_TUNE_TRIAL_ID: trial_id, names.TAG_LADDER: study.ladder},
-        params={**arm.params(), "rung": plan.rung.name, "seed": context.seed, "steps": plan.steps,
-                "lr": plan.lr},
+              names.TAG_STEPS: plan.steps, names.TAG_TUNE_TRIAL_ID: trial_id, names.TAG_LADDER: study.ladder},
+        params={**arm.params(), "lr": plan.lr, "warmup_steps": plan.warmup_steps},
         kind=names.KIND_TRIAL)
     with faults.install(*context.faults):
-        task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.data)
+        # Trials are compared on validation metrics as they train; downstream evaluation is for the fixed
+        # arms and the extra-seed reruns of the best settings.
+        task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.data,
+                          evaluate=False)
     completed = _exit_when_tune_stops(run_name)
     try:
         def preempted(count: int, reason: str) -> None:
             tracker.set_tags(run_id, {names.TAG_PREEMPTIONS: count})
             say(f"{run_name}: preempted ({reason}); retry {count}")
 
-        outcome = fit(study, task, tracker, f"{study.study}-{run_name}", callbacks=[TuneReportCallback()],
+        outcome = fit(study, task, tracker, f"{study.study}-{plan.rung.name}-trial-{trial_id}",
+                      callbacks=[TuneReportCallback()],
                       preemption_retries=study.search.preemption_retries, on_preempted=preempted)
         if outcome.failure:
             tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})

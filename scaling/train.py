@@ -11,13 +11,16 @@ The loop gets a plain dict (`RunTask.to_loop_config`), so it pickles cleanly to 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +50,9 @@ class RunTask:
     train_blocks: Any  # ObjectRef or np.ndarray [n, seq_len]
     val_blocks: Any
     probe_ids: Any  # list of token-id arrays
+    init_from: str | None = None  # the rung's pretrained checkpoint (None: from scratch)
+    evaluation: Any = None  # scaling.evaluate.EvalConfig (absolute paths) or None: no downstream evaluation
+    tokenizer_uri: str | None = None  # the study's tokenizer folder on shared storage (evaluations need it)
     faults: tuple = ()  # scaling.faults.Fault: injected by tests, empty otherwise
 
     def to_loop_config(self) -> dict[str, Any]:
@@ -63,6 +69,54 @@ def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, min_ra
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def linear_lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to the peak, then linear decay to 0 at the last step (active forgetting's
+    embedding schedule, as the reference's)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def build_param_groups(model, task: RunTask) -> list[dict[str, Any]]:
+    """AdamW groups: decayed matrices, undecayed biases/norms/position table, and (active forgetting)
+    the input embeddings alone, last (index 2), with their own peak lr when the arm gives one.
+
+    A group of its own lets a forgetting step reset exactly the embeddings' optimizer state:
+    DeepSpeed's ZeRO and mixed-precision optimizers keep each group in buffers of its own.
+    """
+    embedding = model.get_input_embeddings().weight if separate_embedding_group(task) else None
+    named = [(n, p) for n, p in model.named_parameters() if p is not embedding]
+    decay, no_decay = split_weight_decay(named)
+    groups = [{"params": decay, "weight_decay": task.training.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if embedding is not None:
+        groups.append({"params": [embedding], "weight_decay": task.training.weight_decay,
+                       "lr": task.arm.embedding_lr or task.lr})
+    return groups
+
+
+EMBEDDING_GROUP = 2
+"""Index of the input embeddings' own optimizer group (active forgetting)."""
+
+
+def separate_embedding_group(task: RunTask) -> bool:
+    return task.arm.name == names.ARM_ACTIVE_FORGETTING
+
+
+def build_lr_lambdas(task: RunTask) -> list:
+    """One multiplier schedule per group of `build_param_groups` (LambdaLR scales each group's lr)."""
+    main = lambda s: lr_at(s, peak=1.0, warmup_steps=task.warmup_steps, total_steps=task.steps,  # noqa: E731
+                           min_ratio=task.training.min_lr_ratio)
+    lambdas = [main, main]
+    if separate_embedding_group(task):
+        if task.arm.embedding_lr is None:
+            lambdas.append(main)
+        else:
+            warmup = math.ceil(task.arm.embedding_warmup_fraction * task.steps - 1e-9)
+            lambdas.append(lambda s: linear_lr_at(s, peak=1.0, warmup_steps=warmup, total_steps=task.steps))
+    return lambdas
 
 
 def build_deepspeed_config(task: RunTask, world_size: int, on_gpu: bool) -> dict[str, Any]:
@@ -118,13 +172,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         skip_cpu_shm_build()
     import deepspeed
 
-    decay, no_decay = split_weight_decay(model.named_parameters())
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": task.training.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=task.lr, betas=tuple(task.training.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
-        s, peak=1.0, warmup_steps=task.warmup_steps, total_steps=task.steps,
-        min_ratio=task.training.min_lr_ratio))
+    optimizer = torch.optim.AdamW(build_param_groups(model, task), lr=task.lr, betas=tuple(task.training.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambdas(task))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=build_deepspeed_config(task, world, on_gpu), dist_init_required=False)
@@ -133,14 +182,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     resumed = checkpoint is not None
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            _, client_state = engine.load_checkpoint(directory)
+        client_state, skipped = restore_checkpoint(engine, checkpoint, device)
         start_step = int(client_state["step"])
         tokens_seen = int(client_state["tokens_seen"])
         order_hash = client_state["order_hash"]
         _log(rank, f"{task.run_name}: resumed from checkpoint at step {start_step}")
         if logger is not None:
             logger.set_tags({names.TAG_RESUMED_FROM_STEP: start_step})
+            if skipped:
+                logger.set_tags({names.TAG_CHECKPOINT_FALLBACK: "; ".join(skipped)[:4000]})
 
     train_blocks = _resolve(task.train_blocks)
     val_blocks = _resolve(task.val_blocks)
@@ -154,7 +204,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     generator = torch.Generator(device="cpu").manual_seed(task.seed)
 
     if logger is not None and start_step == 0:
-        logger.set_tags({names.TAG_INIT_HASH: init_hash, names.TAG_WORLD_SIZE: world, names.TAG_DEVICE: device.type})
+        logger.set_tags({names.TAG_INIT_HASH: init_hash, names.TAG_WORLD_SIZE: world, names.TAG_DEVICE: device.type,
+                         names.TAG_PRECISION: _precision(engine)})
+    if start_step == 0 and task.probes.at_start:  # the initial state (MLflow only: Tune sees training probes)
+        _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, 0, final=False)
+    evaluations = _run_evaluations(task, rank, logger, engine)
+    if evaluations is not None and start_step == 0 and evaluations.due(0):  # the pretrained/initial row
+        evaluations.export_and_submit(engine, 0)
 
     failure = None
     step = start_step
@@ -167,14 +223,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sums = torch.zeros(4, dtype=torch.float64)  # ce, dispersion (unscaled), total loss, micro-batches
         for start in range(0, per_rank, micro):
             batch = torch.as_tensor(train_blocks[mine[start:start + micro]], device=device)
-            outputs = engine(input_ids=batch, labels=batch, output_hidden_states=disp_layers is not None)
+            with _last_hidden_state_raw(engine.module, disp_layers is not None and arm.last_block_output == "raw"):
+                outputs = engine(input_ids=batch, labels=batch, output_hidden_states=disp_layers is not None)
             loss = outputs.loss
             if disp_layers is not None:
                 from scaling.dispersion import dispersion_over_layers
 
                 disp = dispersion_over_layers(
                     outputs.hidden_states, disp_layers, arm.variant, tau=arm.tau,
-                    clamp_threshold=arm.clamp_threshold, generator=generator)
+                    clamp_threshold=arm.clamp_threshold, generator=generator, subset_per_layer=True)
                 loss = loss + arm.lam * disp
                 sums[1] += disp.detach().double().cpu()
             if faults.due(task.faults, faults.NAN_LOSS, step=step + 1, rank=rank, run_name=task.run_name,
@@ -198,7 +255,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         if step % task.training.log_every == 0 or step == task.steps:
             elapsed = time.perf_counter() - window_start
-            metrics = {names.TRAIN_CE_LOSS: ce, names.TRAIN_LR: scheduler.get_last_lr()[0],
+            metrics = {names.TRAIN_CE_LOSS: ce, names.TRAIN_LR: float(f"{scheduler.get_last_lr()[0]:.6g}"),
                        names.TRAIN_TOKENS_PER_S: window_tokens / max(elapsed, 1e-9),
                        names.TRAIN_TOKENS_SEEN: tokens_seen,
                        names.TRAIN_LOSS: total}
@@ -222,8 +279,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if probe_now:
             report.update(_probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, step,
                                  final=is_last))
+        if evaluations is not None:
+            if evaluations.due(step):
+                evaluations.export_and_submit(engine, step)
+            evaluations.collect(wait=False)  # what has finished; training never waits for one
         if save_now:
-            _save_and_report(engine, report, step, tokens_seen, order_hash)
+            def finish_records():  # rank 0, after the checkpoint: a finished run has every record
+                if evaluations is not None:
+                    evaluations.finish()
+                logger.set_tags({names.TAG_DATA_ORDER_HASH: order_hash, names.TAG_STEPS: task.steps})
+                return _wait_for_records(logger)
+
+            _save_and_report(engine, report, step, tokens_seen, order_hash,
+                             finish=finish_records if is_last and logger is not None else None)
         elif probe_now:
             ray.train.report(report)
 
@@ -231,12 +299,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _log(rank, f"{task.run_name}: FAILED: {failure}")
         if logger is not None:
             logger.mark_failed(failure)
+            logger.close()
         # Return normally without a report (every rank alike): a NaN is deterministic, so a Ray
         # Train retry would only fail again, and a report without the validation metrics would
         # confuse Tune's searcher. The driver reads the failure from MLflow.
         return
     if logger is not None:
         logger.set_tags({names.TAG_DATA_ORDER_HASH: order_hash, names.TAG_STEPS: task.steps})
+        logger.close()
 
 
 class DataOrder:
@@ -289,31 +359,93 @@ def _install_arm_hooks(model, task: RunTask) -> _ArmHooks:
         embeddings.register_forward_hook(add_noise)
     if arm.name == names.ARM_ACTIVE_FORGETTING:
         def forget(step, engine):
-            if step % arm.forget_every:
-                return
-            weight = engine.module.get_input_embeddings().weight
-            with torch.no_grad():
-                torch.nn.init.normal_(weight, mean=0.0, std=0.02, generator=torch.Generator().manual_seed(step))
-            # ZeRO stage 0 (enforced by the config): the torch optimizer's state is keyed by the parameter.
-            engine.optimizer.state.pop(weight, None)
-            inner = getattr(engine.optimizer, "optimizer", None)
-            if inner is not None:
-                inner.state.pop(weight, None)
+            if step % arm.forget_every == 0:
+                forget_input_embeddings(engine, seed=task.seed, step=step)
 
         return _ArmHooks(forget)
     return _ArmHooks()
 
 
+def fresh_embeddings(shape, *, seed: int, step: int, padding_idx: int | None):
+    """N(0, 0.02) embeddings drawn from (seed, step), the padding row zeroed: every rank draws the same."""
+    import torch
+
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    weight = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
+    if padding_idx is not None:
+        weight[padding_idx] = 0.0
+    return weight
+
+
+def forget_input_embeddings(engine, *, seed: int, step: int) -> None:
+    """Active forgetting: re-initialise the input embeddings and forget their optimizer state.
+
+    What the next forward uses must be the fresh weights, whatever DeepSpeed keeps: the module's
+    weight (bf16 under mixed precision) and every float32 master copy of it (the unfused
+    mixed-precision optimizer's per-parameter copies, the fused one's flat group, ZeRO 1-2's
+    partitions), or the next step would write the old weights back. The embeddings' Adam moments
+    and step count (their own group, `EMBEDDING_GROUP`) are zeroed in place: DeepSpeed keeps views
+    into them.
+    """
+    import torch
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    embeddings = engine.module.get_input_embeddings()
+    weight = embeddings.weight
+    fresh = fresh_embeddings(tuple(weight.shape), seed=seed, step=step,
+                             padding_idx=getattr(embeddings, "padding_idx", None)).to(weight.device)
+    wrapper = engine.optimizer
+    with torch.no_grad():
+        weight.copy_(fresh.to(weight.dtype))
+        safe_set_full_fp32_param(weight, fresh)  # ZeRO 1-2 partitions, DeepSpeed's BF16_Optimizer
+        for i, group in enumerate(getattr(wrapper, "fp16_groups", ())):  # DeepSpeed's fp16/bf16 wrappers
+            for j, parameter in enumerate(group):
+                if parameter is weight and hasattr(wrapper, "fp32_groups"):
+                    wrapper.fp32_groups[i][j].copy_(fresh)
+                elif parameter is weight and hasattr(wrapper, "fp32_groups_flat"):
+                    wrapper.fp32_groups_flat[i].copy_(fresh.flatten())
+    inner = getattr(wrapper, "optimizer", wrapper)
+    for parameter in inner.param_groups[EMBEDDING_GROUP]["params"]:
+        for value in inner.state.get(parameter, {}).values():
+            if torch.is_tensor(value):
+                value.zero_()
+
+
 def _initial_model(task: RunTask):
     """From scratch: the rung's shape, initialised from the seed. Mid-training (training.init_from):
-    the pretrained checkpoint, as the paper's GPT-2 / Qwen3 runs start."""
-    if task.training.init_from:
+    the rung's pretrained checkpoint, as the paper's GPT-2 / Qwen3 runs start."""
+    if task.init_from:
         from scaling.model import build_causal_lm
 
-        return build_causal_lm(task.training.init_from, device="cpu", dtype="float32").model.train()
-    from scaling.ladder import build_model
+        model = build_causal_lm(task.init_from, device="cpu", dtype="float32").model.train()
+    else:
+        from scaling.ladder import build_model
 
-    return build_model(task.rung, seed=task.seed)
+        model = build_model(task.rung, seed=task.seed, dropout=task.training.dropout)
+    if task.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+@contextlib.contextmanager
+def _last_hidden_state_raw(module, raw: bool):
+    """While active, the model's last hidden state is its last block's raw output, not the final-norm
+    output Hugging Face puts there (transformers reads `config.tie_last_hidden_states` per call)."""
+    if not raw:
+        yield
+        return
+    saved = getattr(module.config, "tie_last_hidden_states", None)
+    module.config.tie_last_hidden_states = False
+    try:
+        yield
+    finally:
+        module.config.tie_last_hidden_states = saved
+
+
+def _precision(engine) -> str:
+    import torch
+
+    return "bf16" if next(engine.module.parameters()).dtype == torch.bfloat16 else "fp32"
 
 
 def _dispersion_layers(task: RunTask, n_blocks: int):
@@ -329,7 +461,8 @@ def _dispersion_layers(task: RunTask, n_blocks: int):
 
 def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, step, final) -> dict[str, float]:
     """Validation loss (sharded over ranks) and the condensation probe (every rank runs the same
-    forwards, which ZeRO-3 needs; rank 0 records it)."""
+    forwards, which ZeRO-3 needs; rank 0 records it). Condensation is measured in float32, from the
+    float32 master weights under bf16 mixed precision, as the reference measures saved models."""
     import torch
 
     from scaling.condensation import CondensationAccumulator
@@ -345,10 +478,10 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
             batch = shard[b * micro:(b + 1) * micro]
             if len(batch) == 0:
                 batch = shard[:1]
-            ids = torch.as_tensor(batch, device=device)
+            ids = torch.as_tensor(np.asarray(batch), device=device)  # a lazy view of the shards reads here
             totals[0] += engine(input_ids=ids, labels=ids).loss.double().cpu() * len(batch)
             totals[1] += len(batch)
-        base = engine.module.base_model
+        base = _float32_model(engine).base_model
         for ids in probe_ids:
             outputs = base(input_ids=torch.as_tensor(ids, device=device)[None, :], output_hidden_states=True)
             accumulator.update(torch.stack(outputs.hidden_states)[:, 0].float())
@@ -359,6 +492,11 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
         logger.log_metrics(metrics, step)
         _log(rank, f"{task.run_name} step {step} val/loss {metrics[names.VAL_LOSS]:.4f} "
              f"condensation spearman {result.spearman:+.3f}")
+        with tempfile.TemporaryDirectory() as directory:  # every probe's profile: heatmaps over training
+            path = Path(directory) / f"step_{step:07d}.json"
+            path.write_text(result.to_json(extra={"step": step, "run_name": task.run_name}, indent=None),
+                            encoding="utf-8")
+            logger.log_artifact(path, names.ARTIFACT_PROBES_DIR)
         if final:
             _log_final_condensation(logger, result, task)
     engine.train()
@@ -377,12 +515,125 @@ def _log_final_condensation(logger, result, task: RunTask) -> None:
             logger.log_artifact(path)
 
 
-def _save_and_report(engine, report, step, tokens_seen, order_hash) -> None:
+def _float32_model(engine):
+    """The trained model in float32 for measurement: the module itself when it trains in float32
+    (under ZeRO-3 its forward gathers the weights), else `full_model` in float32."""
+    import torch
+
+    module = engine.module
+    if next(module.parameters()).dtype == torch.float32:
+        return module
+    return full_model(engine, dtype=torch.float32)
+
+
+def full_model(engine, dtype):
+    """The trained model with all its weights, in `dtype`: the module itself when it holds them in
+    that dtype, else a copy built from DeepSpeed's float32 master weights (gathered under ZeRO-3).
+    Every rank must call this: gathering a partitioned weight is a collective."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    first = next(module.parameters())
+    if first.dtype == dtype and not hasattr(first, "ds_id"):
+        return module
+    copy = type(module)(module.config).to(device=first.device, dtype=torch.float32).eval()
+    own = dict(copy.named_parameters())
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            master = safe_get_full_fp32_param(parameter)
+            own[name].copy_(master if master is not None else parameter.float())
+    return copy.to(dtype)
+
+
+DEEPSPEED_CHECKPOINT_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                                "deepspeed.runtime.zero.config.ZeroStageEnum",
+                                "deepspeed.utils.tensor_fragment.fragment_address")
+"""The only non-tensor classes DeepSpeed's own checkpoints hold (ZeRO 0-3, fp32 and bf16): loading
+allows these and nothing else, so a tampered checkpoint cannot run code when it is unpickled."""
+
+
+def restore_checkpoint(engine, checkpoint, device) -> tuple[dict, list[str]]:
+    """Load the newest readable checkpoint of the run: Ray Train's latest, else an older one kept
+    beside it (`checkpoint.num_to_keep`), every rank agreeing on which. Returns the client state and
+    one line per newer checkpoint that could not be read. Raises when none can: a run never restarts
+    silently from step 0.
+
+    Files are unpickled with torch's weights-only loader (DeepSpeed asks for the full unpickler;
+    the environment switch overrides it), allowing DeepSpeed's own checkpoint classes only.
+    """
+    import importlib
+
+    import torch
+
+    from scaling.errors import TrainingFailure
+
+    allowed = [getattr(importlib.import_module(path.rpartition(".")[0]), path.rpartition(".")[2])
+               for path in DEEPSPEED_CHECKPOINT_CLASSES]
+    skipped = []
+    for candidate in _checkpoints_newest_first(checkpoint):
+        state, problem = None, None
+        saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            with candidate.as_directory() as directory, torch.serialization.safe_globals(allowed):
+                path, state = engine.load_checkpoint(directory)
+            if path is None or not state or "step" not in state:
+                problem = "no DeepSpeed checkpoint in it"
+        except Exception as exc:  # noqa: BLE001 -- truncated, corrupt or missing files: try the one before
+            problem = _brief(exc)
+        finally:
+            if saved is None:
+                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+        ok = torch.tensor([0 if problem else 1], device=device)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)  # a checkpoint every rank can read
+        if int(ok.item()):
+            if skipped:
+                _log(0, f"warning: resumed from an older checkpoint ({candidate.path}); skipped: {'; '.join(skipped)}")
+            return state, skipped
+        skipped.append(f"{candidate.path.rstrip('/').rsplit('/', 1)[-1]}: {problem or 'unreadable on another rank'}")
+    raise TrainingFailure(f"no readable checkpoint to resume from ({'; '.join(skipped)}); the run is not restarted "
+                          "from step 0: delete its Ray Train folder to start it over")
+
+
+def _checkpoints_newest_first(checkpoint) -> list:
+    """Ray Train's latest checkpoint, then the older ones kept in the same run folder."""
+    from pyarrow import fs
+    from ray.train import Checkpoint
+
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    try:
+        infos = checkpoint.filesystem.get_file_info(fs.FileSelector(parent))
+    except OSError:
+        return [checkpoint]
+    older = sorted((info.path for info in infos if info.type == fs.FileType.Directory
+                    and info.base_name.startswith("checkpoint_") and info.path != checkpoint.path.rstrip("/")),
+                   reverse=True)
+    return [checkpoint] + [Checkpoint(path, filesystem=checkpoint.filesystem) for path in older]
+
+
+def _brief(exc: BaseException) -> str:
+    """One line of a load failure: torch's weights-only unpickler puts the reason ("... unsupported
+    GLOBAL posix.system ...") in the middle of a long message, other errors on their last line."""
+    from scaling.errors import one_line
+
+    reason = re.search(r"[^\n]*unsupported [^\n]*", str(exc), flags=re.IGNORECASE)
+    return f"{type(exc).__name__}: {reason.group(0).strip()}"[:300] if reason else one_line(exc, 300)
+
+
+def _save_and_report(engine, report, step, tokens_seen, order_hash, finish=None) -> None:
+    """Save a DeepSpeed checkpoint and report it. `finish` (rank 0, last step) runs after the save's
+    collectives, so the other ranks wait for it in the report, which has no timeout (a gloo call would
+    time out after 30 minutes of evaluations); what it returns joins the report."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(directory, tag=f"step_{step:07d}", client_state={
             "step": step, "tokens_seen": tokens_seen, "order_hash": order_hash})
+        if finish is not None:
+            report.update(finish())
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -414,10 +665,56 @@ def chain_hash(previous: str, indices: np.ndarray) -> str:
     return hashlib.sha256(previous.encode() + indices.astype(np.int64).tobytes()).hexdigest()[:32]
 
 
+def _run_evaluations(task: RunTask, rank: int, logger, engine):
+    """The run's downstream evaluations (None when the study evaluates nothing)."""
+    if task.evaluation is None:
+        return None
+    import torch
+
+    from scaling.evaluations import RunEvaluations
+
+    return RunEvaluations(task.evaluation, total_steps=task.steps, rank=rank, logger=logger,
+                          tokenizer_uri=task.tokenizer_uri, run_folder=_run_folder(),
+                          precision_dtype=next(engine.module.parameters()).dtype
+                          if next(engine.module.parameters()).dtype == torch.bfloat16 else torch.float32)
+
+
+def _run_folder() -> str | None:
+    """This run's Ray Train folder on the storage, as a local path or a URI (s3://bucket/...)."""
+    try:
+        import pyarrow.fs
+        import ray.train
+
+        context = ray.train.get_context().get_storage()
+        path = context.experiment_fs_path
+        if isinstance(context.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            return path
+        return f"{context.storage_filesystem.type_name}://{path}"
+    except Exception:  # noqa: BLE001 -- a developer API of Ray Train: without it, nothing is exported
+        return None
+
+
 def _rank0_logger(task: RunTask):
+    """Rank 0's MLflow writer; what an outage leaves unwritten is spilled to the run's Ray Train folder."""
     from scaling.tracking import RunLogger
 
-    return RunLogger(task.tracking_uri, task.run_id)
+    return RunLogger(task.tracking_uri, task.run_id, spill_dir=_spill_dir())
+
+
+def _spill_dir():
+    """`<storage_path>/<run folder>/mlflow-spill` when that folder is a local (or mounted) path, so a
+    resumed run finds what its earlier life spilled; else RunLogger's default temp folder."""
+    folder = _run_folder()
+    return os.path.join(folder, "mlflow-spill") if folder and "://" not in folder else None
+
+
+def _wait_for_records(logger) -> dict[str, str]:
+    """Before the last report: wait until rank 0's records reached MLflow; what did not, and why,
+    goes in the report, so the driver fails the run instead of finishing it with metrics missing."""
+    from scaling.tracking import UNWRITTEN_KEY
+
+    problem = logger.flush()
+    return {UNWRITTEN_KEY: problem} if problem else {}
 
 
 def _log(rank: int, message: str) -> None:

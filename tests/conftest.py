@@ -96,5 +96,5 @@ def tiny_train_study(tmp_path, name, **overrides):
         "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }
     for key, value in overrides.items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return study_from_dict(raw)

@@ -73,10 +73,25 @@ def test_leave_largest_out_accepts_a_true_curve_and_flags_a_broken_one():
     assert bad.relative_error < -0.1
 
 
-def test_leave_largest_out_needs_four_rungs():
-    n, y = draw(3, rungs=RUNGS[:3])
-    with pytest.raises(DataError, match="needs >= 4 rungs"):
+def test_leave_largest_out_needs_five_rungs():
+    n, y = draw(3, rungs=RUNGS[:4])
+    with pytest.raises(DataError, match="needs >= 5 rungs"):
         check_leave_largest_out(n, y, FAST)
+
+
+def test_power_law_is_refused_below_four_rungs_and_fitted_from_four():
+    """Three rungs fix a 3-parameter law exactly: no fit, no curve, a trend and the reason."""
+    n3, y3 = draw(5, rungs=RUNGS[:3])
+    three = fit_scaling_curve(names.VAL_LOSS, n3, y3, FAST)
+    assert not three.supported and three.fit is None and three.holdout is None
+    assert "3 rung(s)" in three.reason and "needs >= 4" in three.reason
+    assert three.trend is not None and three.trend.slope_per_decade.estimate < 0 and three.trend.slope_per_decade.has_bounds
+    with pytest.raises(DataError, match="needs >= 4"):
+        fit_power_law(n3, y3, FAST)
+    n4, y4 = draw(5, rungs=RUNGS[:4])
+    four = fit_scaling_curve(names.VAL_LOSS, n4, y4, FAST)
+    assert four.supported and four.fit is not None and four.fit.n_rungs == 4
+    assert four.holdout is None and "needs >= 5 rungs" in four.reason
 
 
 @pytest.mark.parametrize(
@@ -99,6 +114,16 @@ def test_trend_of_one_rung_or_constant_metric_says_why():
         compute_trend(np.array([1e6, 1e6]), np.array([0.5, 0.6]), FAST)
     with pytest.raises(DataError, match="constant"):
         compute_trend(np.repeat(RUNGS, 2), np.full(10, 0.3), FAST)
+    # A rank correlation pinned at +1 (few layers) is named as saturated, not as a logging fault.
+    with pytest.raises(DataError, match="saturated: every run at \\+1.000"):
+        compute_trend(np.repeat(RUNGS, 2), np.ones(10), FAST)
+
+
+def test_trend_without_seeds_has_no_interval_and_says_why():
+    n = RUNGS[:3]
+    trend = compute_trend(n, np.array([0.5, 0.4, 0.35]), FAST)
+    assert not trend.slope_per_decade.has_bounds and trend.slope_per_decade.why == "1 seed, 3 points"
+    assert not trend.spearman.has_bounds and trend.runs_per_rung == 1
 
 
 def test_trend_sign_and_interval():
@@ -108,6 +133,7 @@ def test_trend_sign_and_interval():
     trend = compute_trend(n, rho, FAST)
     assert trend.spearman.estimate < -0.9
     assert trend.spearman.low <= trend.spearman.estimate <= trend.spearman.high < 0
+    assert trend.slope_per_decade.contains(-0.25) and trend.slope_per_decade.high < 0
 
 
 def test_rank_correlations_get_a_trend_never_a_power_law():
@@ -122,8 +148,8 @@ def test_increasing_or_too_short_metric_falls_back_to_trend():
     n = np.repeat(RUNGS, 2)
     rising = fit_scaling_curve(names.VAL_LOSS, n, 2.0 + 0.1 * np.log10(n), FAST)
     assert not rising.supported and "increases with N" in rising.reason and rising.trend is not None
-    short = fit_scaling_curve(names.VAL_LOSS, n[:4], TRUTH.predict(n[:4]), FAST)
-    assert not short.supported and "needs >= 3" in short.reason
+    short = fit_scaling_curve(names.VAL_LOSS, n[:6], TRUTH.predict(n[:6]), FAST)
+    assert not short.supported and "needs >= 4" in short.reason
 
 
 def test_supported_curve_has_fit_and_holdout():
@@ -136,7 +162,7 @@ def test_fit_options_validate():
     with pytest.raises(ConfigError, match="confidence"):
         FitOptions(confidence=1.5)
     with pytest.raises(ConfigError, match="min_rungs"):
-        FitOptions(min_rungs=2)
+        FitOptions(min_rungs=3)
 
 
 # --- paired effects ------------------------------------------------------------------------------

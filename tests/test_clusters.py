@@ -48,17 +48,22 @@ def test_launcher_files_pass_rays_validation(name):
     torch_at = next(i for i, c in enumerate(setup) if "torch==" in c)
     package_at = next(i for i, c in enumerate(setup) if "-e ~/dispersion-scaling" in c)
     assert torch_at < package_at, "torch (the CUDA build) is installed before the package"
-    head_start = " ".join(config["head_start_ray_commands"])
-    assert "mlflow server" in head_start and "sqlite:///$HOME/mlflow/mlflow.db" in head_start
-    assert "export MLFLOW_TRACKING_URI=http://$HEAD_IP:5000" in head_start
+    # The head starts MLflow through the one shipped script (tests/test_launcher.py runs it), which
+    # then runs `ray start` itself, so the server answers before Ray (and any job) starts.
+    start = config["head_start_ray_commands"][-1]
+    script, ray_start = start.split("bash ~/dispersion-scaling/clusters/start_head.sh")
+    assert ray_start.split()[:3] == ["ray", "start", "--head"], start
+    assert "--dashboard-host=127.0.0.1" in ray_start, "the dashboard is reached through SSH only"
+    assert "mlflow" not in ray_start and "pgrep" not in start
+    assert (ROOT / "clusters" / "start_head.sh").is_file()
 
 
 def test_aws_node_types_fit_the_paper_study():
     config = prepared("aws.yaml")
-    assert "s3://" in " ".join(config["head_start_ray_commands"])  # MLflow artifacts on S3
+    assert "MLFLOW_ARTIFACTS=s3://" in " ".join(config["head_start_ray_commands"])  # MLflow artifacts on S3
     node_types = read_launcher_node_types(config)
     assert {t.name: t.max_count for t in node_types} == {"head": 1, "gpu_1x": 8, "gpu_8x": 2}
-    study = load_study(ROOT / "search_spaces" / "paper_gpt2.yaml")
+    study = load_study(ROOT / "search_spaces" / "gpt2_ladder.yaml")  # 8 GPU workers per run
     res = study.resources
     check_capacity(res.num_workers, res.cpus_per_worker, res.use_gpu, node_types)
     placement = plan_placement(res.num_workers, res.cpus_per_worker, res.use_gpu, node_types, num_runs=28)
@@ -73,9 +78,17 @@ def test_local_file_counts_head_and_workers():
     assert [(t.max_count, dict(t.resources)) for t in node_types] == [(3, {})]
 
 
+def kuberay_documents() -> dict[str, dict]:
+    """clusters/kuberay.yaml's objects by kind (one of each)."""
+    documents = [d for d in yaml.safe_load_all((CLUSTERS / "kuberay.yaml").read_text()) if d]
+    by_kind = {d["kind"]: d for d in documents}
+    assert len(by_kind) == len(documents), "one object per kind"
+    return by_kind
+
+
 def test_kuberay_rayjob_runs_a_study_that_loads():
-    manifest = yaml.safe_load((CLUSTERS / "kuberay.yaml").read_text())
-    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
+    manifest = kuberay_documents()["RayJob"]
+    assert manifest["apiVersion"] == "ray.io/v1"
     spec = manifest["spec"]
     match = re.search(r"python -m scaling\.run (\S+\.yaml)", spec["entrypoint"])
     assert match, spec["entrypoint"]
@@ -89,13 +102,61 @@ def test_kuberay_rayjob_runs_a_study_that_loads():
     check_capacity(res.num_workers, res.cpus_per_worker, res.use_gpu, node_types)
 
 
+def test_kuberay_mlflow_answers_the_name_the_rayjob_uses():
+    from urllib.parse import urlsplit
+
+    from mlflow.server.security_utils import is_allowed_host_header  # the server's own Host check
+
+    docs = kuberay_documents()
+    job, deployment, service = docs["RayJob"], docs["Deployment"], docs["Service"]
+    # The URI the job's driver and tasks get (runtime env) is the head pod's too.
+    job_uri = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e["value"] for e in head["env"]}["MLFLOW_TRACKING_URI"] == job_uri
+    uri = urlsplit(job_uri)
+    # That name is the Service (same namespace: no namespace pinned anywhere), on the Service's port...
+    assert uri.hostname == service["metadata"]["name"] and uri.port == service["spec"]["ports"][0]["port"]
+    assert not any("namespace" in d["metadata"] for d in docs.values())
+    # ...which selects the MLflow pods and forwards to the port the server listens on.
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    container = pod["spec"]["containers"][0]
+    args = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
+    target = service["spec"]["ports"][0]["targetPort"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["command"] == ["mlflow", "server"] and args["host"] == "0.0.0.0"
+    assert int(args["port"]) == ports.get(target, target)
+    # MLflow 3 answers 403 to a Host it does not list: the pods send "mlflow:5000".
+    allowed = args["allowed-hosts"].split(",")
+    assert is_allowed_host_header(allowed, uri.netloc) and is_allowed_host_header(allowed, "localhost:5000")
+    assert not is_allowed_host_header(allowed, "attacker.example:5000")
+    # Ready only when the API (not /health, which skips the Host check) answers that name.
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["path"].startswith("/api/") and probe["port"] in (target, int(args["port"]))
+    assert {h["name"]: h["value"] for h in probe["httpHeaders"]}["Host"] == uri.netloc
+    # One SQLite writer on a persistent volume.
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    claim = pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert claim == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    mount = container["volumeMounts"][0]["mountPath"]
+    assert args["backend-store-uri"] == f"sqlite:///{mount}/mlflow.db"
+
+
 def test_paper_study_has_the_papers_settings():
-    study = load_study(ROOT / "search_spaces" / "paper_gpt2.yaml")
-    t, r = study.training, study.resources
-    assert study.ladder == "gpt2" and study.data.source == "wikitext"
-    assert (t.seq_len, t.batch_size * t.seq_len, t.warmup_fraction) == (1024, 131_072, 0.2)
-    assert (t.betas, t.weight_decay, t.grad_clip) == ((0.9, 0.95), 0.1, 1.0)
-    assert (r.use_gpu, r.precision, r.zero_stage) == (True, "bf16", 2)
+    from scaling.config import plan_runs
+
+    study = load_study(ROOT / "search_spaces" / "paper_midtrain_gpt2.yaml")
+    t, r, d = study.training, study.resources, study.data
+    assert study.ladder == "gpt2" and d.source == "wikitext" and d.packing == "raw" and d.val_split == "validation"
+    assert t.init_from_for("gpt2-small") == "gpt2" and t.init_from_for("gpt2-xl") == "gpt2-xl"
+    assert (t.seq_len, t.batch_size * t.seq_len, t.warmup_fraction, t.min_lr_ratio) == (1024, 131_072, 0.2, 0.0)
+    assert (t.betas, t.weight_decay, t.grad_clip, t.lr, t.lr_scaling) == ((0.9, 0.95), 0.1, 1.0, 5e-5,
+                                                                         "sqrt_world_size")
+    assert (r.use_gpu, r.precision, r.num_workers) == (True, "bf16", 1)
+    assert [a.name for a in study.arms] == ["baseline", "dispersion", "neftune", "active_forgetting"]
+    assert study.seeds == (0, 1, 2) and study.probes.at_start and study.probes.every_steps == 306
+    assert {(p.steps, p.warmup_steps, p.lr) for p in plan_runs(study)} == {(1526, 306, 5e-5)}
     assert study.storage_path.startswith("s3://")
 
 

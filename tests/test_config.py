@@ -57,7 +57,13 @@ def test_overrides_use_dotted_paths(tmp_path):
     ("study: s\narms: [baseline, baseline]\n", "twice"),
     ("study: s\nresources: {zero_stage: 4}\n", "zero_stage=4"),
     ("study: s\ntraining: {batch_size: 4, micro_batch_size: 4}\nresources: {num_workers: 2}\n", "batch_size=4"),
-    ("study: s\narms: [active_forgetting]\nresources: {zero_stage: 2}\n", "zero_stage: 0"),
+    ("study: s\narms: [active_forgetting]\nresources: {zero_stage: 3}\n", "zero_stage 0, 1 or 2"),
+    ("study: s\ntraining: {init_from: {tiny-165K: a}}\n", "misses ['tiny-429K', 'tiny-754K', 'tiny-1.1M']"),
+    ("study: s\nrungs: [tiny-165K]\ntraining: {init_from: {tiny-165K: a, nope: b}}\n", "names unknown rungs ['nope']"),
+    ("study: s\ndata: {packing: zip}\n", "data.packing='zip': use one of"),
+    ("study: s\ntraining: {min_lr_ratio: -0.1}\n", "min_lr_ratio=-0.1"),
+    ("study: s\ntraining: {lr_scaling: linear}\n", "lr_scaling='linear'"),
+    ("study: s\narms: [{name: dispersion, last_block_output: pre}]\n", "last_block_output='pre'"),
     ("ladder: tiny\n", "missing required key(s) ['study']"),
     ("study: 'has space'\n", "study='has space'"),
     ("- just\n- a list\n", "expected a mapping"),
@@ -111,3 +117,14 @@ def test_unknown_study_kind_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="kind='sweep'.*use train .* or observe"):
         load_study_file(write(tmp_path, "kind: sweep\nstudy: x\n"))
     assert load_study_file(write(tmp_path, "kind: train\nstudy: x\n")).study == "x"
+
+
+def test_study_records_never_carry_credentials():
+    from scaling.config import redact_credentials
+
+    study = study_from_dict({"study": "s", "tracking_uri": "http://alice:s3cret@mlflow.internal:5000"})
+    params = study.record_params()
+    assert params["tracking_uri"] == "http://***@mlflow.internal:5000"
+    assert not any("s3cret" in str(v) for v in params.values())
+    assert redact_credentials("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    assert redact_credentials("s3://bucket/path@x") == "s3://bucket/path@x"  # an @ after the host is not a user

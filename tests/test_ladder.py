@@ -92,6 +92,14 @@ def test_qwen3_06b_matches_the_released_shape():
 def test_paper_qwen3_shape():
     rung = get_ladder("qwen3").rung(QWEN3_PAPER_RUNG)
     assert (rung.d_model, rung.n_layers, rung.d_ff, rung.vocab_size) == (256, 28, 768, 151_936)
+    # The authors' torchtitan config: 2 query heads and 2 key/value heads of width 128.
+    assert (rung.n_heads, rung.kv_heads, rung.attention_head_dim) == (2, 2, 128)
+
+
+@pytest.mark.parametrize("name, non_embedding_billions", [("qwen3-1.7B", 1.4), ("qwen3-4B", 3.6), ("qwen3-8B", 6.95)])
+def test_released_qwen3_shapes_match_their_model_cards(name, non_embedding_billions):
+    count = count_params(get_ladder("qwen3").rung(name))
+    assert abs(count.non_embedding / 1e9 - non_embedding_billions) < 0.01 * non_embedding_billions + 0.005
 
 
 def test_gpt2_ffn_ladder_changes_only_the_mlp_width():
@@ -265,9 +273,9 @@ def test_plans_are_consistent(ladder_name, num_workers):
         assert plan.n_params == plan.params.non_embedding
         assert plan.tokens == plan.steps * plan.batch_size * seq_len
         assert plan.batch_size % num_workers == 0
-        # Rounding to whole steps keeps the budget within half a step of 20 N.
-        assert abs(plan.tokens - 20 * plan.n_params) <= plan.tokens_per_step / 2 or plan.steps == 1
-        assert plan.warmup_steps == round(0.2 * plan.steps)
+        # The budget is a floor: whole steps round up, so at most one step more than 20 N.
+        assert 0 <= plan.tokens - 20 * plan.n_params < plan.tokens_per_step or plan.steps == 1
+        assert plan.warmup_steps == math.ceil(0.2 * plan.steps - 1e-9)
         assert plan.flops_6nd == 6 * plan.n_params * plan.tokens
         assert plan.flops > plan.flops_6nd  # adds the output projection and attention
 
@@ -299,7 +307,15 @@ def test_paper_mid_training_settings_reproduce_1526_steps():
     # docs/protocols.md: 200M tokens at 131,072 tokens per step (128 x 1024) -> 1526 steps.
     plan = RunConfigurator(token_budget=200_000_000, seq_len=1024, batch_tokens=131_072,
                            lr=5e-5).plan(get_ladder("gpt2").rung("gpt2-small"), num_workers=8)
-    assert (plan.steps, plan.batch_size, plan.warmup_steps) == (1526, 128, 305)
+    # Steps and the 20% warmup round up: 1525.9 -> 1526 steps, 305.2 -> 306 warmup steps.
+    assert (plan.steps, plan.batch_size, plan.warmup_steps) == (1526, 128, 306)
+    assert plan.lr == 5e-5
+    scaled = RunConfigurator(token_budget=200_000_000, seq_len=1024, batch_tokens=131_072, lr=5e-5,
+                             lr_scaling="sqrt_world_size").plan(get_ladder("gpt2").rung("gpt2-small"), num_workers=4)
+    assert scaled.lr == pytest.approx(1e-4)  # 5e-5 x sqrt(4)
+    smoke = RunConfigurator(seq_len=64, batch_size=8, warmup_fraction=0.1, max_steps=30).plan(
+        get_ladder("tiny").rungs[0], num_workers=2)
+    assert smoke.warmup_steps == 3  # 0.1 x 30 is 3.0000000000000004 in floats: still 3
 
 
 def test_gpu_hours_follow_the_peak_table():

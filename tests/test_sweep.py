@@ -115,14 +115,14 @@ def test_two_rung_sweep_records_trials_picks_best_on_validation_and_survives_a_n
     study = study_from_dict(sweep_study(tmp_path, "sweep"))
     from scaling.faults import NAN_LOSS, Fault, install
 
-    with install(Fault(NAN_LOSS, step=1, run="-trial1-")):  # the second trial of each rung turns NaN
+    with install(Fault(NAN_LOSS, step=1, run="trial1 ")):  # the second trial of each rung turns NaN
         outcomes = run_study(study, "")
     runs = mlflow_runs(study.tracking_uri, "sweep")
     (parent,) = by_kind(runs, names.KIND_STUDY)
     sweeps = by_kind(runs, names.KIND_SWEEP)
     assert sorted(s.data.tags[names.TAG_RUNG] for s in sweeps) == ["tiny-165K", "tiny-429K"]
     for sweep in sweeps:
-        assert sweep.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert sweep.data.tags[names.TAG_STUDY_RUN_ID] == parent.info.run_id
         trials = [t for t in by_kind(runs, names.KIND_TRIAL)
                   if t.data.tags["mlflow.parentRunId"] == sweep.info.run_id]
         assert len(trials) == SAMPLES

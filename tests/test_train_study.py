@@ -52,7 +52,8 @@ def test_mlflow_parent_child_structure(finished_study):
     assert len(parents) == 1 and len(children) == 2
     for child in children:
         tags = child.data.tags
-        assert tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert tags[names.TAG_STUDY_RUN_ID] == parents[0].info.run_id
+        assert names.TAG_PARENT_RUN_ID not in tags  # top-level rows in MLflow's runs table
         assert tags[names.TAG_RUNG] == "tiny-165K" and tags[names.TAG_SEED] == "0"
         assert tags[names.TAG_STATUS] == names.STATUS_FINISHED
         assert int(tags[names.TAG_N_PARAMS]) > int(tags[names.TAG_N_PARAMS_NON_EMBEDDING]) > 0
@@ -119,8 +120,8 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
     assert [o.status for o in outcomes] == ["finished"]
     (child,) = runs_of(study, names.KIND_TRAIN)
     assert child.data.tags["resumed_from_step"] in {"2", "4"}
-    ce_steps = {m.step for m in client_for(study).get_metric_history(child.info.run_id, names.TRAIN_CE_LOSS)}
-    assert ce_steps == set(range(1, 8))
+    ce_steps = sorted(m.step for m in client_for(study).get_metric_history(child.info.run_id, names.TRAIN_CE_LOSS))
+    assert ce_steps == list(range(1, 8))  # the steps the resumed life ran again are not recorded twice
 
 
 def test_nan_loss_fails_that_run_and_the_study_goes_on(ray_session, tmp_path):
@@ -147,18 +148,45 @@ def test_more_workers_than_the_cluster_has_fails_before_any_work(ray_session, tm
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_mid_training_starts_from_a_pretrained_checkpoint(ray_session, tmp_path, tokenizer):
+def test_pretrained_ladder_mid_trains_each_rung_from_its_checkpoint(ray_session, tmp_path, tokenizer):
     from conftest import save_tiny_gpt2
 
     from scaling.study import run_study
 
-    pretrained = save_tiny_gpt2(tmp_path / "pretrained", tokenizer, n_layer=3)  # 3 blocks, unlike the rung's 2
-    study = tiny_study(tmp_path, "midtrain", arms=["baseline", {"name": "dispersion", "layers": "last"}],
-                       training={"init_from": str(pretrained), "max_steps": 2},
-                       probes={"every_steps": 0}, resources={"num_workers": 1, "zero_stage": 0})
+    # A pretrained ladder of two local checkpoints (3 and 4 blocks, unlike the rungs' own shapes), the
+    # raw-packing data path, a fixed token budget and a probe of the initial state.
+    small = save_tiny_gpt2(tmp_path / "small", tokenizer, n_layer=3, seed=1)
+    large = save_tiny_gpt2(tmp_path / "large", tokenizer, n_layer=4, n_embd=48, seed=2)
+    study = tiny_study(tmp_path, "midtrain", rungs=["tiny-165K", "tiny-429K"],
+                       arms=["baseline", {"name": "dispersion", "layers": "last"}],
+                       data={"packing": "raw"},
+                       training={"init_from": {"tiny-165K": str(small), "tiny-429K": str(large)},
+                                 "tokens": 300, "max_steps": None},
+                       probes={"every_steps": 0, "at_start": True}, resources={"num_workers": 1, "zero_stage": 0})
     outcomes = run_study(study, "")
-    assert [o.status for o in outcomes] == ["finished", "finished"]
+    assert [o.status for o in outcomes] == ["finished"] * 4
     client = client_for(study)
     for child in runs_of(study, names.KIND_TRAIN):
-        assert client.get_metric_history(child.info.run_id, names.layer_metric(3, "mean_cos"))  # 3 blocks + emb
-    assert len({c.data.tags["init_hash"] for c in runs_of(study, names.KIND_TRAIN)}) == 1
+        blocks = 3 if child.data.tags[names.TAG_RUNG] == "tiny-165K" else 4
+        history = client.get_metric_history(child.info.run_id, names.layer_metric(blocks, "mean_cos"))
+        assert sorted(m.step for m in history) == [0, 3]  # the initial state and the end
+        # 300 tokens at 4 x 32 = 128 per step: the budget is a floor, so 3 steps (384 tokens).
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, names.TRAIN_CE_LOSS)) == [1, 2, 3]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id, names.ARTIFACT_PROBES_DIR)}
+        assert artifacts == {f"{names.ARTIFACT_PROBES_DIR}/step_0000000.json", f"{names.ARTIFACT_PROBES_DIR}/step_0000003.json"}
+    for rung in ("tiny-165K", "tiny-429K"):  # paired arms start from the same checkpoint
+        assert len({c.data.tags["init_hash"] for c in runs_of(study, names.KIND_TRAIN)
+                    if c.data.tags[names.TAG_RUNG] == rung}) == 1
+
+
+def test_active_forgetting_trains_in_bf16_under_zero_2(ray_session, tmp_path):
+    from scaling.study import run_study
+
+    study = tiny_study(tmp_path, "forgetting", arms=[{"name": "active_forgetting", "forget_every": 2}],
+                       training={"max_steps": 4}, probes={"every_steps": 0},
+                       resources={"num_workers": 2, "zero_stage": 2, "precision": "bf16"})
+    (outcome,) = run_study(study, "")
+    assert outcome.status == "finished", outcome.detail
+    (child,) = runs_of(study, names.KIND_TRAIN)
+    assert child.data.tags[names.TAG_PRECISION] == "bf16"
+    assert float(child.data.params[names.PARAM_EMBEDDING_LR]) == 5e-5

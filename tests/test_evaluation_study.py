@@ -1,0 +1,103 @@
+"""Downstream evaluation as part of a study, end to end: real Ray, real DeepSpeed, real MLflow and real
+lm-eval-harness on the bundled cloze task. Each run evaluates its model at step 0, 2 and 4 as a Ray task
+beside training; results land at their step; the final model's folder is recorded and lm-eval's own CLI
+scores it the same; an unknown task stops the study before any training; a task whose data cannot be
+loaded is recorded as failed while the run finishes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_train_study
+from scaling import names
+
+LIMIT = 20
+
+
+def client_for(study):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=study.tracking_uri)
+
+
+def training_runs(study):
+    client = client_for(study)
+    experiment = client.get_experiment_by_name(study.study)
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.kind = '{names.KIND_TRAIN}'")
+
+
+@pytest.fixture(scope="module")
+def evaluated(ray_session, tmp_path_factory):
+    from scaling.study import run_study
+
+    tmp = tmp_path_factory.mktemp("evaluated")
+    broken = tmp / "tasks"
+    broken.mkdir()
+    (broken / "missing.yaml").write_text(
+        "task: missing_data_cloze\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {broken / 'no-such-file.jsonl'}\n"
+        "output_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: gold\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    study = tiny_train_study(tmp, "evaluated", resources={"num_workers": 1, "zero_stage": 0},
+                             probes={"every_steps": 2},
+                             eval={"tasks": ["bundled_cloze", "bundled_cloze_val", "missing_data_cloze"],
+                                   "selection_tasks": ["bundled_cloze_val"], "limit": LIMIT, "batch_size": 8,
+                                   "every_steps": 2, "at_start": True, "include_path": str(broken)})
+    outcomes = run_study(study, "")
+    return study, outcomes
+
+
+def test_every_run_is_evaluated_at_its_steps_while_it_trains(evaluated):
+    study, outcomes = evaluated
+    assert [o.status for o in outcomes] == ["finished", "finished"]
+    client = client_for(study)
+    for run in training_runs(study):
+        history = client.get_metric_history(run.info.run_id, "eval/bundled_cloze/acc")
+        assert sorted(m.step for m in history) == [0, 2, 4]
+        assert all(0.0 <= m.value <= 1.0 for m in history)
+        selection = client.get_metric_history(run.info.run_id, names.EVAL_SELECTION_MEAN_ACC)
+        assert sorted(m.step for m in selection) == [0, 2, 4]
+        # The failed task is recorded, and the test mean is not a mean over fewer tasks.
+        assert names.EVAL_MEAN_ACC not in run.data.metrics
+        assert run.data.metrics[names.EVAL_NUM_FAILED] == 1
+        failed = json.loads(run.data.tags[f"{names.TAG_EVAL_FAILED_PREFIX}4"])
+        assert list(failed) == ["missing_data_cloze"] and "FileNotFoundError" in failed["missing_data_cloze"]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval/step_000004")}
+        assert artifacts == {"eval/step_000004/eval_results.json"}
+        assert run.info.status == "FINISHED"
+
+
+def test_the_final_model_folder_loads_and_lm_eval_cli_scores_it_the_same(evaluated, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from scaling.eval_tasks import TASKS_DIR
+
+    study, _ = evaluated
+    run = training_runs(study)[0]
+    model_dir = run.data.tags[names.TAG_MODEL_DIR]
+    assert model_dir.endswith("step_0000004")
+    AutoModelForCausalLM.from_pretrained(model_dir)
+    out = tmp_path / "cli"
+    subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir}",
+                    "--tasks", "bundled_cloze", "--include_path", str(TASKS_DIR), "--device", "cpu",
+                    "--limit", str(LIMIT), "--batch_size", "8", "--output_path", str(out)],
+                   check=True, capture_output=True, text=True, cwd=tmp_path)
+    [results] = out.rglob("results_*.json")
+    cli = json.loads(results.read_text())["results"]["bundled_cloze"]["acc,none"]
+    logged = [m for m in client_for(study).get_metric_history(run.info.run_id, "eval/bundled_cloze/acc") if m.step == 4]
+    assert cli == logged[0].value
+
+
+def test_an_unknown_task_stops_the_study_before_any_training(ray_session, tmp_path):
+    from scaling.errors import ConfigError
+    from scaling.study import run_study
+
+    study = tiny_train_study(tmp_path, "typo", eval={"tasks": ["bundled_clozee"]})
+    with pytest.raises(ConfigError, match="'bundled_clozee' is not an lm-eval task.*close matches: bundled_cloze"):
+        run_study(study, "")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
