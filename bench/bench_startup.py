@@ -159,7 +159,7 @@ def report(events: list[dict]) -> None:
         first = min((e["start"] for e in inside if e["event"] == "first optimizer step done"), default=None)
         print(f"\nrun {number}: {end - begin:.1f} s from the driver's start to its end; first optimizer step done at "
               + (f"{first - begin:.1f} s" if first else "-"))
-        print(f"| who | phase | starts at s | takes s |")
+        print("| who | phase | starts at s | takes s |")
         print("|---|---|---|---|")
         for e in sorted(inside, key=lambda e: e["start"]):
             if e["pid"] in workers:
@@ -173,9 +173,10 @@ def report(events: list[dict]) -> None:
         starts = [min(e["start"] for e in inside if e["pid"] == pid) for pid in workers]
         if starts:
             fit = next((e for e in inside if e["event"] == "driver: fit (Ray Train run)"), None)
-            print(f"worker processes ready {min(starts) - begin:.2f}-{max(starts) - begin:.2f} s after the run began"
-                  + (f"; fit() began at {fit['start'] - begin:.2f} s and returned {end - begin - (fit['end'] - begin):.2f} s "
-                     f"before the run ended" if fit else ""))
+            tail = (f"; fit() began at {fit['start'] - begin:.2f} s and returned {end - fit['end']:.2f} s "
+                    "before the run ended") if fit else ""
+            print(f"worker processes ready {min(starts) - begin:.2f}-{max(starts) - begin:.2f} s after the run "
+                  f"began{tail}")
 
 
 def main() -> None:

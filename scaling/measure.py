@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from scaling.errors import DataError, ModelError
+from scaling.errors import ModelError
 
 
 @dataclass(frozen=True)
