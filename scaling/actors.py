@@ -1,13 +1,14 @@
 """Condensation on sharded hidden states, reduced by a pool of Ray actors.
 
-A producer (the `condense` CLI's driver, or rank 0 of a training run) runs the model one
-text at a time and cuts each text's hidden states [L+1, T, d] into layer groups. Each shard
-(one text x one layer group) goes through the Ray object store as a plain numpy array to
-the actor that owns it, which folds it into the foundation's mergeable statistics
-(`CondensationAccumulator`). At the end the partial states come back as numpy arrays, the
-same layer group is merged across actors and the groups are stacked along the layer axis.
-The producer holds one text's hidden states at a time, and at most `max_inflight` shards
-wait in the object store (back-pressure), so memory does not grow with the repetitions.
+A producer (the `condense` CLI's driver, or rank 0 of a training run) runs the model on a
+batch of texts and cuts each text's hidden states [L+1, n, d] (its padding dropped) into layer
+groups. Each shard (one text x one layer group, with the text's weight: identical texts run
+once) goes through the Ray object store as a plain numpy array to the actor that owns it,
+which folds it into the foundation's mergeable statistics (`CondensationAccumulator`). At the
+end the partial states come back as numpy arrays, the same layer group is merged across actors
+and the groups are stacked along the layer axis. The producer holds one batch's hidden states
+at a time, and at most `max_inflight` shards wait in the object store (back-pressure), so
+memory does not grow with the repetitions.
 
 Sums are float64 in every actor: the result equals the single-process one up to the
 round-off of adding the same terms in another order.
@@ -30,15 +31,32 @@ class _Reducer:
         self.effective_rank = effective_rank
         self.parts: dict[int, CondensationAccumulator] = {}
 
-    def add(self, group: int, hidden: np.ndarray) -> int:
+    def add(self, group: int, hidden: np.ndarray, weight: int = 1) -> int:
         import torch
 
         part = self.parts.setdefault(group, CondensationAccumulator(effective_rank=self.effective_rank))
-        part.update(torch.from_numpy(hidden))
+        part.update(torch.from_numpy(hidden), weights=[weight])
         return hidden.nbytes
 
     def states(self) -> dict[int, dict[str, np.ndarray]]:
         return {group: part.to_arrays() for group, part in self.parts.items()}
+
+
+def split_texts(hidden_states, attention_mask=None, weights=None) -> list[tuple[np.ndarray, int]]:
+    """A batch as `CondensationAccumulator.update` takes it -> (one text's [L+1, n, d] float32
+    array without its padding, its weight) per text."""
+    import torch
+
+    from scaling.condensation import as_layers, lengths_from_mask, text_weights
+
+    if isinstance(hidden_states, np.ndarray):
+        hidden_states = torch.from_numpy(hidden_states)
+    layers = as_layers(hidden_states)
+    batch, tokens, _ = layers[0].shape
+    lengths = lengths_from_mask(attention_mask, batch, tokens)
+    counts = text_weights(weights, batch)
+    stacked = torch.stack([layer.detach().to("cpu", torch.float32) for layer in layers]).numpy()
+    return [(np.ascontiguousarray(stacked[:, b, :int(lengths[b])]), int(counts[b])) for b in range(batch)]
 
 
 def split_layers(num_layers: int, num_groups: int) -> list[tuple[int, int]]:
@@ -86,29 +104,27 @@ class CondensationPool:
         self._groups: list[tuple[int, int]] | None = None
         self.bytes_sent = 0
 
-    def update(self, hidden_states) -> None:
-        """Send one text's hidden states ([L+1, T, d] tensor or array) to the actors (the same call
-        as `CondensationAccumulator.update`, so a pool can stand in for an accumulator)."""
+    def update(self, hidden_states, attention_mask=None, weights=None) -> None:
+        """Send texts' hidden states to the actors: the same call as `CondensationAccumulator.update`
+        (one text [L+1, T, d], or a right-padded batch with its mask and weights), so a pool can
+        stand in for an accumulator. Each text travels without its padding."""
         import ray
 
-        array = hidden_states.detach().cpu().float().numpy() if hasattr(hidden_states, "detach") \
-            else np.asarray(hidden_states, dtype=np.float32)
-        if array.ndim != 3:
-            raise DataError(f"hidden states must be [layers, tokens, features], got shape {array.shape}")
-        if self._groups is None:
-            self._groups = split_layers(array.shape[0], self.layer_groups)
-        elif self._groups[-1][1] != array.shape[0]:
-            raise DataError(f"text {self._texts} has {array.shape[0]} layers, earlier texts "
-                            f"{self._groups[-1][1]}; use one model per pool")
-        for g, (start, stop) in enumerate(self._groups):
-            shard = np.ascontiguousarray(array[start:stop])
-            target = self.actors[(self._texts * len(self._groups) + g) % self.num_actors]
-            self._inflight.append(target.add.remote(g, shard))
-            self.bytes_sent += shard.nbytes
-        self._texts += 1
-        if len(self._inflight) > self.max_inflight:  # back-pressure: keep the object store small
-            done, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight) - self.max_inflight)
-            ray.get(done)  # surface actor errors early
+        for array, weight in split_texts(hidden_states, attention_mask, weights):
+            if self._groups is None:
+                self._groups = split_layers(array.shape[0], self.layer_groups)
+            elif self._groups[-1][1] != array.shape[0]:
+                raise DataError(f"text {self._texts} has {array.shape[0]} layers, earlier texts "
+                                f"{self._groups[-1][1]}; use one model per pool")
+            for g, (start, stop) in enumerate(self._groups):
+                shard = np.ascontiguousarray(array[start:stop])
+                target = self.actors[(self._texts * len(self._groups) + g) % self.num_actors]
+                self._inflight.append(target.add.remote(g, shard, weight))
+                self.bytes_sent += shard.nbytes
+            self._texts += 1
+            if len(self._inflight) > self.max_inflight:  # back-pressure: keep the object store small
+                done, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight) - self.max_inflight)
+                ray.get(done)  # surface actor errors early
 
     def result(self) -> CondensationAccumulator:
         """Wait for every shard, merge each layer group across actors, stack the groups."""
@@ -133,16 +149,22 @@ class CondensationPool:
         self.actors = []
 
 
-def measure_condensation_sharded(model, tokenizer, texts: Sequence[str], max_length: int, *, num_actors: int,
+def measure_condensation_sharded(model, tokenizer, texts: Sequence[str] | None, max_length: int, *, num_actors: int,
                                  device=None, progress: bool = True, effective_rank: bool = True,
-                                 num_cpus: float = 1.0) -> CondensationAccumulator:
+                                 num_cpus: float = 1.0, batch_size: int | None = None,
+                                 sequences=None) -> CondensationAccumulator:
     """`measure_condensation` with the reduction spread over `num_actors` Ray actors: the model
-    runs here, one text at a time, and the pool stands in for the accumulator."""
-    from scaling.condensation import measure_condensation
+    runs here (batched), and the pool stands in for the accumulator. Pass `sequences` (token ids
+    from `tokenize_texts`) instead of texts when they are tokenized already."""
+    from scaling.condensation import measure_condensation, measure_sequences
 
     pool = CondensationPool(num_actors, effective_rank=effective_rank, num_cpus=num_cpus)
     try:
-        measure_condensation(model, tokenizer, texts, max_length, device, progress, accumulator=pool)
+        if sequences is not None:
+            measure_sequences(model, sequences, device, progress, accumulator=pool, batch_size=batch_size)
+        else:
+            measure_condensation(model, tokenizer, texts, max_length, device, progress, accumulator=pool,
+                                 batch_size=batch_size)
         return pool.result()
     finally:
         pool.close()

@@ -5,7 +5,9 @@ rows of the hidden states are normalised, x / max(||x||, 1e-3), and the token-to
 matrix C = X^ X^T is clipped to [-1, 1]. The reference averages C element-wise over the R
 texts; here the average is kept as a running float64 *sum* per layer, so memory is
 (L+1) x T x T whatever R is, two partial states merge by addition, and the state travels as
-plain numpy arrays (`to_arrays` / `from_arrays`).
+plain numpy arrays (`to_arrays` / `from_arrays`). A batch of texts adds to the sum with one
+float64 matrix product per layer, and the clip is applied to the average (only round-off is
+ever outside [-1, 1], so clipping each text's matrix or the average is the same).
 
 Texts of different token lengths (the reference crashes on them): the matrices live on a
 grid as long as the longest text seen. Entry (i, j) of the averaged matrix is the mean over
@@ -13,7 +15,7 @@ the texts long enough to contain both tokens, i.e. with more than max(i, j) toke
 grid entry has at least one such text. Per-layer means and histograms weight every grid entry
 equally. With equal lengths this is exactly the reference's average.
 
-Pure torch/numpy/scipy: no Ray, no MLflow.
+Pure torch/numpy: no Ray, no MLflow.
 
 "The reference" here means the authors' code: the LM-Dispersion repository and the PyPI package
 `embedding-condensation` 2.0 (docs/README.md#the-reference).
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -51,47 +52,78 @@ def compute_normalized_rows(hidden: torch.Tensor) -> torch.Tensor:
     return hidden / hidden.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
-def compute_rankme(gram_eigenvalues: torch.Tensor) -> torch.Tensor:
+def compute_rankme(gram_eigenvalues: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """RankMe (Garrido et al. 2023) from the eigenvalues of X X^T or X^T X (= squared singular
-    values of X), over the last axis: exp(entropy of s / sum(s))."""
+    values of X), over the last axis: exp(entropy of s / sum(s)). `keep` (bool, same shape)
+    limits it to some eigenvalues, e.g. a padded text's top min(length, d)."""
     singular = gram_eigenvalues.double().clamp_min(0.0).sqrt()
+    if keep is not None:
+        singular = singular * keep
     p = singular / singular.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny) + RANKME_EPS
-    return torch.exp(-(p * p.log()).sum(dim=-1))
+    terms = p * p.log()
+    if keep is not None:
+        terms = terms * keep
+    return torch.exp(-terms.sum(dim=-1))
 
 
 def compute_rank_correlations(values: np.ndarray) -> tuple[float, float]:
-    """Spearman and Kendall correlation of layer index 0..L with `values` (NaN when constant)."""
-    from scipy import stats
-
+    """Spearman and Kendall (tau-b) correlation of layer index 0..L with `values` (NaN when
+    constant). Written out in numpy (scipy.stats' values, without its ~1 s import): Spearman
+    is the Pearson correlation of the ranks (ties get their average rank); Kendall's tau-b
+    with no ties in the index is (concordant - discordant) / sqrt(n0 (n0 - ties in values))."""
     values = np.asarray(values, dtype=np.float64)
     if values.size < 2 or not np.all(np.isfinite(values)) or np.ptp(values) == 0.0:
         return math.nan, math.nan
-    index = np.arange(values.size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(stats.spearmanr(index, values).statistic), float(stats.kendalltau(index, values).statistic)
+    n = values.size
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], n]
+    ranks = np.empty(n)
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2.0  # 1-based average rank of the tie group
+    spearman = float(np.corrcoef(np.arange(n), ranks)[0, 1])
+    signs = np.sign(values[None, :] - values[:, None])
+    score = float(np.triu(signs, k=1).sum())  # the index always increases: the sign of the value step
+    pairs = n * (n - 1) / 2.0
+    tied = float(((ends - starts) * (ends - starts - 1) / 2.0).sum())
+    kendall = score / math.sqrt(pairs * (pairs - tied))
+    return spearman, kendall
 
 
-def _as_layer_batch(hidden_states: HiddenStates) -> torch.Tensor:
+def as_layers(hidden_states: HiddenStates) -> tuple[torch.Tensor, ...]:
     """Any of: HF's tuple of L+1 tensors [B, T, d] or [T, d]; a tensor [L+1, T, d] or
-    [L+1, B, T, d]  ->  one tensor [L+1, B, T, d]."""
+    [L+1, B, T, d]  ->  L+1 tensors [B, T, d] (not stacked: a model spread over several devices
+    returns its layers on different devices)."""
     if isinstance(hidden_states, torch.Tensor):
-        stacked = hidden_states
+        layers = tuple(hidden_states.unbind(0)) if hidden_states.dim() in (3, 4) else None
     else:
-        if len(hidden_states) == 0:
+        layers = tuple(hidden_states)
+        if len(layers) == 0:
             raise DataError("hidden_states is empty; pass the tuple the model returns with output_hidden_states=True")
-        stacked = torch.stack(tuple(hidden_states))
-    if stacked.dim() == 3:
-        stacked = stacked.unsqueeze(1)
-    if stacked.dim() != 4:
+    if layers is None or any(layer.dim() not in (2, 3) or layer.shape != layers[0].shape for layer in layers):
+        shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) \
+            else [tuple(layer.shape) for layer in layers]
         raise DataError(
-            f"hidden_states has shape {tuple(stacked.shape)}; expected [L+1, T, d], [L+1, B, T, d] "
+            f"hidden_states has shape {shape}; expected [L+1, T, d], [L+1, B, T, d] "
             "or a tuple of [B, T, d] tensors"
         )
-    return stacked
+    return tuple(layer.unsqueeze(0) if layer.dim() == 2 else layer for layer in layers)
 
 
-def _lengths_from_mask(attention_mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor:
+def text_weights(weights, batch: int) -> torch.Tensor:
+    """[B] int64 counts of each text (None: once each); DataError unless positive integers."""
+    if weights is None:
+        return torch.ones(batch, dtype=torch.int64)
+    weights = torch.as_tensor(weights).reshape(-1)
+    if weights.shape[0] != batch or weights.is_floating_point() or bool((weights < 1).any()):
+        raise DataError(f"weights must be {batch} positive integers (how often each text occurs), "
+                        f"got {weights.tolist()}")
+    return weights.to("cpu", torch.int64)
+
+
+def lengths_from_mask(attention_mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor:
+    """[B] int64 token counts (on the CPU) from a right-padded mask (None: all `tokens`)."""
     if attention_mask is None:
         return torch.full((batch,), tokens, dtype=torch.long)
     mask = attention_mask.detach().to("cpu").long().reshape(batch, -1)
@@ -112,7 +144,8 @@ class CondensationAccumulator:
     """Running per-layer sums of token-token cosine matrices; `update`, `merge`, `finalize`.
 
     State (all float64 / int64, independent of the number of texts):
-    - `cos_sum` [L+1, N, N]: sum over texts of the clipped cosine matrices, top-left aligned;
+    - `cos_sum` [L+1, N, N]: sum over texts of the cosine matrices, top-left aligned (the
+      average is clipped to [-1, 1], which only round-off ever leaves);
     - `coverage` [N]: coverage[k] = number of texts with more than k tokens, so entry (i, j)
       has coverage[max(i, j)] contributions;
     - `rank_sum` [L+1]: sum over texts of the per-layer RankMe (NaN when not computed).
@@ -169,46 +202,70 @@ class CondensationAccumulator:
 
     # update / merge ---------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, hidden_states: HiddenStates, attention_mask: torch.Tensor | None = None) -> None:
+    def update(self, hidden_states: HiddenStates, attention_mask: torch.Tensor | None = None,
+               weights: Sequence[int] | torch.Tensor | None = None) -> None:
         """Add one text ([L+1, T, d] or HF's tuple of [1, T, d]) or a batch ([L+1, B, T, d] or a
-        tuple of [B, T, d]; right-padded, with `attention_mask` [B, T] when lengths differ)."""
-        stacked = _as_layer_batch(hidden_states)
-        num_layers, batch, tokens, _ = stacked.shape
+        tuple of [B, T, d]; right-padded, with `attention_mask` [B, T] when lengths differ).
+        `weights` [B]: how many times each text counts (identical texts measured once).
+
+        The work stays on the hidden states' device (the first update's; later ones are moved
+        there) and goes layer by layer, so temporaries are one layer's, not all L+1."""
+        layers = as_layers(hidden_states)
+        batch, tokens, _ = layers[0].shape
         if tokens == 0:
             raise DataError("a text has no tokens; drop empty texts before measuring")
-        lengths = _lengths_from_mask(attention_mask, batch, tokens)
-        self._ensure_state(num_layers, tokens, stacked.device)
+        lengths = lengths_from_mask(attention_mask, batch, tokens)
+        counts = text_weights(weights, batch)
+        self._ensure_state(len(layers), tokens, layers[0].device)
         device = self.cos_sum.device
 
-        unit = compute_normalized_rows(stacked.to(device))  # [L+1, B, T, d]
-        if attention_mask is not None:
-            # Zero rows of padding: their cosines become 0 and add nothing to the sums.
-            keep = (torch.arange(tokens) < lengths[:, None]).to(device=device, dtype=unit.dtype)
-            unit = unit * keep[None, :, :, None]
-        flat = unit.reshape(num_layers * batch, tokens, -1)
-        gram = torch.bmm(flat, flat.transpose(1, 2))  # one batched matmul over layers and texts
-        cos = gram.clamp(-1.0, 1.0).reshape(num_layers, batch, tokens, tokens)
-        self.cos_sum[:, :tokens, :tokens] += cos.sum(dim=1, dtype=torch.float64)
-
-        counts = (torch.arange(tokens)[None, :] < lengths[:, None]).sum(dim=0)
-        self.coverage[:tokens] += counts.to(device)
-        if self.effective_rank:
-            self.rank_sum += self._rankme(flat).reshape(num_layers, batch).sum(dim=1)
-        self.num_sequences += batch
+        padded = bool((lengths < tokens).any())
+        # Zero rows of padding: their cosines are 0 and add nothing to the sums.
+        keep = (torch.arange(tokens) < lengths[:, None]).to(device=device, dtype=torch.float32)[:, :, None] \
+            if padded else None
+        # Weighted sum of the texts' cosine matrices as one product: scaling text b's rows by
+        # sqrt(w_b) makes [T, B*d] @ [B*d, T] = sum_b w_b X_b X_b^T.
+        root = counts.double().sqrt().to(device)[:, None, None] if bool((counts != 1).any()) else None
+        ranks = []
+        for layer, hidden in enumerate(layers):
+            unit = compute_normalized_rows(hidden.to(device))  # [B, T, d] float32
+            if keep is not None:
+                unit = unit * keep
+            rows = unit.double()  # float64 products: the sum over B * d terms stays exact to ~1e-16
+            if root is not None:
+                rows = rows * root
+            side_by_side = rows.transpose(0, 1).reshape(tokens, -1)  # [T, B*d]
+            self.cos_sum[layer, :tokens, :tokens].addmm_(side_by_side, side_by_side.T)
+            if self.effective_rank:
+                ranks.append(self._rankme(unit, lengths))
+        if ranks:
+            self.rank_sum += (torch.stack(ranks) * counts.to(device=device, dtype=torch.float64)).sum(dim=1)
+        present = (torch.arange(tokens)[None, :] < lengths[:, None]).long()
+        self.coverage[:tokens] += (present * counts[:, None]).sum(dim=0).to(device)
+        self.num_sequences += int(counts.sum())
 
     @staticmethod
-    def _rankme(flat: torch.Tensor) -> torch.Tensor:
+    def _rankme(unit: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """RankMe of each text's rows [B, T, d] (padding rows zero) -> [B] float64."""
         # Eigenvalues of the smaller Gram matrix (T x T or d x d) are the squared singular
         # values: far cheaper than svdvals of a wide T x d matrix on CPU (measured 9 s vs 0.4 s
         # for 13 x 512 x 768). The Gram is formed in float64 because a float32 one leaves
-        # ~1e-7 eigenvalue noise whose square roots would inflate RankMe. Zero padding rows
-        # add only zero eigenvalues, which RankMe ignores up to its eps.
-        flat = flat.double()
-        if flat.shape[1] <= flat.shape[2]:
-            small = torch.bmm(flat, flat.transpose(1, 2))
+        # ~1e-7 eigenvalue noise whose square roots would inflate RankMe. A text of n tokens
+        # has min(n, d) singular values: padding adds only zero eigenvalues, which are left out
+        # (the smallest ones: eigvalsh sorts ascending), so padding changes nothing.
+        rows = unit.double()
+        batch, tokens, width = rows.shape
+        if tokens <= width:
+            small = torch.bmm(rows, rows.transpose(1, 2))
         else:
-            small = torch.bmm(flat.transpose(1, 2), flat)
-        return compute_rankme(torch.linalg.eigvalsh(small))
+            small = torch.bmm(rows.transpose(1, 2), rows)
+        eigenvalues = _eigvalsh(small)
+        size = eigenvalues.shape[-1]
+        real = lengths.clamp(max=width)  # on the CPU: deciding needs no device sync
+        if bool((real >= size).all()):
+            return compute_rankme(eigenvalues)
+        keep = torch.arange(size)[None, :] >= (size - real)[:, None]
+        return compute_rankme(eigenvalues, keep.to(eigenvalues.device))
 
     def merge(self, other: CondensationAccumulator) -> CondensationAccumulator:
         """Add another partial state into this one (in place; returns self)."""
@@ -276,7 +333,9 @@ class CondensationAccumulator:
             raise DataError("the accumulator is empty; update it with at least one text first")
         index = torch.arange(self.grid_length, device=self.coverage.device)
         counts = self.coverage[torch.maximum(index[:, None], index[None, :])]
-        return (self.cos_sum / counts.to(torch.float64)).cpu().numpy()
+        # Clipped as the reference clips each text's matrix: only round-off (a unit row's
+        # self-similarity of 1 + 1e-7) is ever outside [-1, 1].
+        return (self.cos_sum / counts.to(torch.float64)).clamp_(-1.0, 1.0).cpu().numpy()
 
     def finalize(self) -> CondensationResult:
         """Per-layer means, histograms, effective rank and the depth trend."""
@@ -307,6 +366,20 @@ class CondensationAccumulator:
             max_length=length,
             mean_length=float(coverage.sum() / self.num_sequences),
         )
+
+
+def _eigvalsh(matrices: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of symmetric matrices; on the CPU with one thread: MKL's threaded solver was
+    40-100x slower on these sizes (8 x 128 x 128: 1.3 s vs 0.03 s; 8 x 512 x 512: 46 s vs 0.5 s,
+    2 cores, busy machine), as its threads wait on each other."""
+    if matrices.device.type != "cpu" or torch.get_num_threads() == 1:
+        return torch.linalg.eigvalsh(matrices)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigvalsh(matrices)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def merge_accumulators(accumulators: Iterable[CondensationAccumulator]) -> CondensationAccumulator:
@@ -449,6 +522,59 @@ def tokenize_for_measurement(tokenizer, text: str, max_length: int) -> dict[str,
     return tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
 
 
+def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[torch.Tensor]:
+    """Each text's token ids ([n] int64) as `tokenize_for_measurement` gives them, in one call;
+    DataError naming the first text that tokenizes to nothing."""
+    if not texts:
+        raise DataError("no texts to measure; give a non-empty text source")
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    sequences = [torch.tensor(ids, dtype=torch.long) for ids in encoded]
+    for index, ids in enumerate(sequences):
+        if ids.numel() == 0:
+            raise DataError(f"text {index} tokenizes to no tokens; remove empty texts from the source")
+    return sequences
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Texts run through the model in one forward pass."""
+
+    input_ids: torch.Tensor
+    """[B, T] int64, right-padded."""
+    attention_mask: torch.Tensor | None
+    """[B, T] 1 = token, 0 = padding; None when every text has T tokens."""
+    weights: torch.Tensor
+    """[B] int64: how many of the measured texts are this one."""
+
+
+def plan_batches(sequences: Sequence[torch.Tensor], batch_size: int, pad_id: int = 0) -> list[TokenBatch]:
+    """Identical texts once (weighted by how often they occur), longest first, `batch_size` per
+    batch, right-padded with `pad_id` (any id the model embeds: padding is masked out)."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: must be at least 1")
+    distinct: dict[bytes, list] = {}
+    for ids in sequences:
+        key = ids.numpy().tobytes()
+        if key in distinct:
+            distinct[key][1] += 1
+        else:
+            distinct[key] = [ids, 1]
+    ordered = sorted(distinct.values(), key=lambda item: -item[0].numel())  # stable: ties keep text order
+    batches = []
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start:start + batch_size]
+        lengths = [ids.numel() for ids, _ in chunk]
+        longest = max(lengths)
+        input_ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+        for row, (ids, _) in enumerate(chunk):
+            input_ids[row, :ids.numel()] = ids
+        mask = None
+        if min(lengths) < longest:
+            mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long()
+        batches.append(TokenBatch(input_ids, mask, torch.tensor([count for _, count in chunk], dtype=torch.long)))
+    return batches
+
+
 @torch.inference_mode()
 def measure_condensation(
     model: torch.nn.Module,
@@ -460,36 +586,70 @@ def measure_condensation(
     *,
     accumulator: CondensationAccumulator | None = None,
     effective_rank: bool = True,
+    batch_size: int | None = None,
 ) -> CondensationAccumulator:
-    """Run the base model (no LM head) on each text, one per forward pass, and feed the
-    hidden states to an accumulator (a new one unless given). Returns the accumulator, so a
-    caller can merge partial states before `finalize()`.
+    """Run the base model (no LM head) on the texts and feed the hidden states to an accumulator
+    (a new one unless given). Returns the accumulator, so a caller can merge partial states
+    before `finalize()`.
 
     Texts shorter than max_length are measured at their own length (see the module doc).
+    Batched: see `measure_sequences`.
     """
-    from tqdm.auto import tqdm
-
     from scaling.model import check_max_length, context_length
 
     if not texts:
         raise DataError("no texts to measure; give a non-empty text source")
-    base = getattr(model, "base_model", model)
     config = getattr(model, "config", None)
     check_max_length(max_length, context_length(config) if config is not None else None,
                      getattr(config, "name_or_path", None) or "the model")
-    if device is None:
-        device = next(base.parameters()).device
+    return measure_sequences(model, tokenize_texts(tokenizer, texts, max_length), device, progress,
+                             accumulator=accumulator, effective_rank=effective_rank, batch_size=batch_size)
+
+
+@torch.inference_mode()
+def measure_sequences(
+    model: torch.nn.Module,
+    sequences: Sequence[torch.Tensor],
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    *,
+    accumulator: CondensationAccumulator | None = None,
+    effective_rank: bool = True,
+    batch_size: int | None = None,
+) -> CondensationAccumulator:
+    """`measure_condensation` on token ids ([n] int64 each, from `tokenize_texts`).
+
+    Identical sequences run once and count as many times as they occur; the distinct ones run
+    `batch_size` at a time (None: as many as fit a share of the free memory of `device`,
+    `scaling.model.auto_batch_size`), right-padded with an attention mask. In a causal model a
+    token attends only to the tokens before it, so padding after a text changes none of its
+    hidden states, and the accumulator leaves the padding rows out: the result equals one text
+    per forward pass up to float round-off.
+    """
+    from tqdm.auto import tqdm
+
+    from scaling.model import auto_batch_size
+
+    if not sequences:
+        raise DataError("no texts to measure; give a non-empty text source")
+    base = getattr(model, "base_model", model)
+    weight = next(base.parameters())
+    device = torch.device(device) if device is not None else weight.device
+    if batch_size is None:
+        batch_size = auto_batch_size(getattr(model, "config", None), max(s.numel() for s in sequences), device,
+                                     weight.element_size())
     accumulator = accumulator if accumulator is not None else CondensationAccumulator(effective_rank=effective_rank)
     was_training = base.training
     base.eval()
     try:
-        for index, text in enumerate(tqdm(texts, desc="condensation", unit="text", disable=not progress)):
-            tokens = tokenize_for_measurement(tokenizer, text, max_length)
-            if tokens["input_ids"].shape[-1] == 0:
-                raise DataError(f"text {index} tokenizes to no tokens; remove empty texts from the source")
-            tokens = {key: value.to(device) for key, value in tokens.items()}
-            output = base(**tokens, output_hidden_states=True, use_cache=False)
-            accumulator.update(torch.stack([h[0] for h in output.hidden_states]))
+        with tqdm(total=len(sequences), desc="condensation", unit="text", disable=not progress) as bar:
+            for batch in plan_batches(sequences, batch_size):
+                mask = batch.attention_mask
+                output = base(input_ids=batch.input_ids.to(device),
+                              attention_mask=None if mask is None else mask.to(device),
+                              output_hidden_states=True, use_cache=False)
+                accumulator.update(output.hidden_states, attention_mask=mask, weights=batch.weights)
+                bar.update(int(batch.weights.sum()))
     finally:
         base.train(was_training)
     return accumulator

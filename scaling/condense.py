@@ -56,8 +56,13 @@ class CondenseOptions:
     """Show a progress bar."""
     num_actors: int = 0
     """Reduce the hidden states on this many Ray actors (0: in this process)."""
+    batch_size: int | None = None
+    """Texts per forward pass; None: as many as fit a share of the device's free memory."""
 
     def __post_init__(self):
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1 (omit it to size batches "
+                              "from free memory)")
         if self.repetitions < 1:
             raise ConfigError(f"--repetitions {self.repetitions}: must be at least 1")
         if self.max_length < 1:
@@ -94,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--last-n", type=int, default=DEFAULT_LAST_N, help="summarise the last N hidden states")
     parser.add_argument("--no-effective-rank", action="store_true", help="skip RankMe (faster on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="texts per forward pass (default: as many as fit a share of the free memory)")
     parser.add_argument("--num-actors", type=int, default=0,
                         help="reduce the hidden states on N Ray actors (joins a running Ray cluster, else starts "
                              "a local one); 0 = in this process")
@@ -109,7 +116,7 @@ def parse_options(argv: list[str] | None = None) -> CondenseOptions:
         model=args.model, tokenizer=args.tokenizer, dataset=None if args.texts else dataset, texts=args.texts,
         repetitions=args.repetitions, max_length=args.max_length, device=args.device, dtype=args.dtype,
         out=out, last_n=args.last_n, effective_rank=not args.no_effective_rank, progress=not args.no_progress,
-        num_actors=args.num_actors,
+        num_actors=args.num_actors, batch_size=args.batch_size,
     )
 
 
@@ -119,7 +126,8 @@ def build_measure_task(options: CondenseOptions):
 
     return MeasureTask(model_path=options.model, tokenizer=options.tokenizer, device=options.device,
                        dtype=options.dtype, max_length=options.max_length, num_actors=options.num_actors,
-                       effective_rank=options.effective_rank, last_n=options.last_n)
+                       effective_rank=options.effective_rank, last_n=options.last_n,
+                       batch_size=options.batch_size)
 
 
 def format_table(result, last_n: int) -> str:
@@ -143,24 +151,40 @@ def format_table(result, last_n: int) -> str:
 
 
 def run(options: CondenseOptions) -> tuple[Path, Path]:
-    """read texts -> check the output folder -> load and measure -> write; prints the table."""
+    """check (cheapest first) -> read texts -> load and measure -> write; prints the table."""
     from scaling.console import check_writable_dir
     from scaling.data import read_measurement_texts
-    from scaling.measure import measure_model
-    from scaling.model import check_model_reference, resolve_device, resolve_dtype
-    from scaling.plots import write_condensation_record
+    from scaling.model import (check_device_name, check_dtype_name, check_last_n, check_max_length,
+                               check_model_reference, config_depth, context_length, read_local_config)
 
+    # Bad input fails here in a fraction of a second: no torch or transformers import yet.
     if options.texts is not None and not options.texts.endswith((".txt", ".jsonl")):
         raise ConfigError(f"--texts {options.texts!r}: must be a .txt or .jsonl file")
+    check_dtype_name(options.dtype, check_device_name(options.device))
+    config = read_local_config(check_model_reference(options.model))
+    if config is not None:
+        check_max_length(options.max_length, context_length(config), repr(options.model))
+        check_last_n(options.last_n, config_depth(config))
     texts, source_info = read_measurement_texts(options.source_spec, options.repetitions)
-    resolve_dtype(options.dtype, resolve_device(options.device))  # fail fast, before any loading or writing
-    check_model_reference(options.model)
     check_writable_dir(options.out)
+
+    from scaling.measure import measure_model
+    from scaling.model import resolve_device, resolve_dtype
+    from scaling.plots import write_condensation_record
+
+    resolve_dtype(options.dtype, resolve_device(options.device))  # CUDA present? before any loading
     if options.num_actors:
         from scaling.cluster import connect_ray
 
         connect_ray()
-    measurement = measure_model(build_measure_task(options), texts, progress=options.progress)
+    from transformers.utils import logging as hf_logging
+
+    if not options.progress:
+        hf_logging.disable_progress_bar()  # the weight-loading bar too: quiet means quiet
+    try:
+        measurement = measure_model(build_measure_task(options), texts, progress=options.progress)
+    finally:
+        hf_logging.enable_progress_bar()
     result = measurement.result
     metadata = {"model": options.model, "repetitions": options.repetitions, "max_length": options.max_length,
                 "source": source_info, **measurement.metadata(),
@@ -180,14 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         options = parse_options(argv)
         quiet_libraries()
-        from transformers.utils import logging as hf_logging
-
-        if not options.progress:
-            hf_logging.disable_progress_bar()  # the weight-loading bar too: quiet means quiet
-        try:
-            run(options)
-        finally:
-            hf_logging.enable_progress_bar()
+        run(options)
         return 0
 
     return run_cli(body, "condense")

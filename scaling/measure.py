@@ -1,10 +1,10 @@
 """The condensation measurement of one model: load, check, run the texts, reduce.
 
 One path for `python -m scaling.condense` and for each task of an observation study: the
-model is loaded on its device and dtype (several GPUs with device_map='auto'), the tokenizer
-is checked against its embedding table, the texts are run through the base model one per
-forward pass, and the hidden states are reduced here or on a pool of Ray actors
-(`scaling.actors`). The metric itself is `scaling.condensation`.
+model is loaded on its device and dtype (several GPUs with device_map='auto'), the texts are
+tokenized once and checked against its embedding table, the distinct ones are run through the
+base model in batches, and the hidden states are reduced on the model's device or on a pool of
+Ray actors (`scaling.actors`). The metric itself is `scaling.condensation`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from scaling.errors import ConfigError, DataError, ModelError
+from scaling.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class MeasureTask:
     """Also compute RankMe per layer."""
     last_n: int | None = None
     """Checked against the model's depth before measuring (the record summarises the last N)."""
+    batch_size: int | None = None
+    """Texts per forward pass; None: as many as fit a share of the device's free memory."""
 
 
 @dataclass(frozen=True)
@@ -64,56 +66,53 @@ class Measurement:
 
 
 def build_final_norm_base(base):
-    """For a base model whose `hidden_states` do not end with the final-norm output: a module
-    that runs it and returns hidden_states[-1] = last_hidden_state, so index L is the
-    final-norm output the metric is defined on (the number of hidden states stays L+1)."""
+    """A module that runs `base` and makes its hidden_states end with last_hidden_state, so
+    index L is the final-norm output the metric is defined on (the number of hidden states stays
+    L+1). Checked on the first forward pass (no extra pass): when they differ, the last hidden
+    state is replaced in every pass, and `replaced` is True."""
     import torch
 
-    class _Patched(torch.nn.Module):
+    class _FinalNorm(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
             self.config = getattr(inner, "config", None)
+            self.replaced: bool | None = None
+            """None before the first forward pass."""
 
         def forward(self, **kwargs):
             output = self.inner(**kwargs)
+            last = getattr(output, "last_hidden_state", None)
+            if last is None or output.hidden_states is None:
+                raise ModelError("the model returns no last_hidden_state/hidden_states; measurement needs a "
+                                 "Hugging Face base model that supports output_hidden_states=True")
             states = tuple(output.hidden_states)
-            output.hidden_states = states[:-1] + (output.last_hidden_state,)
+            if self.replaced is None:
+                self.replaced = not torch.equal(states[-1], last)
+            if self.replaced:
+                output.hidden_states = states[:-1] + (last,)
             return output
 
-    return _Patched(base)
+    return _FinalNorm(base)
 
 
-def check_final_norm(base, tokens: dict) -> bool:
-    """True when the model's hidden_states already end with last_hidden_state (the usual case)."""
-    import torch
-
-    with torch.inference_mode():
-        output = base(**tokens, output_hidden_states=True, use_cache=False)
-    last = getattr(output, "last_hidden_state", None)
-    if last is None or output.hidden_states is None:
-        raise ModelError("the model returns no last_hidden_state/hidden_states; measurement needs a "
-                         "Hugging Face base model that supports output_hidden_states=True")
-    return bool(torch.equal(output.hidden_states[-1], last))
-
-
-def check_tokens_fit(model, tokenizer, texts: Sequence[str], max_length: int) -> tuple[int, int]:
-    """Refuse a tokenizer that produces ids the model cannot embed, or empty texts. Returns the
-    (shortest, longest) token count of the texts."""
-    from scaling.condensation import tokenize_for_measurement
-
+def check_sequences_fit(model, sequences) -> tuple[int, int]:
+    """Refuse token ids the model cannot embed (a tokenizer that is not the model's). Returns the
+    (shortest, longest) token count."""
     rows = model.get_input_embeddings().weight.shape[0]
-    lengths, top = [], -1
-    for index, text in enumerate(texts):
-        ids = tokenize_for_measurement(tokenizer, text, max_length)["input_ids"]
-        if ids.numel() == 0:
-            raise DataError(f"text {index} tokenizes to no tokens; remove empty rows from the source")
-        lengths.append(int(ids.shape[-1]))
-        top = max(top, int(ids.max()))
+    top = max(int(ids.max()) for ids in sequences)
     if top >= rows:
         raise ModelError(f"the tokenizer produces token id {top} but the model embeds only {rows} tokens; "
                          "give the model's own tokenizer")
+    lengths = [int(ids.numel()) for ids in sequences]
     return min(lengths), max(lengths)
+
+
+def check_tokens_fit(model, tokenizer, texts: Sequence[str], max_length: int) -> tuple[int, int]:
+    """`check_sequences_fit` on texts (DataError for a text that tokenizes to nothing)."""
+    from scaling.condensation import tokenize_texts
+
+    return check_sequences_fit(model, tokenize_texts(tokenizer, texts, max_length))
 
 
 def load_model(task: MeasureTask):
@@ -142,43 +141,37 @@ def load_model(task: MeasureTask):
     return model, next(model.parameters()).device, sum(p.numel() for p in model.parameters())
 
 
-def _check_last_n(model, last_n: int | None) -> None:
-    blocks = getattr(model.config, "num_hidden_layers", None)
-    if last_n is not None and isinstance(blocks, int) and last_n > blocks + 1:
-        raise ConfigError(f"--last-n {last_n}: the model has only {blocks + 1} hidden states "
-                          f"({blocks} blocks + embedding output); use --last-n {blocks + 1} or less")
-
-
 def measure_model(task: MeasureTask, texts: Sequence[str], *, progress: bool = False) -> Measurement:
     """Load, check, measure; the finalized result with what its record needs."""
     import torch
 
     from scaling.actors import measure_condensation_sharded
-    from scaling.condensation import measure_condensation, tokenize_for_measurement
+    from scaling.condensation import measure_sequences, tokenize_texts
     from scaling.data import build_tokenizer
+    from scaling.model import check_last_n, config_depth
 
     started = time.perf_counter()
     model, device, num_params = load_model(task)
-    _check_last_n(model, task.last_n)
+    check_last_n(task.last_n, config_depth(model.config))
     tokenizer = build_tokenizer(task.tokenizer or task.model_path)
-    shortest, longest = check_tokens_fit(model, tokenizer, texts, task.max_length)
-    base = model.base_model
-    first = {k: v.to(device) for k, v in tokenize_for_measurement(tokenizer, texts[0], task.max_length).items()}
-    ends_with_norm = check_final_norm(base, first)
-    measured = base if ends_with_norm else build_final_norm_base(base)
+    sequences = tokenize_texts(tokenizer, texts, task.max_length)
+    shortest, longest = check_sequences_fit(model, sequences)
+    measured = build_final_norm_base(model.base_model)
     try:
         if task.num_actors > 0:
-            accumulator = measure_condensation_sharded(measured, tokenizer, texts, task.max_length,
+            accumulator = measure_condensation_sharded(measured, None, None, task.max_length, sequences=sequences,
                                                        num_actors=task.num_actors, device=device, progress=progress,
-                                                       effective_rank=task.effective_rank, num_cpus=task.actor_cpus)
+                                                       effective_rank=task.effective_rank, num_cpus=task.actor_cpus,
+                                                       batch_size=task.batch_size)
         else:
-            accumulator = measure_condensation(measured, tokenizer, texts, task.max_length, device, progress=progress,
-                                               effective_rank=task.effective_rank)
+            accumulator = measure_sequences(measured, sequences, device, progress, effective_rank=task.effective_rank,
+                                            batch_size=task.batch_size)
     except torch.OutOfMemoryError as exc:
         raise ModelError(f"out of memory measuring {task.model_path!r} on {device} in {task.dtype} "
-                         f"({str(exc).splitlines()[0][:120]}); use bfloat16, more GPUs or a smaller max_length") from None
+                         f"({str(exc).splitlines()[0][:120]}); use bfloat16, a smaller --batch-size, more GPUs "
+                         "or a smaller max_length") from None
     return Measurement(
         result=accumulator.finalize(), num_params=num_params, device=str(device),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."), tokens=(shortest, longest),
-        hidden_states_end="last_hidden_state" if ends_with_norm else "replaced by last_hidden_state",
+        hidden_states_end="replaced by last_hidden_state" if measured.replaced else "last_hidden_state",
         seconds=round(time.perf_counter() - started, 3))

@@ -88,6 +88,19 @@ def test_monotone_profile_gives_spearman_and_kendall_one():
     assert result.spearman == pytest.approx(1.0) and result.kendall == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_rank_correlations_equal_scipys_with_and_without_ties(seed):
+    from scipy import stats
+
+    generator = np.random.default_rng(seed)
+    values = generator.normal(size=4 + 5 * seed)
+    if seed % 2:
+        values = np.round(values, 0)  # ties
+    index = np.arange(values.size)
+    expected = (stats.spearmanr(index, values).statistic, stats.kendalltau(index, values).statistic)
+    assert compute_rank_correlations(values) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
 def test_histograms_integrate_to_one():
     result = accumulate([random_hidden(12, 0), random_hidden(7, 1)]).finalize()
     width = 2.0 / HISTOGRAM_BINS
@@ -289,3 +302,106 @@ def test_measurement_refuses_bad_inputs(tiny_lm, tokenizer):
         measure_condensation(tiny_lm, tokenizer, [], 16, progress=False)
     with pytest.raises(DataError, match="text 1 tokenizes to no tokens"):
         measure_condensation(tiny_lm, tokenizer, ["fine", ""], 16, progress=False)
+
+
+# --- batched measurement equals one text per forward pass ------------------------------------------
+
+
+def one_text_per_pass(model, tokenizer, texts, max_length):
+    """The reference loop: each text alone through the base model, one update per text."""
+    accumulator = CondensationAccumulator()
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
+            hidden = model.base_model(**ids, output_hidden_states=True, use_cache=False).hidden_states
+            accumulator.update(torch.stack([h[0] for h in hidden]))
+    return accumulator
+
+
+def tiny_qwen3(vocab_size):
+    """A Qwen3-style model (rotary positions, RMSNorm, grouped-query attention) from config."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    return Qwen3ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "qwen3"])
+def causal_lm(request, tiny_lm, tokenizer):
+    return tiny_lm if request.param == "gpt2" else tiny_qwen3(len(tokenizer))
+
+
+@pytest.mark.parametrize("lengths", ["equal", "unequal"])
+def test_batched_measurement_equals_one_text_per_pass(causal_lm, tokenizer, protocol_texts, lengths):
+    if lengths == "equal":  # all truncated to 48 tokens; repeats run once and count twice
+        texts = protocol_texts + protocol_texts[:2]
+    else:
+        texts = [protocol_texts[0], "A short text.", protocol_texts[1], "Another short one, a bit longer than that.",
+                 "A short text.", protocol_texts[2][:200]]
+    expected = one_text_per_pass(causal_lm, tokenizer, texts, 48)
+    for batch_size in (1, 3, 8):
+        batched = measure_condensation(causal_lm, tokenizer, texts, 48, progress=False, batch_size=batch_size)
+        assert batched.num_sequences == len(texts)
+        np.testing.assert_array_equal(batched.coverage.numpy(), expected.coverage.numpy())
+        np.testing.assert_allclose(batched.averaged_matrices(), expected.averaged_matrices(), rtol=0, atol=2e-6)
+        np.testing.assert_allclose(batched.finalize().effective_rank, expected.finalize().effective_rank, rtol=1e-5)
+
+
+def test_right_padding_leaves_every_real_token_unchanged(causal_lm, tokenizer):
+    """The premise of batching: in a causal model, padding after a text changes none of its
+    hidden states when the attention mask marks it (GPT-2 absolute, Qwen3 rotary positions)."""
+    from scaling.condensation import plan_batches, tokenize_texts
+
+    sequences = tokenize_texts(tokenizer, ["one two three four five six seven eight", "nine ten"], 32)
+    (batch,) = plan_batches(sequences, 2)
+    assert batch.attention_mask is not None and batch.attention_mask[1].sum() < batch.attention_mask.shape[1]
+    with torch.no_grad():
+        together = causal_lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                        output_hidden_states=True, use_cache=False).hidden_states
+        for row, ids in enumerate(sequences):
+            alone = causal_lm.base_model(input_ids=ids[None], output_hidden_states=True, use_cache=False).hidden_states
+            for layer_alone, layer_together in zip(alone, together):
+                torch.testing.assert_close(layer_together[row, :ids.numel()], layer_alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [16, 4])  # T x T Gram (tokens <= width) and d x d Gram (tokens > width)
+def test_zero_padding_rows_leave_rankme_unchanged(width):
+    lengths = [6, 10, 3]
+    hidden_list = [random_hidden(n, seed, width=width) for seed, n in enumerate(lengths)]
+    batch = torch.zeros(LAYERS, len(lengths), max(lengths), width)
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for b, (hidden, n) in enumerate(zip(hidden_list, lengths)):
+        batch[:, b, :n], mask[b, :n] = hidden, 1
+    batched = CondensationAccumulator()
+    batched.update(batch, attention_mask=mask)
+    one_by_one = accumulate(hidden_list)
+    # Far tighter than RankMe's eps (1e-7 added to each normalised singular value): padding's
+    # zero eigenvalues are left out, so only float round-off differs.
+    np.testing.assert_allclose(batched.finalize().effective_rank, one_by_one.finalize().effective_rank, rtol=1e-12)
+
+
+def test_weights_count_a_text_as_often_as_it_occurs():
+    first, second = random_hidden(7, 0), random_hidden(7, 1)
+    weighted = CondensationAccumulator()
+    weighted.update(torch.stack([first, second], dim=1), weights=[3, 1])
+    repeated = accumulate([first, first, second, first])
+    assert weighted.num_sequences == 4
+    for key, value in repeated.to_arrays().items():
+        np.testing.assert_allclose(weighted.to_arrays()[key], value, rtol=1e-12, atol=1e-12)
+    with pytest.raises(DataError, match="positive integers"):
+        CondensationAccumulator().update(torch.stack([first, second], dim=1), weights=[1, 0])
+
+
+def test_plan_batches_runs_each_distinct_text_once_longest_first():
+    from scaling.condensation import plan_batches
+
+    a, b, c = torch.tensor([5, 6, 7]), torch.tensor([8]), torch.tensor([9, 10, 11, 12])
+    batches = plan_batches([a, b, a, c, a], batch_size=2, pad_id=0)
+    assert [bt.input_ids.tolist() for bt in batches] == [[[9, 10, 11, 12], [5, 6, 7, 0]], [[8]]]
+    assert batches[0].attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batches[1].attention_mask is None  # one text: nothing to pad
+    assert [bt.weights.tolist() for bt in batches] == [[1, 3], [1]]
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        plan_batches([a], batch_size=0)

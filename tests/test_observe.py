@@ -11,7 +11,7 @@ import torch
 from scaling import names
 from scaling.errors import ConfigError, ModelError
 from scaling.config import load_study_file
-from scaling.measure import build_final_norm_base, check_final_norm, check_tokens_fit
+from scaling.measure import build_final_norm_base, check_tokens_fit
 from scaling.observe import build_tiny_models, run_observation_study
 from scaling.observe_config import (
     ClusterShape,
@@ -66,7 +66,9 @@ def test_final_norm_and_tokenizer_checks(tiny_gpt2_dir, tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
     tokens = tokenizer("a short text", return_tensors="pt")
-    assert check_final_norm(model.base_model, tokens)
+    usual = build_final_norm_base(model.base_model)
+    usual(**tokens, output_hidden_states=True, use_cache=False)
+    assert usual.replaced is False
 
     class NoFinalNorm(torch.nn.Module):  # a seam: hidden_states that stop before the final norm
         def __init__(self, inner):
@@ -78,10 +80,9 @@ def test_final_norm_and_tokenizer_checks(tiny_gpt2_dir, tokenizer):
             output.hidden_states = output.hidden_states[:-1] + (output.hidden_states[-1] * 2.0,)
             return output
 
-    odd = NoFinalNorm(model.base_model)
-    assert not check_final_norm(odd, tokens)
-    patched = build_final_norm_base(odd)
+    patched = build_final_norm_base(NoFinalNorm(model.base_model))
     output = patched(**tokens, output_hidden_states=True, use_cache=False)
+    assert patched.replaced is True
     assert len(output.hidden_states) == model.config.n_layer + 1
     assert torch.equal(output.hidden_states[-1], output.last_hidden_state)
 
