@@ -220,7 +220,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         indices = order.batch(step)
         order_hash = chain_hash(order_hash, indices)
         mine = indices[rank * per_rank:(rank + 1) * per_rank]
-        sums = torch.zeros(4, dtype=torch.float64)  # ce, dispersion (unscaled), total loss, micro-batches
+        # ce, dispersion (unscaled), total loss, micro-batches; on the device: NCCL reduces no CPU tensor, and
+        # no per-micro-batch .cpu() sync stalls the GPU
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
         for start in range(0, per_rank, micro):
             batch = torch.as_tensor(train_blocks[mine[start:start + micro]], device=device)
             with _last_hidden_state_raw(engine.module, disp_layers is not None and arm.last_block_output == "raw"):
@@ -233,12 +235,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     outputs.hidden_states, disp_layers, arm.variant, tau=arm.tau,
                     clamp_threshold=arm.clamp_threshold, generator=generator, subset_per_layer=True)
                 loss = loss + arm.lam * disp
-                sums[1] += disp.detach().double().cpu()
+                sums[1] += disp.detach().double()
             if faults.due(task.faults, faults.NAN_LOSS, step=step + 1, rank=rank, run_name=task.run_name,
                           resumed=resumed):
                 loss = loss * float("nan")
-            sums[0] += outputs.loss.detach().double().cpu()
-            sums[2] += loss.detach().double().cpu()
+            sums[0] += outputs.loss.detach().double()
+            sums[2] += loss.detach().double()
             sums[3] += 1
             engine.backward(loss)
             engine.step()
@@ -248,7 +250,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         hooks.after_step(step, engine)
 
         torch.distributed.all_reduce(sums)  # every rank sees the same numbers -> same decisions
-        ce, disp_value, total = (float(v) for v in sums[:3] / sums[3])
+        ce, disp_value, total = (float(v) for v in (sums[:3] / sums[3]).cpu())
         if not all(math.isfinite(v) for v in (ce, disp_value, total)):
             failure = f"non-finite loss at step {step} (ce={ce}, dispersion={disp_value}, total={total})"
             break
@@ -471,7 +473,7 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
     micro = task.training.micro_batch_size
     shard = val_blocks[rank::world]
     n_batches = min(task.probes.val_batches, max(1, len(val_blocks) // (micro * world)))
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensor
     accumulator = CondensationAccumulator()
     with torch.no_grad():
         for b in range(n_batches):
@@ -479,7 +481,7 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
             if len(batch) == 0:
                 batch = shard[:1]
             ids = torch.as_tensor(np.asarray(batch), device=device)  # a lazy view of the shards reads here
-            totals[0] += engine(input_ids=ids, labels=ids).loss.double().cpu() * len(batch)
+            totals[0] += engine(input_ids=ids, labels=ids).loss.double() * len(batch)
             totals[1] += len(batch)
         base = _float32_model(engine).base_model
         for ids in probe_ids:
@@ -487,7 +489,7 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
             accumulator.update(torch.stack(outputs.hidden_states)[:, 0].float())
     torch.distributed.all_reduce(totals)
     result = accumulator.finalize()
-    metrics = {names.VAL_LOSS: float(totals[0] / totals[1]), **result.to_metrics()}
+    metrics = {names.VAL_LOSS: float((totals[0] / totals[1]).cpu()), **result.to_metrics()}
     if logger is not None:
         logger.log_metrics(metrics, step)
         _log(rank, f"{task.run_name} step {step} val/loss {metrics[names.VAL_LOSS]:.4f} "
