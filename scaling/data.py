@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,10 +187,11 @@ def _read_hf_rows(source: TextSource, limit: int | None = None) -> list[str]:
     return [row[source.field] for row in itertools.islice(dataset, limit)]
 
 
-def sample_texts(rows: list[str], repetitions: int, min_words: int = DEFAULT_MIN_WORDS) -> list[str]:
+def sample_texts(rows: Sequence[str], repetitions: int, min_words: int = DEFAULT_MIN_WORDS) -> list[str]:
     """The reference protocol: text r is consecutive rows from a start row drawn with
     `numpy.random.default_rng(r)` below 95% of the rows, joined until it has >= min_words words
-    (or the rows run out)."""
+    (or the rows run out). `rows` needs only len() and indexing: a lazy reader (token shards)
+    decodes just the rows read."""
     if repetitions < 1:
         raise DataError(f"repetitions={repetitions}: must be at least 1")
     if not rows:
@@ -198,7 +200,8 @@ def sample_texts(rows: list[str], repetitions: int, min_words: int = DEFAULT_MIN
     for r in range(repetitions):
         start = int(np.random.default_rng(r).integers(0, max(1, int(START_FRACTION * len(rows)))))
         chunk, words = [], 0
-        for row in rows[start:]:
+        for index in range(start, len(rows)):
+            row = rows[index]
             chunk.append(row)
             words += len(row.split())
             if words >= min_words:

@@ -886,27 +886,11 @@ class TokenShards:
         start row from numpy default_rng(r) below 95% of the rows, then rows until >= min_words
         words. Only those rows are read and detokenized; with a lossless tokenizer (byte-level BPE)
         the texts equal the ones the old path drew from the rows in memory."""
-        from scaling.data import DEFAULT_MIN_WORDS, START_FRACTION
+        from scaling.data import DEFAULT_MIN_WORDS, sample_texts
 
-        min_words = DEFAULT_MIN_WORDS if min_words is None else min_words
-        if repetitions < 1:
-            raise DataError(f"repetitions={repetitions}: must be at least 1")
-        stream = _Stream(self.root, self.manifest, "train", self.cache_dir)
-        decoder = self._tokenizer()
-        eos = self.manifest["packing"] == "eos"
-        texts = []
-        for r in range(repetitions):
-            start = int(np.random.default_rng(r).integers(0, max(1, int(START_FRACTION * stream.rows))))
-            chunk, words = [], 0
-            for index in range(start, stream.rows):
-                ids = stream.row(index)
-                row = decoder.decode((ids[:-1] if eos else ids).tolist(), skip_special_tokens=False).strip()
-                chunk.append(row)
-                words += len(row.split())
-                if words >= min_words:
-                    break
-            texts.append(" ".join(chunk))
-        return texts
+        return sample_texts(_DecodedRows(_Stream(self.root, self.manifest, "train", self.cache_dir), self._tokenizer(),
+                                         eos=self.manifest["packing"] == "eos"),
+                            repetitions, DEFAULT_MIN_WORDS if min_words is None else min_words)
 
     def probe_ids(self, repetitions: int, max_length: int, min_words: int | None = None) -> list[np.ndarray]:
         """`probe_texts` tokenized again (no special tokens) and cut to `max_length`, as the old path did."""
@@ -967,6 +951,20 @@ class _Stream:
         ends = self._array(part, "rows_file")
         begin = int(ends[local - 1]) if local else 0
         return np.asarray(self._array(part, "file")[begin:int(ends[local])], dtype=np.int64)
+
+
+class _DecodedRows:
+    """A stream's rows as text, decoded only when indexed (`scaling.data.sample_texts` reads a few)."""
+
+    def __init__(self, stream: _Stream, tokenizer, eos: bool):
+        self.stream, self.tokenizer, self.eos = stream, tokenizer, eos
+
+    def __len__(self) -> int:
+        return self.stream.rows
+
+    def __getitem__(self, index: int) -> str:
+        ids = self.stream.row(index)
+        return self.tokenizer.decode((ids[:-1] if self.eos else ids).tolist(), skip_special_tokens=False).strip()
 
 
 def _local_copy(base: str, name: str, key: str, cache_dir: str | None) -> str:
