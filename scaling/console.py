@@ -39,6 +39,13 @@ def run_cli(body: Callable[[], int], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:  # a python outside the project's venv, or a partial install
+        if exc.name is None or exc.name.split(".")[0] in ("scaling", "analysis"):
+            raise
+        print(f"{prog}: error: the Python package {exc.name!r} is not installed in {sys.executable}; activate the "
+              "project's venv (. .venv/bin/activate) or install it: pip install -e . (README.md, set-up)",
+              file=sys.stderr)
+        return 2
 
 
 def stop_on_sigterm() -> None:

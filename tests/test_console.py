@@ -53,6 +53,21 @@ def test_run_cli_prints_user_errors_on_one_line(capsys):
         raise KeyboardInterrupt
 
     assert run_cli(interrupted, "prog") == 130
+    assert capsys.readouterr().err == "prog: interrupted\n"
+
+    def missing_dependency():
+        import lm_eval_not_installed_here  # noqa: F401
+
+    assert run_cli(missing_dependency, "prog") == 2
+    err = capsys.readouterr().err
+    assert "'lm_eval_not_installed_here' is not installed" in err and "pip install -e ." in err
+    assert err.count("\n") == 1
+
+    def our_own_bug():
+        import scaling.no_such_module  # noqa: F401
+
+    with pytest.raises(ModuleNotFoundError):  # a broken project import is a bug: its traceback shows
+        run_cli(our_own_bug, "prog")
 
 
 def test_writable_check_leaves_nothing_behind(tmp_path):
