@@ -830,7 +830,8 @@ class StudyLock:
 
         self.tracker, self.run_id = tracker, study_run_id
         self.ttl_s, self.beat_s, self.settle_s = ttl_s, beat_s, settle_s
-        self.holder = f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
+        self.host = socket.gethostname()
+        self.holder = f"{self.host} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
         self._since = time.time()
         self._stop = None
 
@@ -846,17 +847,33 @@ class StudyLock:
     def _write(self) -> None:
         import json
 
-        lease = {"holder": self.holder, "since": self._since, "beat": time.time()}
+        lease = {"holder": self.holder, "host": self.host, "pid": os.getpid(), "since": self._since,
+                 "beat": time.time()}
         self.tracker.set_tags(self.run_id, {names.TAG_DRIVER_LEASE: json.dumps(lease)})
+
+    def _holder_died_here(self, lease: dict) -> bool:
+        """The lease's driver ran on this machine and its process is gone (SIGKILL, OOM): no need to wait
+        for its heartbeat to expire."""
+        if lease.get("host") != self.host or not isinstance(lease.get("pid"), int):
+            return False
+        try:
+            os.kill(lease["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
 
     def _refuse_if_held(self) -> None:
         lease = self._read()
-        if lease and lease.get("holder") != self.holder and time.time() - float(lease.get("beat", 0)) < self.ttl_s:
+        if (lease and lease.get("holder") != self.holder and time.time() - float(lease.get("beat", 0)) < self.ttl_s
+                and not self._holder_died_here(lease)):
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lease.get("since", 0))))
             raise ConfigError(
                 f"study {self.tracker.study!r} is being run by another driver ({lease.get('holder')}, started "
                 f"{started}, last seen {time.time() - float(lease['beat']):.0f} s ago); wait for it to finish or "
-                f"stop it (a driver that died frees the study {self.ttl_s:.0f} s after its last heartbeat)")
+                f"stop it (a driver that died on another machine frees the study {self.ttl_s:.0f} s after its last "
+                f"heartbeat; on this one, at once)")
 
     def __enter__(self):
         import threading
