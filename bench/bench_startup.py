@@ -14,7 +14,10 @@ worker and the torch process group: that segment is reported as one.
     python bench/bench_startup.py --workers 1 --arms baseline
 
 Prints, per run, each phase's start (seconds after the driver began the run) and duration,
-for the driver and for every worker rank, and the share of the run's first step time.
+for the driver and for every worker rank. The baseline, measured in the same Ray after the
+study: Ray Train's own floor, a TorchTrainer with the same workers whose loop does nothing (run
+twice, the second one counts): how long `fit()` takes to reach the loop and to return. What a run
+spends beyond that floor is the project's own start-up (model, DeepSpeed, data, MLflow).
 """
 
 from __future__ import annotations
@@ -129,6 +132,52 @@ def instrument_driver() -> None:
     study.train_run = timed_train_run
 
 
+def _empty_loop(config):
+    now = time.time()
+    _record("empty loop entered", now, now)
+
+
+def ray_train_floor(args, workdir: Path, repeats: int = 2) -> list[dict]:
+    """`fit()` of a TorchTrainer with the study's workers and an empty loop: Ray Train's own cost of a run
+    (controller, worker group, torch process group, teardown), nothing of ours."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    results = []
+    for attempt in range(repeats):
+        trainer = TorchTrainer(_empty_loop, scaling_config=ScalingConfig(
+            num_workers=args.workers, resources_per_worker={"CPU": 1}, placement_strategy="PACK"),
+            run_config=RunConfig(name=f"empty-{attempt}", storage_path=str(workdir / "runs")))
+        start = time.time()
+        trainer.fit()
+        results.append({"start": start, "end": time.time()})
+    return results
+
+
+def floor_figures(events: list[dict], fits: list[dict]) -> tuple[float, float]:
+    """(seconds to the empty loop, seconds of the whole fit) of the last empty run."""
+    last = fits[-1]
+    entered = [e["start"] for e in events if e["event"] == "empty loop entered" and last["start"] <= e["start"] <= last["end"]]
+    return max(entered) - last["start"], last["end"] - last["start"]
+
+
+def compare_with_floor(events: list[dict], fits: list[dict]) -> None:
+    to_loop, whole = floor_figures(events, fits)
+    runs = sorted((e for e in events if e["event"] == "driver: run ends"), key=lambda e: e["start"])
+    print(f"\nRay Train floor (empty loop, warm Ray, {len(fits)} fits, the last counted): loop entered {to_loop:.1f} s "
+          f"after fit() began, fit() {whole:.1f} s")
+    print("| run | first optimizer step at s | run s | run / floor | beyond the floor s |")
+    print("|---|---|---|---|---|")
+    print(f"| floor: empty Ray Train run | {to_loop:.1f} (loop entered) | {whole:.1f} | 1.00x | 0.0 |")
+    for number, run in enumerate(runs, 1):
+        first = min((e["start"] for e in events if e["event"] == "first optimizer step done"
+                     and run["start"] <= e["start"] <= run["end"]), default=None)
+        length = run["end"] - run["start"]
+        print(f"| run {number}{' (first after ray.init)' if number == 1 else ''} | "
+              + (f"{first - run['start']:.1f}" if first else "-")
+              + f" | {length:.1f} | {length / whole:.2f}x | {length - whole:.1f} |")
+
+
 def build_study(args, workdir: Path):
     from scaling.config import study_from_dict
 
@@ -212,6 +261,7 @@ def main() -> None:
     _record("driver: ray.init", started, time.time())
     try:
         outcomes = run_study(study, "study: bench-startup\n", progress=lambda *_: None)
+        fits = ray_train_floor(args, workdir)
     finally:
         ray.shutdown()
     for outcome in outcomes:
@@ -220,6 +270,7 @@ def main() -> None:
     init = next(e for e in events if e["event"] == "driver: ray.init")
     print(f"ray.init: {init['end'] - init['start']:.1f} s (once per driver)")
     report(events)
+    compare_with_floor(events, fits)
     print(f"\nload at end {os.getloadavg()[0]:.1f}; timeline in {log}")
 
 
