@@ -47,6 +47,7 @@ class SweepContext:
     sweep_run_id: str
     sweep_hash: str
     faults: tuple = ()  # scaling.faults.Fault installed by a test in the driver; re-installed in the trial
+    janitor: Any = None  # PlacementGroupJanitor actor: frees the worker groups of trials Tune stopped
 
 
 @dataclass
@@ -122,54 +123,93 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         # arms and the extra-seed reruns of the best settings.
         task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.data,
                           evaluate=False)
-    completed = _exit_when_tune_stops(run_name)
-    try:
-        def preempted(count: int, reason: str) -> None:
-            tracker.set_tags(run_id, {names.TAG_PREEMPTIONS: count})
-            say(f"{run_name}: preempted ({reason}); retry {count}")
+    if context.janitor is not None:  # if Tune stops this trial, the janitor frees its worker group
+        import ray
 
-        outcome = fit(study, task, tracker, f"{study.study}-{plan.rung.name}-trial-{trial_id}",
-                      callbacks=[TuneReportCallback()],
-                      preemption_retries=study.search.preemption_retries, on_preempted=preempted)
-        if outcome.failure:
-            tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
-            tracker.finish(run_id, names.STATUS_FAILED, outcome.failure)
-            raise TrainingFailure(f"{run_name}: {outcome.failure}")
-        tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
-        tracker.finish(run_id, names.STATUS_FINISHED)
-    finally:
-        completed.set()  # returned or raised on its own: not a scheduler stop
+        task = dataclasses.replace(task, placement_group_watch=(context.janitor,
+                                                                ray.get_runtime_context().current_actor))
+
+    def preempted(count: int, reason: str) -> None:
+        tracker.set_tags(run_id, {names.TAG_PREEMPTIONS: count})
+        say(f"{run_name}: preempted ({reason}); retry {count}")
+
+    outcome = fit(study, task, tracker, f"{study.study}-{plan.rung.name}-trial-{trial_id}",
+                  callbacks=[TuneReportCallback()],
+                  preemption_retries=study.search.preemption_retries, on_preempted=preempted)
+    if outcome.failure:
+        tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
+        tracker.finish(run_id, names.STATUS_FAILED, outcome.failure)
+        raise TrainingFailure(f"{run_name}: {outcome.failure}")
+    tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
+    tracker.finish(run_id, names.STATUS_FINISHED)
 
 
-def _exit_when_tune_stops(run_name: str):
-    """When Tune (ASHA) stops this trial, end the trial's process at once.
+class PlacementGroupJanitor:
+    """Removes the placement group of a trial whose process died while its worker group held it.
 
-    Tune stops a function trainable gracefully, which leaves the TorchTrainer the function is
-    blocked in training on: its workers keep their CPUs/GPUs (placement group) until every step
-    is done, so a stopped trial saves nothing and later trials wait for resources. Exiting the
-    process takes its Ray Train controller with it (the controller, its workers and placement
-    group are owned by this process). Returns an event to set once the trial completed normally.
-    Uses the function session's stop event, a Ray-internal detail of Ray 2.60.
+    When ASHA stops a trial, Tune ends the trial's process; the trial's Ray Train controller dies
+    with it, but the placement group the controller reserved for the workers outlives it (it belongs
+    to the job). Ray Train's own cleaner would remove it, but asks the dashboard's State API whether
+    the controller is alive, and a local Ray started without a dashboard cannot answer: the CPUs stay
+    reserved and, after a few stopped trials, the next one waits forever. This actor, owned by the
+    sweep's driver, needs only the GCS: rank 0 of every trial registers its placement group and the
+    trial's actor; once a second the janitor pings the trials and removes the group of any that died.
     """
-    import os
-    import threading
 
-    from ray.train._internal.session import get_session
+    def __init__(self, poll_s: float = 1.0):
+        import threading
 
-    completed = threading.Event()
-    session = get_session()
-    stop_event = getattr(session, "stop_event", None)
-    if stop_event is None:  # a Ray without this internal: keep Tune's own behaviour
-        return completed
+        self._watched: dict[str, tuple] = {}  # placement group id (hex) -> (the group, the trial actor owning it)
+        self._lock = threading.Lock()
+        self._one_pass = threading.Lock()  # the loop's passes and `sweep` calls never overlap
+        self._poll_s = poll_s
+        threading.Thread(target=self._loop, name="placement-group-janitor", daemon=True).start()
 
-    def watch():
-        stop_event.wait()
-        if not completed.is_set():
-            say(f"{run_name}: stopped early by the scheduler")
-            os._exit(0)
+    def watch(self, owner, group) -> None:
+        with self._lock:
+            self._watched[group.id.hex()] = (group, owner)
 
-    threading.Thread(target=watch, name="trial-stop-watch", daemon=True).start()
-    return completed
+    def sweep(self) -> int:
+        """One pass: remove the groups of dead owners, forget the groups Ray Train released; returns how
+        many were removed."""
+        with self._one_pass:
+            with self._lock:
+                watched = list(self._watched.items())
+            removed = 0
+            for group_hex, (group, owner) in watched:
+                if self._orphaned(group_hex, group, owner):
+                    removed += 1
+            return removed
+
+    def _orphaned(self, group_hex: str, group, owner) -> bool:
+        """Forget a released group; remove (and forget) one whose owner died. True if removed."""
+        import ray
+        from ray.util.placement_group import placement_group_table, remove_placement_group
+
+        if placement_group_table(group).get("state") != "REMOVED":
+            try:
+                ray.get(owner.__ray_ready__.remote(), timeout=30)
+                return False  # the trial is alive: its worker group is in use
+            except ray.exceptions.GetTimeoutError:
+                return False
+            except ray.exceptions.RayActorError:
+                remove_placement_group(group)
+                removed = True
+        else:
+            removed = False
+        with self._lock:
+            self._watched.pop(group_hex, None)
+        return removed
+
+    def _loop(self) -> None:
+        import time
+
+        while True:
+            time.sleep(self._poll_s)
+            try:
+                self.sweep()
+            except Exception as exc:  # noqa: BLE001 -- keep watching; the next pass retries
+                say(f"placement group janitor: {type(exc).__name__}: {exc}")
 
 
 # --- the sweep of one rung ---------------------------------------------------------------------
@@ -200,8 +240,11 @@ def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, pare
         progress(f"{rung.name}: sweep already finished (run {sweep_run_id[:8]}), skipped")
         return summarize_sweep(tracker, rung.name, sweep_run_id, search, 0.0)
 
+    import ray
+
+    janitor = ray.remote(num_cpus=0)(PlacementGroupJanitor).remote()
     context = SweepContext(study, plan, seed, data, tracker.tracking_uri, sweep_run_id, sweep_hash,
-                           faults.installed())
+                           faults.installed(), janitor)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0.01})
     experiment = f"{study.study}-{rung.name}-sweep-{sweep_hash[:8]}"
     storage = resolve_storage_path(study.storage_path)
@@ -231,7 +274,11 @@ def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, pare
         )
     progress(f"{rung.name}: searching {search.num_samples} trial(s) of {plan.steps} steps, "
              f"optimising {search.metric} ({search.mode})")
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        ray.get(janitor.sweep.remote())  # the last trials' groups too, before the janitor goes
+        ray.kill(janitor)
     mark_stopped_trials(tracker, sweep_run_id)
     outcome = summarize_sweep(tracker, rung.name, sweep_run_id, search, time.perf_counter() - started)
     tracker.finish(sweep_run_id, names.STATUS_FINISHED)

@@ -54,6 +54,9 @@ class RunTask:
     evaluation: Any = None  # scaling.evaluate.EvalConfig (absolute paths) or None: no downstream evaluation
     tokenizer_uri: str | None = None  # the study's tokenizer folder on shared storage (evaluations need it)
     faults: tuple = ()  # scaling.faults.Fault: injected by tests, empty otherwise
+    placement_group_watch: Any = None
+    """(janitor actor, owner actor) of a sweep trial: rank 0 registers the worker group's placement group,
+    which the janitor removes if the owner (the trial's process) dies without Ray Train releasing it."""
 
     def to_loop_config(self) -> dict[str, Any]:
         return {"task": self}
@@ -161,6 +164,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     logger = _rank0_logger(task) if rank == 0 else None
+    if rank == 0 and task.placement_group_watch is not None:
+        _watch_placement_group(*task.placement_group_watch)
     torch.manual_seed(task.seed)
 
     # Same seed (or the same pretrained checkpoint) -> same initial weights in every arm (hash recorded).
@@ -694,6 +699,14 @@ def _run_folder() -> str | None:
         return f"{context.storage_filesystem.type_name}://{path}"
     except Exception:  # noqa: BLE001 -- a developer API of Ray Train: without it, nothing is exported
         return None
+
+
+def _watch_placement_group(janitor, owner) -> None:
+    import ray.util
+
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        janitor.watch.remote(owner, group)
 
 
 def _rank0_logger(task: RunTask):

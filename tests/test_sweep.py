@@ -91,6 +91,42 @@ def test_preemption_is_told_apart_from_real_failures():
     assert not is_preemption(FloatingPointError("nan"))
 
 
+def test_janitor_frees_the_worker_group_of_a_dead_trial_and_only_that(ray_session):
+    """A stopped trial's process dies while its placement group stays reserved (Ray Train's own cleaner
+    needs a dashboard): the janitor removes the groups of dead owners, never of live ones."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from scaling.sweep import PlacementGroupJanitor
+
+    @ray.remote(num_cpus=0)
+    class Trial:
+        def ping(self):
+            return True
+
+    janitor = ray.remote(num_cpus=0)(PlacementGroupJanitor).remote(poll_s=3600.0)  # passes only on demand
+    dead, alive = Trial.remote(), Trial.remote()
+    ray.get([dead.ping.remote(), alive.ping.remote()])
+    groups = {key: placement_group([{"CPU": 0.5}]) for key in ("dead", "alive", "released")}
+    ray.get([group.ready() for group in groups.values()])
+    for key, owner in (("dead", dead), ("alive", alive), ("released", alive)):
+        ray.get(janitor.watch.remote(owner, groups[key]))
+    try:
+        ray.kill(dead)
+        remove_placement_group(groups["released"])  # as Ray Train does after a run that ended normally
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(dead.ping.remote(), timeout=30)
+        assert ray.get(janitor.sweep.remote()) == 1
+        assert placement_group_table(groups["dead"])["state"] == "REMOVED"
+        assert placement_group_table(groups["alive"])["state"] == "CREATED"
+        assert ray.get(janitor.sweep.remote()) == 0  # nothing left to remove; the live trial's group stays
+        assert placement_group_table(groups["alive"])["state"] == "CREATED"
+    finally:
+        remove_placement_group(groups["alive"])
+        ray.kill(janitor)
+        ray.kill(alive)
+
+
 # --- slow: real sweeps -------------------------------------------------------------------------------
 
 
@@ -115,8 +151,12 @@ def test_two_rung_sweep_records_trials_picks_best_on_validation_and_survives_a_n
     study = study_from_dict(sweep_study(tmp_path, "sweep"))
     from scaling.faults import NAN_LOSS, Fault, install
 
+    groups_before = set(ray_session.util.placement_group_table())
     with install(Fault(NAN_LOSS, step=1, run="trial1 ")):  # the second trial of each rung turns NaN
         outcomes = run_study(study, "")
+    # No worker group outlives its trial (an early-stopped trial's used to stay reserved for good).
+    table = ray_session.util.placement_group_table()
+    assert not [g for key, g in table.items() if key not in groups_before and g["state"] != "REMOVED"]
     runs = mlflow_runs(study.tracking_uri, "sweep")
     (parent,) = by_kind(runs, names.KIND_STUDY)
     sweeps = by_kind(runs, names.KIND_SWEEP)
