@@ -83,9 +83,11 @@ def quiet_ray_data_console() -> None:
 
 
 def quiet_ray_before_init() -> None:
-    """Before `ray.init`: no usage-stats banner; third-party chatter lowered."""
+    """Before `ray.init`: no usage-stats banner; third-party chatter lowered; Tune's own console output
+    (an experiment box, result paths, a TensorBoard hint) left out: the driver prints each trial's progress."""
     quiet_libraries()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with the older reporter, verbose=0 prints nothing
 
 
 def format_duration(seconds: float | None) -> str:

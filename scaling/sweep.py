@@ -218,10 +218,13 @@ class PlacementGroupJanitor:
 def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, parent_id: str,
               progress=say) -> SweepOutcome:
     """Search the dispersion settings for one rung (resuming a stopped search), then tag the best trial."""
+    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its import set INFO ("A new study created ...")
 
     search = study.search
     rung = plan.rung
