@@ -28,7 +28,7 @@ from scaling import faults, names
 from scaling.storage import resolve_storage_path
 from scaling.config import ArmConfig, StudyConfig
 from scaling.console import say
-from scaling.errors import TrainingFailure
+from scaling.errors import TrainingFailure, one_line
 from scaling.runs import DataRefs, build_task, fit
 from scaling.schema import config_hash
 
@@ -280,7 +280,10 @@ def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, pare
     try:
         tuner.fit()
     finally:
-        ray.get(janitor.sweep.remote())  # the last trials' groups too, before the janitor goes
+        try:
+            ray.get(janitor.sweep.remote(), timeout=120)  # the last trials' groups too, before the janitor goes
+        except Exception as exc:  # noqa: BLE001 -- a clean-up must not fail a search that ran
+            progress(f"{rung.name}: could not check the trials' worker groups at the end ({one_line(exc)})")
         ray.kill(janitor)
     mark_stopped_trials(tracker, sweep_run_id)
     outcome = summarize_sweep(tracker, rung.name, sweep_run_id, search, time.perf_counter() - started)
