@@ -160,8 +160,7 @@ class PlacementGroupJanitor:
         import threading
 
         self._watched: dict[str, tuple] = {}  # placement group id (hex) -> (the group, the trial actor owning it)
-        self._lock = threading.Lock()
-        self._one_pass = threading.Lock()  # the loop's passes and `sweep` calls never overlap
+        self._lock = threading.Lock()  # a pass (the loop's or `sweep`'s) and `watch` never overlap
         self._poll_s = poll_s
         threading.Thread(target=self._loop, name="placement-group-janitor", daemon=True).start()
 
@@ -170,35 +169,19 @@ class PlacementGroupJanitor:
             self._watched[group.id.hex()] = (group, owner)
 
     def sweep(self) -> int:
-        """One pass: remove the groups of dead owners, forget the groups Ray Train released; returns how
-        many were removed."""
-        with self._one_pass:
-            with self._lock:
-                watched = list(self._watched.items())
-            removed = 0
-            for group_hex, (group, owner) in watched:
-                if self._orphaned(group_hex, group, owner):
-                    removed += 1
-            return removed
-
-    def _orphaned(self, group_hex: str, group, owner) -> bool:
-        """Forget a released group; remove (and forget) one whose owner died. True if removed."""
-        import ray
+        """One pass: forget the groups Ray Train released, remove those of dead owners; returns how many
+        were removed."""
         from ray.util.placement_group import placement_group_table, remove_placement_group
 
-        if placement_group_table(group).get("state") != "REMOVED":
-            try:
-                ray.get(owner.__ray_ready__.remote(), timeout=30)
-                return False  # the trial is alive: its worker group is in use
-            except ray.exceptions.GetTimeoutError:
-                return False
-            except ray.exceptions.RayActorError:
-                remove_placement_group(group)
-                removed = True
-        else:
-            removed = False
+        removed = 0
         with self._lock:
-            self._watched.pop(group_hex, None)
+            for key, (group, owner) in list(self._watched.items()):
+                if placement_group_table(group).get("state") == "REMOVED":
+                    del self._watched[key]
+                elif not _alive(owner):
+                    remove_placement_group(group)
+                    del self._watched[key]
+                    removed += 1
         return removed
 
     def _loop(self) -> None:
@@ -210,6 +193,19 @@ class PlacementGroupJanitor:
                 self.sweep()
             except Exception as exc:  # noqa: BLE001 -- keep watching; the next pass retries
                 say(f"placement group janitor: {type(exc).__name__}: {exc}")
+
+
+def _alive(actor) -> bool:
+    """False only once the actor is known dead (a slow answer is not a death)."""
+    import ray
+
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=30)
+    except ray.exceptions.RayActorError:
+        return False
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return True
 
 
 # --- the sweep of one rung ---------------------------------------------------------------------

@@ -217,15 +217,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # The earlier life trained to the end and saved its last checkpoint, but its outcome was not taken
         # in (the driver died first). Nothing is left to train, so without a report here a sweep trial
         # resumed by Tune would end with no `val/loss` and fail the whole resumed search: report the
-        # final probe again (not recorded twice in MLflow) with the state of rank 0's records.
-        report = {"step": start_step, **_probe(engine, task, val_blocks, probe_ids, device, rank, world, None,
-                                               start_step, final=True)}
-        if logger is not None:
-            logger.set_tags({names.TAG_DATA_ORDER_HASH: order_hash, names.TAG_STEPS: task.steps})
-            report.update(_wait_for_records(logger))
-            logger.close()
-        ray.train.report(report)
-        return
+        # final probe again (not recorded twice in MLflow: no logger). The loop below has no step to run.
+        ray.train.report({"step": start_step, **_probe(engine, task, val_blocks, probe_ids, device, rank, world,
+                                                      None, start_step, final=True)})
     evaluations = _run_evaluations(task, rank, logger, engine)
     if evaluations is not None and start_step == 0 and evaluations.due(0):  # the pretrained/initial row
         evaluations.export_and_submit(full_model(engine, evaluations.precision_dtype), 0)
