@@ -1,23 +1,23 @@
-"""Where a training run's start-up goes: a timeline of one real run, driver and workers (issue 16).
+"""A training run's start-up: one worker group per run (the baseline) vs runs chained in one worker group
+(what a study does when its runs queue for the cluster), with a timeline of where the time goes (issue 16).
 
-Runs the real `scaling.study.run_study` on a tiny study (the `tiny` ladder's smallest rung,
-2 workers, ZeRO-2, a few steps; probe and checkpoint only at the end) in a private local Ray.
-Nothing in `scaling/` is changed: timestamps come from wrappers installed around the
-functions the run calls, in the driver (MLflow run creation, `fit`) and, through Ray's
-`worker_process_setup_hook`, in every worker process (torch import, process group, the
-loop's own steps: MLflow logger, model build, DeepSpeed import and `initialize`, data, first
-step, final probe and checkpoint). The wrappers only read the clock. Between a worker
-process being up and the loop starting, Ray Train imports torch and ray.train, sets up the
-worker and the torch process group: that segment is reported as one.
+Runs the real `scaling.runs.train_chain` on a tiny study (the `tiny` ladder's smallest rung, 2 workers,
+ZeRO-2, a few steps; probe and checkpoint only at the end; `--runs` seeds of the baseline arm) in a
+private local Ray, twice in the same Ray: first each run in its own worker group (one `train_chain` per
+run, as every run was trained before chaining, and as a study still trains runs that fit side by side),
+then all of them chained in one group (one `train_chain` for all). Nothing in `scaling/` is changed:
+timestamps come from wrappers installed around the functions the runs call, in the driver and, through
+Ray's `worker_process_setup_hook`, in every worker process (MLflow logger, model build, DeepSpeed import
+and `initialize`, data, first step, final probe and checkpoint). The wrappers only read the clock.
 
-    python bench/bench_startup.py                     # baseline + dispersion arm, 2 workers, 2 CPUs
-    python bench/bench_startup.py --workers 1 --arms baseline
+    python bench/bench_startup.py                     # 4 runs, 2 workers, 2 CPUs
+    python bench/bench_startup.py --workers 1 --runs 3
 
-Prints, per run, each phase's start (seconds after the driver began the run) and duration,
-for the driver and for every worker rank. The baseline, measured in the same Ray after the
-study: Ray Train's own floor, a TorchTrainer with the same workers whose loop does nothing (run
-twice, the second one counts): how long `fit()` takes to reach the loop and to return. What a run
-spends beyond that floor is the project's own start-up (model, DeepSpeed, data, MLflow).
+A run's start-up is the time from when it could begin (its own `train_chain` call in the baseline; the
+end of the run before it in a chain, or the chain's call for the first) to its first optimizer step
+done. Prints that per run for both ways, their means without the first run of each (the first after
+`ray.init` pays for cold caches), the ratio, and the phases of one warm run of each. Also measured in
+the same Ray: Ray Train's own floor, a TorchTrainer with the same workers whose loop does nothing.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def instrument_worker() -> None:
 
     _record("import scaling.train", start, time.time())
     train.train_loop_per_worker = _timed(train.train_loop_per_worker, "training loop (whole)")
+    train._train_run = _timed(train._train_run, "run (whole)")
     for name, label in LOOP_PHASES.items():
         setattr(train, name, _timed(getattr(train, name), label))
 
@@ -117,19 +118,6 @@ def instrument_driver() -> None:
 
     tracking.Tracker.child_run = _timed(tracking.Tracker.child_run, "driver: MLflow child run")
     runs.fit = _timed(runs.fit, "driver: fit (Ray Train run)")
-    train_run = runs.train_run
-
-    def timed_train_run(*args, **kwargs):
-        start = time.time()
-        _record("driver: run begins", start, start)
-        try:
-            return train_run(*args, **kwargs)
-        finally:
-            _record("driver: run ends", start, time.time())
-
-    import scaling.study as study
-
-    study.train_run = timed_train_run
 
 
 def _empty_loop(config):
@@ -161,31 +149,47 @@ def floor_figures(events: list[dict], fits: list[dict]) -> tuple[float, float]:
     return max(entered) - last["start"], last["end"] - last["start"]
 
 
-def compare_with_floor(events: list[dict], fits: list[dict]) -> None:
+def run_startups(events: list[dict], chain: dict) -> list[tuple[float, float]]:
+    """(start-up, whole) seconds of each run of one `train_chain` call, in order: start-up from when the run
+    could begin (the call, or the end of the run before it in the group) to its first optimizer step."""
+    inside = [e for e in events if chain["start"] <= e["start"] <= chain["end"]]
+    rank0 = {e["pid"] for e in inside if e["event"] == LOOP_PHASES["_rank0_logger"]}
+    runs = sorted((e for e in inside if e["event"] == "run (whole)" and e["pid"] in rank0), key=lambda e: e["start"])
+    firsts = sorted(e["start"] for e in inside if e["event"] == "first optimizer step done" and e["pid"] in rank0)
+    figures, ready = [], chain["start"]
+    for run in runs:
+        first = min((t for t in firsts if run["start"] <= t <= run["end"]), default=None)
+        figures.append((first - ready if first else float("nan"), run["end"] - ready))
+        ready = run["end"]
+    return figures
+
+
+def compare(events: list[dict], separate: list[dict], chained: dict, fits: list[dict]) -> None:
+    baseline = [figure for call in separate for figure in run_startups(events, call)]
+    reused = run_startups(events, chained)
     to_loop, whole = floor_figures(events, fits)
-    runs = sorted((e for e in events if e["event"] == "driver: run ends"), key=lambda e: e["start"])
-    print(f"\nRay Train floor (empty loop, warm Ray, {len(fits)} fits, the last counted): loop entered {to_loop:.1f} s "
-          f"after fit() began, fit() {whole:.1f} s")
-    print("| run | first optimizer step at s | run s | run / floor | beyond the floor s |")
+    print("\n| run | own worker group: start-up s | run s | chained: start-up s | run s |")
     print("|---|---|---|---|---|")
-    print(f"| floor: empty Ray Train run | {to_loop:.1f} (loop entered) | {whole:.1f} | 1.00x | 0.0 |")
-    for number, run in enumerate(runs, 1):
-        first = min((e["start"] for e in events if e["event"] == "first optimizer step done"
-                     and run["start"] <= e["start"] <= run["end"]), default=None)
-        length = run["end"] - run["start"]
-        print(f"| run {number}{' (first after ray.init)' if number == 1 else ''} | "
-              + (f"{first - run['start']:.1f}" if first else "-")
-              + f" | {length:.1f} | {length / whole:.2f}x | {length - whole:.1f} |")
+    for number, (own, chain) in enumerate(zip(baseline, reused), 1):
+        print(f"| {number} | {own[0]:.1f} | {own[1]:.1f} | {chain[0]:.1f} | {chain[1]:.1f} |")
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    own_start, chain_start = mean([f[0] for f in baseline[1:]]), mean([f[0] for f in reused[1:]])
+    own_run, chain_run = mean([f[1] for f in baseline[1:]]), mean([f[1] for f in reused[1:]])
+    print(f"mean of runs 2-{len(reused)}: start-up {own_start:.1f} s (own group) vs {chain_start:.1f} s (chained), "
+          f"{own_start / chain_start:.1f}x less; whole run {own_run:.1f} vs {chain_run:.1f} s, "
+          f"{own_run / chain_run:.2f}x faster")
+    print(f"all {len(reused)} runs end to end: {sum(c['end'] - c['start'] for c in separate):.1f} s (own groups) vs "
+          f"{chained['end'] - chained['start']:.1f} s (chained)")
+    print(f"Ray Train floor (empty loop, warm Ray, {len(fits)} fits, the last counted): loop entered {to_loop:.1f} s "
+          f"after fit() began, fit() {whole:.1f} s")
 
 
-def build_study(args, workdir: Path):
+def build_study(args, workdir: Path, name: str):
     from scaling.config import study_from_dict
 
-    arms = [arm if arm == "baseline" else {"name": "dispersion", "lambda": 0.1, "layers": "all"}
-            for arm in args.arms.split(",")]
     return study_from_dict({
-        "study": "bench-startup", "ladder": "tiny", "rungs": [args.rung], "arms": arms, "seeds": [0],
-        "data": {"source": "bundled", "max_rows": 600},
+        "study": name, "ladder": "tiny", "rungs": [args.rung], "arms": ["baseline"],
+        "seeds": list(range(args.runs)), "data": {"source": "bundled", "max_rows": 600},
         "training": {"seq_len": 32, "batch_size": 8, "micro_batch_size": 4, "max_steps": args.steps, "lr": 3e-3},
         "probes": {"every_steps": 0, "texts": 2, "max_length": 32, "val_batches": 1},
         "resources": {"num_workers": args.workers, "zero_stage": args.zero_stage},
@@ -195,53 +199,69 @@ def build_study(args, workdir: Path):
     })
 
 
-def report(events: list[dict]) -> None:
-    """One table per run: phases of the driver and of each worker process, in time order."""
-    runs = sorted((e for e in events if e["event"] == "driver: run ends"), key=lambda e: e["start"])
-    for number, run in enumerate(runs, 1):
-        begin, end = run["start"], run["end"]
-        inside = [e for e in events if begin <= e["start"] <= end and e is not run]
-        loop_pids = sorted({e["pid"] for e in inside if e["event"] == "training loop (whole)"})
-        rank0 = {e["pid"] for e in inside if e["event"] == LOOP_PHASES["_rank0_logger"]}
-        workers = {pid: "rank 0" if pid in rank0 else f"rank {n}" for n, pid in
-                   enumerate(sorted(loop_pids, key=lambda pid: pid not in rank0))}
-        first = min((e["start"] for e in inside if e["event"] == "first optimizer step done"), default=None)
-        print(f"\nrun {number}: {end - begin:.1f} s from the driver's start to its end; first optimizer step done at "
-              + (f"{first - begin:.1f} s" if first else "-"))
-        print("| who | phase | starts at s | takes s |")
-        print("|---|---|---|---|")
-        for e in sorted(inside, key=lambda e: e["start"]):
-            if e["pid"] in workers:
-                who = workers[e["pid"]]
-            elif e["event"].startswith("driver"):
-                who = "driver"
-            else:
-                continue  # other Ray processes (the Train controller, idle workers)
-            name = e["event"].removeprefix("driver: ")
-            print(f"| {who} | {name} | {e['start'] - begin:.2f} | {e['end'] - e['start']:.2f} |")
-        starts = [min(e["start"] for e in inside if e["pid"] == pid) for pid in workers]
-        if starts:
-            fit = next((e for e in inside if e["event"] == "driver: fit (Ray Train run)"), None)
-            tail = (f"; fit() began at {fit['start'] - begin:.2f} s and returned {end - fit['end']:.2f} s "
-                    "before the run ended") if fit else ""
-            print(f"worker processes ready {min(starts) - begin:.2f}-{max(starts) - begin:.2f} s after the run "
-                  f"began{tail}")
+def train_both_ways(args, workdir: Path) -> tuple[list[dict], dict]:
+    """The runs once with a worker group each, then (a second study, so nothing is skipped) chained."""
+    from scaling.config import plan_runs
+    from scaling.runs import train_chain
+    from scaling.study import data_refs, prepare_data
+    from scaling.tracking import Tracker
+
+    calls = []
+    for name in ("own-groups", "chained"):
+        study = build_study(args, workdir, name)
+        (plan,) = plan_runs(study)
+        refs = data_refs(study, prepare_data(study, plan.rung.vocab_size, progress=lambda *_: None))
+        tracker = Tracker(study.tracking_uri, study.study)
+        parent = tracker.study_run_id(study.record_params())
+        jobs = [(plan, study.arms[0], seed) for seed in study.seeds]
+        for chain in ([[job] for job in jobs] if name == "own-groups" else [jobs]):
+            start = time.time()
+            outcomes = train_chain(study, chain, refs, tracker, parent, lambda *_: None)
+            calls.append({"start": start, "end": time.time(), "name": name})
+            bad = [o for o in outcomes if o.status != "finished"]
+            if bad:
+                raise SystemExit(f"{name}: a run did not finish: {bad}")
+    return [c for c in calls if c["name"] == "own-groups"], next(c for c in calls if c["name"] == "chained")
+
+
+def phases(events: list[dict], label: str, call: dict, number: int) -> None:
+    """The phases of run `number` (1-based) of one `train_chain` call, per worker rank, in time order."""
+    inside = [e for e in events if call["start"] <= e["start"] <= call["end"]]
+    rank0 = {e["pid"] for e in inside if e["event"] == LOOP_PHASES["_rank0_logger"]}
+    runs = sorted((e for e in inside if e["event"] == "run (whole)"), key=lambda e: e["start"])
+    pids = sorted({e["pid"] for e in runs}, key=lambda pid: pid not in rank0)
+    ours = [run for run in runs if run["pid"] in rank0]
+    if len(ours) < number:
+        return
+    begin = call["start"] if number == 1 else ours[number - 2]["end"]
+    end = ours[number - 1]["end"]
+    print(f"\n{label}, run {number}: phases from when it could begin (s)")
+    print("| who | phase | starts at s | takes s |")
+    print("|---|---|---|---|")
+    for e in sorted((e for e in inside if begin <= e["start"] <= end), key=lambda e: e["start"]):
+        if e["pid"] in pids:
+            who = f"rank {pids.index(e['pid'])}"
+        elif e["event"].startswith("driver"):
+            who = "driver"
+        else:
+            continue  # other Ray processes (the Train controller, idle workers)
+        print(f"| {who} | {e['event'].removeprefix('driver: ')} | {e['start'] - begin:.2f} | {e['end'] - e['start']:.2f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rung", default="tiny-165K")
-    parser.add_argument("--arms", default="baseline,dispersion", help="comma list: baseline, dispersion")
+    parser.add_argument("--runs", type=int, default=4, help="runs (seeds of the baseline arm) each way")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2, help="logical CPUs of the private Ray")
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
+    if args.runs < 2:
+        parser.error("--runs must be >= 2: the first run after ray.init is left out of the means")
 
     import ray
-
-    from scaling.study import run_study
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-startup-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -250,8 +270,7 @@ def main() -> None:
     log.unlink(missing_ok=True)
     os.environ[LOG_ENV] = str(log)
     instrument_driver()
-    study = build_study(args, workdir)
-    print(f"{args.rung}, arms {args.arms}, {args.workers} worker(s), ZeRO-{args.zero_stage}, {args.steps} steps; "
+    print(f"{args.rung}, {args.runs} runs, {args.workers} worker(s), ZeRO-{args.zero_stage}, {args.steps} steps; "
           f"Ray with {args.cpus} CPUs on {os.cpu_count()} cores; load {os.getloadavg()[0]:.1f}", flush=True)
     started = time.time()
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
@@ -260,17 +279,16 @@ def main() -> None:
                           "worker_process_setup_hook": instrument_worker})
     _record("driver: ray.init", started, time.time())
     try:
-        outcomes = run_study(study, "study: bench-startup\n", progress=lambda *_: None)
+        separate, chained = train_both_ways(args, workdir)
         fits = ray_train_floor(args, workdir)
     finally:
         ray.shutdown()
-    for outcome in outcomes:
-        print(f"{outcome.rung} {outcome.arm}: {outcome.status} in {outcome.seconds:.1f} s {outcome.detail}")
     events = [json.loads(line) for line in log.read_text().splitlines()]
     init = next(e for e in events if e["event"] == "driver: ray.init")
     print(f"ray.init: {init['end'] - init['start']:.1f} s (once per driver)")
-    report(events)
-    compare_with_floor(events, fits)
+    compare(events, separate, chained, fits)
+    phases(events, "own worker group", separate[1], 1)
+    phases(events, "chained", chained, 2)
     print(f"\nload at end {os.getloadavg()[0]:.1f}; timeline in {log}")
 
 

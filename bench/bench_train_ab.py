@@ -8,7 +8,7 @@
                     evaluation. Goal: with / without >= 0.9x.
 
 The study (tiny-429K, 1 worker, ZeRO-0, probes and checkpoints only at the end) trains through the
-real `scaling.runs.train_run` in one Ray session; conditions alternate (A, B, A, B) so that drifting
+real `scaling.runs.train_chain` (one run each) in one Ray session; conditions alternate (A, B, A, B) so that drifting
 machine load hits both. The figure is the median in-loop `train/tokens_per_s` over the steps after
 the first `--skip`.
 
@@ -51,7 +51,7 @@ def main() -> None:
     from scaling import names
     from scaling.config import plan_runs, study_from_dict
     from scaling.console import say
-    from scaling.runs import DataRefs, train_run
+    from scaling.runs import DataRefs, train_chain
     from scaling.study import data_refs, prepare_data
     from scaling.tracking import Tracker
 
@@ -84,7 +84,7 @@ def main() -> None:
                 refs = data_refs(study, data)  # with evaluations: the tokenizer published for the exported models
             tracker = Tracker(uri, study.study)
             parent = tracker.study_run_id({})
-            outcome = train_run(study, plan, study.arms[0], study.seeds[0], refs, tracker, parent, say)
+            (outcome,) = train_chain(study, [(plan, study.arms[0], study.seeds[0])], refs, tracker, parent, say)
             client = MlflowClient(uri)
             history = client.get_metric_history(outcome.run_id, names.TRAIN_TOKENS_PER_S)
             rates = [m.value for m in sorted(history, key=lambda m: m.step) if m.step > args.skip]

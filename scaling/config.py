@@ -282,8 +282,10 @@ class CheckpointConfig:
     every_steps: int = 0
     """Save a DeepSpeed checkpoint every this many steps (0: only at the end)."""
     num_to_keep: int = 2
+    """Complete checkpoints kept in each run's folder (the newest ones)."""
     max_failures: int = 1
-    """Restarts from the latest checkpoint after a worker dies (Ray Train FailureConfig)."""
+    """Restarts of a worker group after a worker dies (Ray Train FailureConfig); the group resumes its run
+    from the latest checkpoint. A chain of runs shares one group, so it shares these restarts."""
 
     def __post_init__(self):
         if self.every_steps < 0 or self.num_to_keep < 1 or self.max_failures < 0:

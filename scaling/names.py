@@ -39,6 +39,7 @@ TAG_DATA_ORDER_HASH = "data_order_hash"  # chained hash of every batch's block i
 TAG_RESUMED_FROM_STEP = "resumed_from_step"
 TAG_CHECKPOINT_FALLBACK = "checkpoint_fallback"  # newer checkpoints that could not be read on a resume, and why
 TAG_WORLD_SIZE = "world_size"
+TAG_WORKER_GROUP = "worker_group"  # the Ray Train run that trained it (last life): runs chained in turn share one
 TAG_DEVICE = "device"
 TAG_STEPS = "steps"
 TAG_PRECISION = "precision"  # training runs: bf16 (mixed, float32 master weights) or fp32
@@ -58,6 +59,7 @@ KIND_OBSERVE = "observe"  # one (model, source) measurement of a pretrained mode
 KIND_ANALYSIS = "analysis"  # an analysis run written by analysis.scaling_curves
 
 STATUS_RUNNING = "running"
+STATUS_QUEUED = "queued"  # waits for its turn in a chain of runs (one worker group trains them in turn)
 STATUS_FINISHED = "finished"
 STATUS_FAILED = "failed"
 STATUS_STOPPED = "stopped"  # a sweep trial stopped early by the scheduler (ASHA)

@@ -1,22 +1,25 @@
-"""One training run from plan to record: resolve it, build its task and trainer, fit, read the outcome.
+"""Training runs from plan to record: resolve them, build their tasks and trainer, fit, read the outcomes.
 
-Used by the study driver for the fixed arms and the extra-seed reruns, and by the sweep for
-each trial. A run is identified by the hash of its resolved config (same config -> same MLflow
-run): a finished one is skipped, an unfinished one continues its MLflow run and its Ray Train
-folder, from whose latest checkpoint Ray Train resumes.
+Used by the study driver for the fixed arms and the extra-seed reruns (`train_chain`), and by the
+sweep for each trial (`fit` of one task). A run is identified by the hash of its resolved config (same
+config -> same MLflow run and same folder on the storage): a finished one is skipped, an unfinished
+one continues its MLflow run from the latest checkpoint in its folder (`scaling.run_folder`).
+
+Runs that would wait for each other anyway (more runs than the cluster fits side by side) are
+chained: one Ray Train worker group trains them in turn, so its ~10 s of start-up (processes, imports,
+process group) is paid once per chain instead of once per run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from scaling import faults, names
+from scaling import faults, names, run_folder
 from scaling.cluster import placement_strategy
-from scaling.storage import resolve_storage_path
+from scaling.storage import join, resolve_storage_path
 from scaling.config import StudyConfig
 from scaling.errors import one_line
 from scaling.schema import config_hash
@@ -104,29 +107,40 @@ def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str)
                        tags, params)
 
 
+def trainer_name(study: StudyConfig, run: ResolvedRun) -> str:
+    """`<study>-<slug>-<hash>`: the run's folder on the storage, and the Ray Train name of a chain of one."""
+    return f"{study.study}-{run.slug}-{run.config_hash[:8]}"
+
+
+def run_folder_uri(study: StudyConfig, name: str) -> str:
+    return join(resolve_storage_path(study.storage_path), name)
+
+
 def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: str, tracking_uri: str,
-               data: DataRefs, *, evaluate: bool = True) -> RunTask:
+               data: DataRefs, folder: str, *, evaluate: bool = True) -> RunTask:
     """Everything the run's workers need; faults a test installed in this process ride along."""
-    return RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, rung=plan.rung,
+    return RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, folder=folder, rung=plan.rung,
                    arm=arm.for_family(plan.rung.family), seed=seed, steps=plan.steps, lr=plan.lr,
                    warmup_steps=plan.warmup_steps, training=study.training, probes=study.probes,
                    resources=study.resources, checkpoint_every=study.checkpoint.every_steps,
+                   checkpoints_to_keep=study.checkpoint.num_to_keep,
                    train_blocks=data.train_blocks, val_blocks=data.val_blocks, probe_ids=data.probe_ids,
                    init_from=study.training.init_from_for(plan.rung.name),
                    evaluation=study.eval.with_absolute_paths() if study.eval is not None and evaluate else None,
                    tokenizer_uri=data.tokenizer_uri, faults=faults.installed())
 
 
-def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):
-    """A TorchTrainer for one run. Its Ray Train folder is `storage_path/name`: a later trainer with
-    the same name restores the latest checkpoint there (Ray Train V2)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def build_trainer(study: StudyConfig, tasks: Sequence[RunTask], name: str, callbacks=()):
+    """A TorchTrainer whose one worker group trains `tasks` in turn. Checkpoints live in each run's own
+    folder (`scaling.run_folder`), not in Ray Train's `storage_path/name`, so which worker group trains a
+    run does not matter: a restarted group (`checkpoint.max_failures`) continues the chain."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = study.resources
     return TorchTrainer(
         _train_entry,
-        train_loop_config=task.to_loop_config(),
+        train_loop_config={"tasks": list(tasks)},
         # STRICT_PACK when the worker group fits one node (a large rung takes a whole node), else PACK.
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker},
@@ -135,7 +149,6 @@ def build_trainer(study: StudyConfig, task: RunTask, name: str, callbacks=()):
             name=name,
             storage_path=resolve_storage_path(study.storage_path),
             failure_config=FailureConfig(max_failures=study.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=study.checkpoint.num_to_keep),
             callbacks=list(callbacks),
         ),
     )
@@ -159,30 +172,20 @@ def is_preemption(exc: BaseException) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class FitResult:
-    """How a run's `fit` ended: `failure` is None when it trained to the end."""
+def fit(study: StudyConfig, tasks: Sequence[RunTask], trainer_name: str, *, callbacks=(), preemption_retries: int = 0,
+        on_preempted: Callable[[int, str], None] | None = None) -> str | None:
+    """Train a chain of runs in one worker group; None when the group got to the end of the chain, else
+    why it stopped (each run's own outcome is in its folder: `run_outcome`).
 
-    seconds: float
-    metrics: dict[str, Any]
-    failure: str | None
-    preemptions: int = 0
-
-
-def fit(study: StudyConfig, task: RunTask, tracker, trainer_name: str, *, callbacks=(), preemption_retries: int = 0,
-        on_preempted: Callable[[int, str], None] | None = None) -> FitResult:
-    """Train one run to the end, retrying a lost node/actor up to `preemption_retries` times.
-
-    A real failure (an exception, or a NaN loss the workers recorded in MLflow) ends the run; a
-    worker that dies mid-run is restarted by Ray Train itself (`checkpoint.max_failures`).
+    A lost node/actor is retried up to `preemption_retries` times; a worker that dies mid-run is restarted
+    by Ray Train itself (`checkpoint.max_failures`); anything else stops the chain.
     """
-    started = time.perf_counter()
     preemptions = 0
     while True:
-        trainer = build_trainer(study, task, trainer_name, callbacks)
+        trainer = build_trainer(study, tasks, trainer_name, callbacks)
         try:
-            result = trainer.fit()
-            break
+            trainer.fit()
+            return None
         except Exception as exc:  # noqa: BLE001 -- classified below; a run's failure is recorded
             if is_preemption(exc) and preemptions < preemption_retries:
                 preemptions += 1
@@ -193,40 +196,141 @@ def fit(study: StudyConfig, task: RunTask, tracker, trainer_name: str, *, callba
             if STORAGE_FULL in str(exc) or STORAGE_FULL in reason:
                 reason = (f"the storage is full ({reason}): free space under storage_path={study.storage_path!r} or "
                           "point it at a larger volume, then re-run (finished runs and their records are intact)")
-            return FitResult(time.perf_counter() - started, {}, reason, preemptions)
-    metrics = result.metrics or {}
-    failure = tracker.recorded_failure(task.run_id) or tracker.unwritten(task.run_id, metrics.get(UNWRITTEN_KEY))
-    return FitResult(time.perf_counter() - started, metrics, failure, preemptions)
+            return reason
 
 
-def train_run(study: StudyConfig, plan, arm, seed: int, data: DataRefs, tracker, parent_id: str,
-              say: Callable[[str], None]) -> RunOutcome:
-    """One fixed (rung, arm, seed) run: skip it if finished, else train it and record how it ended."""
-    rung = plan.rung
-    arm = arm.for_family(rung.family)
-    run = resolve_run(study, plan, arm, seed, data.fingerprint)
-    if STOPPING.is_set():
-        return RunOutcome(rung.name, arm.name, seed, names.STATUS_KILLED, "")
-    run_id, status = tracker.child_run(parent_id, run.run_name, run.config_hash, run.tags, run.params)
-    if status == names.STATUS_FINISHED:
-        say(f"{run.run_name}: already finished (run {run_id[:8]}), skipped")
-        return RunOutcome(rung.name, arm.name, seed, names.STATUS_SKIPPED, run_id)
-    if status != names.STATUS_RUNNING:  # failed or killed before: this driver takes it over (a failure
-        tracker.reopen(run_id)            # left on the record would be read back after `fit` and fail it again)
-    task = build_task(study, plan, arm, seed, run.run_name, run_id, tracker.tracking_uri, data)
-    say(f"{run.run_name}: {plan.steps} steps on {study.resources.num_workers} worker(s), "
-        f"ZeRO-{study.resources.zero_stage}, run {run_id[:8]}")
-    outcome = fit(study, task, tracker, f"{study.study}-{run.slug}-{run.config_hash[:8]}")
-    if STOPPING.is_set():  # interrupted: the driver has marked the run killed; --resume continues it
-        return RunOutcome(rung.name, arm.name, seed, names.STATUS_KILLED, run_id, outcome.seconds)
-    if outcome.failure:
-        tracker.finish(run_id, names.STATUS_FAILED, outcome.failure)
-        say(f"{run.run_name}: FAILED: {outcome.failure}")
-        return RunOutcome(rung.name, arm.name, seed, names.STATUS_FAILED, run_id, outcome.seconds,
-                          detail=outcome.failure)
-    tracker.finish(run_id, names.STATUS_FINISHED)
-    val_loss, spearman = outcome.metrics.get(names.VAL_LOSS), outcome.metrics.get(names.COND_SPEARMAN)
-    say(f"{run.run_name}: finished in {outcome.seconds:.0f} s"
-        + (f", val/loss {val_loss:.4f}" if val_loss is not None else ""))
-    return RunOutcome(rung.name, arm.name, seed, names.STATUS_FINISHED, run_id, outcome.seconds,
-                      val_loss=val_loss, spearman=spearman)
+def run_outcome(tracker, task: RunTask) -> tuple[str | None, dict[str, Any], float] | None:
+    """(failure or None, last report, seconds) of a run that ended, from its folder; None if it has not.
+    A run that trained to the end still fails when some of its records did not reach MLflow."""
+    ended = run_folder.read_outcome(task.folder)
+    if ended is None:
+        return None
+    report = ended["report"]
+    failure = (ended["failure"] or tracker.recorded_failure(task.run_id)
+               or tracker.unwritten(task.run_id, report.get(UNWRITTEN_KEY)))
+    return failure, report, float(ended.get("seconds") or 0.0)
+
+
+@dataclass
+class _Queued:
+    """A run of a chain: its place in the caller's list, what it is, and its task."""
+
+    index: int
+    rung: str
+    arm: str
+    seed: int
+    task: RunTask
+
+
+def train_chain(study: StudyConfig, jobs: Sequence[tuple], data: DataRefs, tracker, parent_id: str,
+                say: Callable[[str], None]) -> list[RunOutcome]:
+    """Fixed (plan, arm, seed) runs, trained in turn by one worker group (start-up paid once); finished
+    runs are skipped. Each run's outcome is recorded in MLflow as soon as it ends. If the group stops on a
+    run (an error, after Ray Train's restarts), that run fails with the reason and a new group trains the
+    runs after it, so one broken run never costs its siblings."""
+    outcomes: list[RunOutcome | None] = [None] * len(jobs)
+    queue: list[_Queued] = []
+    for index, (plan, arm, seed) in enumerate(jobs):
+        rung = plan.rung
+        arm = arm.for_family(rung.family)
+        run = resolve_run(study, plan, arm, seed, data.fingerprint)
+        if STOPPING.is_set():
+            outcomes[index] = RunOutcome(rung.name, arm.name, seed, names.STATUS_KILLED, "")
+            continue
+        queued = bool(queue)
+        run_id, status = tracker.child_run(parent_id, run.run_name, run.config_hash, run.tags, run.params,
+                                           queued=queued)
+        if status == names.STATUS_FINISHED:
+            say(f"{run.run_name}: already finished (run {run_id[:8]}), skipped")
+            outcomes[index] = RunOutcome(rung.name, arm.name, seed, names.STATUS_SKIPPED, run_id)
+            continue
+        folder = run_folder_uri(study, trainer_name(study, run))
+        ended = run_folder.read_outcome(folder)
+        if ended is not None and ended["failure"]:
+            run_folder.clear_outcome(folder)  # a failed run is tried again, from its latest checkpoint
+        if status != (names.STATUS_QUEUED if queued else names.STATUS_RUNNING):
+            tracker.reopen(run_id, queued=queued)  # failed or killed before: a failure left on the record would
+            #                                         be read back after training and fail it again
+        queue.append(_Queued(index, rung.name, arm.name, seed,
+                             build_task(study, plan, arm, seed, run.run_name, run_id, tracker.tracking_uri, data,
+                                        folder)))
+    while queue and not STOPPING.is_set():
+        resources = study.resources
+        names_in_chain = ", ".join(q.task.run_name for q in queue)
+        say(f"{names_in_chain}: {queue[0].task.steps} steps each on {resources.num_workers} worker(s), "
+            f"ZeRO-{resources.zero_stage}" + (", in turn in one worker group" if len(queue) > 1 else
+                                              f", run {queue[0].task.run_id[:8]}"))
+        watcher = _OutcomeWatcher(tracker, queue, outcomes, say)
+        with watcher:
+            failure = fit(study, [q.task for q in queue], _chain_name(study, queue))
+        if STOPPING.is_set():
+            break
+        left = [q for q in queue if outcomes[q.index] is None]
+        if left:  # the group stopped on the first run without an outcome
+            stopped = left[0]
+            reason = failure or "its worker group ended without recording how the run ended"
+            tracker.finish(stopped.task.run_id, names.STATUS_FAILED, reason)
+            say(f"{stopped.task.run_name}: FAILED: {reason}")
+            outcomes[stopped.index] = RunOutcome(stopped.rung, stopped.arm, stopped.seed, names.STATUS_FAILED,
+                                                 stopped.task.run_id, detail=reason)
+        queue = left[1:]
+    for q in queue:  # interrupted: the driver has marked them killed; --resume continues them
+        if outcomes[q.index] is None:
+            outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_KILLED, q.task.run_id)
+    return outcomes
+
+
+def _chain_name(study: StudyConfig, queue: Sequence[_Queued]) -> str:
+    """Ray Train's name for the group: the run's own name for one run, else one derived from its runs."""
+    if len(queue) == 1:
+        return queue[0].task.folder.rstrip("/").rsplit("/", 1)[-1]
+    return f"{study.study}-chain-{config_hash([q.task.run_id for q in queue])[:8]}"
+
+
+class _OutcomeWatcher:
+    """While a chain trains, records each run's outcome in MLflow (and prints it) as soon as its folder
+    has one; a last pass when the chain ends."""
+
+    def __init__(self, tracker, queue: Sequence[_Queued], outcomes: list, say: Callable[[str], None],
+                 poll_s: float = 5.0):
+        self.tracker, self.queue, self.outcomes, self.say, self.poll_s = tracker, queue, outcomes, say, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="outcomes", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        if not STOPPING.is_set():
+            self.take_in()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.take_in()
+            except Exception:  # noqa: BLE001 -- the store or the storage may be busy; the last pass retries
+                continue
+
+    def take_in(self) -> None:
+        for q in self.queue:
+            if self.outcomes[q.index] is not None or STOPPING.is_set():
+                continue
+            ended = run_outcome(self.tracker, q.task)
+            if ended is None:
+                continue
+            failure, report, seconds = ended
+            if failure:
+                self.tracker.finish(q.task.run_id, names.STATUS_FAILED, failure)
+                self.say(f"{q.task.run_name}: FAILED: {failure}")
+                self.outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_FAILED, q.task.run_id,
+                                                    seconds, detail=failure)
+                continue
+            self.tracker.finish(q.task.run_id, names.STATUS_FINISHED)
+            val_loss, spearman = report.get(names.VAL_LOSS), report.get(names.COND_SPEARMAN)
+            self.say(f"{q.task.run_name}: finished in {seconds:.0f} s"
+                     + (f", val/loss {val_loss:.4f}" if val_loss is not None else ""))
+            self.outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_FINISHED, q.task.run_id,
+                                                seconds, val_loss=val_loss, spearman=spearman)

@@ -1,6 +1,7 @@
 """The training-study driver: plan -> data -> fixed arms -> per-rung sweeps -> summary.
 
-Every (rung, arm, seed) is one Ray Train + DeepSpeed run (`scaling.runs`); with a `search`
+Every (rung, arm, seed) is one Ray Train + DeepSpeed run (`scaling.runs`; runs that would queue for
+the cluster are chained in one worker group each); with a `search`
 section the dispersion arm is searched per rung instead (`scaling.sweep`), against baselines
 trained first. The data is tokenized once per study and handed to the workers through the Ray
 object store. Runs go side by side as far as the cluster fits their worker groups, and a
@@ -21,7 +22,7 @@ from scaling.config import StudyConfig, plan_runs, redact_credentials
 from scaling.console import format_progress, say
 from scaling.errors import ConfigError
 from scaling.provenance import resolve_tracking_uri
-from scaling.runs import STOPPING, DataRefs, RunOutcome, train_run
+from scaling.runs import STOPPING, DataRefs, RunOutcome, train_chain
 from scaling.sweep import best_arm, run_sweep
 from scaling.tracking import StudyLock, Tracker
 
@@ -158,17 +159,18 @@ def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progr
     progress(f"study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x {len(study.arms)} arm(s); "
              f"{len(data.train):,} train / {len(data.val):,} val blocks; MLflow {tracker.tracking_uri}")
 
-    def run(plan, arm, seed):
-        return train_run(study, plan, arm, seed, refs, tracker, parent_id, progress)
-
     width = concurrent_runs(study, len(fixed), extra=study.eval.ray_options() if study.eval else None)
+
+    def run(jobs):
+        return run_in_chains(lambda chain: train_chain(study, chain, refs, tracker, parent_id, progress), jobs, width)
+
     with ProgressBoard(tracker, progress):
         if not searching:
-            outcomes = run_side_by_side(run, fixed, width)
+            outcomes = run(fixed)
         else:
             outcomes = []
             for plan in plans:  # a rung's sweep needs its baselines first
-                outcomes.extend(run_side_by_side(run, [job for job in fixed if job[0] is plan], width))
+                outcomes.extend(run([job for job in fixed if job[0] is plan]))
                 outcomes.extend(_search_rung(study, plan, refs, tracker, parent_id, run, progress))
             write_sweep_summary(study, tracker, parent_id, plans, progress)
     return outcomes
@@ -187,20 +189,25 @@ def stop_study(tracker, parent_id: str, progress=say) -> None:
     ray.shutdown()
 
 
-def run_side_by_side(run, jobs: list[tuple], width: int) -> list:
-    """`run(*job)` for every job, `width` at a time in threads (each blocks on its own Ray Train run);
-    results in the jobs' order whatever order they finish in. An interrupt starts no further job."""
-    if width <= 1 or len(jobs) <= 1:
-        return [run(*job) for job in jobs]
-    pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="run")
+def run_in_chains(train, jobs: list[tuple], width: int) -> list:
+    """`train(chain)` for `width` chains of the jobs side by side, each in a thread blocking on its own
+    worker group; outcomes in the jobs' order. Jobs are dealt out in turn, so the chains stay in plan order
+    and paired arms (adjacent in the plan) train at the same time. An interrupt starts no further chain."""
+    chains = [jobs[start::width] for start in range(min(width, len(jobs)))]
+    if len(chains) <= 1:
+        return train(jobs) if jobs else []
+    pool = ThreadPoolExecutor(max_workers=len(chains), thread_name_prefix="chain")
     try:
-        futures = [pool.submit(run, *job) for job in jobs]
-        return [future.result() for future in futures]
+        results = [future.result() for future in [pool.submit(train, chain) for chain in chains]]
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)  # the running ones end when Ray goes
         raise
     finally:
         pool.shutdown(wait=False)
+    outcomes = [None] * len(jobs)
+    for start, chain_outcomes in enumerate(results):
+        outcomes[start::len(chains)] = chain_outcomes
+    return outcomes
 
 
 def _search_rung(study, plan, refs, tracker, parent_id, run, progress) -> list[RunOutcome]:
@@ -217,10 +224,12 @@ def _search_rung(study, plan, refs, tracker, parent_id, run, progress) -> list[R
                            detail=f"{sweep.trials} trials, best: {_settings(sweep.best_params)}")]
     arm = best_arm(sweep)
     if arm is not None:
+        jobs = []
         for extra in study.search.extra_seeds:
             if extra not in study.seeds:
-                outcomes.append(run(plan, study.arm(names.ARM_BASELINE), extra))
-            outcomes.append(run(plan, arm, extra))
+                jobs.append((plan, study.arm(names.ARM_BASELINE), extra))
+            jobs.append((plan, arm, extra))
+        outcomes.extend(run(jobs))
     return outcomes
 
 

@@ -13,7 +13,7 @@ settings are then re-run with `search.extra_seeds` next to the baseline with tho
 
 Resume: the Tuner's experiment folder (`storage_path/<study>-<rung>-sweep-<hash>`) holds the
 Optuna searcher state; a rerun restores it, finished trials are not rerun, and an
-interrupted trial's TorchTrainer (same name) resumes from its latest checkpoint. MLflow trial
+interrupted trial's TorchTrainer (same name, same run folder) resumes from its latest checkpoint. MLflow trial
 runs are found again by their Tune trial id, so nothing is recorded twice.
 """
 
@@ -29,7 +29,7 @@ from scaling.storage import resolve_storage_path
 from scaling.config import ArmConfig, StudyConfig
 from scaling.console import say
 from scaling.errors import TrainingFailure, one_line
-from scaling.runs import DataRefs, build_task, fit
+from scaling.runs import DataRefs, build_task, fit, run_folder_uri, run_outcome
 from scaling.schema import config_hash
 
 PAPER_DEFAULT = {"lambda": 0.1, "layers": "all"}  # the paper's setting, tried first
@@ -121,8 +121,9 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     with faults.install(*context.faults):
         # Trials are compared on validation metrics as they train; downstream evaluation is for the fixed
         # arms and the extra-seed reruns of the best settings.
+        name = f"{study.study}-{plan.rung.name}-trial-{trial_id}"
         task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.data,
-                          evaluate=False)
+                          run_folder_uri(study, name), evaluate=False)
     if context.janitor is not None:  # if Tune stops this trial, the janitor frees its worker group
         import ray
 
@@ -133,13 +134,14 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         tracker.set_tags(run_id, {names.TAG_PREEMPTIONS: count})
         say(f"{run_name}: preempted ({reason}); retry {count}")
 
-    outcome = fit(study, task, tracker, f"{study.study}-{plan.rung.name}-trial-{trial_id}",
-                  callbacks=[TuneReportCallback()],
+    failure = fit(study, [task], name, callbacks=[TuneReportCallback()],
                   preemption_retries=study.search.preemption_retries, on_preempted=preempted)
-    if outcome.failure:
+    ended = run_outcome(tracker, task)
+    failure = failure or (ended[0] if ended else "the trial ended without recording how its run ended")
+    if failure:
         tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
-        tracker.finish(run_id, names.STATUS_FAILED, outcome.failure)
-        raise TrainingFailure(f"{run_name}: {outcome.failure}")
+        tracker.finish(run_id, names.STATUS_FAILED, failure)
+        raise TrainingFailure(f"{run_name}: {failure}")
     tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
     tracker.finish(run_id, names.STATUS_FINISHED)
 

@@ -345,14 +345,15 @@ class Tracker:
 
     @_retried("creating a run")
     def child_run(self, parent_id: str, run_name: str, config_hash: str, tags: Mapping[str, Any],
-                  params: Mapping[str, Any], kind: str = names.KIND_TRAIN) -> tuple[str, str]:
+                  params: Mapping[str, Any], kind: str = names.KIND_TRAIN, queued: bool = False) -> tuple[str, str]:
         """(run_id, status) of the child run for `config_hash`, created if new.
 
         An existing run keeps its id (a resumed run continues its record); `status` tells the
         caller whether it already finished. Only trials nest under their parent (a rung's sweep)
         in MLflow's runs table: training and observation runs are top-level rows, so the table
         compares them at once, and name their study run in a tag instead. Looking up first makes a
-        retry after a creation that landed find that run rather than create another.
+        retry after a creation that landed find that run rather than create another. A `queued` run
+        (waiting in a chain) is SCHEDULED in MLflow until its worker group starts it.
         """
         existing = self.find_by_hash(config_hash)
         if existing is not None:
@@ -362,12 +363,14 @@ class Tracker:
             return existing.info.run_id, existing.data.tags.get(names.TAG_STATUS, names.STATUS_RUNNING)
         all_tags = {names.TAG_KIND: kind, names.TAG_STUDY: self.study,
                     names.TAG_CONFIG_HASH: config_hash, names.TAG_GIT_COMMIT: git_commit(),
-                    names.TAG_STATUS: names.STATUS_RUNNING,
+                    names.TAG_STATUS: names.STATUS_QUEUED if queued else names.STATUS_RUNNING,
                     names.TAG_PARENT_RUN_ID if kind == names.KIND_TRIAL else names.TAG_STUDY_RUN_ID: parent_id,
                     **{k: str(v) for k, v in tags.items()}}
         run = self._client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        if queued:
+            self._client.update_run(run.info.run_id, status="SCHEDULED")
         self.log_params(run.info.run_id, params)
-        return run.info.run_id, names.STATUS_RUNNING
+        return run.info.run_id, all_tags[names.TAG_STATUS]
 
     # -- writing ------------------------------------------------------------------------
     @_retried("logging params")
@@ -403,12 +406,12 @@ class Tracker:
         self._client.set_terminated(run_id, status="FINISHED" if status == names.STATUS_FINISHED else "FAILED")
 
     @_retried("reopening a run")
-    def reopen(self, run_id: str) -> None:
-        """Mark a run running again before it is (re)tried: a retried failure loses its old reason."""
-        self._client.set_tag(run_id, names.TAG_STATUS, names.STATUS_RUNNING)
+    def reopen(self, run_id: str, queued: bool = False) -> None:
+        """Mark a run running (or queued) again before it is (re)tried: a retried failure loses its old reason."""
+        self._client.set_tag(run_id, names.TAG_STATUS, names.STATUS_QUEUED if queued else names.STATUS_RUNNING)
         if names.TAG_FAILURE in self._client.get_run(run_id).data.tags:
             self._client.delete_tag(run_id, names.TAG_FAILURE)
-        self._client.update_run(run_id, status="RUNNING")
+        self._client.update_run(run_id, status="SCHEDULED" if queued else "RUNNING")
 
     def log_observation(self, run_id: str, metrics: Mapping[str, float], files: list[Path],
                         tags: Mapping[str, Any]) -> None:
@@ -429,10 +432,11 @@ class Tracker:
 
     @_retried("marking interrupted runs killed")
     def kill_running_runs(self) -> list[str]:
-        """Mark every run of the study still recorded as running killed (an interrupted driver); returns
-        their ids."""
+        """Mark every run of the study still recorded as running or queued killed (an interrupted driver);
+        returns their ids."""
         killed = []
-        for run in self._search(_tag_equals(names.TAG_STATUS, names.STATUS_RUNNING)):
+        for run in (self._search(_tag_equals(names.TAG_STATUS, names.STATUS_RUNNING))
+                    + self._search(_tag_equals(names.TAG_STATUS, names.STATUS_QUEUED))):
             self._client.set_tag(run.info.run_id, names.TAG_STATUS, names.STATUS_KILLED)
             self._client.set_terminated(run.info.run_id, status="KILLED")
             killed.append(run.info.run_id)
@@ -505,6 +509,11 @@ class RunLogger:
         staged = self._stage(Path(path))
         if staged is not None:
             self._put({"kind": "artifact", "file": str(staged), "artifact_path": artifact_path}, 1)
+
+    def mark_running(self) -> None:
+        """The run starts (it may have waited SCHEDULED in a chain's queue)."""
+        self.set_tags({names.TAG_STATUS: names.STATUS_RUNNING})
+        self._put({"kind": "status", "status": "RUNNING"}, 1)
 
     def mark_failed(self, failure: str) -> None:
         self.set_tags({names.TAG_STATUS: names.STATUS_FAILED, names.TAG_FAILURE: failure[:5000]})
@@ -721,6 +730,8 @@ class RunLogger:
                     staged.parent.parent.rmdir()  # the run's staging folder, once empty
                 except OSError:
                     pass
+        elif kind == "status":
+            self._client.update_run(self.run_id, status=batch[-1]["status"])
         elif kind == "metrics":
             items = [(key, value, record["timestamp"], record["step"])
                      for record in batch for key, value in record["values"].items()]

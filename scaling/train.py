@@ -1,12 +1,13 @@
-"""The per-worker training loop: one (rung, arm, seed) run on Ray Train workers with DeepSpeed ZeRO.
+"""The per-worker training loop: (rung, arm, seed) runs on Ray Train workers with DeepSpeed ZeRO.
 
-Read it top to bottom: build the model (seeded, so paired arms start identical), wrap it with
-DeepSpeed, restore the latest checkpoint if Ray Train hands one over, then step through a
-data order fixed by the seed (so paired arms see identical batches), probing validation loss
-and condensation and checkpointing at the configured steps. Every rank reports to Ray Train
-the same number of times; only rank 0 writes to MLflow.
+One worker group trains a chain of runs in turn (`scaling.runs` decides which). For each run, read
+top to bottom: build the model (seeded, so paired arms start identical), wrap it with DeepSpeed,
+restore the run's latest checkpoint from its own folder (`scaling.run_folder`), then step through a
+data order fixed by the seed (so paired arms see identical batches), probing validation loss and
+condensation and checkpointing at the configured steps, and write the run's outcome. Every rank
+reports to Ray Train the same number of times; only rank 0 writes to MLflow.
 
-The loop gets a plain dict (`RunTask.to_loop_config`), so it pickles cleanly to the workers.
+The loop gets a plain dict (`{"tasks": [RunTask, ...]}`), so it pickles cleanly to the workers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import hashlib
 import importlib
 import math
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from scaling import faults, names
+from scaling import faults, names, run_folder
 from scaling.console import LOG_PREFIX
 from scaling.ladder import split_weight_decay
 
@@ -37,6 +37,8 @@ class RunTask:
     run_name: str
     run_id: str
     tracking_uri: str
+    folder: str
+    """The run's own folder on the storage (`scaling.run_folder`): checkpoints, outcome, spill, exports."""
     rung: Any  # scaling.ladder.Rung
     arm: Any  # scaling.config.ArmConfig
     seed: int
@@ -47,6 +49,7 @@ class RunTask:
     probes: Any  # scaling.config.ProbeConfig
     resources: Any  # scaling.config.ResourcesConfig
     checkpoint_every: int
+    checkpoints_to_keep: int
     train_blocks: Any  # ObjectRef or np.ndarray [n, seq_len]
     val_blocks: Any
     probe_ids: Any  # list of token-id arrays
@@ -57,9 +60,6 @@ class RunTask:
     placement_group_watch: Any = None
     """(janitor actor, owner actor) of a sweep trial: rank 0 registers the worker group's placement group,
     which the janitor removes if the owner (the trial's process) dies without Ray Train releasing it."""
-
-    def to_loop_config(self) -> dict[str, Any]:
-        return {"task": self}
 
 
 # --- schedule and DeepSpeed config -----------------------------------------------------------
@@ -153,17 +153,47 @@ def skip_cpu_shm_build() -> None:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray
+    """The runs of the chain in turn, in this one worker group (processes, process group and imports are
+    paid once). A run that already ended (its outcome is in its folder) is skipped: that is how a worker
+    group restarted by Ray Train, or a chain started again by the driver, continues where it stopped."""
+    import gc
+
     import ray.train
     import ray.train.torch
     import torch
 
-    task: RunTask = loop_config["task"]
+    tasks: list[RunTask] = loop_config["tasks"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    for index, task in enumerate(tasks):
+        ended = run_folder.read_outcome(task.folder)
+        if ended is not None:
+            _log(rank, f"{task.run_name}: ended before ({ended['failure'] or 'finished'}), skipped")
+            if ended["report"]:  # a Tune trial resumed after its end: Tune still gets its result
+                ray.train.report(ended["report"])
+            continue
+        _train_run(task, rank, world, device)
+        gc.collect()  # this run's engine, optimizer state and model, before the next run builds its own
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if index < len(tasks) - 1:
+            # Every rank waits here until rank 0 has recorded the run (MLflow, outcome), however long its
+            # evaluations and an MLflow outage take: a gloo collective of the next run would time out.
+            ray.train.report({"step": task.steps, "ended": task.run_name})
+
+
+def _train_run(task: "RunTask", rank: int, world: int, device) -> None:
+    """One run, from its latest checkpoint (if any) to its outcome in its folder."""
+    import ray.train
+    import torch
+
+    started = time.perf_counter()
     on_gpu = device.type == "cuda"
     logger = _rank0_logger(task) if rank == 0 else None
+    if logger is not None:
+        logger.mark_running()  # it may have waited in the chain's queue
+        logger.set_tags({names.TAG_WORKER_GROUP: f"{ray.train.get_context().get_experiment_name()} pid {os.getpid()}"})
     if rank == 0 and task.placement_group_watch is not None:
         _watch_placement_group(*task.placement_group_watch)
     torch.manual_seed(task.seed)
@@ -184,10 +214,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         config=build_deepspeed_config(task, world, on_gpu), dist_init_required=False)
 
     start_step, tokens_seen, order_hash = 0, 0, ""
-    checkpoint = ray.train.get_checkpoint()
-    resumed = checkpoint is not None
-    if checkpoint is not None:
-        client_state, skipped = restore_checkpoint(engine, checkpoint, device)
+    client_state, skipped = run_folder.restore_checkpoint(engine, task.folder, device)
+    resumed = client_state is not None
+    if resumed:
+        if skipped:
+            _log(rank, f"warning: {task.run_name} resumed from an older checkpoint; skipped: {'; '.join(skipped)}")
         start_step = int(client_state["step"])
         tokens_seen = int(client_state["tokens_seen"])
         order_hash = client_state["order_hash"]
@@ -213,13 +244,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                          names.TAG_PRECISION: _precision(engine)})
     if start_step == 0 and task.probes.at_start:  # the initial state (MLflow only: Tune sees training probes)
         _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, 0, final=False)
+    final_report: dict[str, Any] = {}  # what the run's last report said: its outcome keeps it
     if resumed and start_step >= task.steps:
-        # The earlier life trained to the end and saved its last checkpoint, but its outcome was not taken
-        # in (the driver died first). Nothing is left to train, so without a report here a sweep trial
+        # The earlier life trained to the end and saved its last checkpoint, but died before it wrote its
+        # outcome. Nothing is left to train, so without a report here a sweep trial
         # resumed by Tune would end with no `val/loss` and fail the whole resumed search: report the
         # final probe again (not recorded twice in MLflow: no logger). The loop below has no step to run.
-        ray.train.report({"step": start_step, **_probe(engine, task, val_blocks, probe_ids, device, rank, world,
-                                                      None, start_step, final=True)})
+        final_report = {"step": start_step, **_probe(engine, task, val_blocks, probe_ids, device, rank, world,
+                                                     None, start_step, final=True)}
+        ray.train.report(final_report)
     evaluations = _run_evaluations(task, rank, logger, engine)
     if evaluations is not None and start_step == 0 and evaluations.due(0):  # the pretrained/initial row
         evaluations.export_and_submit(full_model(engine, evaluations.precision_dtype), 0)
@@ -304,23 +337,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 logger.set_tags({names.TAG_DATA_ORDER_HASH: order_hash, names.TAG_STEPS: task.steps})
                 return _wait_for_records(logger)
 
-            _save_and_report(engine, report, step, tokens_seen, order_hash,
+            _save_and_report(engine, task, report, step, tokens_seen, order_hash,
                              finish=finish_records if is_last and logger is not None else None)
         elif probe_now:
             ray.train.report(report)
+        if is_last:
+            final_report = report
 
+    engine.destroy()
     if failure is not None:
         _log(rank, f"{task.run_name}: FAILED: {failure}")
         if logger is not None:
             logger.mark_failed(failure)
             logger.close()
+            run_folder.write_outcome(task.folder, failure=failure, report={}, seconds=time.perf_counter() - started)
         # Return normally without a report (every rank alike): a NaN is deterministic, so a Ray
         # Train retry would only fail again, and a report without the validation metrics would
-        # confuse Tune's searcher. The driver reads the failure from MLflow.
+        # confuse Tune's searcher. The driver reads the failure from the run's outcome.
         return
     if logger is not None:
+        from scaling.tracking import UNWRITTEN_KEY
+
         logger.set_tags({names.TAG_DATA_ORDER_HASH: order_hash, names.TAG_STEPS: task.steps})
-        logger.close()
+        problem = logger.close()
+        if problem and not final_report.get(UNWRITTEN_KEY):
+            final_report = {**final_report, UNWRITTEN_KEY: problem}
+        run_folder.write_outcome(task.folder, failure=None, report=final_report, seconds=time.perf_counter() - started)
 
 
 class DataOrder:
@@ -560,95 +602,17 @@ def full_model(engine, dtype):
     return copy.to(dtype)
 
 
-DEEPSPEED_CHECKPOINT_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                                "deepspeed.runtime.zero.config.ZeroStageEnum",
-                                "deepspeed.utils.tensor_fragment.fragment_address")
-"""The only non-tensor classes DeepSpeed's own checkpoints hold (ZeRO 0-3, fp32 and bf16): loading
-allows these and nothing else, so a tampered checkpoint cannot run code when it is unpickled."""
-
-
-def restore_checkpoint(engine, checkpoint, device) -> tuple[dict, list[str]]:
-    """Load the newest readable checkpoint of the run: Ray Train's latest, else an older one kept
-    beside it (`checkpoint.num_to_keep`), every rank agreeing on which. Returns the client state and
-    one line per newer checkpoint that could not be read. Raises when none can: a run never restarts
-    silently from step 0.
-
-    Files are unpickled with torch's weights-only loader (DeepSpeed asks for the full unpickler;
-    the environment switch overrides it), allowing DeepSpeed's own checkpoint classes only.
-    """
-    import importlib
-
-    import torch
-
-    from scaling.errors import TrainingFailure
-
-    allowed = [getattr(importlib.import_module(path.rpartition(".")[0]), path.rpartition(".")[2])
-               for path in DEEPSPEED_CHECKPOINT_CLASSES]
-    skipped = []
-    for candidate in _checkpoints_newest_first(checkpoint):
-        state, problem = None, None
-        saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-        try:
-            with candidate.as_directory() as directory, torch.serialization.safe_globals(allowed):
-                path, state = engine.load_checkpoint(directory)
-            if path is None or not state or "step" not in state:
-                problem = "no DeepSpeed checkpoint in it"
-        except Exception as exc:  # noqa: BLE001 -- truncated, corrupt or missing files: try the one before
-            problem = _brief(exc)
-        finally:
-            if saved is None:
-                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-            else:
-                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
-        ok = torch.tensor([0 if problem else 1], device=device)
-        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)  # a checkpoint every rank can read
-        if int(ok.item()):
-            if skipped:
-                _log(0, f"warning: resumed from an older checkpoint ({candidate.path}); skipped: {'; '.join(skipped)}")
-            return state, skipped
-        skipped.append(f"{candidate.path.rstrip('/').rsplit('/', 1)[-1]}: {problem or 'unreadable on another rank'}")
-    raise TrainingFailure(f"no readable checkpoint to resume from ({'; '.join(skipped)}); the run is not restarted "
-                          "from step 0: delete its Ray Train folder to start it over")
-
-
-def _checkpoints_newest_first(checkpoint) -> list:
-    """Ray Train's latest checkpoint, then the older ones kept in the same run folder."""
-    from pyarrow import fs
-    from ray.train import Checkpoint
-
-    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    try:
-        infos = checkpoint.filesystem.get_file_info(fs.FileSelector(parent))
-    except OSError:
-        return [checkpoint]
-    older = sorted((info.path for info in infos if info.type == fs.FileType.Directory
-                    and info.base_name.startswith("checkpoint_") and info.path != checkpoint.path.rstrip("/")),
-                   reverse=True)
-    return [checkpoint] + [Checkpoint(path, filesystem=checkpoint.filesystem) for path in older]
-
-
-def _brief(exc: BaseException) -> str:
-    """One line of a load failure: torch's weights-only unpickler puts the reason ("... unsupported
-    GLOBAL posix.system ...") in the middle of a long message, other errors on their last line."""
-    from scaling.errors import one_line
-
-    reason = re.search(r"[^\n]*unsupported [^\n]*", str(exc), flags=re.IGNORECASE)
-    return f"{type(exc).__name__}: {reason.group(0).strip()}"[:300] if reason else one_line(exc, 300)
-
-
-def _save_and_report(engine, report, step, tokens_seen, order_hash, finish=None) -> None:
-    """Save a DeepSpeed checkpoint and report it. `finish` (rank 0, last step) runs after the save's
-    collectives, so the other ranks wait for it in the report, which has no timeout (a gloo call would
-    time out after 30 minutes of evaluations); what it returns joins the report."""
+def _save_and_report(engine, task: RunTask, report, step, tokens_seen, order_hash, finish=None) -> None:
+    """Save a DeepSpeed checkpoint in the run's folder and report. `finish` (rank 0, last step) runs after
+    the save's collectives, so the other ranks wait for it in the report, which has no timeout (a gloo
+    call would time out after 30 minutes of evaluations); what it returns joins the report."""
     import ray.train
 
-    with tempfile.TemporaryDirectory() as directory:
-        engine.save_checkpoint(directory, tag=f"step_{step:07d}", client_state={
-            "step": step, "tokens_seen": tokens_seen, "order_hash": order_hash})
-        if finish is not None:
-            report.update(finish())
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    run_folder.save_checkpoint(engine, task.folder, step, {"step": step, "tokens_seen": tokens_seen,
+                                                           "order_hash": order_hash}, keep=task.checkpoints_to_keep)
+    if finish is not None:
+        report.update(finish())
+    ray.train.report(report)
 
 
 # --- small helpers ---------------------------------------------------------------------------
@@ -688,24 +652,9 @@ def _run_evaluations(task: RunTask, rank: int, logger, engine):
     from scaling.evaluations import RunEvaluations
 
     return RunEvaluations(task.evaluation, total_steps=task.steps, rank=rank, logger=logger,
-                          tokenizer_uri=task.tokenizer_uri, run_folder=_run_folder(),
+                          tokenizer_uri=task.tokenizer_uri, run_folder=task.folder,
                           precision_dtype=next(engine.module.parameters()).dtype
                           if next(engine.module.parameters()).dtype == torch.bfloat16 else torch.float32)
-
-
-def _run_folder() -> str | None:
-    """This run's Ray Train folder on the storage, as a local path or a URI (s3://bucket/...)."""
-    try:
-        import pyarrow.fs
-        import ray.train
-
-        context = ray.train.get_context().get_storage()
-        path = context.experiment_fs_path
-        if isinstance(context.storage_filesystem, pyarrow.fs.LocalFileSystem):
-            return path
-        return f"{context.storage_filesystem.type_name}://{path}"
-    except Exception:  # noqa: BLE001 -- a developer API of Ray Train: without it, nothing is exported
-        return None
 
 
 def _watch_placement_group(janitor, owner) -> None:
@@ -720,14 +669,13 @@ def _rank0_logger(task: RunTask):
     """Rank 0's MLflow writer; what an outage leaves unwritten is spilled to the run's Ray Train folder."""
     from scaling.tracking import RunLogger
 
-    return RunLogger(task.tracking_uri, task.run_id, spill_dir=_spill_dir())
+    return RunLogger(task.tracking_uri, task.run_id, spill_dir=_spill_dir(task.folder))
 
 
-def _spill_dir():
-    """`<storage_path>/<run folder>/mlflow-spill` when that folder is a local (or mounted) path, so a
-    resumed run finds what its earlier life spilled; else RunLogger's default temp folder."""
-    folder = _run_folder()
-    return os.path.join(folder, "mlflow-spill") if folder and "://" not in folder else None
+def _spill_dir(folder: str):
+    """`<run folder>/mlflow-spill` when that folder is a local (or mounted) path, so a resumed run finds
+    what its earlier life spilled; else RunLogger's default temp folder."""
+    return os.path.join(folder, "mlflow-spill") if "://" not in folder else None
 
 
 def _wait_for_records(logger) -> dict[str, str]:

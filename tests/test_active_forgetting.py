@@ -24,9 +24,9 @@ rung = get_ladder("tiny").rungs[0]
 for bf16 in (True, False):
     for stage in (0, 1, 2):
         arm = ArmConfig(name="active_forgetting", forget_every=2, embedding_lr=5e-5).for_family("gpt2")
-        task = RunTask(run_name="t", run_id="x", tracking_uri="", rung=rung, arm=arm, seed=3, steps=10, lr=1e-3,
+        task = RunTask(run_name="t", run_id="x", tracking_uri="", folder="", rung=rung, arm=arm, seed=3, steps=10, lr=1e-3,
                        warmup_steps=1, training=TrainingConfig(), probes=ProbeConfig(), resources=ResourcesConfig(),
-                       checkpoint_every=0, train_blocks=None, val_blocks=None, probe_ids=None)
+                       checkpoint_every=0, checkpoints_to_keep=1, train_blocks=None, val_blocks=None, probe_ids=None)
         model = build_model(rung, seed=0)
         optimizer = torch.optim.AdamW(build_param_groups(model, task), lr=task.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambdas(task))

@@ -18,7 +18,7 @@ from scaling.errors import ConfigError
 from scaling.placement import (NodeType, build_worker_bundle, check_capacity, choose_placement_strategy,
                                count_concurrent_runs, plan_placement, read_launcher_node_types,
                                read_rayjob_node_types)
-from scaling.study import run_side_by_side
+from scaling.study import run_in_chains
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = ROOT / "clusters"
@@ -201,26 +201,31 @@ def test_concurrent_runs_counts_whole_groups():
     assert plan_placement(3, 8, True, [NodeType("g1", {"CPU": 8, "GPU": 1}, 2)], 4).concurrent_runs == 1
 
 
-def test_side_by_side_keeps_the_jobs_order():
+def test_chains_deal_the_jobs_out_in_turn_run_side_by_side_and_keep_the_jobs_order():
     import threading
     import time
 
-    running, peak, lock = [0], [0], threading.Lock()
+    running, peak, lock, chains = [0], [0], threading.Lock(), []
 
-    def run(name, seconds):
+    def train(chain):
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
-        time.sleep(seconds)
+            chains.append([name for name, _ in chain])
+        time.sleep(sum(seconds for _, seconds in chain))
         with lock:
             running[0] -= 1
-        return name
+        return [name.upper() for name, _ in chain]
 
-    jobs = [("a", 0.3), ("b", 0.05), ("c", 0.2), ("d", 0.0)]
-    assert run_side_by_side(run, jobs, width=2) == ["a", "b", "c", "d"]
-    assert peak[0] == 2
-    peak[0] = 0
-    assert run_side_by_side(run, jobs, width=1) == ["a", "b", "c", "d"] and peak[0] == 1
+    jobs = [("a", 0.3), ("b", 0.05), ("c", 0.2), ("d", 0.0), ("e", 0.1)]
+    assert run_in_chains(train, jobs, width=2) == ["A", "B", "C", "D", "E"]
+    assert peak[0] == 2 and sorted(chains) == [["a", "c", "e"], ["b", "d"]]
+    peak[0], chains[:] = 0, []
+    assert run_in_chains(train, jobs, width=1) == ["A", "B", "C", "D", "E"] and peak[0] == 1
+    assert chains == [["a", "b", "c", "d", "e"]]
+    chains[:] = []
+    assert run_in_chains(train, jobs[:2], width=8) == ["A", "B"] and sorted(chains) == [["a"], ["b"]]
+    assert run_in_chains(train, [], width=2) == []
 
 
 # --- the entry point as ray submit runs it --------------------------------------------------------

@@ -127,17 +127,18 @@ def test_janitor_frees_the_worker_group_of_a_dead_trial_and_only_that(ray_sessio
         ray.kill(alive)
 
 
-def test_a_trial_resumed_from_its_final_checkpoint_still_reports_the_search_metric(ray_session, tmp_path,
-                                                                                   monkeypatch):
+def test_a_trial_resumed_after_its_end_still_reports_the_search_metric(ray_session, tmp_path, monkeypatch):
     """A driver that dies after a trial trained to the end, but before Tune took its last result in, leaves
-    the trial to be restarted by the resumed search: its TorchTrainer restores the final checkpoint and has
-    nothing left to train. It must still report `val/loss`, or Tune fails the whole resumed search
-    ("Trial returned a result which did not include the specified metric")."""
+    the trial to be restarted by the resumed search, with nothing left to train: either its outcome is in
+    its folder (the run is skipped) or only its final checkpoint is (the worker died before writing the
+    outcome). Either way it must still report `val/loss`, or Tune fails the whole resumed search ("Trial
+    returned a result which did not include the specified metric"), and record nothing twice."""
     from ray import tune
 
     from conftest import tiny_train_study
+    from scaling import run_folder
     from scaling.config import plan_runs
-    from scaling.runs import build_task
+    from scaling.runs import build_task, run_folder_uri
     from scaling.study import data_refs, prepare_data
     from scaling.tracking import Tracker
 
@@ -148,19 +149,21 @@ def test_a_trial_resumed_from_its_final_checkpoint_still_reports_the_search_metr
     tracker = Tracker(study.tracking_uri, study.study)
     parent = tracker.study_run_id(study.record_params())
     run_id, _ = tracker.child_run(parent, "final", "final-report-run", {}, {})
-    task = build_task(study, plan, study.arms[0], 0, "final", run_id, tracker.tracking_uri, refs)
+    folder = run_folder_uri(study, "final-report-trial")
+    task = build_task(study, plan, study.arms[0], 0, "final", run_id, tracker.tracking_uri, refs, folder)
 
     def fit_and_report_to_tune(config, study, task):  # a nested function: Ray ships it by value
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from scaling.runs import fit
-        from scaling.tracking import Tracker
 
-        outcome = fit(study, task, Tracker(study.tracking_uri, study.study), "final-report-trial",
-                      callbacks=[TuneReportCallback()])
-        assert outcome.failure is None, outcome.failure
+        failure = fit(study, [task], "final-report-trial", callbacks=[TuneReportCallback()])
+        assert failure is None, failure
 
-    for life in (1, 2):  # the second life restores the final checkpoint of the first
+    for life in (1, 2, 3):  # 2: the outcome is there, the run is skipped; 3: only the final checkpoint is
+        if life == 3:
+            assert run_folder.read_outcome(folder)["failure"] is None
+            run_folder.clear_outcome(folder)
         grid = tune.Tuner(
             tune.with_resources(tune.with_parameters(fit_and_report_to_tune, study=study, task=task), {"CPU": 0.01}),
             tune_config=tune.TuneConfig(metric=names.VAL_LOSS, mode="min"),
@@ -168,8 +171,8 @@ def test_a_trial_resumed_from_its_final_checkpoint_still_reports_the_search_metr
         assert not grid.errors, f"life {life}: {grid.errors}"
         assert names.VAL_LOSS in grid.get_best_result().metrics
     history = Tracker(study.tracking_uri, study.study)._client.get_metric_history(run_id, names.VAL_LOSS)
-    assert sorted(m.step for m in history) == [2, 4]  # the second life recorded nothing twice
-
+    assert sorted(m.step for m in history) == [2, 4]  # the later lives recorded nothing twice
+    assert run_folder.read_outcome(folder)["report"][names.VAL_LOSS] == grid.get_best_result().metrics[names.VAL_LOSS]
 
 
 # --- slow: real sweeps -------------------------------------------------------------------------------

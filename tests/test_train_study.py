@@ -137,6 +137,35 @@ def test_nan_loss_fails_that_run_and_the_study_goes_on(ray_session, tmp_path):
         assert "non-finite loss" in child.data.tags[names.TAG_FAILURE]
 
 
+def test_queued_runs_train_in_turn_in_one_worker_group_and_a_broken_one_costs_only_itself(ray_session, tmp_path):
+    from scaling.faults import KILL_WORKER, Fault, install
+    from scaling.study import run_study
+
+    # A worker group takes all 4 CPUs, so the 4 runs queue: one group trains them in turn. The third
+    # run's worker dies with no restart left (max_failures 0): it fails with the reason, and a new
+    # group trains the fourth run.
+    study = tiny_study(tmp_path, "chain", seeds=[0, 1], training={"max_steps": 3},
+                       resources={"num_workers": 1, "zero_stage": 0, "cpus_per_worker": 4},
+                       checkpoint={"every_steps": 0, "num_to_keep": 1, "max_failures": 0})
+    with install(Fault(KILL_WORKER, step=2, run="base tiny-165K s1")):
+        outcomes = run_study(study, "")
+    assert [(o.seed, o.arm, o.status) for o in outcomes] == [
+        (0, "baseline", "finished"), (0, "dispersion", "finished"), (1, "baseline", "failed"),
+        (1, "dispersion", "finished")], [o.detail for o in outcomes]
+    runs = {(int(r.data.tags[names.TAG_SEED]), r.data.tags[names.TAG_ARM]): r for r in runs_of(study, names.KIND_TRAIN)}
+    broken = runs[1, "baseline"]
+    assert broken.data.tags[names.TAG_STATUS] == names.STATUS_FAILED and broken.info.status == "FAILED"
+    assert broken.data.tags[names.TAG_FAILURE]
+    groups = [runs[key].data.tags[names.TAG_WORKER_GROUP] for key in sorted(runs)]
+    assert groups[0] == groups[1] == groups[2] != groups[3], groups  # one process for three runs, then a new one
+    for key in ((0, "baseline"), (0, "dispersion"), (1, "dispersion")):
+        assert runs[key].info.status == "FINISHED" and names.VAL_LOSS in runs[key].data.metrics
+    # A run second in its group starts from the same weights as its pair that came first.
+    assert runs[0, "baseline"].data.tags[names.TAG_INIT_HASH] == runs[0, "dispersion"].data.tags[names.TAG_INIT_HASH]
+    rerun = run_study(study, "")  # the failed run is tried again (no fault now), the others skipped
+    assert [o.status for o in rerun] == ["skipped", "skipped", "finished", "skipped"], [o.detail for o in rerun]
+
+
 def test_more_workers_than_the_cluster_has_fails_before_any_work(ray_session, tmp_path):
     from scaling.errors import ConfigError
     from scaling.study import run_study

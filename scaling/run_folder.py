@@ -1,0 +1,191 @@
+"""A training run's own folder on the study's storage: its DeepSpeed checkpoints and how it ended.
+
+`<storage_path>/<study>-<run slug>-<hash>/` holds, besides the MLflow spill and the exported models:
+
+- `checkpoints/step_0000100/`: one DeepSpeed checkpoint per saved step, every rank's files, and a
+  `COMPLETE` file that rank 0 writes once every rank has written its part (a folder without it is an
+  interrupted save and is never read). The newest `num_to_keep` complete ones are kept.
+- `outcome.json`: written by rank 0 when the run ends (finished, or failed with its reason), after its
+  MLflow records are flushed, with its last report. The driver reads a run's outcome here.
+
+Checkpoints and outcomes live with the run, not with the Ray Train worker group that trained it, so
+one worker group can train several runs in turn (`scaling.runs`): whichever group picks a run up
+resumes it from its own latest checkpoint, and skips it once it has an outcome.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from typing import Any
+
+from scaling import storage
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+OUTCOME = "outcome.json"
+
+DEEPSPEED_CHECKPOINT_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                                "deepspeed.runtime.zero.config.ZeroStageEnum",
+                                "deepspeed.utils.tensor_fragment.fragment_address")
+"""The only non-tensor classes DeepSpeed's own checkpoints hold (ZeRO 0-3, fp32 and bf16): loading
+allows these and nothing else, so a tampered checkpoint cannot run code when it is unpickled."""
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def save_checkpoint(engine, folder: str, step: int, client_state: dict[str, Any], keep: int) -> None:
+    """Every rank: write this step's DeepSpeed checkpoint into the run's folder, then mark it complete
+    (rank 0, once all ranks wrote) and delete the older ones beyond `keep`. On object storage the files
+    are written locally first and copied up."""
+    import torch.distributed as dist
+
+    root = storage.join(folder, CHECKPOINTS)
+    tag = step_tag(step)
+    if storage.is_local(root):
+        engine.save_checkpoint(_local_path(root), tag=tag, client_state=client_state)
+    else:
+        with tempfile.TemporaryDirectory(prefix="checkpoint-") as local:
+            engine.save_checkpoint(local, tag=tag, client_state=client_state)
+            storage.copy_tree(os.path.join(local, tag), storage.join(root, tag))
+    dist.barrier()  # every rank's files are on the storage
+    if dist.get_rank() == 0:
+        storage.write_text(storage.join(root, tag, COMPLETE), f"{step}\n")
+        for older in complete_checkpoints(folder)[keep:]:
+            storage.remove_tree(older)
+        for unfinished in _incomplete_checkpoints(folder, before=tag):
+            storage.remove_tree(unfinished)
+
+
+def complete_checkpoints(folder: str) -> list[str]:
+    """The run's complete checkpoints (folder URIs), newest first."""
+    return [storage.join(folder, CHECKPOINTS, tag) for tag in _tags(folder)
+            if storage.exists(storage.join(folder, CHECKPOINTS, tag, COMPLETE))]
+
+
+def restore_checkpoint(engine, folder: str, device) -> tuple[dict | None, list[str]]:
+    """Load the run's newest readable checkpoint, every rank agreeing on which: (client state, one line
+    per newer checkpoint that could not be read). (None, []) when the run has none yet. Raises when it
+    has some but none can be read: a run never restarts silently from step 0.
+
+    Files are unpickled with torch's weights-only loader (DeepSpeed asks for the full unpickler; the
+    environment switch overrides it), allowing DeepSpeed's own checkpoint classes only.
+    """
+    import torch
+
+    from scaling.errors import TrainingFailure
+
+    candidates = complete_checkpoints(folder)
+    if not candidates:
+        return None, []
+    allowed = [getattr(importlib.import_module(path.rpartition(".")[0]), path.rpartition(".")[2])
+               for path in DEEPSPEED_CHECKPOINT_CLASSES]
+    skipped = []
+    for candidate in candidates:
+        parent, tag = candidate.rsplit("/", 1)
+        state, problem = None, None
+        saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            with _readable(parent, tag) as local, torch.serialization.safe_globals(allowed):
+                path, state = engine.load_checkpoint(local, tag=tag)
+            if path is None or not state or "step" not in state:
+                problem = "no DeepSpeed checkpoint in it"
+        except Exception as exc:  # noqa: BLE001 -- truncated, corrupt or missing files: try the one before
+            problem = _brief(exc)
+        finally:
+            if saved is None:
+                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+        ok = torch.tensor([0 if problem else 1], device=device)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)  # a checkpoint every rank can read
+        if int(ok.item()):
+            return state, skipped
+        skipped.append(f"{tag}: {problem or 'unreadable on another rank'}")
+    raise TrainingFailure(f"no readable checkpoint to resume from ({'; '.join(skipped)}); the run is not restarted "
+                          f"from step 0: delete {storage.join(folder, CHECKPOINTS)} to start it over")
+
+
+def _tags(folder: str) -> list[str]:
+    """Checkpoint folder names (`step_0000100`), newest first."""
+    from pyarrow import fs
+
+    found, path = storage.filesystem(storage.join(folder, CHECKPOINTS))
+    try:
+        infos = found.get_file_info(fs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return []
+    return sorted((info.base_name for info in infos
+                   if info.type == fs.FileType.Directory and info.base_name.startswith("step_")), reverse=True)
+
+
+def _incomplete_checkpoints(folder: str, before: str) -> list[str]:
+    """Folders of saves interrupted before `before` was written (never to be read)."""
+    return [storage.join(folder, CHECKPOINTS, tag) for tag in _tags(folder)
+            if tag < before and not storage.exists(storage.join(folder, CHECKPOINTS, tag, COMPLETE))]
+
+
+class _readable:
+    """A local folder holding `<parent>/<tag>`: the folder itself when local, else a downloaded copy."""
+
+    def __init__(self, parent: str, tag: str):
+        self.parent, self.tag, self._temp = parent, tag, None
+
+    def __enter__(self) -> str:
+        if storage.is_local(self.parent):
+            return _local_path(self.parent)
+        self._temp = tempfile.TemporaryDirectory(prefix="checkpoint-")
+        storage.copy_tree(storage.join(self.parent, self.tag), os.path.join(self._temp.name, self.tag))
+        return self._temp.name
+
+    def __exit__(self, *exc):
+        if self._temp is not None:
+            self._temp.cleanup()
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def _brief(exc: BaseException) -> str:
+    """One line of a load failure: torch's weights-only unpickler puts the reason ("... unsupported
+    GLOBAL posix.system ...") in the middle of a long message, other errors on their last line."""
+    import re
+
+    from scaling.errors import one_line
+
+    reason = re.search(r"[^\n]*unsupported [^\n]*", str(exc), flags=re.IGNORECASE)
+    return f"{type(exc).__name__}: {reason.group(0).strip()}"[:300] if reason else one_line(exc, 300)
+
+
+# --- outcome ------------------------------------------------------------------------------------
+
+
+def write_outcome(folder: str, *, failure: str | None, report: dict[str, Any], seconds: float) -> None:
+    """Rank 0, at the end of the run (its records flushed): finished, or failed with `failure`."""
+    storage.write_text(storage.join(folder, OUTCOME),
+                       json.dumps({"failure": failure, "report": report, "seconds": seconds}, default=float))
+
+
+def read_outcome(folder: str) -> dict[str, Any] | None:
+    """{"failure": str | None, "report": {...}, "seconds": s} of a run that ended (seconds: its last
+    life, start-up to outcome), or None while it has not."""
+    text = storage.read_text(storage.join(folder, OUTCOME))
+    return json.loads(text) if text else None
+
+
+def clear_outcome(folder: str) -> None:
+    """Before a failed run is tried again: without this, its worker group would skip it."""
+    found, path = storage.filesystem(storage.join(folder, OUTCOME))
+    try:
+        found.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass
