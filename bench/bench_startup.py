@@ -85,7 +85,14 @@ def instrument_worker() -> None:
 
     _record("import scaling.train", start, time.time())
     train.train_loop_per_worker = _timed(train.train_loop_per_worker, "training loop (whole)")
-    train._train_run = _timed(train._train_run, "run (whole)")
+    timed_run = _timed(train._train_run, "run (whole)")
+    seen = []  # whether this process's current run has done its first step
+
+    def run_and_forget_first_step(*args, **kwargs):
+        seen.clear()
+        return timed_run(*args, **kwargs)
+
+    train._train_run = run_and_forget_first_step
     for name, label in LOOP_PHASES.items():
         setattr(train, name, _timed(getattr(train, name), label))
 
@@ -100,7 +107,6 @@ def instrument_worker() -> None:
 
     train.skip_cpu_shm_build = skip_and_wrap_initialize
     after_step = train._ArmHooks.after_step
-    seen = []
 
     def first_step(self, step, engine):
         if not seen:
@@ -224,7 +230,7 @@ def train_both_ways(args, workdir: Path) -> tuple[list[dict], dict]:
     return [c for c in calls if c["name"] == "own-groups"], next(c for c in calls if c["name"] == "chained")
 
 
-def phases(events: list[dict], label: str, call: dict, number: int) -> None:
+def phases(events: list[dict], title: str, call: dict, number: int) -> None:
     """The phases of run `number` (1-based) of one `train_chain` call, per worker rank, in time order."""
     inside = [e for e in events if call["start"] <= e["start"] <= call["end"]]
     rank0 = {e["pid"] for e in inside if e["event"] == LOOP_PHASES["_rank0_logger"]}
@@ -235,7 +241,7 @@ def phases(events: list[dict], label: str, call: dict, number: int) -> None:
         return
     begin = call["start"] if number == 1 else ours[number - 2]["end"]
     end = ours[number - 1]["end"]
-    print(f"\n{label}, run {number}: phases from when it could begin (s)")
+    print(f"\n{title}: phases from when it could begin (s)")
     print("| who | phase | starts at s | takes s |")
     print("|---|---|---|---|")
     for e in sorted((e for e in inside if begin <= e["start"] <= end), key=lambda e: e["start"]):
@@ -287,8 +293,8 @@ def main() -> None:
     init = next(e for e in events if e["event"] == "driver: ray.init")
     print(f"ray.init: {init['end'] - init['start']:.1f} s (once per driver)")
     compare(events, separate, chained, fits)
-    phases(events, "own worker group", separate[1], 1)
-    phases(events, "chained", chained, 2)
+    phases(events, "run 2 in its own worker group", separate[1], 1)
+    phases(events, "run 2 chained after run 1", chained, 2)
     print(f"\nload at end {os.getloadavg()[0]:.1f}; timeline in {log}")
 
 
