@@ -130,17 +130,18 @@ def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: 
                    tokenizer_uri=data.tokenizer_uri, faults=faults.installed())
 
 
-def build_trainer(study: StudyConfig, tasks: Sequence[RunTask], name: str, callbacks=()):
-    """A TorchTrainer whose one worker group trains `tasks` in turn. Checkpoints live in each run's own
-    folder (`scaling.run_folder`), not in Ray Train's `storage_path/name`, so which worker group trains a
-    run does not matter: a restarted group (`checkpoint.max_failures`) continues the chain."""
+def build_trainer(study: StudyConfig, loop_config: dict[str, Any], name: str, callbacks=()):
+    """A TorchTrainer whose one worker group trains `{"tasks": [...]}` in turn, or serves a sweep's
+    `{"queue": ..., "pool": ...}`. Checkpoints live in each run's own folder (`scaling.run_folder`), not in
+    Ray Train's `storage_path/name`, so which worker group trains a run does not matter: a restarted group
+    (`checkpoint.max_failures`) continues where it was."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = study.resources
     return TorchTrainer(
         _train_entry,
-        train_loop_config={"tasks": list(tasks)},
+        train_loop_config=loop_config,
         # STRICT_PACK when the worker group fits one node (a large rung takes a whole node), else PACK.
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker},
@@ -156,9 +157,9 @@ def build_trainer(study: StudyConfig, tasks: Sequence[RunTask], name: str, callb
 
 def _train_entry(loop_config):
     # A module-level function that imports lazily, so Ray pickles a reference, not the code.
-    from scaling.train import train_loop_per_worker
+    from scaling.train import serve_trials_per_worker, train_loop_per_worker
 
-    train_loop_per_worker(loop_config)
+    (serve_trials_per_worker if "queue" in loop_config else train_loop_per_worker)(loop_config)
 
 
 def is_preemption(exc: BaseException) -> bool:
@@ -172,31 +173,25 @@ def is_preemption(exc: BaseException) -> bool:
     return False
 
 
-def fit(study: StudyConfig, tasks: Sequence[RunTask], trainer_name: str, *, callbacks=(), preemption_retries: int = 0,
-        on_preempted: Callable[[int, str], None] | None = None) -> str | None:
+def fit(study: StudyConfig, tasks: Sequence[RunTask], trainer_name: str) -> str | None:
     """Train a chain of runs in one worker group; None when the group got to the end of the chain, else
-    why it stopped (each run's own outcome is in its folder: `run_outcome`).
+    why it stopped (each run's own outcome is in its folder: `run_outcome`). A worker that dies mid-run
+    is restarted by Ray Train itself (`checkpoint.max_failures`); anything else stops the chain."""
+    trainer = build_trainer(study, {"tasks": list(tasks)}, trainer_name)
+    try:
+        trainer.fit()
+        return None
+    except Exception as exc:  # noqa: BLE001 -- the run it stopped on is failed with the reason
+        return failure_reason(study, exc)
 
-    A lost node/actor is retried up to `preemption_retries` times; a worker that dies mid-run is restarted
-    by Ray Train itself (`checkpoint.max_failures`); anything else stops the chain.
-    """
-    preemptions = 0
-    while True:
-        trainer = build_trainer(study, tasks, trainer_name, callbacks)
-        try:
-            trainer.fit()
-            return None
-        except Exception as exc:  # noqa: BLE001 -- classified below; a run's failure is recorded
-            if is_preemption(exc) and preemptions < preemption_retries:
-                preemptions += 1
-                if on_preempted is not None:
-                    on_preempted(preemptions, one_line(exc))
-                continue
-            reason = one_line(exc)
-            if STORAGE_FULL in str(exc) or STORAGE_FULL in reason:
-                reason = (f"the storage is full ({reason}): free space under storage_path={study.storage_path!r} or "
-                          "point it at a larger volume, then re-run (finished runs and their records are intact)")
-            return reason
+
+def failure_reason(study: StudyConfig, exc: BaseException) -> str:
+    """One line for a worker group's failure; a full storage volume says what to do."""
+    reason = one_line(exc)
+    if STORAGE_FULL in str(exc) or STORAGE_FULL in reason:
+        reason = (f"the storage is full ({reason}): free space under storage_path={study.storage_path!r} or "
+                  "point it at a larger volume, then re-run (finished runs and their records are intact)")
+    return reason
 
 
 def run_outcome(tracker, task: RunTask) -> tuple[str | None, dict[str, Any], float] | None:

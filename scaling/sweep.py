@@ -1,9 +1,13 @@
 """Per-rung search over the dispersion settings with Ray Tune + Optuna (TPE) and ASHA early stopping.
 
-Ray 2.60 (Train V2) pattern for Tune driving Train: each trial is a function trainable that
-builds and fits its own `TorchTrainer`, whose reports reach Tune through `TuneReportCallback`
-(so ASHA sees the validation loss at every probe). The trainable asks Tune for almost no
-CPU (`{"CPU": 0.01}`); the trial's Ray Train workers hold the real resources.
+Worker groups are kept across trials: a trial's own `TorchTrainer` would spend ~17 s of a short trial
+starting processes, imports and the process group (bench/bench_startup.py). The sweep starts as many
+Ray Train worker groups as trials fit side by side (`serve_trials`), each training trial after trial
+(`scaling.train.serve_trials_per_worker`); a `TrialQueue` actor hands the trials to the groups and the
+groups' reports back to the trials. Each Tune trial is a function trainable that asks for almost no
+CPU (`{"CPU": 0.01}`), queues its run and passes every report on to Tune (`follow_trial`), so ASHA
+sees the validation loss at every probe; when ASHA stops a trial, Tune ends its process and the
+group leaves the run at its next report.
 
 MLflow: study parent run -> one `sweep` run per rung -> one `trial` run per Tune trial
 (params = sampled values, tags `trial_state` and `best_trial`). The baseline arm runs once
@@ -13,13 +17,15 @@ settings are then re-run with `search.extra_seeds` next to the baseline with tho
 
 Resume: the Tuner's experiment folder (`storage_path/<study>-<rung>-sweep-<hash>`) holds the
 Optuna searcher state; a rerun restores it, finished trials are not rerun, and an
-interrupted trial's TorchTrainer (same name, same run folder) resumes from its latest checkpoint. MLflow trial
+interrupted trial resumes from the latest checkpoint in its run folder (named after its trial id). MLflow trial
 runs are found again by their Tune trial id, so nothing is recorded twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +34,13 @@ from scaling import faults, names
 from scaling.storage import resolve_storage_path
 from scaling.config import ArmConfig, StudyConfig
 from scaling.console import say
-from scaling.errors import TrainingFailure, one_line
-from scaling.runs import DataRefs, build_task, fit, run_folder_uri, run_outcome
+from scaling.errors import TrainingFailure
+from scaling.runs import DataRefs, build_task, run_folder_uri, run_outcome
 from scaling.schema import config_hash
 
 PAPER_DEFAULT = {"lambda": 0.1, "layers": "all"}  # the paper's setting, tried first
+TRIAL_CPUS = 0.01
+"""What a trial's own process asks Tune for: it only queues its run and passes reports on."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,7 @@ class SweepContext:
     sweep_run_id: str
     sweep_hash: str
     faults: tuple = ()  # scaling.faults.Fault installed by a test in the driver; re-installed in the trial
-    janitor: Any = None  # PlacementGroupJanitor actor: frees the worker groups of trials Tune stopped
+    queue: Any = None  # the TrialQueue actor of the sweep's worker groups
 
 
 @dataclass
@@ -98,9 +106,9 @@ def arm_from_trial(config: dict[str, Any]) -> ArmConfig:
 
 
 def run_trial(config: dict[str, Any], context: SweepContext) -> None:
-    """One Tune trial: an MLflow trial run, then a TorchTrainer whose reports feed Tune."""
+    """One Tune trial: an MLflow trial run, then its run queued for the sweep's worker groups, whose reports
+    feed Tune."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from scaling.tracking import Tracker
 
@@ -124,18 +132,12 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         name = f"{study.study}-{plan.rung.name}-trial-{trial_id}"
         task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.data,
                           run_folder_uri(study, name), evaluate=False)
-    if context.janitor is not None:  # if Tune stops this trial, the janitor frees its worker group
-        import ray
-
-        task = dataclasses.replace(task, placement_group_watch=(context.janitor,
-                                                                ray.get_runtime_context().current_actor))
 
     def preempted(count: int, reason: str) -> None:
         tracker.set_tags(run_id, {names.TAG_PREEMPTIONS: count})
         say(f"{run_name}: preempted ({reason}); retry {count}")
 
-    failure = fit(study, [task], name, callbacks=[TuneReportCallback()],
-                  preemption_retries=study.search.preemption_retries, on_preempted=preempted)
+    failure = follow_trial(context.queue, trial_id, task, tune.report, on_preempted=preempted)
     ended = run_outcome(tracker, task)
     failure = failure or (ended[0] if ended else "the trial ended without recording how its run ended")
     if failure:
@@ -146,68 +148,187 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     tracker.finish(run_id, names.STATUS_FINISHED)
 
 
-class PlacementGroupJanitor:
-    """Removes the placement group of a trial whose process died while its worker group held it.
+def follow_trial(queue, trial_id: str, task, report, on_preempted=None) -> str | None:
+    """In a trial's process: queue its run for the sweep's worker groups and pass each of the run's reports
+    to `report` (Tune's) until it ends; returns why its worker group failed it, None when the run ended
+    (its outcome is in its folder). If the trial leaves early (Tune stopped it), its run is given up."""
+    import ray
 
-    When ASHA stops a trial, Tune ends the trial's process; the trial's Ray Train controller dies
-    with it, but the placement group the controller reserved for the workers outlives it (it belongs
-    to the job). Ray Train's own cleaner would remove it, but asks the dashboard's State API whether
-    the controller is alive, and a local Ray started without a dashboard cannot answer: the CPUs stay
-    reserved and, after a few stopped trials, the next one waits forever. This actor, owned by the
-    sweep's driver, needs only the GCS: rank 0 of every trial registers its placement group and the
-    trial's actor; once a second the janitor pings the trials and removes the group of any that died.
+    ray.get(queue.submit.remote(trial_id, task, ray.get_runtime_context().current_actor))
+    ended = False
+    try:
+        while True:
+            event = ray.get(queue.next_event.remote(trial_id, 10.0))
+            if event is None:
+                continue
+            kind, payload = event
+            if kind == "report":
+                report(payload)
+            elif kind == "preempted":
+                if on_preempted is not None:
+                    on_preempted(*payload)
+            else:
+                ended = True
+                return payload
+    finally:
+        if not ended:
+            queue.abandon.remote(trial_id)
+
+
+class TrialQueue:
+    """Hands a sweep's trials to its worker groups and the groups' reports back to the trials.
+
+    A threaded actor owned by the sweep's driver. A trial `submit`s its run and reads its events
+    (`next_event`: reports, then one "done"); a worker group's rank 0 `take`s the next trial (or, after its
+    group restarted, the one it was training), `report`s and `finish`es it. A trial is no longer wanted
+    once its process has gone (Tune stopped it) or it `abandon`ed its run: `report` tells the group so,
+    and a trial that has not started yet is never handed out.
     """
 
-    def __init__(self, poll_s: float = 1.0):
+    def __init__(self, preemption_retries: int = 0):
+        import collections
         import threading
 
-        self._watched: dict[str, tuple] = {}  # placement group id (hex) -> (the group, the trial actor owning it)
-        self._lock = threading.Lock()  # a pass (the loop's or `sweep`'s) and `watch` never overlap
-        self._poll_s = poll_s
-        threading.Thread(target=self._loop, name="placement-group-janitor", daemon=True).start()
+        self._cond = threading.Condition()
+        self._pending: collections.deque = collections.deque()  # trial ids, oldest first
+        self._tasks: dict[str, Any] = {}
+        self._owners: dict[str, Any] = {}  # trial id -> the trial's actor
+        self._events: dict[str, collections.deque] = {}
+        self._running: dict[str, str] = {}  # worker group -> trial id
+        self._abandoned: set[str] = set()
+        self._preemptions: dict[str, int] = {}
+        self._retries = preemption_retries
+        self._groups = 0
+        self._no_groups: str | None = None  # why no group is left to train trials
+        self._closed = False
 
-    def watch(self, owner, group) -> None:
-        with self._lock:
-            self._watched[group.id.hex()] = (group, owner)
+    def submit(self, trial_id: str, task, owner) -> None:
+        import collections
 
-    def sweep(self) -> int:
-        """One pass: forget the groups Ray Train released, remove those of dead owners; returns how many
-        were removed."""
-        from ray.util.placement_group import placement_group_table, remove_placement_group
+        with self._cond:
+            self._owners[trial_id] = owner
+            self._abandoned.discard(trial_id)
+            self._events.setdefault(trial_id, collections.deque())
+            if self._no_groups is not None:
+                self._events[trial_id].append(("done", self._no_groups))
+            elif trial_id not in self._running.values() and trial_id not in self._pending:
+                self._tasks[trial_id] = task
+                self._pending.append(trial_id)
+            self._cond.notify_all()
 
-        removed = 0
-        with self._lock:
-            for key, (group, owner) in list(self._watched.items()):
-                if placement_group_table(group).get("state") == "REMOVED":
-                    del self._watched[key]
-                elif not _alive(owner):
-                    remove_placement_group(group)
-                    del self._watched[key]
-                    removed += 1
-        return removed
-
-    def _loop(self) -> None:
+    def take(self, pool: str, timeout: float):
+        """(trial id, task) for the group `pool`; None when nothing came within `timeout`; "closed"."""
         import time
 
+        deadline = time.monotonic() + timeout
         while True:
-            time.sleep(self._poll_s)
-            try:
-                self.sweep()
-            except Exception as exc:  # noqa: BLE001 -- keep watching; the next pass retries
-                say(f"placement group janitor: {type(exc).__name__}: {exc}")
+            with self._cond:
+                if pool in self._running:  # the group restarted: it continues its trial
+                    return self._running[pool], self._tasks[self._running[pool]]
+                if self._closed:
+                    return "closed"
+                if not self._pending:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._cond.wait(left)
+                    continue
+                trial_id = self._pending.popleft()
+                owner = self._owners[trial_id]
+                abandoned = trial_id in self._abandoned
+            if not abandoned and _alive(owner):  # outside the lock: a slow answer must not stall the others
+                with self._cond:
+                    self._running[pool] = trial_id
+                return trial_id, self._tasks[trial_id]
+
+    def report(self, trial_id: str, metrics: dict) -> bool:
+        """Pass a report on; False when the trial is no longer wanted."""
+        with self._cond:
+            self._events[trial_id].append(("report", metrics))
+            self._cond.notify_all()
+            owner, abandoned = self._owners[trial_id], trial_id in self._abandoned
+        return not abandoned and _alive(owner)
+
+    def finish(self, pool: str, trial_id: str) -> None:
+        """The group is done with the trial: its run ended (outcome in its folder) or was stopped."""
+        self._end(pool, trial_id, None)
+
+    def group_failed(self, pool: str, reason: str, preempted: bool) -> bool:
+        """The group `pool` stopped for good. Its trial goes back to the front of the queue (to resume from
+        its checkpoint in another group) when its node was lost and retries are left, else fails. False
+        when the group had no trial."""
+        with self._cond:
+            trial_id = self._running.pop(pool, None)
+            if trial_id is None:
+                return False
+            count = self._preemptions.get(trial_id, 0) + 1
+            if preempted and count <= self._retries:
+                self._preemptions[trial_id] = count
+                self._pending.appendleft(trial_id)
+                self._events[trial_id].append(("preempted", (count, reason)))
+                self._cond.notify_all()
+                return True
+        self._end(pool, trial_id, reason)
+        return True
+
+    def expect_groups(self, count: int) -> None:
+        with self._cond:
+            self._groups = count
+
+    def retire(self, reason: str) -> None:
+        """A group gave up; once none is left, every waiting trial (and any later one) fails with `reason`."""
+        with self._cond:
+            self._groups -= 1
+            if self._groups > 0:
+                return
+            self._no_groups = f"no worker group could start ({reason})"
+            while self._pending:
+                self._events[self._pending.popleft()].append(("done", self._no_groups))
+            self._cond.notify_all()
+
+    def _end(self, pool: str, trial_id: str, failure: str | None) -> None:
+        with self._cond:
+            if self._running.get(pool) == trial_id:
+                del self._running[pool]
+            self._events[trial_id].append(("done", failure))
+            self._cond.notify_all()
+
+    def next_event(self, trial_id: str, timeout: float):
+        """("report", metrics), ("preempted", (count, reason)) or ("done", failure or None); None when
+        nothing came within `timeout`."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._events[trial_id], timeout=timeout)
+            return self._events[trial_id].popleft() if self._events[trial_id] else None
+
+    def abandon(self, trial_id: str) -> None:
+        with self._cond:
+            self._abandoned.add(trial_id)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 def _alive(actor) -> bool:
-    """False only once the actor is known dead (a slow answer is not a death)."""
+    """False only once the actor is known dead. Asked of the GCS's actor table, which answers at once: a
+    trial's process is busy running the trial, so a task sent to it (`__ray_ready__`) would wait for the
+    whole trial. That table is a private API of Ray (pinned in .ci/constraints.txt); without it, a ping."""
     import ray
 
     try:
-        ray.get(actor.__ray_ready__.remote(), timeout=30)
-    except ray.exceptions.RayActorError:
-        return False
-    except ray.exceptions.GetTimeoutError:
-        pass
-    return True
+        from ray._private import state
+
+        return state.actors(actor_id=actor._actor_id.hex()).get("State") != "DEAD"
+    except Exception:  # noqa: BLE001 -- another Ray version: the slower, public way
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return False
+        except ray.exceptions.GetTimeoutError:
+            pass
+        return True
 
 
 # --- the sweep of one rung ---------------------------------------------------------------------
@@ -243,10 +364,15 @@ def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, pare
 
     import ray
 
-    janitor = ray.remote(num_cpus=0)(PlacementGroupJanitor).remote()
+    from scaling.cluster import concurrent_runs
+
+    # Trials side by side: as many worker groups as fit beside the trials' own processes (TRIAL_CPUS each).
+    groups = max(1, min(search.max_concurrent, concurrent_runs(study, search.num_samples,
+                                                               extra={"num_cpus": TRIAL_CPUS})))
+    queue = ray.remote(num_cpus=0, max_concurrency=1000)(TrialQueue).remote(search.preemption_retries)
     context = SweepContext(study, plan, seed, data, tracker.tracking_uri, sweep_run_id, sweep_hash,
-                           faults.installed(), janitor)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0.01})
+                           faults.installed(), queue)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": TRIAL_CPUS})
     experiment = f"{study.study}-{rung.name}-sweep-{sweep_hash[:8]}"
     storage = resolve_storage_path(study.storage_path)
     path = f"{storage.rstrip('/')}/{experiment}"
@@ -268,25 +394,62 @@ def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, pare
             trainable,
             param_space=search_space(study),
             tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, num_samples=search.num_samples,
-                                        search_alg=ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent),
+                                        search_alg=ConcurrencyLimiter(searcher, max_concurrent=groups),
                                         scheduler=scheduler),
             run_config=tune.RunConfig(name=experiment, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=0),
         )
     progress(f"{rung.name}: searching {search.num_samples} trial(s) of {plan.steps} steps, "
-             f"optimising {search.metric} ({search.mode})")
+             f"optimising {search.metric} ({search.mode}), in {groups} worker group(s) kept across trials")
     try:
-        tuner.fit()
+        with serve_trials(study, queue, groups, experiment, progress):
+            tuner.fit()
     finally:
-        try:
-            ray.get(janitor.sweep.remote(), timeout=120)  # the last trials' groups too, before the janitor goes
-        except Exception as exc:  # noqa: BLE001 -- a clean-up must not fail a search that ran
-            progress(f"{rung.name}: could not check the trials' worker groups at the end ({one_line(exc)})")
-        ray.kill(janitor)
+        ray.kill(queue)
     mark_stopped_trials(tracker, sweep_run_id)
     outcome = summarize_sweep(tracker, rung.name, sweep_run_id, search, time.perf_counter() - started)
     tracker.finish(sweep_run_id, names.STATUS_FINISHED)
     return outcome
+
+
+@contextlib.contextmanager
+def serve_trials(study: StudyConfig, queue, groups: int, name: str, progress=say):
+    """`groups` Ray Train worker groups training the queue's trials while the block runs. A group that stops
+    for good hands its trial back (`TrialQueue.group_failed`) and another takes its place; a group that
+    fails without a trial (it cannot start) is not replaced, and when none is left the queue fails the
+    trials still waiting, so no trial waits forever."""
+    import ray
+
+    from scaling.runs import build_trainer, failure_reason, is_preemption
+
+    def serve(number: int) -> None:
+        attempt = 0
+        while True:
+            pool = f"{number}.{attempt}"
+            try:
+                build_trainer(study, {"queue": queue, "pool": pool}, f"{name}-group{number}").fit()
+                return  # the queue was closed: the search is over
+            except Exception as exc:  # noqa: BLE001 -- the group's trial is failed or retried, the search goes on
+                reason = failure_reason(study, exc)
+                had_trial = ray.get(queue.group_failed.remote(pool, reason, is_preemption(exc)))
+                if not had_trial:
+                    progress(f"{name}: worker group {number} could not start ({reason})")
+                    ray.get(queue.retire.remote(reason))
+                    return
+                progress(f"{name}: worker group {number} stopped ({reason}); starting another")
+                attempt += 1
+
+    ray.get(queue.expect_groups.remote(groups))
+    threads = [threading.Thread(target=serve, args=(number,), name=f"trial-group-{number}", daemon=True)
+               for number in range(groups)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        ray.get(queue.close.remote())
+        for thread in threads:
+            thread.join(timeout=300)
 
 
 def mark_stopped_trials(tracker, sweep_run_id: str) -> None:

@@ -57,9 +57,6 @@ class RunTask:
     evaluation: Any = None  # scaling.evaluate.EvalConfig (absolute paths) or None: no downstream evaluation
     tokenizer_uri: str | None = None  # the study's tokenizer folder on shared storage (evaluations need it)
     faults: tuple = ()  # scaling.faults.Fault: injected by tests, empty otherwise
-    placement_group_watch: Any = None
-    """(janitor actor, owner actor) of a sweep trial: rank 0 registers the worker group's placement group,
-    which the janitor removes if the owner (the trial's process) dies without Ray Train releasing it."""
 
 
 # --- schedule and DeepSpeed config -----------------------------------------------------------
@@ -156,46 +153,120 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The runs of the chain in turn, in this one worker group (processes, process group and imports are
     paid once). A run that already ended (its outcome is in its folder) is skipped: that is how a worker
     group restarted by Ray Train, or a chain started again by the driver, continues where it stopped."""
-    import gc
-
     import ray.train
-    import ray.train.torch
-    import torch
 
     tasks: list[RunTask] = loop_config["tasks"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = _worker_place()
     for index, task in enumerate(tasks):
-        ended = run_folder.read_outcome(task.folder)
-        if ended is not None:
-            _log(rank, f"{task.run_name}: ended before ({ended['failure'] or 'finished'}), skipped")
-            if ended["report"]:  # a Tune trial resumed after its end: Tune still gets its result
-                ray.train.report(ended["report"])
-            continue
-        _train_run(task, rank, world, device)
+        _run_unless_ended(task, rank, world, device, ray.train.report)
+        if index < len(tasks) - 1:
+            _wait_for_rank0(task)
+
+
+class RunStopped(Exception):
+    """The search stopped the run's trial (ASHA): every rank leaves the run at the same report."""
+
+
+def serve_trials_per_worker(loop_config: dict[str, Any]) -> None:
+    """A sweep's worker group: trains the trials its queue (`scaling.sweep.TrialQueue`) hands out, one after
+    another, until the sweep closes the queue. Reports go to Ray Train (the ranks' barrier) and, from rank 0,
+    to the trial through the queue; a trial that Tune stopped is left at its next report."""
+    import ray
+    import ray.train
+
+    queue, pool = loop_config["queue"], loop_config["pool"]
+    rank, world, device = _worker_place()
+    while True:
+        item = _from_rank0(ray.get(queue.take.remote(pool, 5.0)) if rank == 0 else None, rank, device)
+        if item is None:
+            continue  # nothing to train yet
+        if item == "closed":
+            return
+        trial_id, task = item
+
+        def report(metrics: dict[str, Any], trial_id=trial_id) -> None:
+            ray.train.report(metrics)
+            wanted = ray.get(queue.report.remote(trial_id, metrics)) if rank == 0 else None
+            if not _from_rank0(wanted, rank, device):
+                raise RunStopped(trial_id)
+
+        try:
+            _run_unless_ended(task, rank, world, device, report)
+        except RunStopped:
+            _log(rank, f"{task.run_name}: stopped by the search")
+        _wait_for_rank0(task)
+        if rank == 0:
+            ray.get(queue.finish.remote(pool, trial_id))
+
+
+def _worker_place():
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+
+
+def _run_unless_ended(task: RunTask, rank: int, world: int, device, send_report) -> None:
+    """Train the run, or if its folder says it ended, report what it ended with (a Tune trial resumed after
+    its end still gives Tune its result); then free its memory for the next run."""
+    import gc
+
+    import torch
+
+    ended = run_folder.read_outcome(task.folder)
+    if ended is not None:
+        _log(rank, f"{task.run_name}: ended before ({ended['failure'] or 'finished'}), skipped")
+        if ended["report"]:
+            send_report(ended["report"])
+        return
+    try:
+        _train_run(task, rank, world, device, send_report)
+    finally:
         gc.collect()  # this run's engine, optimizer state and model, before the next run builds its own
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if index < len(tasks) - 1:
-            # Every rank waits here until rank 0 has recorded the run (MLflow, outcome), however long its
-            # evaluations and an MLflow outage take: a gloo collective of the next run would time out.
-            ray.train.report({"step": task.steps, "ended": task.run_name})
 
 
-def _train_run(task: "RunTask", rank: int, world: int, device) -> None:
-    """One run, from its latest checkpoint (if any) to its outcome in its folder."""
+def _wait_for_rank0(task: RunTask) -> None:
+    """Every rank waits here until rank 0 has recorded the run (MLflow, outcome), however long its
+    evaluations and an MLflow outage take: a gloo collective of the next run would time out."""
     import ray.train
-    import torch
+
+    ray.train.report({"step": task.steps, "ended": task.run_name})
+
+
+def _from_rank0(value, rank: int, device):
+    """Rank 0's `value` on every rank."""
+    import torch.distributed as dist
+
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
+
+
+def _train_run(task: RunTask, rank: int, world: int, device, send_report) -> None:
+    """One run, from its latest checkpoint (if any) to its outcome in its folder. `send_report` is
+    `ray.train.report`, or a sweep's that also forwards to the trial (and raises `RunStopped`)."""
+    import ray.train
 
     started = time.perf_counter()
-    on_gpu = device.type == "cuda"
     logger = _rank0_logger(task) if rank == 0 else None
     if logger is not None:
         logger.mark_running()  # it may have waited in the chain's queue
         logger.set_tags({names.TAG_WORKER_GROUP: f"{ray.train.get_context().get_experiment_name()} pid {os.getpid()}"})
-    if rank == 0 and task.placement_group_watch is not None:
-        _watch_placement_group(*task.placement_group_watch)
+    try:
+        _train_steps(task, rank, world, device, logger, started, send_report)
+    except RunStopped:
+        if logger is not None:
+            logger.close()  # what it logged until the stop
+        raise
+
+
+def _train_steps(task: RunTask, rank: int, world: int, device, logger, started: float, send_report) -> None:
+    import torch
+
+    on_gpu = device.type == "cuda"
     torch.manual_seed(task.seed)
 
     # Same seed (or the same pretrained checkpoint) -> same initial weights in every arm (hash recorded).
@@ -252,7 +323,7 @@ def _train_run(task: "RunTask", rank: int, world: int, device) -> None:
         # final probe again (not recorded twice in MLflow: no logger). The loop below has no step to run.
         final_report = {"step": start_step, **_probe(engine, task, val_blocks, probe_ids, device, rank, world,
                                                      None, start_step, final=True)}
-        ray.train.report(final_report)
+        send_report(final_report)
     evaluations = _run_evaluations(task, rank, logger, engine)
     if evaluations is not None and start_step == 0 and evaluations.due(0):  # the pretrained/initial row
         evaluations.export_and_submit(full_model(engine, evaluations.precision_dtype), 0)
@@ -337,10 +408,10 @@ def _train_run(task: "RunTask", rank: int, world: int, device) -> None:
                 logger.set_tags({names.TAG_DATA_ORDER_HASH: order_hash, names.TAG_STEPS: task.steps})
                 return _wait_for_records(logger)
 
-            _save_and_report(engine, task, report, step, tokens_seen, order_hash,
+            _save_and_report(engine, task, report, step, tokens_seen, order_hash, send_report,
                              finish=finish_records if is_last and logger is not None else None)
         elif probe_now:
-            ray.train.report(report)
+            send_report(report)
         if is_last:
             final_report = report
 
@@ -602,17 +673,15 @@ def full_model(engine, dtype):
     return copy.to(dtype)
 
 
-def _save_and_report(engine, task: RunTask, report, step, tokens_seen, order_hash, finish=None) -> None:
+def _save_and_report(engine, task: RunTask, report, step, tokens_seen, order_hash, send_report, finish=None) -> None:
     """Save a DeepSpeed checkpoint in the run's folder and report. `finish` (rank 0, last step) runs after
     the save's collectives, so the other ranks wait for it in the report, which has no timeout (a gloo
     call would time out after 30 minutes of evaluations); what it returns joins the report."""
-    import ray.train
-
     run_folder.save_checkpoint(engine, task.folder, step, {"step": step, "tokens_seen": tokens_seen,
                                                            "order_hash": order_hash}, keep=task.checkpoints_to_keep)
     if finish is not None:
         report.update(finish())
-    ray.train.report(report)
+    send_report(report)
 
 
 # --- small helpers ---------------------------------------------------------------------------
@@ -655,14 +724,6 @@ def _run_evaluations(task: RunTask, rank: int, logger, engine):
                           tokenizer_uri=task.tokenizer_uri, run_folder=task.folder,
                           precision_dtype=next(engine.module.parameters()).dtype
                           if next(engine.module.parameters()).dtype == torch.bfloat16 else torch.float32)
-
-
-def _watch_placement_group(janitor, owner) -> None:
-    import ray.util
-
-    group = ray.util.get_current_placement_group()
-    if group is not None:
-        janitor.watch.remote(owner, group)
 
 
 def _rank0_logger(task: RunTask):

@@ -1,6 +1,6 @@
 """Per-rung sweeps: Ray Tune + Optuna + ASHA driving Ray Train + DeepSpeed, recorded in MLflow.
 
-The end-to-end tests are `slow` (each trial is a real Ray Train run, ~30-60 s on 2 cores)."""
+The end-to-end tests are `slow` (real sweeps of real Ray Train runs: minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -91,48 +91,65 @@ def test_preemption_is_told_apart_from_real_failures():
     assert not is_preemption(FloatingPointError("nan"))
 
 
-def test_janitor_frees_the_worker_group_of_a_dead_trial_and_only_that(ray_session):
-    """A stopped trial's process dies while its placement group stays reserved (Ray Train's own cleaner
-    needs a dashboard): the janitor removes the groups of dead owners, never of live ones."""
+def test_trial_queue_hands_out_wanted_trials_routes_reports_and_never_leaves_a_trial_waiting(ray_session):
+    """The queue between Tune's trials and the sweep's worker groups, with real actors: a trial whose
+    process died before its turn is never handed out, one that died while training is reported unwanted,
+    a restarted group gets its own trial back, a preempted trial goes first (with retries left) and fails
+    after, and once no group is left every waiting trial ends with the reason."""
     import ray
-    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-    from scaling.sweep import PlacementGroupJanitor
+    from scaling.sweep import TrialQueue
 
     @ray.remote(num_cpus=0)
     class Trial:
         def ping(self):
             return True
 
-    janitor = ray.remote(num_cpus=0)(PlacementGroupJanitor).remote(poll_s=3600.0)  # passes only on demand
-    dead, alive = Trial.remote(), Trial.remote()
-    ray.get([dead.ping.remote(), alive.ping.remote()])
-    groups = {key: placement_group([{"CPU": 0.5}]) for key in ("dead", "alive", "released")}
-    ray.get([group.ready() for group in groups.values()])
-    for key, owner in (("dead", dead), ("alive", alive), ("released", alive)):
-        ray.get(janitor.watch.remote(owner, groups[key]))
+    queue = ray.remote(num_cpus=0, max_concurrency=100)(TrialQueue).remote(preemption_retries=1)
+    owners = {name: Trial.remote() for name in ("t1", "t2", "t3", "t4")}
+    ray.get([owner.ping.remote() for owner in owners.values()])
     try:
-        ray.kill(dead)
-        remove_placement_group(groups["released"])  # as Ray Train does after a run that ended normally
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(dead.ping.remote(), timeout=30)
-        assert ray.get(janitor.sweep.remote()) == 1
-        assert placement_group_table(groups["dead"])["state"] == "REMOVED"
-        assert placement_group_table(groups["alive"])["state"] == "CREATED"
-        assert ray.get(janitor.sweep.remote()) == 0  # nothing left to remove; the live trial's group stays
-        assert placement_group_table(groups["alive"])["state"] == "CREATED"
+        for name, owner in owners.items():
+            ray.get(queue.submit.remote(name, f"task-{name}", owner))
+        ray.kill(owners["t1"])  # Tune stopped t1 before any group took it
+        assert ray.get(queue.take.remote("g0", 5.0)) == ("t2", "task-t2")
+        assert ray.get(queue.take.remote("g0", 5.0)) == ("t2", "task-t2")  # g0 restarted: its trial again
+        assert ray.get(queue.report.remote("t2", {"val/loss": 1.0})) is True
+        assert ray.get(queue.next_event.remote("t2", 5.0)) == ("report", {"val/loss": 1.0})
+        assert ray.get(queue.next_event.remote("t2", 0.1)) is None
+        ray.get(queue.finish.remote("g0", "t2"))
+        assert ray.get(queue.next_event.remote("t2", 5.0)) == ("done", None)
+        assert ray.get(queue.take.remote("g1", 5.0)) == ("t3", "task-t3")
+        assert ray.get(queue.group_failed.remote("g1", "node lost", True)) is True  # preempted: t3 goes first
+        assert ray.get(queue.next_event.remote("t3", 5.0)) == ("preempted", (1, "node lost"))
+        assert ray.get(queue.take.remote("g2", 5.0)) == ("t3", "task-t3")
+        ray.get(queue.abandon.remote("t3"))  # the trial left (Tune stopped it): the group is told at its report
+        assert ray.get(queue.report.remote("t3", {"val/loss": 2.0})) is False
+        assert ray.get(queue.group_failed.remote("g2", "no trial", False)) is True
+        assert ray.get(queue.take.remote("g3", 5.0)) == ("t4", "task-t4")
+        assert ray.get(queue.group_failed.remote("g3", "node lost again", True)) is True  # t4's one retry
+        assert ray.get(queue.group_failed.remote("g4", "never started", False)) is False  # had no trial
+        ray.get(queue.expect_groups.remote(1))
+        ray.get(queue.retire.remote("cannot place the workers"))  # the last group gave up
+        events = [ray.get(queue.next_event.remote("t4", 5.0)) for _ in range(2)]
+        assert events[0][0] == "preempted" and events[1][0] == "done" and "no worker group" in events[1][1]
+        late = Trial.remote()
+        ray.get(queue.submit.remote("t5", "task-t5", late))  # a trial that comes after: ends at once
+        assert "cannot place the workers" in ray.get(queue.next_event.remote("t5", 5.0))[1]
+        ray.get(queue.close.remote())
+        assert ray.get(queue.take.remote("g5", 5.0)) == "closed"
     finally:
-        remove_placement_group(groups["alive"])
-        ray.kill(janitor)
-        ray.kill(alive)
+        ray.kill(queue)
 
 
 def test_a_trial_resumed_after_its_end_still_reports_the_search_metric(ray_session, tmp_path, monkeypatch):
     """A driver that dies after a trial trained to the end, but before Tune took its last result in, leaves
     the trial to be restarted by the resumed search, with nothing left to train: either its outcome is in
     its folder (the run is skipped) or only its final checkpoint is (the worker died before writing the
-    outcome). Either way it must still report `val/loss`, or Tune fails the whole resumed search ("Trial
-    returned a result which did not include the specified metric"), and record nothing twice."""
+    outcome). Either way the sweep's worker group must still report `val/loss` through the queue, or Tune
+    fails the whole resumed search ("Trial returned a result which did not include the specified metric"),
+    and record nothing twice."""
+    import ray
     from ray import tune
 
     from conftest import tiny_train_study
@@ -140,10 +157,11 @@ def test_a_trial_resumed_after_its_end_still_reports_the_search_metric(ray_sessi
     from scaling.config import plan_runs
     from scaling.runs import build_task, run_folder_uri
     from scaling.study import data_refs, prepare_data
+    from scaling.sweep import TrialQueue, serve_trials
     from scaling.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)
-    study = tiny_train_study(tmp_path, "final-report", arms=["baseline"])
+    study = tiny_train_study(tmp_path, "final-report", arms=["baseline"], resources={"num_workers": 1})
     (plan,) = plan_runs(study)
     refs = data_refs(study, prepare_data(study, plan.rung.vocab_size, progress=lambda *_: None))
     tracker = Tracker(study.tracking_uri, study.study)
@@ -152,22 +170,23 @@ def test_a_trial_resumed_after_its_end_still_reports_the_search_metric(ray_sessi
     folder = run_folder_uri(study, "final-report-trial")
     task = build_task(study, plan, study.arms[0], 0, "final", run_id, tracker.tracking_uri, refs, folder)
 
-    def fit_and_report_to_tune(config, study, task):  # a nested function: Ray ships it by value
-        from ray.tune.integration.ray_train import TuneReportCallback
+    def follow(config, queue, task):  # a nested function: Ray ships it by value
+        from scaling.sweep import follow_trial
 
-        from scaling.runs import fit
-
-        failure = fit(study, [task], "final-report-trial", callbacks=[TuneReportCallback()])
+        failure = follow_trial(queue, "the-trial", task, tune.report)
         assert failure is None, failure
 
     for life in (1, 2, 3):  # 2: the outcome is there, the run is skipped; 3: only the final checkpoint is
         if life == 3:
             assert run_folder.read_outcome(folder)["failure"] is None
             run_folder.clear_outcome(folder)
-        grid = tune.Tuner(
-            tune.with_resources(tune.with_parameters(fit_and_report_to_tune, study=study, task=task), {"CPU": 0.01}),
-            tune_config=tune.TuneConfig(metric=names.VAL_LOSS, mode="min"),
-            run_config=tune.RunConfig(name=f"life{life}", storage_path=str(tmp_path / "tune"), verbose=0)).fit()
+        queue = ray.remote(num_cpus=0, max_concurrency=100)(TrialQueue).remote()
+        with serve_trials(study, queue, 1, f"life{life}", progress=lambda *_: None):
+            grid = tune.Tuner(
+                tune.with_resources(tune.with_parameters(follow, queue=queue, task=task), {"CPU": 0.01}),
+                tune_config=tune.TuneConfig(metric=names.VAL_LOSS, mode="min"),
+                run_config=tune.RunConfig(name=f"life{life}", storage_path=str(tmp_path / "tune"), verbose=0)).fit()
+        ray.kill(queue)
         assert not grid.errors, f"life {life}: {grid.errors}"
         assert names.VAL_LOSS in grid.get_best_result().metrics
     history = Tracker(study.tracking_uri, study.study)._client.get_metric_history(run_id, names.VAL_LOSS)
