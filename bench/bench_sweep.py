@@ -56,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--grid-parallel", type=int, default=4,
                         help="grid cells trained side by side (on a shared machine more processes get more CPU)")
     parser.add_argument("--skip-grid", action="store_true", help="only the sweep")
+    parser.add_argument("--compare-reuse", action="store_true",
+                        help="first run the same sweep with a worker group per trial (search.reuse_worker_groups: "
+                             "false, the way trials ran before groups were kept) and compare end-to-end times")
     parser.add_argument("--skip-sweep", action="store_true",
                         help="only the grid (e.g. in a second process on the same --workdir); a later run "
                              "without either flag finds both finished (runs are skipped) and prints the comparison")
@@ -149,11 +152,32 @@ def main() -> None:
                  runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}})
         quiet = lambda *_: None  # noqa: E731
         try:
+            per_trial_seconds = None
+            if args.compare_reuse and not args.skip_sweep:
+                from scaling.config import plan_runs
+                from scaling.study import prepare_data
+
+                # Tokenizer and token shards built before either clock starts: both sweeps then reuse them.
+                prepare_data(sweep_study, plan_runs(sweep_study)[0].rung.vocab_size, progress=quiet)
+                started = time.perf_counter()
+                run_study(base_study(args, workdir, "bench-sweep-per-trial", ["baseline"],
+                                     {**search, "reuse_worker_groups": False}), "study: bench-sweep-per-trial\n",
+                          progress=quiet)
+                per_trial_seconds = time.perf_counter() - started
+                print(f"sweep with a worker group per trial done in {per_trial_seconds:.0f} s", flush=True)
             started = time.perf_counter()
             if not args.skip_sweep:
                 run_study(sweep_study, "study: bench-sweep\n", progress=quiet)
             sweep_seconds = time.perf_counter() - started
             print(f"sweep done in {sweep_seconds:.0f} s", flush=True)
+            if per_trial_seconds:
+                trials_of = {name: sorted((round(t["lambda"], 6), t["layers"], t["steps"], t["state"]) for t in read_runs(
+                    sweep_study.tracking_uri, name, names.KIND_TRIAL)) for name in ("bench-sweep-per-trial", "bench-sweep")}
+                print("the two sweeps ran " + ("the same trials to the same states" if len(set(map(tuple, trials_of.values())))
+                                               == 1 else f"different trials: {trials_of}"), flush=True)
+                print(f"end to end (with the baseline run): a worker group per trial {per_trial_seconds:.0f} s vs "
+                      f"groups kept across trials {sweep_seconds:.0f} s: {per_trial_seconds / sweep_seconds:.2f}x "
+                      f"faster (goal >= 1.5x)", flush=True)
             grid_seconds, grid = 0.0, []
             if not args.skip_grid:
                 from concurrent.futures import ThreadPoolExecutor

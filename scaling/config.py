@@ -320,6 +320,10 @@ class SearchConfig:
     clamp_threshold: tuple[float, ...] = (0.1,)
     max_concurrent: int = 1
     """Trials running at once (each has resources.num_workers Ray Train workers)."""
+    reuse_worker_groups: bool = True
+    """Train trial after trial in the same Ray Train worker groups (start-up paid once per group); false
+    starts a group per trial (slower for short trials; the benchmark's baseline). Not part of the sweep's
+    identity: a resumed sweep may change it."""
     grace_period: int = 1
     """ASHA: probes a trial gets before it may be stopped."""
     reduction_factor: int = 2

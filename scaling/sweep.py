@@ -310,6 +310,9 @@ class TrialQueue:
             self._closed = True
             self._cond.notify_all()
 
+    def closed(self) -> bool:
+        return self._closed
+
 
 def _alive(actor) -> bool:
     """False only once the actor is known dead. Asked of the GCS's actor table, which answers at once: a
@@ -347,7 +350,8 @@ def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, pare
 
     search = study.search
     rung = plan.rung
-    sweep_hash = config_hash({"search": dataclasses.asdict(search), "rung": rung.name, "seed": seed,
+    identity = {key: value for key, value in dataclasses.asdict(search).items() if key != "reuse_worker_groups"}
+    sweep_hash = config_hash({"search": identity, "rung": rung.name, "seed": seed,
                               "steps": plan.steps, "training": dataclasses.asdict(study.training),
                               "probes": dataclasses.asdict(study.probes), "data": data.fingerprint})
     sweep_run_id, status = tracker.child_run(
@@ -427,8 +431,12 @@ def serve_trials(study: StudyConfig, queue, groups: int, name: str, progress=say
         while True:
             pool = f"{number}.{attempt}"
             try:
-                build_trainer(study, {"queue": queue, "pool": pool}, f"{name}-group{number}").fit()
-                return  # the queue was closed: the search is over
+                build_trainer(study, {"queue": queue, "pool": pool, "one_trial": not study.search.reuse_worker_groups},
+                              f"{name}-group{number}").fit()
+                if ray.get(queue.closed.remote()):
+                    return  # the search is over
+                attempt += 1  # a group per trial: the next one
+                continue
             except Exception as exc:  # noqa: BLE001 -- the group's trial is failed or retried, the search goes on
                 reason = failure_reason(study, exc)
                 had_trial = ray.get(queue.group_failed.remote(pool, reason, is_preemption(exc)))

@@ -197,6 +197,8 @@ def serve_trials_per_worker(loop_config: dict[str, Any]) -> None:
         _wait_for_rank0(task)
         if rank == 0:
             ray.get(queue.finish.remote(pool, trial_id))
+        if loop_config.get("one_trial"):
+            return  # search.reuse_worker_groups: false
 
 
 def _worker_place():
