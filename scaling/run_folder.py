@@ -50,7 +50,10 @@ def save_checkpoint(engine, folder: str, step: int, client_state: dict[str, Any]
     root = storage.join(folder, CHECKPOINTS)
     tag = step_tag(step)
     if storage.is_local(root):
-        engine.save_checkpoint(_local_path(root), tag=tag, client_state=client_state)
+        try:
+            engine.save_checkpoint(_local_path(root), tag=tag, client_state=client_state)
+        except Exception as exc:
+            raise _named_if_full(exc, _local_path(root)) from exc
     else:
         with tempfile.TemporaryDirectory(prefix="checkpoint-") as local:
             engine.save_checkpoint(local, tag=tag, client_state=client_state)
@@ -62,6 +65,24 @@ def save_checkpoint(engine, folder: str, step: int, client_state: dict[str, Any]
             storage.remove_tree(older)
         for unfinished in _incomplete_checkpoints(folder, before=tag):
             storage.remove_tree(unfinished)
+
+
+FULL_BELOW_BYTES = 16 * 2**20
+
+
+def _named_if_full(exc: Exception, path: str) -> Exception:
+    """torch's writer reports a full volume as "enforce fail ... unexpected pos ...", without the OS's
+    words: when the volume has (almost) no space left, say so, so the run's failure names the fix."""
+    import errno
+    import shutil
+
+    try:
+        full = shutil.disk_usage(path).free < FULL_BELOW_BYTES
+    except OSError:
+        return exc
+    if not full or isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return exc
+    return OSError(errno.ENOSPC, f"No space left on device: saving a checkpoint in {path} failed ({exc})")
 
 
 def complete_checkpoints(folder: str) -> list[str]:
