@@ -1,13 +1,14 @@
 """Training runs from plan to record: resolve them, build their tasks and trainer, fit, read the outcomes.
 
-Used by the study driver for the fixed arms and the extra-seed reruns (`train_chain`), and by the
-sweep for each trial (`fit` of one task). A run is identified by the hash of its resolved config (same
-config -> same MLflow run and same folder on the storage): a finished one is skipped, an unfinished
-one continues its MLflow run from the latest checkpoint in its folder (`scaling.run_folder`).
+Used by the study driver for the fixed arms and the extra-seed reruns (`train_chain`); the sweep
+builds its trials' tasks here too (`build_task`, `build_trainer`, `run_outcome`). A run is identified by
+the hash of its resolved config (same config -> same MLflow run and same folder on the storage): a
+finished one is skipped, an unfinished one continues its MLflow run from the latest checkpoint in its
+folder (`scaling.run_folder`).
 
 Runs that would wait for each other anyway (more runs than the cluster fits side by side) are
-chained: one Ray Train worker group trains them in turn, so its ~10 s of start-up (processes, imports,
-process group) is paid once per chain instead of once per run.
+chained: one Ray Train worker group trains them in turn, so its start-up (processes, imports, process
+group, DeepSpeed: ~16 s for 2 workers on 2 cores) is paid once per chain instead of once per run.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str)
                        tags, params)
 
 
-def trainer_name(study: StudyConfig, run: ResolvedRun) -> str:
+def run_folder_name(study: StudyConfig, run: ResolvedRun) -> str:
     """`<study>-<slug>-<hash>`: the run's folder on the storage, and the Ray Train name of a chain of one."""
     return f"{study.study}-{run.slug}-{run.config_hash[:8]}"
 
@@ -130,7 +131,7 @@ def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: 
                    tokenizer_uri=data.tokenizer_uri, faults=faults.installed())
 
 
-def build_trainer(study: StudyConfig, loop_config: dict[str, Any], name: str, callbacks=()):
+def build_trainer(study: StudyConfig, loop_config: dict[str, Any], name: str):
     """A TorchTrainer whose one worker group trains `{"tasks": [...]}` in turn, or serves a sweep's
     `{"queue": ..., "pool": ...}`. Checkpoints live in each run's own folder (`scaling.run_folder`), not in
     Ray Train's `storage_path/name`, so which worker group trains a run does not matter: a restarted group
@@ -150,7 +151,6 @@ def build_trainer(study: StudyConfig, loop_config: dict[str, Any], name: str, ca
             name=name,
             storage_path=resolve_storage_path(study.storage_path),
             failure_config=FailureConfig(max_failures=study.checkpoint.max_failures),
-            callbacks=list(callbacks),
         ),
     )
 
@@ -239,10 +239,13 @@ def train_chain(study: StudyConfig, jobs: Sequence[tuple], data: DataRefs, track
             say(f"{run.run_name}: already finished (run {run_id[:8]}), skipped")
             outcomes[index] = RunOutcome(rung.name, arm.name, seed, names.STATUS_SKIPPED, run_id)
             continue
-        folder = run_folder_uri(study, trainer_name(study, run))
+        folder = run_folder_uri(study, run_folder_name(study, run))
         ended = run_folder.read_outcome(folder)
-        if ended is not None and ended["failure"]:
-            run_folder.clear_outcome(folder)  # a failed run is tried again, from its latest checkpoint
+        if ended is not None and (ended["failure"] or status in (names.STATUS_FAILED, names.STATUS_KILLED)):
+            # Tried again, from its latest checkpoint: a NaN, or records that never reached MLflow (the
+            # resumed life writes what its earlier one spilled). An outcome the driver never took in
+            # (it died first: the run is still running or queued in MLflow) is taken in without training.
+            run_folder.clear_outcome(folder)
         if status != (names.STATUS_QUEUED if queued else names.STATUS_RUNNING):
             tracker.reopen(run_id, queued=queued)  # failed or killed before: a failure left on the record would
             #                                         be read back after training and fail it again

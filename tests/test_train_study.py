@@ -166,6 +166,32 @@ def test_queued_runs_train_in_turn_in_one_worker_group_and_a_broken_one_costs_on
     assert [o.status for o in rerun] == ["skipped", "skipped", "finished", "skipped"], [o.detail for o in rerun]
 
 
+def test_an_outcome_the_driver_never_took_in_is_recorded_without_training_and_a_failed_run_resumes(ray_session,
+                                                                                                     tmp_path):
+    from scaling.study import run_study
+    from scaling.tracking import Tracker
+
+    study = tiny_study(tmp_path, "outcome", arms=["baseline"], training={"max_steps": 3},
+                       resources={"num_workers": 1, "zero_stage": 0}, probes={"every_steps": 0})
+    assert [o.status for o in run_study(study, "")] == ["finished"]
+    (child,) = runs_of(study, names.KIND_TRAIN)
+    run_id, group = child.info.run_id, child.data.tags[names.TAG_WORKER_GROUP]
+    tracker = Tracker(study.tracking_uri, study.study)
+    tracker.reopen(run_id)  # as if the driver died after the run wrote its outcome, before recording it
+    (outcome,) = run_study(study, "")
+    (child,) = runs_of(study, names.KIND_TRAIN)
+    assert outcome.status == "finished" and child.info.status == "FINISHED"
+    assert child.data.tags[names.TAG_WORKER_GROUP] == group  # taken in from its folder: no group trained it again
+    tracker.finish(run_id, names.STATUS_FAILED, "records missing")  # a run the driver failed: tried again
+    (outcome,) = run_study(study, "")
+    (child,) = runs_of(study, names.KIND_TRAIN)
+    assert outcome.status == "finished" and child.data.tags[names.TAG_WORKER_GROUP] != group
+    assert child.data.tags[names.TAG_RESUMED_FROM_STEP] == "3"  # from its final checkpoint, not step 0
+    assert names.TAG_FAILURE not in child.data.tags
+    steps = sorted(m.step for m in client_for(study).get_metric_history(run_id, names.TRAIN_CE_LOSS))
+    assert steps == [1, 2, 3]
+
+
 def test_more_workers_than_the_cluster_has_fails_before_any_work(ray_session, tmp_path):
     from scaling.errors import ConfigError
     from scaling.study import run_study
