@@ -91,6 +91,23 @@ def complete_checkpoints(folder: str) -> list[str]:
             if storage.exists(storage.join(folder, CHECKPOINTS, tag, COMPLETE))]
 
 
+def _legacy_checkpoints(folder: str) -> list[str]:
+    """Checkpoints Ray Train kept for this run before runs had their own (`<folder>/checkpoint_<date>/step_*`,
+    written by earlier versions of this code): still resumed from, so an unfinished run is never restarted."""
+    from pyarrow import fs
+
+    found, path = storage.filesystem(folder)
+    try:
+        infos = found.get_file_info(fs.FileSelector(path, allow_not_found=True))
+        kept = [info.base_name for info in infos
+                if info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_")]
+        return [storage.join(folder, name, tag.base_name) for name in kept
+                for tag in found.get_file_info(fs.FileSelector(f"{path}/{name}"))
+                if tag.type == fs.FileType.Directory and tag.base_name.startswith("step_")]
+    except OSError:
+        return []
+
+
 def restore_checkpoint(engine, folder: str, device) -> tuple[dict | None, list[str]]:
     """Load the run's newest readable checkpoint, every rank agreeing on which: (client state, one line
     per newer checkpoint that could not be read). (None, []) when the run has none yet. Raises when it
@@ -103,7 +120,8 @@ def restore_checkpoint(engine, folder: str, device) -> tuple[dict | None, list[s
 
     from scaling.errors import TrainingFailure
 
-    candidates = complete_checkpoints(folder)
+    candidates = sorted(complete_checkpoints(folder) + _legacy_checkpoints(folder),
+                        key=lambda uri: uri.rsplit("/", 1)[1], reverse=True)  # newest step first
     if not candidates:
         return None, []
     allowed = [getattr(importlib.import_module(path.rpartition(".")[0]), path.rpartition(".")[2])
@@ -130,7 +148,8 @@ def restore_checkpoint(engine, folder: str, device) -> tuple[dict | None, list[s
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)  # a checkpoint every rank can read
         if int(ok.item()):
             return state, skipped
-        skipped.append(f"{tag}: {problem or 'unreadable on another rank'}")
+        skipped.append(f"{candidate.rsplit('/', 2)[1] + '/' if '/checkpoint_' in candidate else ''}{tag}: "
+                       f"{problem or 'unreadable on another rank'}")
     raise TrainingFailure(f"no readable checkpoint to resume from ({'; '.join(skipped)}); the run is not restarted "
                           f"from step 0: delete {storage.join(folder, CHECKPOINTS)} to start it over")
 

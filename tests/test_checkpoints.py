@@ -72,6 +72,12 @@ for stage in (0, 2, 3):
     assert not saved[0].exists(), "an interrupted save was left behind"
     assert [Path(p).name for p in complete_checkpoints(folder)][:1] == ["step_0000012"]
     assert restore_checkpoint(engine, folder, torch.device("cpu"))[0]["step"] == 12
+    # A checkpoint Ray Train kept for the run before runs had their own folders is resumed from too.
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    engine.save_checkpoint(f"{folder}/checkpoint_2026-01-01_00-00-00", tag="step_0000014",
+                           client_state={"step": 14, "tokens_seen": 14, "order_hash": "14"})
+    assert restore_checkpoint(engine, folder, torch.device("cpu"))[0]["step"] == 14
     print("ok", stage, skipped[1][:120], flush=True)
 '''
 
