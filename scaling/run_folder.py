@@ -227,5 +227,5 @@ def clear_outcome(folder: str) -> None:
     found, path = storage.filesystem(storage.join(folder, OUTCOME))
     try:
         found.delete_file(path)
-    except (FileNotFoundError, OSError):
+    except OSError:  # not there
         pass

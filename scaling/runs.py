@@ -265,12 +265,7 @@ def train_chain(study: StudyConfig, jobs: Sequence[tuple], data: DataRefs, track
             break
         left = [q for q in queue if outcomes[q.index] is None]
         if left:  # the group stopped on the first run without an outcome
-            stopped = left[0]
-            reason = failure or "its worker group ended without recording how the run ended"
-            tracker.finish(stopped.task.run_id, names.STATUS_FAILED, reason)
-            say(f"{stopped.task.run_name}: FAILED: {reason}")
-            outcomes[stopped.index] = RunOutcome(stopped.rung, stopped.arm, stopped.seed, names.STATUS_FAILED,
-                                                 stopped.task.run_id, detail=reason)
+            watcher.fail(left[0], failure or "its worker group ended without recording how the run ended")
         queue = left[1:]
     for q in queue:  # interrupted: the driver has marked them killed; --resume continues them
         if outcomes[q.index] is None:
@@ -312,6 +307,13 @@ class _OutcomeWatcher:
             except Exception:  # noqa: BLE001 -- the store or the storage may be busy; the last pass retries
                 continue
 
+    def fail(self, q: _Queued, reason: str, seconds: float = 0.0) -> None:
+        """Record a run failed, in MLflow, on the console and in the outcomes."""
+        self.tracker.finish(q.task.run_id, names.STATUS_FAILED, reason)
+        self.say(f"{q.task.run_name}: FAILED: {reason}")
+        self.outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_FAILED, q.task.run_id, seconds,
+                                            detail=reason)
+
     def take_in(self) -> None:
         for q in self.queue:
             if self.outcomes[q.index] is not None or STOPPING.is_set():
@@ -321,10 +323,7 @@ class _OutcomeWatcher:
                 continue
             failure, report, seconds = ended
             if failure:
-                self.tracker.finish(q.task.run_id, names.STATUS_FAILED, failure)
-                self.say(f"{q.task.run_name}: FAILED: {failure}")
-                self.outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_FAILED, q.task.run_id,
-                                                    seconds, detail=failure)
+                self.fail(q, failure, seconds)
                 continue
             self.tracker.finish(q.task.run_id, names.STATUS_FINISHED)
             val_loss, spearman = report.get(names.VAL_LOSS), report.get(names.COND_SPEARMAN)

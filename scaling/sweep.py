@@ -23,6 +23,7 @@ runs are found again by their Tune trial id, so nothing is recorded twice.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import threading
@@ -186,9 +187,6 @@ class TrialQueue:
     """
 
     def __init__(self, preemption_retries: int = 0):
-        import collections
-        import threading
-
         self._cond = threading.Condition()
         self._pending: collections.deque = collections.deque()  # trial ids, oldest first
         self._tasks: dict[str, Any] = {}
@@ -203,8 +201,6 @@ class TrialQueue:
         self._closed = False
 
     def submit(self, trial_id: str, task, owner) -> None:
-        import collections
-
         with self._cond:
             self._owners[trial_id] = owner
             self._abandoned.discard(trial_id)
@@ -218,8 +214,6 @@ class TrialQueue:
 
     def take(self, pool: str, timeout: float):
         """(trial id, task) for the group `pool`; None when nothing came within `timeout`; "closed"."""
-        import time
-
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
@@ -404,7 +398,8 @@ def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, pare
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=0),
         )
     progress(f"{rung.name}: searching {search.num_samples} trial(s) of {plan.steps} steps, "
-             f"optimising {search.metric} ({search.mode}), in {groups} worker group(s) kept across trials")
+             f"optimising {search.metric} ({search.mode}), in {groups} worker group(s)"
+             + (" kept across trials" if search.reuse_worker_groups else ", a new one per trial"))
     try:
         with serve_trials(study, queue, groups, experiment, progress):
             tuner.fit()

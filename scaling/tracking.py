@@ -291,10 +291,9 @@ class Tracker:
 
     @_retried("checking a run's records are complete")
     def unwritten(self, run_id: str, reported: str | None) -> str | None:
-        """`reported` (why some records of a run did not reach MLflow, from its last report) unless
-        the record now has rank 0's data-order tag: it is written after every other record of the
-        loop, so a later life of the run has written them since (a report can come from an earlier
-        life: Ray Train hands it back when a resumed life reports nothing)."""
+        """`reported` (why some records of a run did not reach MLflow, from the last report in its
+        outcome) unless the record now has rank 0's data-order tag: it is written after every other
+        record of the loop, so the records have reached the store since."""
         if not reported:
             return None
         return None if names.TAG_DATA_ORDER_HASH in self._client.get_run(run_id).data.tags else reported

@@ -729,7 +729,7 @@ def _run_evaluations(task: RunTask, rank: int, logger, engine):
 
 
 def _rank0_logger(task: RunTask):
-    """Rank 0's MLflow writer; what an outage leaves unwritten is spilled to the run's Ray Train folder."""
+    """Rank 0's MLflow writer; what an outage leaves unwritten is spilled to the run's folder."""
     from scaling.tracking import RunLogger
 
     return RunLogger(task.tracking_uri, task.run_id, spill_dir=_spill_dir(task.folder))
