@@ -15,28 +15,82 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from analysis.fit import (
-    FitOptions,
-    Interval,
-    PowerLawFit,
-    compute_trend,
-    group_indices,
-    interval_from_bootstrap_se,
-    resample_within_groups,
-    welch_df,
-)
+from scipy import stats
+
+from analysis.fit import FitOptions, Interval, PowerLawFit, resample_within_groups
 from scaling import names
-from scaling.errors import ConfigError, DataError
+from scaling.errors import DataError
+
+EVAL_MEAN_ACC = names.EVAL_MEAN_ACC  # mean downstream accuracy, logged when a study evaluates tasks
+MIN_PAIRS_FOR_INTERVAL = 3
+"""Fewest seed pairs at a rung for a per-rung interval: with 2, t has 1 df and multiplies the
+standard error by 12.7 (an interval wider than anything a difference of ranks can take)."""
+
+_RANK_METRICS = frozenset({names.COND_SPEARMAN, names.COND_KENDALL})
+_UNIT_METRICS = frozenset({names.COND_LAST_LAYER_MEAN_COS, names.COND_LATE_HALF_MEAN_COS, names.EVAL_MEAN_ACC,
+                           names.EVAL_SELECTION_MEAN_ACC})
+
+
+def value_range(metric: str) -> tuple[float, float]:
+    """What one value of `metric` can take: rank correlations [-1, 1]; mean cosines with the
+    diagonal (||sum x||^2 / T^2) and accuracies [0, 1]; losses [0, inf)."""
+    if metric in _RANK_METRICS:
+        return (-1.0, 1.0)
+    if metric in _UNIT_METRICS or (metric.startswith("condensation/") and metric.endswith("mean_cos")):
+        return (0.0, 1.0)
+    if metric.startswith(f"{names.EVAL_PREFIX}/") and metric.endswith("/acc"):
+        return (0.0, 1.0)
+    return (0.0, math.inf) if "loss" in metric else (-math.inf, math.inf)
+
+
+def difference_range(metric: str, *, relative: bool = False) -> tuple[float, float]:
+    """What a treatment-minus-control difference of `metric` can take ((t - c) / c >= -1 for
+    positive values)."""
+    low, high = value_range(metric)
+    if relative:
+        return (-1.0, math.inf) if low >= 0 else (-math.inf, math.inf)
+    return (low - high, high - low)
+
+
+def slope_range(metric: str, n: np.ndarray, *, difference: bool = False) -> tuple[float, float]:
+    """What a least-squares slope of rung means per decade of N can take, given the values' range."""
+    low, high = difference_range(metric) if difference else value_range(metric)
+    x = np.log10(np.unique(np.asarray(n, dtype=float)))
+    if x.size < 2 or not (math.isfinite(low) and math.isfinite(high)):
+        return (-math.inf, math.inf)
+    weights = (x - x.mean()) / float(np.sum((x - x.mean()) ** 2))
+    most = float(np.sum(np.abs(weights))) * (high - low) / 2.0
+    return (-most, most)
+
+
+def clip_interval(interval: Interval, bounds: tuple[float, float]) -> Interval:
+    """The interval without the values the statistic cannot take (coverage is unchanged)."""
+    low, high = bounds
+    return Interval(interval.estimate, max(interval.low, low), min(interval.high, high), interval.why)
+
+
+def t_interval(sample: np.ndarray, confidence: float, bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple[Interval, float, int]:
+    """Mean of `sample` with its t interval (k - 1 df), clipped to `bounds`; (interval, SE, df)."""
+    k = sample.size
+    estimate = float(sample.mean())
+    se = float(sample.std(ddof=1)) / math.sqrt(k)
+    half = float(stats.t.ppf(0.5 + confidence / 2, k - 1)) * se
+    return clip_interval(Interval(estimate, estimate - half, estimate + half), bounds), se, k - 1
 
 
 @dataclass(frozen=True)
 class RungDifference:
-    """Treatment minus control at one rung, mean over seed pairs, bootstrap CI over pairs."""
+    """Treatment minus control at one rung: mean over seed pairs, a t interval from 3 pairs on,
+    else the pairs themselves and their spread."""
 
     rung: str
     n: float
     n_pairs: int
     difference: Interval
+    pairs: tuple[float, ...] = ()
+    """Every seed pair's difference, small seed first."""
+    spread: float = math.nan
+    """Standard deviation of the pairs (NaN with one)."""
 
 
 @dataclass(frozen=True)
@@ -44,10 +98,12 @@ class DifferenceTrend:
     """How the paired difference changes with size."""
 
     slope_per_decade: Interval
-    """OLS slope of the per-pair difference against log10 N (CI: pairs resampled within rungs,
-    or across sizes when some rung has one pair)."""
+    """OLS slope of the rung means of the difference on log10 N; t interval with R - 2 df (the
+    rung as a random effect), none below 3 rungs."""
     spearman: Interval | None
+    """Not estimated any more (a rank correlation over 3-5 rung means has no usable interval); kept None."""
     note: str = ""
+    intercept: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -64,15 +120,17 @@ class Multiplier:
 
 
 @dataclass(frozen=True)
-class LambdaRule:
-    """Best lambda per rung and the fitted rule lambda*(N) = k * N^beta (log-log OLS)."""
+class BestLambda:
+    """A sweep's best lambda at one rung, as found: one seed per trial, so no interval."""
 
-    best: tuple[tuple[str, float, float, float], ...]
-    """(rung, N, best lambda, its validation loss) per rung."""
-    coefficient: float
-    exponent: float
-    exponent_interval: Interval | None
-    note: str = ""
+    rung: str
+    n: float
+    best_lambda: float
+    val_loss: float
+    tried: tuple[float, float]
+    """Smallest and largest lambda any finished trial of the rung tried."""
+    at_bound: bool
+    """The best lambda is the smallest or largest tried: the optimum may lie outside the range."""
 
 
 def pair_arms(final: pl.DataFrame, *, treatment: str, control: str, relative: bool = False) -> pl.DataFrame:
@@ -88,31 +146,60 @@ def pair_arms(final: pl.DataFrame, *, treatment: str, control: str, relative: bo
     return paired.with_columns(diff.alias("diff")).drop_nans("diff").filter(pl.col("diff").is_finite()).sort("n", "seed")
 
 
-def compute_paired_differences(paired: pl.DataFrame, options: FitOptions = FitOptions()) -> list[RungDifference]:
-    """Per rung: mean paired difference, CI = mean +- t(k-1) x bootstrap SE over the k seed
-    pairs (no CI with one pair)."""
-    rng = np.random.default_rng(options.seed)
+def compute_paired_differences(paired: pl.DataFrame, options: FitOptions = FitOptions(), *,
+                                bounds: tuple[float, float] = (-math.inf, math.inf)) -> list[RungDifference]:
+    """Per rung: mean paired difference; from `MIN_PAIRS_FOR_INTERVAL` pairs on a t interval
+    (k - 1 df) clipped to `bounds`, below that no interval: the pairs and their spread are the result."""
     results = []
     for (rung, n), group in paired.group_by("rung", "n", maintain_order=True):
-        diffs = group["diff"].to_numpy()
-        index = [np.arange(diffs.size)]
-        samples = np.array([np.mean(resample_within_groups(np.zeros(diffs.size), diffs, index, rng)[1]) for _ in range(options.n_bootstrap if diffs.size > 1 else 0)])
-        why = "1 seed" if diffs.size < 2 else "bootstrap disabled (n_bootstrap=0)"
-        # t with k - 1 df: with 2 pairs a percentile interval spans only +-1.4 standard errors.
-        interval = interval_from_bootstrap_se(float(np.mean(diffs)), samples, options.confidence, float(diffs.size - 1), why=why)
-        results.append(RungDifference(str(rung), float(n), int(diffs.size), interval))
+        diffs = group.sort("seed")["diff"].to_numpy().astype(float)
+        spread = float(diffs.std(ddof=1)) if diffs.size > 1 else math.nan
+        if diffs.size >= MIN_PAIRS_FOR_INTERVAL:
+            interval, _, _ = t_interval(diffs, options.confidence, bounds)
+        else:
+            why = "1 seed" if diffs.size < 2 else f"{diffs.size} pairs: shown as points (a t interval with {diffs.size - 1} df is not informative)"
+            interval = Interval(float(diffs.mean()), math.nan, math.nan, why)
+        results.append(RungDifference(str(rung), float(n), int(diffs.size), interval, tuple(diffs.tolist()), spread))
     return results
 
 
-def compute_difference_trend(paired: pl.DataFrame, options: FitOptions = FitOptions()) -> DifferenceTrend:
-    """Does the benefit shrink or grow with scale? Slope per decade of N, and Spearman.
+def rung_slope(n: np.ndarray, values: np.ndarray) -> tuple[float, float, float, int]:
+    """OLS of the rung means on log10 N: (slope, intercept, SE of the slope, rungs); SE NaN below 3 rungs."""
+    n, values = np.asarray(n, dtype=float), np.asarray(values, dtype=float)
+    sizes = np.unique(n)
+    means = np.array([values[n == s].mean() for s in sizes])
+    x = np.log10(sizes)
+    xc = x - x.mean()
+    slope = float(np.dot(xc, means - means.mean()) / np.dot(xc, xc))
+    intercept = float(means.mean() - slope * x.mean())
+    if sizes.size < 3:
+        return slope, intercept, math.nan, int(sizes.size)
+    resid = means - (intercept + slope * x)
+    se = math.sqrt(float(np.sum(resid**2)) / (sizes.size - 2) / float(np.dot(xc, xc)))
+    return slope, intercept, se, int(sizes.size)
+
+
+def compute_difference_trend(paired: pl.DataFrame, options: FitOptions = FitOptions(), *,
+                             bounds: tuple[float, float] = (-math.inf, math.inf)) -> DifferenceTrend:
+    """Does the benefit shrink or grow with scale? Slope of the rung means per decade of N.
 
     Raises `DataError` with fewer than 2 rungs or a constant difference (e.g. both arms'
     rank correlations saturated at +1, so every pair differs by 0)."""
     n = paired["n"].to_numpy().astype(float)
     diff = paired["diff"].to_numpy().astype(float)
-    trend = compute_trend(n, diff, options, what="paired difference")
-    return DifferenceTrend(trend.slope_per_decade, trend.spearman, trend.note)
+    if np.unique(n).size < 2:
+        raise DataError("paired difference: only one size; a trend with N needs >= 2 rungs; add rungs")
+    if np.ptp(diff) <= 1e-12 * max(1.0, float(np.abs(diff).max())):
+        raise DataError(f"paired difference: constant at {diff[0]:.6g} in every pair; no trend to report")
+    slope, intercept, se, rungs = rung_slope(n, diff)
+    if math.isfinite(se) and se > 0:
+        half = float(stats.t.ppf(0.5 + options.confidence / 2, rungs - 2)) * se
+        interval = clip_interval(Interval(slope, slope - half, slope + half), bounds)
+        note = f"{rungs} rungs: {rungs - 2} df" if rungs < 5 else ""
+    else:
+        interval = Interval(slope, math.nan, math.nan, f"{rungs} rungs: a slope through fewer than 3 rung means has no error estimate")
+        note = ""
+    return DifferenceTrend(interval, None, note, intercept)
 
 
 def _percentile_with_inf(values: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -154,298 +241,23 @@ def compute_parameter_multipliers(baseline_fit: PowerLawFit, paired: pl.DataFram
     return results
 
 
-def compute_lambda_rule(trials: pl.DataFrame, options: FitOptions = FitOptions()) -> LambdaRule:
-    """Best lambda per rung from sweep trials and the log-log rule lambda*(N) = k N^beta.
+def compute_best_lambdas(trials: pl.DataFrame) -> tuple[BestLambda, ...]:
+    """Best lambda per rung from sweep trials, small rung first.
 
-    `trials`: one row per finished trial with `rung`, `n`, `lambda`, `value` (validation
-    loss) and `best_trial`. A trial tagged best_trial wins; otherwise the lowest loss.
+    `trials`: one row per finished trial with `rung`, `n`, `lambda`, `value` (validation loss)
+    and `best_trial`. A trial tagged best_trial wins; otherwise the lowest loss. No rule
+    lambda*(N) is fitted: each best is one seed's argmin over a handful of trials, with no
+    uncertainty, and a rule through 3-4 such points would predict nothing it was tested on.
     """
     usable = trials.drop_nulls(["lambda", "value"]).filter(pl.col("value").is_finite())
     if usable.is_empty():
-        raise DataError("lambda rule: no finished sweep trial with both dispersion.lambda and val/loss; run a sweep first")
+        raise DataError("best lambda: no finished sweep trial with both dispersion.lambda and val/loss; run a sweep first")
     best = []
     for (rung, n), group in usable.group_by("rung", "n", maintain_order=True):
         flagged = group.filter(pl.col("best_trial").fill_null(False))
         row = (flagged if not flagged.is_empty() else group).sort("value").row(0, named=True)
-        best.append((str(rung), float(n), float(row["lambda"]), float(row["value"])))
-    best.sort(key=lambda item: item[1])
-    positive = [(n, lam) for _, n, lam, _ in best if lam > 0]
-    if len(positive) < 2:
-        return LambdaRule(tuple(best), math.nan, math.nan, None, f"{len(positive)} rung(s) with a positive best lambda; a lambda*(N) rule needs >= 2")
-    x = np.log([p[0] for p in positive])
-    y = np.log([p[1] for p in positive])
-    slope, intercept = np.polyfit(x, y, 1)
-    interval, note = None, ""
-    if len(positive) >= 3:
-        # Classical OLS interval of the slope (t with m - 2 degrees of freedom).
-        from scipy import stats
-
-        resid = y - (slope * x + intercept)
-        se = math.sqrt(float(np.sum(resid**2)) / (len(x) - 2) / float(np.sum((x - x.mean()) ** 2)))
-        t = float(stats.t.ppf(0.5 + options.confidence / 2, len(x) - 2))
-        interval = Interval(float(slope), float(slope - t * se), float(slope + t * se))
-    else:
-        note = "two rungs: the exponent has no interval"
-    return LambdaRule(tuple(best), float(math.exp(intercept)), float(slope), interval, note)
-
-
-# --- the paper's claims ----------------------------------------------------------------------------
-#
-# Each claim of arXiv 2602.00217 that a training study can test becomes one statistic with a
-# bootstrap CI and a verdict read off the CI alone: "supported" when the whole interval lies
-# on the claimed side of the threshold, "contradicted" when it lies wholly on the other side,
-# "inconclusive" when it straddles it or there is no interval, "not tested" when the study
-# did not record what the claim needs.
-
-SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED = "supported", "contradicted", "inconclusive", "not tested"
-VERDICTS = (SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED)
-EVAL_MEAN_ACC = names.EVAL_MEAN_ACC  # mean downstream accuracy, logged when a study evaluates tasks
-MAX_LOSS_COST = 0.01  # claim (c): dispersion costs at most 1% validation loss
-
-
-@dataclass(frozen=True)
-class VerdictRule:
-    """Where the CI must lie for the claim to hold."""
-
-    side: str
-    """'below' or 'above' `threshold`, or 'nonzero' (the CI excludes 0, either side)."""
-    threshold: float = 0.0
-    inclusive: bool = False
-    """A bound equal to the threshold still supports the claim (claim c: '<= +1%')."""
-
-    def __post_init__(self) -> None:
-        if self.side not in ("below", "above", "nonzero"):
-            raise ConfigError(f"VerdictRule side={self.side!r}: use 'below', 'above' or 'nonzero'")
-
-    def describe(self) -> str:
-        t = f"{self.threshold:g}"
-        if self.side == "nonzero":
-            return "supported if the CI excludes 0; otherwise inconclusive (no CI can show 'no change')"
-        mine, other = ("upper", "lower") if self.side == "below" else ("lower", "upper")
-        cmp = ("<=" if self.inclusive else "<") if self.side == "below" else (">=" if self.inclusive else ">")
-        opposite = ">" if self.side == "below" else "<"
-        return f"supported if the CI's {mine} bound {cmp} {t}; contradicted if its {other} bound {opposite} {t}; else inconclusive"
-
-
-def decide_verdict(interval: Interval, rule: VerdictRule) -> str:
-    """Supported / contradicted / inconclusive from the CI alone (never the point estimate)."""
-    if not interval.has_bounds:
-        return INCONCLUSIVE
-    low, high, t = interval.low, interval.high, rule.threshold
-    if rule.side == "nonzero":
-        return SUPPORTED if (low > 0 or high < 0) else INCONCLUSIVE
-    if rule.side == "below":
-        if high < t or (rule.inclusive and high <= t):
-            return SUPPORTED
-        return CONTRADICTED if low > t else INCONCLUSIVE
-    if low > t or (rule.inclusive and low >= t):
-        return SUPPORTED
-    return CONTRADICTED if high < t else INCONCLUSIVE
-
-
-@dataclass(frozen=True)
-class PooledMean:
-    """Mean over a ladder's units (seed pairs, or initialisations), rungs weighted equally."""
-
-    mean: Interval
-    n_units: int
-    n_rungs: int
-    units_per_rung: int
-    """Fewest units at any rung (the seeds behind the thinnest rung)."""
-    note: str = ""
-
-
-def compute_pooled_mean(n: np.ndarray, values: np.ndarray, options: FitOptions = FitOptions(), *, unit: str = "pair") -> PooledMean:
-    """Mean of the rung means of `values`, CI = mean +- t(df) x bootstrap SE.
-
-    Every rung with >= 2 units: units resampled within rungs (the CI of the average effect
-    over these rungs), df by Welch-Satterthwaite from the rungs' spreads. Some rung with one
-    unit (1 seed) but >= 4 units: units resampled across the ladder, treating rungs as
-    exchangeable (noted), df = units - 1. Otherwise no interval.
-    """
-    n = np.asarray(n, dtype=float)
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        raise DataError(f"pooled mean: no {unit}s to average")
-    groups = group_indices(n)
-    per_rung = min(g.size for g in groups)
-
-    def rung_mean(v: np.ndarray, parts: list[np.ndarray]) -> float:
-        return float(np.mean([np.mean(v[g]) for g in parts]))
-
-    estimate = rung_mean(values, groups)
-    rng = np.random.default_rng(options.seed)
-    samples, note = [], ""
-    why = "bootstrap disabled (n_bootstrap=0)"
-    df = math.nan
-    if per_rung >= 2:
-        for _ in range(options.n_bootstrap):
-            n_b, v_b = resample_within_groups(n, values, groups, rng)
-            samples.append(rung_mean(v_b, group_indices(n_b)))
-        weights = np.empty(values.size)
-        for g in groups:
-            weights[g] = 1.0 / (len(groups) * g.size)
-        df = welch_df(values, groups, weights)
-    elif values.size >= 4:
-        note = f"1 seed at some rung: {unit}s resampled across rungs (rungs taken as exchangeable)"
-        for _ in range(options.n_bootstrap):
-            idx = rng.integers(0, values.size, values.size)
-            samples.append(float(np.mean(values[idx])))
-        df = float(values.size - 1)
-    else:
-        why = f"1 seed, {values.size} {unit}{'s' if values.size != 1 else ''}"
-    interval = interval_from_bootstrap_se(estimate, np.array(samples, dtype=float), options.confidence, df, why=why)
-    return PooledMean(interval, int(values.size), len(groups), int(per_rung), note)
-
-
-@dataclass(frozen=True)
-class ClaimCheck:
-    """One of the paper's claims tested on a study: statistic, CI, verdict and what it rests on."""
-
-    key: str
-    """'a'..'f', as listed in `PAPER_CLAIMS`."""
-    claim: str
-    metric: str
-    statistic: str
-    """What `estimate` is, in words."""
-    estimate: Interval
-    verdict: str
-    rule: str
-    n_units: int
-    """Pairs, initialisations or runs the estimate averages (0 when not tested)."""
-    unit: str
-    n_rungs: int
-    seeds_per_rung: int
-    """Fewest seeds at any rung (< 2: no within-rung interval)."""
-    paper: str
-    """What the paper says."""
-    contradicts_paper: bool
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class ClaimSpec:
-    """A claim's fixed wording, metric and decision rule."""
-
-    key: str
-    claim: str
-    metric: str
-    statistic: str
-    rule: VerdictRule
-    paper: str
-    against_paper: str
-    """The verdict that goes against the paper ('' when the paper takes no side)."""
-
-
-PAPER_CLAIMS = (
-    ClaimSpec("a", "models are condensed at initialisation", names.COND_SPEARMAN,
-              "mean Spearman(layer, mean cosine) at step 0 over initialisations",
-              VerdictRule("above", 0.0), "random initialisation: Spearman close to +1", CONTRADICTED),
-    ClaimSpec("b", "the dispersion loss lowers late-layer mean cosine", names.COND_LATE_HALF_MEAN_COS,
-              "mean paired difference dispersion - baseline (final)",
-              VerdictRule("below", 0.0), "dispersion counteracts condensation", CONTRADICTED),
-    ClaimSpec("c", "the dispersion loss costs at most 1% validation loss", names.VAL_LOSS,
-              "mean paired relative difference (dispersion - baseline) / baseline (final)",
-              VerdictRule("below", MAX_LOSS_COST, inclusive=True), "dispersion improves generalisation", CONTRADICTED),
-    ClaimSpec("d", "smaller models condense more (baseline late-half mean cosine falls with N)", names.COND_LATE_HALF_MEAN_COS,
-              "slope of the baseline's final value per decade of N",
-              VerdictRule("below", 0.0), "small models condense more than large ones", CONTRADICTED),
-    ClaimSpec("e", "the dispersion effect on late-half mean cosine changes with N", names.COND_LATE_HALF_MEAN_COS,
-              "slope of the paired difference (dispersion - baseline) per decade of N",
-              VerdictRule("nonzero"), "no direct claim (its framing: small models need it most)", ""),
-    ClaimSpec("f", "the dispersion loss improves downstream accuracy", EVAL_MEAN_ACC,
-              "mean paired difference dispersion - baseline (validation-selected checkpoint)",
-              VerdictRule("above", 0.0), "dispersion improves downstream accuracy", CONTRADICTED),
-)
-
-
-def _claim(spec: ClaimSpec, estimate: Interval, *, n_units: int, unit: str, n_rungs: int, seeds: int, note: str = "") -> ClaimCheck:
-    verdict = decide_verdict(estimate, spec.rule)
-    if not estimate.has_bounds and estimate.why.startswith("1 seed"):
-        note = "; ".join(x for x in ("no CI: a CI needs >= 2 seeds per rung (or, with 1 seed, >= 4 rungs to resample across)", note) if x)
-    return ClaimCheck(spec.key, spec.claim, spec.metric, spec.statistic, estimate, verdict, spec.rule.describe(),
-                      n_units, unit, n_rungs, seeds, spec.paper, bool(spec.against_paper) and verdict == spec.against_paper, note)
-
-
-def _untested(spec: ClaimSpec, reason: str) -> ClaimCheck:
-    return ClaimCheck(spec.key, spec.claim, spec.metric, spec.statistic, Interval(math.nan, math.nan, math.nan, reason),
-                      NOT_TESTED, spec.rule.describe(), 0, "", 0, 0, spec.paper, False, reason)
-
-
-def _check_initial(spec: ClaimSpec, initial: pl.DataFrame, first_probe_step: int | None, options: FitOptions) -> ClaimCheck:
-    rows = initial.filter((pl.col("metric") == spec.metric) & pl.col("value").is_finite()).drop_nulls("n")
-    if rows.is_empty():
-        later = f" (the first probe is at step {first_probe_step})" if first_probe_step is not None else ""
-        return _untested(spec, f"no step-0 probe recorded{later}")
-    # Paired arms share their initialisation: one value per (rung, seed), not per run.
-    inits = rows.group_by("rung", "n", "seed").agg(pl.col("value").mean()).sort("n", "seed")
-    pooled = compute_pooled_mean(inits["n"].to_numpy(), inits["value"].to_numpy(), options, unit="initialisation")
-    values = inits["value"].to_numpy()
-    note = pooled.note
-    if np.all(np.abs(np.abs(values) - 1.0) < 1e-9):
-        note = "; ".join(x for x in (f"every initialisation at {values[0]:+.3f}: saturated (monotone in every run; says nothing on degree)", note) if x)
-    return _claim(spec, pooled.mean, n_units=pooled.n_units, unit="initialisations", n_rungs=pooled.n_rungs, seeds=pooled.units_per_rung, note=note)
-
-
-def _check_paired(spec: ClaimSpec, final: pl.DataFrame, treatment: str, control: str, options: FitOptions, *, relative: bool = False) -> ClaimCheck:
-    rows = final.filter(pl.col("metric") == spec.metric)
-    if rows.is_empty():
-        if spec.metric == EVAL_MEAN_ACC:
-            return _untested(spec, f"the study evaluated no downstream tasks (no {EVAL_MEAN_ACC} logged)")
-        return _untested(spec, f"{spec.metric} was not logged by any finished training run")
-    paired = pair_arms(rows, treatment=treatment, control=control, relative=relative)
-    if paired.is_empty():
-        return _untested(spec, f"no finished ({treatment}, {control}) pair with the same rung and seed")
-    pooled = compute_pooled_mean(paired["n"].to_numpy(), paired["diff"].to_numpy(), options, unit="pair")
-    return _claim(spec, pooled.mean, n_units=pooled.n_units, unit="pairs", n_rungs=pooled.n_rungs, seeds=pooled.units_per_rung, note=pooled.note)
-
-
-def _check_slope(spec: ClaimSpec, n: np.ndarray, y: np.ndarray, options: FitOptions, unit: str) -> ClaimCheck:
-    if np.unique(n).size < 2:
-        return _untested(spec, f"{np.unique(n).size} rung(s): a trend with N needs >= 2")
-    try:
-        trend = compute_trend(n, y, options, what=spec.metric)
-    except DataError as err:
-        return _untested(spec, str(err))
-    note = trend.note
-    if trend.n_rungs < 4:
-        note = "; ".join(x for x in (f"only {trend.n_rungs} rungs: a slope through so few sizes is fragile", note) if x)
-    return _claim(spec, trend.slope_per_decade, n_units=trend.n_points, unit=unit, n_rungs=trend.n_rungs, seeds=trend.runs_per_rung, note=note)
-
-
-def check_paper_claims(final: pl.DataFrame, initial: pl.DataFrame, *, treatment: str = names.ARM_DISPERSION, control: str = names.ARM_BASELINE,
-                       first_probe_step: int | None = None, options: FitOptions = FitOptions()) -> tuple[ClaimCheck, ...]:
-    """Test `PAPER_CLAIMS` on a study.
-
-    `final`: final values of finished training runs (columns rung, n, arm, seed, metric,
-    value), with eval/mean_acc at each run's validation-selected checkpoint
-    (`analysis.downstream.with_selected_accuracy`: claim f never reads a test-selected or
-    merely last evaluation); `initial`: the same columns at step 0 (may be empty: claim a is
-    then not tested). Never raises for missing data: an untestable claim says why.
-    """
-    specs = {spec.key: spec for spec in PAPER_CLAIMS}
-    checks = [_check_initial(specs["a"], initial, first_probe_step, options)]
-    arms = set(final["arm"].drop_nulls().to_list()) if final.height else set()
-    missing = [arm for arm in (treatment, control) if arm not in arms]
-    for key, relative in (("b", False), ("c", True)):
-        checks.append(_untested(specs[key], f"no finished runs of arm(s) {', '.join(missing)}") if missing else
-                      _check_paired(specs[key], final, treatment, control, options, relative=relative))
-    base = final.filter((pl.col("arm") == control) & (pl.col("metric") == specs["d"].metric) & pl.col("value").is_finite()).drop_nulls("n")
-    checks.append(_check_slope(specs["d"], base["n"].to_numpy(), base["value"].to_numpy(), options, "runs") if base.height else
-                  _untested(specs["d"], f"no finished {control} run logged {specs['d'].metric}"))
-    if missing:
-        checks.append(_untested(specs["e"], f"no finished runs of arm(s) {', '.join(missing)}"))
-    else:
-        paired = pair_arms(final.filter(pl.col("metric") == specs["e"].metric), treatment=treatment, control=control)
-        if paired.is_empty():
-            checks.append(_untested(specs["e"], "no paired runs"))
-        else:
-            check = _check_slope(specs["e"], paired["n"].to_numpy(), paired["diff"].to_numpy(), options, "pairs")
-            if check.verdict == SUPPORTED:
-                # Same sign as the mean effect: the effect's size grows with N; opposite: it shrinks.
-                grows = (check.estimate.estimate > 0) == (float(paired["diff"].mean()) > 0)
-                check = dataclasses.replace(check, note="; ".join(x for x in (f"the effect {'grows' if grows else 'shrinks'} with N", check.note) if x))
-            checks.append(check)
-    checks.append(_untested(specs["f"], f"no finished runs of arm(s) {', '.join(missing)}") if missing else
-                  _check_paired(specs["f"], final, treatment, control, options))
-    return tuple(checks)
+        low, high = float(group["lambda"].min()), float(group["lambda"].max())
+        lam = float(row["lambda"])
+        at_bound = group["lambda"].n_unique() > 1 and (math.isclose(lam, low) or math.isclose(lam, high))
+        best.append(BestLambda(str(rung), float(n), lam, float(row["value"]), (low, high), bool(at_bound)))
+    return tuple(sorted(best, key=lambda b: b.n))

@@ -62,6 +62,8 @@ RUN_SCHEMA = {
     "best_trial": pl.Boolean,
     "config_hash": pl.String,
     "git_commit": pl.String,
+    "init_from": pl.String,
+    "init_hash": pl.String,
     "start_time": pl.Int64,
     "end_time": pl.Int64,
 }
@@ -237,6 +239,8 @@ def _run_row(run, study: str) -> dict:
         "best_trial": None if best is None else best.lower() == "true",
         "config_hash": tags.get(names.TAG_CONFIG_HASH),
         "git_commit": tags.get(names.TAG_GIT_COMMIT),
+        "init_from": params.get(names.PARAM_INIT_FROM),
+        "init_hash": tags.get(names.TAG_INIT_HASH),
         "start_time": run.info.start_time,
         "end_time": run.info.end_time,
     }

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFormatter, NullLocator
 
 from analysis.downstream import INITIAL, MEAN_ACC, SELECTION_LABELS, SELECTION_MEAN_ACC, TEST, VALIDATION, WORD_PERPLEXITY, EvalTasks, table_columns
+from analysis.claims import NOT_TESTABLE, NOT_TESTED, ClaimCheck
 from analysis.effects import EVAL_MEAN_ACC, DifferenceTrend, RungDifference
 from analysis.fit import CurveResult
 from analysis.report import human_size
@@ -54,11 +55,88 @@ def _grid(fig: Figure, nrows: int, ncols: int, *, left: float = 0.85, right: flo
                             wspace=wspace / max(axis_w, 1e-3), hspace=hspace / max(axis_h, 1e-3), width_ratios=width_ratios)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+METRIC_LABELS = {
+    names.VAL_LOSS: "validation loss",
+    names.COND_LATE_HALF_MEAN_COS: "late-half mean cosine",
+    names.COND_LAST_LAYER_MEAN_COS: "last-layer mean cosine",
+    names.COND_SPEARMAN: "Spearman(depth, mean cosine)",
+    names.COND_KENDALL: "Kendall(depth, mean cosine)",
+    EVAL_MEAN_ACC: "mean downstream accuracy",
+}
+
+
+def metric_label(metric: str) -> str:
+    """A human axis label for a metric key (the key itself when there is none)."""
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _save(fig: Figure, path: Path, *, dpi: int = 100, vector: bool = False) -> Path:
     FigureCanvasAgg(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
+    if vector:
+        fig.savefig(path.with_suffix(".svg"))
     return path
+
+
+def plot_claim(path: Path, check: ClaimCheck, *, size_label: str) -> Path | None:
+    """The figure a claim's verdict rests on: its units, their rung means, the threshold and the
+    pooled estimate or fitted slope (None when the claim was not tested). 200 dpi PNG + SVG."""
+    if check.verdict == NOT_TESTED or (check.verdict == NOT_TESTABLE and not check.points and not check.profiles):
+        return None
+    fig = Figure(figsize=(5.2, 3.9))
+    ax = fig.add_subplot(_grid(fig, 1, 1, left=0.9, bottom=0.62, top=0.85, right=0.2)[0, 0])
+    color = _color(names.ARM_DISPERSION, 1)
+    est = check.estimate
+    ci = f"{est.estimate:+.3g} [{est.low:+.3g}, {est.high:+.3g}]" if est.has_bounds else f"{est.estimate:+.3g} (no interval)"
+    if check.profiles:
+        for profile in check.profiles:
+            depth = np.linspace(0.0, 1.0, len(profile))
+            ax.plot(depth, profile, "-o", ms=2.5, lw=1.0, color=color, alpha=0.6)
+        ax.set_xlabel("depth (0 = embedding output, 1 = last hidden state)", fontsize=8)
+        ax.set_ylabel("mean cosine at step 0", fontsize=8)
+        values = np.concatenate([np.asarray(p) for p in check.profiles])
+        ax.set_ylim(max(0.0, values.min() - 0.05), min(1.0, values.max() + 0.05))
+        what = f"{len(check.profiles)} initial states; mean Spearman {ci}"
+    else:
+        points = np.array(check.points, dtype=float)
+        n, y = points[:, 0], points[:, 1]
+        scale = 100.0 if check.key == "c" else 1.0
+        sizes = np.unique(n)
+        means = np.array([y[n == v].mean() for v in sizes])
+        ax.scatter(n, y * scale, s=14, color="0.45", alpha=0.7, zorder=2, label=check.unit or "units")
+        ax.plot(sizes, means * scale, "o", color=color, ms=6, zorder=3, label="rung mean")
+        if check.line is not None:
+            grid = np.geomspace(sizes.min(), sizes.max(), 32)
+            intercept, slope = check.line
+            ax.plot(grid, (intercept + slope * np.log10(grid)) * scale, "-", color=color, lw=1.4, label="fit to the rung means")
+            what = f"slope per decade of N {ci}"
+        else:
+            if est.has_bounds:
+                ax.axhspan(est.low * scale, est.high * scale, color=color, alpha=0.15, lw=0, label="pooled estimate, CI")
+            ax.axhline(est.estimate * scale, color=color, lw=1.2)
+            what = f"pooled {ci}" if scale == 1 else f"pooled {est.estimate:+.2%}" + (
+                f" [{est.low:+.2%}, {est.high:+.2%}]" if est.has_bounds else "")
+        threshold = 1.0 if check.key == "c" else 0.0
+        if check.key.startswith(("b", "c", "e", "f")):
+            ax.axhline(threshold, color="black", lw=0.8, ls="--" if check.key == "c" else "-")
+        _log_n_axis(ax, sizes.tolist(), size_label)
+        ax.xaxis.label.set_fontsize(8)
+        label = metric_label(check.metric)
+        difference = check.key.startswith(("b", "c", "e", "f"))
+        ylabel = ("relative difference in validation loss (%)" if check.key == "c" else
+                  f"{label}, dispersion − baseline" if difference else f"baseline {label}")
+        ax.set_ylabel(ylabel, fontsize=8)
+        if check.metric in RANK_METRICS and not difference:
+            low, high = y.min(), y.max()
+            ax.set_ylim(max(-1.05, low - 0.1), min(1.05, high + 0.1))
+        ax.legend(fontsize=7, loc="best")
+    p = "–" if not math.isfinite(check.p_adjusted) else (f"{check.p_adjusted:.2g}" if check.p_adjusted >= 1e-4 else "< 1e-4")
+    title = textwrap.fill(f"({check.key}) {check.claim}", width=70)
+    ax.set_title(f"{title}\n{what}; {check.verdict} (Holm p {p})", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, alpha=0.25)
+    return _save(fig, path, dpi=200, vector=True)
 
 
 def _log_n_axis(ax, sizes, label: str) -> None:

@@ -24,7 +24,8 @@ from analysis.downstream import (
     DownstreamAccuracy,
     table_columns,
 )
-from analysis.effects import EVAL_MEAN_ACC, ClaimCheck, DifferenceTrend, LambdaRule, Multiplier, RungDifference
+from analysis.claims import CONTRADICTED, NO_EFFECT, NOT_TESTABLE, NOT_TESTED, SUPPORTED, ClaimCheck
+from analysis.effects import EVAL_MEAN_ACC, BestLambda, DifferenceTrend, Multiplier, RungDifference
 from analysis.fit import CurveResult, FitOptions, Interval, Trend
 from scaling import names
 
@@ -70,9 +71,10 @@ def _span(values: list) -> tuple | None:
 
 
 def compute_budget(train_runs: pl.DataFrame, metrics: pl.DataFrame, profiles: pl.DataFrame, *, size_column: str = "n_params",
-                   saturated: tuple[str, ...] = ()) -> StudyBudget:
+                   saturated: tuple[str, ...] = (), pretrained: str | None = None) -> StudyBudget:
     """The budget of finished training runs and the caveats it implies for the claims
-    (`saturated`: rank-correlation metrics found pinned at +-1)."""
+    (`saturated`: rank-correlation metrics found pinned at +-1; `pretrained`: what the runs
+    started from, when not from random weights)."""
     runs = train_runs.with_columns(pl.col(size_column).cast(pl.Float64).alias("n"))
     rungs = tuple((str(r), float(n) if n is not None else math.nan) for r, n in runs.select("rung", "n").unique().sort("n").iter_rows())
     arms = tuple(sorted(runs["arm"].drop_nulls().unique().to_list()))
@@ -92,17 +94,19 @@ def compute_budget(train_runs: pl.DataFrame, metrics: pl.DataFrame, profiles: pl
     elif len(rungs) < MIN_RUNGS_FOR_LAW:
         caveats.append(f"{len(rungs)} rungs: no power law is fitted (a 3-parameter law needs >= {MIN_RUNGS_FOR_LAW}); "
                        f"size claims (d, e) rest on a {len(rungs)}-point trend")
-    if seeds[0] < 2:
-        caveats.append(f"{seeds[0]} seed for some (rung, arm): per-rung differences have no confidence interval; "
-                       "pooled claims resample across rungs (>= 4 pairs) or stay inconclusive; use >= 2 seeds")
+    if seeds[0] < 3:
+        caveats.append(f"{seeds[0]} seed{'s' if seeds[0] != 1 else ''} for some (rung, arm): per-rung differences are shown as their pairs, "
+                       "without an interval (one needs >= 3 seeds); pooled claims rest on the rung means")
     if saturated:
         depth = f" over {hidden[0]} hidden states" if hidden is not None and hidden[0] <= FEW_LAYERS else ""
         caveats.append(f"{' and '.join(m.removeprefix('condensation/') for m in saturated)} saturated at ±1{depth}: "
                        "a rank correlation over so few layers cannot separate arms or sizes; read the mean cosines")
-    if ratio is not None and ratio[1] < 1.0:
+    if pretrained:
+        caveats.append(f"the runs start from pretrained weights ({pretrained}): claim (a), about random initialisation, is not tested")
+    elif ratio is not None and ratio[1] < 1.0:
         caveats.append(f"{ratio[1]:.2g} training tokens per parameter at most (compute-optimal is ~20): the models are far "
                        "from trained, so final-state claims describe early training")
-    if probe_steps and probe_steps[0] != 0:
+    if probe_steps and probe_steps[0] != 0 and not pretrained:
         caveats.append(f"no step-0 probe recorded (first probe at step {probe_steps[0]}): claim (a) is not tested")
     return StudyBudget(rungs, arms, seeds, tokens, steps, ratio, probe_steps, hidden, tuple(caveats))
 
@@ -122,7 +126,8 @@ class StudyAnalysis:
     difference_trends: dict[tuple[str, str], DifferenceTrend]
     multipliers: dict[str, list[Multiplier]]
     """treatment arm -> per-rung effective-parameter multipliers (validation loss)."""
-    lambda_rule: LambdaRule | None
+    best_lambdas: tuple[BestLambda, ...]
+    """Sweeps: the best lambda per rung as found (no fitted rule)."""
     observation_trends: pl.DataFrame | None
     runs_summary: pl.DataFrame
     failed_runs: pl.DataFrame
@@ -182,7 +187,8 @@ def build_fit_table(curves: dict[tuple[str, str], CurveResult]) -> pl.DataFrame:
 
 def build_difference_table(differences: dict[tuple[str, str], list[RungDifference]], control: str) -> pl.DataFrame:
     rows = [
-        {"metric": metric, "treatment": arm, "control": control, "rung": d.rung, "n": d.n, "n_pairs": d.n_pairs, **_ci_columns("difference", d.difference)}
+        {"metric": metric, "treatment": arm, "control": control, "rung": d.rung, "n": d.n, "n_pairs": d.n_pairs, **_ci_columns("difference", d.difference),
+         "pair_sd": d.spread, "pairs": ", ".join(f"{v:+.4g}" for v in d.pairs)}
         for (metric, arm), diffs in differences.items()
         for d in diffs
     ]
@@ -206,12 +212,11 @@ def build_multiplier_table(multipliers: dict[str, list[Multiplier]]) -> pl.DataF
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 
-def build_lambda_table(rule: LambdaRule | None) -> pl.DataFrame:
-    if rule is None:
+def build_lambda_table(best: tuple[BestLambda, ...]) -> pl.DataFrame:
+    if not best:
         return pl.DataFrame()
-    return pl.DataFrame(
-        [{"rung": r, "n": n, "best_lambda": lam, "val_loss": loss} for r, n, lam, loss in rule.best], infer_schema_length=None
-    )
+    return pl.DataFrame([{"rung": b.rung, "n": b.n, "best_lambda": b.best_lambda, "val_loss": b.val_loss, "lambda_tried_low": b.tried[0],
+                          "lambda_tried_high": b.tried[1], "at_search_bound": b.at_bound} for b in best], infer_schema_length=None)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -240,17 +245,23 @@ def _fmt_ci(interval: Interval | None, digits: int = 3, *, percent: bool = False
 def _claim_n(check: ClaimCheck) -> str:
     if not check.n_units:
         return "–"
+    if check.unit == "initial states":
+        return f"{check.n_units} initial states"
     return f"{check.n_units} {check.unit}, {check.n_rungs} rung{'s' if check.n_rungs != 1 else ''}, {check.seeds_per_rung} seed{'s' if check.seeds_per_rung != 1 else ''}/rung"
 
 
 def build_claims_table(claims: tuple[ClaimCheck, ...]) -> pl.DataFrame:
-    """`tables/claims.csv`: one row per claim; the verdict is read off ci_low/ci_high alone."""
-    rows = [
-        {"key": c.key, "claim": c.claim, "metric": c.metric, "estimate": c.estimate.estimate, "ci_low": c.estimate.low, "ci_high": c.estimate.high,
-         "verdict": c.verdict, "n": _claim_n(c), "n_units": c.n_units, "unit": c.unit, "n_rungs": c.n_rungs, "seeds_per_rung": c.seeds_per_rung,
-         "statistic": c.statistic, "rule": c.rule, "paper": c.paper, "contradicts_paper": c.contradicts_paper, "note": c.note}
-        for c in claims
-    ]
+    """`tables/claims.csv`: one row per claim; the verdict reads the Holm-adjusted p-values."""
+    rows = []
+    for c in claims:
+        row = {"key": c.key, "claim": c.claim, "metric": c.metric, "estimate": c.estimate.estimate, "ci_low": c.estimate.low,
+               "ci_high": c.estimate.high, "verdict": c.verdict, "p_value": c.p_value, "p_holm": c.p_adjusted,
+               "p_no_effect": c.p_equivalence, "p_no_effect_holm": c.p_equivalence_adjusted,
+               "smallest_effect": math.nan if c.smallest_effect is None else c.smallest_effect, "mde": c.mde, "n": _claim_n(c),
+               "n_units": c.n_units, "unit": c.unit, "n_rungs": c.n_rungs, "seeds_per_rung": c.seeds_per_rung, "method": c.method,
+               "statistic": c.statistic, "rule": c.rule, "paper": c.paper, "contradicts_paper": c.contradicts_paper, "note": c.note}
+        row.update(_ci_columns("effect_size", c.effect_size))
+        rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 
@@ -260,7 +271,7 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
-_KEY_FIGURES = ("condensation_heatmaps", "heatmaps_over_training_", "profile_over_training", "difference_")
+_KEY_FIGURES = ("claim_", "difference_", "profile_over_training")
 """Figure stems shown right under the claims, in this order; the rest go under 'More figures'."""
 
 
@@ -284,27 +295,68 @@ def _budget_lines(budget: StudyBudget) -> list[str]:
     return lines
 
 
-def _claims_lines(analysis: StudyAnalysis) -> list[str]:
+def _fmt_p(p: float) -> str:
+    if p is None or not math.isfinite(p):
+        return "–"
+    return "< 1e-4" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.2f}"
+
+
+def claim_figure_name(key: str) -> str:
+    """File stem of a claim's figure (`plots/claim_<key>.png`)."""
+    return f"claim_{key.replace('-', '_')}"
+
+
+def _claim_estimate(c: ClaimCheck) -> str:
+    if c.verdict == NOT_TESTED or (c.verdict == NOT_TESTABLE and not c.n_units):
+        return "–"
+    text = _fmt_ci(c.estimate, percent=c.key == "c", signed=True)
+    if c.effect_size is not None:
+        text += f"; mean cosine rises by {_fmt_ci(c.effect_size, signed=True)} from the embedding output to the last hidden state"
+    return text
+
+
+def _claim_effects(c: ClaimCheck) -> str:
+    fmt = (lambda v: f"{v:.2%}") if c.key == "c" else (lambda v: f"{v:.3g}")  # noqa: E731
+    parts = []
+    if c.smallest_effect is not None:
+        parts.append(f"δ {fmt(c.smallest_effect)}")
+    if math.isfinite(c.mde):
+        parts.append(f"MDE {fmt(c.mde)}")
+    return "; ".join(parts) or "–"
+
+
+def _claims_lines(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -> list[str]:
     level = f"{analysis.options.confidence:.0%}"
+    alpha = 1.0 - analysis.options.confidence
+    tested = [c for c in analysis.claims if math.isfinite(c.p_adjusted)]
     lines = ["## Paper claims", "",
-             f"Each claim of arXiv 2602.00217 that a training study can test, as one statistic with a {level} bootstrap CI. "
-             "The verdict is read off the CI alone, never the point estimate: **supported** when the whole CI lies on the "
-             "claimed side of the threshold, **contradicted** when it lies wholly on the other side, *inconclusive* otherwise "
-             "(or without a CI), *not tested* when the study did not record what the claim needs. Table: `tables/claims.csv`.", ""]
+             f"Each claim of arXiv 2602.00217 that a training study can test, as a hypothesis test on independent units: seed pairs "
+             "(paired arms share seed, data order and initial weights), distinct initial states for (a). Pooled effects and slopes "
+             "are computed on the rung means, so rung-to-rung variation counts as well as seed-to-seed noise. Verdicts read p-values "
+             f"adjusted by Holm's step-down across the {len(tested)} claims tested here (family-wise error <= {alpha:.0%}): "
+             "**supported** when the effect lies significantly on the claimed side, **contradicted** when on the other, "
+             "**no effect** when two one-sided tests put it within ± δ (the smallest effect of interest), *inconclusive* otherwise; "
+             "*not tested* when the study did not record what the claim needs or its design does not test it, *not testable* when "
+             f"its units replicate nothing or the statistic is saturated. Intervals: {level}, before the multiplicity adjustment, "
+             "clipped to what the statistic can take. MDE: the effect these units detect 80% of the time (unadjusted). The error "
+             "rates of these rules are measured by `bench/bench_calibration.py` (docs/statistics.md). Table: `tables/claims.csv`.", ""]
+    figures = {p.stem: p for p in plots}
     rows = []
     for c in analysis.claims:
-        verdict = f"**{c.verdict}**" if c.verdict in ("supported", "contradicted") else f"*{c.verdict}*"
-        estimate = "–" if c.verdict == "not tested" else _fmt_ci(c.estimate, percent=c.key == "c", signed=True)
-        rows.append([f"({c.key}) {c.claim}", c.statistic, estimate, _claim_n(c), verdict, c.paper])
-    lines += _markdown_table(["claim", "statistic", f"estimate [{level} CI]", "n", "verdict", "the paper"], rows)
+        verdict = f"**{c.verdict}**" if c.verdict in (SUPPORTED, CONTRADICTED, NO_EFFECT) else f"*{c.verdict}*"
+        figure = figures.get(claim_figure_name(c.key))
+        link = f"[figure]({figure.relative_to(out_dir).as_posix()})" if figure is not None else "–"
+        rows.append([f"({c.key}) {c.claim}", c.statistic, _claim_estimate(c), _fmt_p(c.p_adjusted), _claim_effects(c), _claim_n(c),
+                     verdict, link, c.paper])
+    lines += _markdown_table(["claim", "statistic", f"estimate [{level} CI]", "p (Holm)", "δ; MDE", "n", "verdict", "figure", "the paper"], rows)
     against = [c for c in analysis.claims if c.contradicts_paper]
-    if against:
-        lines += [f"- **Contradicts the paper — ({c.key})**: the paper says \"{c.paper}\"; this study's CI "
-                  f"{_fmt_ci(c.estimate, percent=c.key == 'c', signed=True)} lies on the other side." for c in against]
-    else:
-        tested = [c for c in analysis.claims if c.verdict != "not tested"]
+    for c in against:
+        how = "lies on the other side" if c.verdict == CONTRADICTED else f"is within ± {c.smallest_effect:g} of no effect"
+        lines.append(f"- **Contradicts the paper — ({c.key})**: the paper says \"{c.paper}\"; this study's estimate "
+                     f"{_fmt_ci(c.estimate, percent=c.key == 'c', signed=True)} {how} (Holm p = {_fmt_p(c.p_adjusted if c.verdict == CONTRADICTED else c.p_equivalence_adjusted)}).")
+    if not against:
         lines += ["- No verdict contradicts the paper." if tested else "- No claim could be tested."]
-    lines += [f"- ({c.key}) {c.note}" for c in analysis.claims if c.note]
+    lines += [f"- ({c.key}) {c.method}{': ' if c.method and c.note else ''}{c.note}" for c in analysis.claims if c.note or c.method]
     lines += ["", "Verdict rules:", ""] + [f"- ({c.key}) {c.rule}" for c in analysis.claims] + [""]
     return lines
 
@@ -411,7 +463,7 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
     if analysis.budget is not None and analysis.budget.rungs:
         lines += _budget_lines(analysis.budget)
     if analysis.claims:
-        lines += _claims_lines(analysis)
+        lines += _claims_lines(analysis, plots, out_dir)
     key = [p for stem in _KEY_FIGURES for p in plots if p.stem == stem or (stem.endswith("_") and p.stem.startswith(stem))]
     if key:
         lines += ["## Key figures", ""]
@@ -423,10 +475,12 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
     lines += [
         "## Method",
         "",
-        f"Size axis: `{analysis.size_column}`. Intervals: {level}, from {analysis.options.n_bootstrap} bootstrap replicates (runs resampled within rungs; "
-        "across rungs when a rung has one seed). Means, paired differences and slopes: estimate ± t × bootstrap SE, "
-        "t with Welch–Satterthwaite degrees of freedom from the seeds' spread (with 2–5 seeds a percentile interval covers far "
-        "less than its level); power-law parameters and rank correlations: percentile intervals. "
+        f"Size axis: `{analysis.size_column}`. Claims, per-rung differences and slopes of differences: t intervals ({level}) on "
+        "independent units, the rung as a random effect for anything pooled over rungs (see *Paper claims*), clipped to the "
+        "statistic's range. Power-law parameters, curve bands, multipliers and the leave-largest-out prediction: "
+        f"{analysis.options.n_bootstrap} bootstrap refits (runs resampled within rungs, or log residuals with one seed), "
+        "percentile intervals whose coverage `bench/bench_calibration.py` measures (docs/statistics.md: with 2 seeds they "
+        "cover less than their level, so they describe the fit, they decide nothing). "
         f"Power law: y = a·N^(−α) + c, Huber (δ={analysis.options.huber_delta}) in log space, L-BFGS-B from a grid of starts, "
         f"fitted only to >= {analysis.options.min_rungs} rungs (three parameters pass exactly through three points) and only to metrics that fall with N; "
         "elsewhere a trend: Spearman of the metric with log N and the slope per decade of N. "
@@ -458,21 +512,27 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
         lines += _markdown_table(["metric", "arm", "a", "α", "c", "trend ρ(metric, log N)", "slope per decade of N", "leave-largest-out", "notes"], rows)
     if analysis.differences:
         lines += [f"## Paired differences (treatment − {analysis.control_arm}, paired by rung and seed)", ""]
-        rows = [[metric, arm, d.rung, human_size(d.n), str(d.n_pairs), _fmt_ci(d.difference)] for (metric, arm), diffs in analysis.differences.items() for d in diffs]
-        lines += _markdown_table(["metric", "treatment", "rung", "N", "pairs", "difference"], rows)
+        lines += [f"Per rung: the mean over seed pairs with a {level} t interval from 3 pairs on; with fewer, the pairs themselves "
+                  "(a t interval with 1 df multiplies the standard error by 12.7).", ""]
+        rows = [[metric, arm, d.rung, human_size(d.n), str(d.n_pairs), _fmt_ci(d.difference), ", ".join(f"{v:+.3g}" for v in d.pairs)]
+                for (metric, arm), diffs in analysis.differences.items() for d in diffs]
+        lines += _markdown_table(["metric", "treatment", "rung", "N", "pairs", "difference", "each pair"], rows)
     if analysis.difference_trends:
         lines += ["### Does the difference shrink or grow with scale?", ""]
-        rows = [[m, a, _fmt_ci(t.slope_per_decade), _fmt_ci(t.spearman), t.note] for (m, a), t in analysis.difference_trends.items()]
-        lines += _markdown_table(["metric", "treatment", "slope per decade of N", "Spearman vs log N", "notes"], rows)
+        rows = [[m, a, _fmt_ci(t.slope_per_decade), t.note] for (m, a), t in analysis.difference_trends.items()]
+        lines += _markdown_table(["metric", "treatment", "slope of the rung means per decade of N", "notes"], rows)
     if analysis.multipliers:
         lines += ["## Effective-parameter multiplier (validation loss)", "", "N at which the baseline's fitted loss curve reaches the treatment's loss, divided by the rung's N; >1 = the treatment is worth that many times more parameters.", ""]
         rows = [[arm, m.rung, _fmt(m.n), _fmt(m.treatment_value), _fmt_ci(m.multiplier), m.note] for arm, items in analysis.multipliers.items() for m in items]
         lines += _markdown_table(["treatment", "rung", "N", "loss", "multiplier", "notes"], rows)
-    if analysis.lambda_rule is not None:
-        rule = analysis.lambda_rule
-        lines += ["## Best dispersion λ per rung (sweeps)", ""]
-        lines += _markdown_table(["rung", "N", "best λ", "val/loss"], [[r, _fmt(n), _fmt(lam), _fmt(loss)] for r, n, lam, loss in rule.best])
-        lines += [f"Rule: λ*(N) = {_fmt(rule.coefficient)} · N^{_fmt(rule.exponent)}; exponent {_fmt_ci(rule.exponent_interval)}. {rule.note}", ""]
+    if analysis.best_lambdas:
+        lines += ["## Best dispersion λ per rung (sweeps)", "",
+                  "The best trial per rung, as found: each trial is one seed, so these have no interval, and no rule λ*(N) is fitted "
+                  "through them (it would rest on 3-4 single-seed argmins and predict nothing it was tested on). A best λ at the edge "
+                  "of the searched range may lie outside it.", ""]
+        lines += _markdown_table(["rung", "N", "best λ", "val/loss", "λ tried", "at a search bound"],
+                                 [[b.rung, human_size(b.n), _fmt(b.best_lambda), _fmt(b.val_loss), f"{_fmt(b.tried[0])}–{_fmt(b.tried[1])}",
+                                   "**yes**" if b.at_bound else "no"] for b in analysis.best_lambdas])
     if analysis.observation_trends is not None and analysis.observation_trends.height:
         obs = analysis.observation_trends
         lines += ["## Observation study: condensation trend with size per family and source", "",
@@ -524,6 +584,17 @@ _CSS = (
 _IMAGE = re.compile(r"^!\[([^\]]*)\]\(([^)]+)\)$")
 
 
+_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+
+
+def _link(match: re.Match) -> str:
+    """A link to a figure file points at the figure embedded in the page (the HTML has no files beside it)."""
+    text, target = match.groups()
+    if Path(target).suffix.lower() in (".png", ".svg"):
+        return f'<a href="#fig-{Path(target).stem}">{text}</a>'
+    return f'<a href="{target}">{text}</a>'
+
+
 def _inline(text: str) -> str:
     """Escape, then `code`, **bold**, *italic* (code spans are left alone inside)."""
     parts = re.split(r"(`[^`]*`)", text)
@@ -533,6 +604,7 @@ def _inline(text: str) -> str:
             out.append(f"<code>{html.escape(part[1:-1])}</code>")
             continue
         part = html.escape(part, quote=False)
+        part = _LINK.sub(_link, part)
         part = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", part)
         part = re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<em>\1</em>", part)
         out.append(part)
@@ -580,7 +652,8 @@ def render_html(markdown: str, base: Path, *, title: str = "analysis report") ->
             flush()
             alt, src = image.groups()
             uri = _data_uri(src, base)
-            body.append(f'<figure><img alt="{html.escape(alt)}" src="{uri}"><figcaption>{html.escape(alt)}</figcaption></figure>' if uri
+            body.append(f'<figure id="fig-{html.escape(Path(src).stem)}"><img alt="{html.escape(alt)}" src="{uri}">'
+                        f'<figcaption>{html.escape(alt)}</figcaption></figure>' if uri
                         else f"<p><em>figure {html.escape(alt)} missing</em></p>")
         elif line.startswith("- "):
             flush()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -29,13 +30,14 @@ from analysis.downstream import (
     with_selected_accuracy,
 )
 from analysis.observe import build_observation_accuracy, build_observation_table, compare_with_paper, compute_observation_trends
+from analysis.claims import CLAIM_KEYS, check_paper_claims
 from analysis.effects import (
     EVAL_MEAN_ACC,
-    check_paper_claims,
+    compute_best_lambdas,
     compute_difference_trend,
-    compute_lambda_rule,
     compute_paired_differences,
     compute_parameter_multipliers,
+    difference_range,
     pair_arms,
 )
 from analysis.fit import CurveResult, FitOptions, fit_scaling_curve
@@ -47,6 +49,7 @@ from analysis.report import (
     build_fit_table,
     build_lambda_table,
     build_multiplier_table,
+    claim_figure_name,
     compute_budget,
     render_html,
     render_markdown,
@@ -95,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--confidence", type=float, default=FitOptions.confidence, help="interval level (default: %(default)s)")
     parser.add_argument("--huber-delta", type=float, default=FitOptions.huber_delta, help="Huber threshold on log residuals (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    parser.add_argument("--smallest-effect", action="append", default=[], metavar="CLAIM=DELTA",
+                        help="smallest effect of interest of a claim, for its 'no effect' verdict (TOST), e.g. f=0.02; "
+                             f"claims {', '.join(CLAIM_KEYS)} (defaults in analysis/claims.py SMALLEST_EFFECTS)")
     parser.add_argument("--no-log", action="store_true", help="do not log an analysis run to MLflow")
     parser.add_argument("--no-cache", action="store_true", help="re-read every metric history instead of reusing <out>/cache")
     return parser
@@ -225,10 +231,10 @@ def _paired_effects(train: pl.DataFrame, curves, metrics, control: str, options:
             paired = pair_arms(train.filter(pl.col("metric") == metric), treatment=arm, control=control)
             if paired.is_empty():
                 continue
-            differences[(metric, arm)] = compute_paired_differences(paired, options)
+            differences[(metric, arm)] = compute_paired_differences(paired, options, bounds=difference_range(metric))
             if paired["n"].n_unique() >= 2:
                 try:
-                    trends[(metric, arm)] = compute_difference_trend(paired, options)
+                    trends[(metric, arm)] = compute_difference_trend(paired, options, bounds=difference_range(metric))
                 except DataError as err:
                     if metric in saturated:
                         notes.append(f"difference trend {metric} / {arm}: none; the metric is saturated (see its note)")
@@ -242,18 +248,47 @@ def _paired_effects(train: pl.DataFrame, curves, metrics, control: str, options:
     return arms, differences, trends, multipliers
 
 
-def _lambda_rule(final: pl.DataFrame, options: FitOptions, notes: list[str]):
+def _best_lambdas(final: pl.DataFrame, notes: list[str]):
     trials = final.filter((pl.col("kind") == names.KIND_TRIAL) & (pl.col("metric") == names.VAL_LOSS))
     if trials.is_empty():
-        return None
+        return ()
     try:
-        return compute_lambda_rule(trials, options)
+        best = compute_best_lambdas(trials)
     except DataError as err:
         notes.append(str(err))
+        return ()
+    edge = [b.rung for b in best if b.at_bound]
+    if edge:
+        notes.append(f"best lambda at the edge of the searched range at {', '.join(edge)}: the optimum may lie outside it; widen search.lambda_range")
+    return best
+
+
+def pretrained_start(train_runs: pl.DataFrame) -> str | None:
+    """What the study's training runs started from when not from random weights (None: random)."""
+    sources = sorted(train_runs["init_from"].drop_nulls().unique().to_list()) if "init_from" in train_runs.columns else []
+    if not sources:
         return None
+    return f"training.init_from = {sources[0]}" + (f" and {len(sources) - 1} more" if len(sources) > 1 else "")
 
 
-def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column: str, control_arm: str, options: FitOptions) -> StudyAnalysis:
+def parse_smallest_effects(items: list[str]) -> dict[str, float]:
+    """`--smallest-effect f=0.02` items -> {claim: delta}; one line naming the item on bad input."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            delta = float(value)
+        except ValueError:
+            delta = math.nan
+        if not sep or key not in CLAIM_KEYS or not (math.isfinite(delta) and delta > 0):
+            raise ConfigError(f"--smallest-effect {item!r}: use CLAIM=DELTA with CLAIM one of {', '.join(CLAIM_KEYS)} and DELTA a "
+                              "finite number > 0, e.g. f=0.02")
+        out[key] = delta
+    return out
+
+
+def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column: str, control_arm: str, options: FitOptions,
+                  smallest_effects: dict[str, float] | None = None) -> StudyAnalysis:
     """Every number of the report, from loaded records. Raises `DataError` only when there is
     nothing at all to analyse; everything else becomes a note."""
     finished = records.finished(kind=None)
@@ -280,9 +315,12 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
     train_runs = records.finished(kind=names.KIND_TRAIN)
     if train_runs.height:
         points = _train_at_steps(records, size_column)
+        pretrained = pretrained_start(train_runs)
         claims = check_paper_claims(train, points.filter(pl.col("step") == 0), control=control_arm,
-                                    first_probe_step=_first_probe_step(points), options=options)
-        budget = compute_budget(train_runs, records.metrics, records.profiles, size_column=size_column, saturated=tuple(saturated))
+                                    first_probe_step=_first_probe_step(points), pretrained=pretrained, confidence=options.confidence,
+                                    smallest_effects=smallest_effects, seed=options.seed)
+        budget = compute_budget(train_runs, records.metrics, records.profiles, size_column=size_column, saturated=tuple(saturated),
+                                pretrained=pretrained)
     return StudyAnalysis(
         study=records.study,
         size_column=size_column,
@@ -292,7 +330,7 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
         differences=differences,
         difference_trends=trends,
         multipliers=multipliers,
-        lambda_rule=_lambda_rule(final, options, notes),
+        best_lambdas=_best_lambdas(final, notes),
         observation_trends=compute_observation_trends(final.filter(pl.col("kind") == names.KIND_OBSERVE), options),
         observation_accuracy=build_observation_accuracy(final.filter(pl.col("kind") == names.KIND_OBSERVE)),
         downstream=downstream if train_runs.height else None,
@@ -323,7 +361,11 @@ def _write_table(frame: pl.DataFrame, tables: Path, name: str) -> list[Path]:
 def _write_plots(records: load.StudyRecords, analysis: StudyAnalysis, final: pl.DataFrame, out: Path) -> list[Path]:
     made = []
     plot_dir = out / "plots"
-    label = f"parameters ({analysis.size_column})"
+    label = "parameters N (non-embedding)" if analysis.size_column == "n_params_non_embedding" else "parameters N (total)"
+    for check in analysis.claims:
+        figure = plots.plot_claim(plot_dir / f"{claim_figure_name(check.key)}.png", check, size_label=label)
+        if figure is not None:
+            made.append(figure)
     downstream = analysis.downstream
     train = _train_finals(final, downstream) if downstream is not None else final.filter(pl.col("kind") == names.KIND_TRAIN)
     for metric in dict.fromkeys(m for m, _ in analysis.curves):
@@ -401,7 +443,7 @@ def write_outputs(records: load.StudyRecords, analysis: StudyAnalysis, out: Path
     files += _write_table(build_difference_table(analysis.differences, analysis.control_arm), tables, "paired_differences")
     files += _write_table(build_difference_trend_table(analysis.difference_trends), tables, "difference_trends")
     files += _write_table(build_multiplier_table(analysis.multipliers), tables, "multipliers")
-    files += _write_table(build_lambda_table(analysis.lambda_rule), tables, "best_lambda")
+    files += _write_table(build_lambda_table(analysis.best_lambdas), tables, "best_lambda")
     files += _write_table(build_claims_table(analysis.claims), tables, "claims")
     if analysis.downstream is not None and analysis.downstream.evaluated:
         files += _write_table(analysis.downstream.table, tables, "accuracy")
@@ -429,12 +471,14 @@ def run(args: argparse.Namespace) -> Path:
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap {args.bootstrap}: must be >= 0 (0 = no intervals); use e.g. 400")
     options = FitOptions(n_bootstrap=args.bootstrap, confidence=args.confidence, huber_delta=args.huber_delta, seed=args.seed)
+    smallest_effects = parse_smallest_effects(args.smallest_effect)
     uri = resolve_tracking_uri(args.tracking_uri)
     study = load.find_study_name(uri, args.study)
     out = args.out if args.out is not None else Path("outputs") / "analysis" / study
     check_writable_dir(out, "--out")  # before reading every run's history
     records = load.read_study(uri, study, cache_dir=None if args.no_cache else out / "cache")
-    analysis = analyse_study(records, metrics=list(dict.fromkeys(args.metrics)), size_column=SIZE_COLUMNS[args.size], control_arm=args.control_arm, options=options)
+    analysis = analyse_study(records, metrics=list(dict.fromkeys(args.metrics)), size_column=SIZE_COLUMNS[args.size], control_arm=args.control_arm,
+                             options=options, smallest_effects=smallest_effects)
     fit_options = {
         "bootstrap": options.n_bootstrap,
         "confidence": options.confidence,
@@ -444,6 +488,7 @@ def run(args: argparse.Namespace) -> Path:
         "size": args.size,
         "metrics": list(args.metrics),
         "control_arm": args.control_arm,
+        "smallest_effects": json.dumps(smallest_effects, sort_keys=True),
     }
     provenance = {
         "study": records.study,

@@ -91,6 +91,7 @@ PARAM_LAST_BLOCK = "dispersion.last_block_output"
 PARAM_NEFTUNE_ALPHA = "neftune.alpha"
 PARAM_EMBEDDING_LR = "active_forgetting.embedding_lr"
 PARAM_FORGET_EVERY = "active_forgetting.every"
+PARAM_INIT_FROM = "init_from"  # the pretrained checkpoint a run started from (absent: random initialisation)
 
 # --- metrics --------------------------------------------------------------------------
 TRAIN_CE_LOSS = "train/ce_loss"

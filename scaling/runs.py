@@ -103,7 +103,7 @@ def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str)
     params = {**arm.params(), "lr": plan.lr, "warmup_steps": plan.warmup_steps}
     init_from = study.training.init_from_for(rung.name)
     if init_from:
-        params["init_from"] = init_from
+        params[names.PARAM_INIT_FROM] = init_from
     return ResolvedRun(config_hash(resolved), run_name(arm.name, rung.name, seed), f"{rung.name}-{arm.name}-s{seed}",
                        tags, params)
 

@@ -162,6 +162,7 @@ def fill_synthetic_study(
     test_best_step: int | None = None,
     val_every: int = 1,
     study_params: bool = True,
+    init_from: str | None = None,
 ) -> SyntheticStudy:
     """Write one synthetic study; returns the run ids. `failed` extra runs end failed.
 
@@ -173,6 +174,8 @@ def fill_synthetic_study(
     results at those steps; `val_best_step` / `test_best_step` (default: the last step) place the
     best validation signal and the best test accuracy; val/loss is logged every `val_every` steps
     and at the last; `study_params` puts `eval.tasks` / `eval.selection_tasks` on the study run.
+    `init_from`: a mid-training study: every run starts from that checkpoint (param `init_from`),
+    so step 0 depends on the rung only and `init_hash` is one value per rung.
     """
     val_best = steps if val_best_step is None else val_best_step
     test_best = steps if test_best_step is None else test_best_step
@@ -207,6 +210,7 @@ def fill_synthetic_study(
             names.TAG_CONFIG_HASH: f"{rung}-{arm}-{run_seed}",
             names.TAG_GIT_COMMIT: "synthetic",
             names.TAG_STATUS: names.STATUS_FAILED if is_failed else names.STATUS_FINISHED,
+            names.TAG_INIT_HASH: f"init-{rung}" if init_from else f"init-{rung}-{run_seed}",
             "mlflow.parentRunId": parent.info.run_id,
         }
         if is_failed:
@@ -216,6 +220,8 @@ def fill_synthetic_study(
         lam = 0.1 if arm == names.ARM_DISPERSION else 0.0
         params = {names.PARAM_LAMBDA: lam, names.PARAM_LAYERS: "all", names.PARAM_VARIANT: "angular_spread", names.PARAM_TAU: 1.0,
                   names.PARAM_CLAMP: 0.1, "steps": steps}
+        if init_from:
+            params[names.PARAM_INIT_FROM] = init_from
         finals = {
             names.VAL_LOSS: true_loss(n, arm, loss_multiplier) * math.exp(rng.normal(0, noise)),
             names.COND_LAST_LAYER_MEAN_COS: _true_mean_cos(n, arm, cos_factor) * math.exp(rng.normal(0, noise)),
@@ -249,8 +255,9 @@ def fill_synthetic_study(
                 share = step / steps
                 metrics.append(Metric(names.layer_metric(layer["layer"]), layer["mean_cosine"] * (0.5 + 0.5 * share), now, step))
         if initial_spearman is not None:
-            # Step 0 depends on (rung, seed) only: paired arms share their initialisation.
-            init = np.random.default_rng([int(n), run_seed])
+            # Step 0 depends on (rung, seed) only: paired arms share their initialisation (and on the
+            # rung only when every run starts from one pretrained checkpoint).
+            init = np.random.default_rng([int(n)] if init_from else [int(n), run_seed])
             metrics.append(Metric(names.COND_SPEARMAN, float(np.clip(initial_spearman + init.normal(0, 0.03), -1, 1)), now, 0))
             metrics.append(Metric(names.COND_LATE_HALF_MEAN_COS, 0.6 + init.normal(0, 0.01), now, 0))
             for layer in range(n_layers + 1):

@@ -95,20 +95,24 @@ def test_end_to_end_writes_every_output_and_logs_the_analysis_run(store, tmp_pat
     assert provenance["fit_options"]["bootstrap"] == 40 and provenance["git_commit"]
     report = (out / "report.md").read_text()
     assert "Failed runs" in report and store.ladder.failed_run_ids[0] in report
-    assert "Effective-parameter multiplier" in report and "λ*(N)" in report
+    assert "Effective-parameter multiplier" in report and "Best dispersion λ per rung" in report and "λ*(N) =" not in report
     # The budget comes first, then the claims, then the figures a researcher reads first.
     assert report.index("## What this rests on") < report.index("## Paper claims") < report.index("## Key figures") < report.index("## Scaling curves")
     assert "4 — tiny-1M (N=600K)" in report and "3 steps" in report and "seeds** per (rung, arm): 2" in report
     assert "(no CI)" not in report  # an estimate without an interval always says why
     claims = pl.read_csv(out / "tables/claims.csv")
     assert claims.columns[:7] == ["key", "claim", "metric", "estimate", "ci_low", "ci_high", "verdict"] and "n" in claims.columns
-    assert claims.height == 6 and set(claims["verdict"]) <= {"supported", "contradicted", "inconclusive", "not tested"}
-    tested = claims.filter(pl.col("verdict") != "not tested")
+    assert claims.height == 9 and set(claims["verdict"]) <= {"supported", "contradicted", "no effect", "inconclusive", "not tested", "not testable"}
+    tested = claims.filter(pl.col("p_holm").is_not_null() & pl.col("p_holm").is_finite() & (pl.col("key") != "a"))
     assert tested.height >= 4 and tested["ci_low"].is_finite().all() and tested["ci_high"].is_finite().all()
+    assert (tested["ci_high"] > tested["ci_low"]).all()  # no zero-width interval
+    for key in claims.filter(pl.col("verdict") != "not tested")["key"]:
+        assert f"[figure](plots/claim_{key.replace('-', '_')}.png)" in report, key
     assert claims.filter(pl.col("key") == "b")["verdict"].item() == "supported"  # dispersion's 0.8x cosine
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == len(list((out / "plots").glob("*.png")))
     assert "plots/" not in page and "<table>" in page and "Paper claims</h2>" in page  # no external image link
+    assert '<a href="#fig-claim_b">figure</a>' in page and 'id="fig-claim_b"' in page  # a claim's row links to its embedded figure
 
     client = MlflowClient(store.uri)
     logged = client.search_runs([store.ladder.experiment_id], filter_string=f"tags.{names.TAG_KIND} = '{names.KIND_ANALYSIS}'")

@@ -191,7 +191,8 @@ def test_claim_f_and_the_paired_differences_read_the_validation_selected_checkpo
     assert claim.estimate.estimate != pytest.approx(np.mean(per_rung(LAST)), rel=1e-9)  # not the last evaluation
     assert claim.verdict == "supported" and "validation-selected" in claim.statistic
     differences = analysis.differences[(names.EVAL_MEAN_ACC, names.ARM_DISPERSION)]
-    assert [d.rung for d in differences] == list(RUNGS) and all(d.difference.has_bounds for d in differences)
+    # 2 seeds per rung: the pairs themselves, no t(1) interval.
+    assert [d.rung for d in differences] == list(RUNGS) and all(not d.difference.has_bounds and len(d.pairs) == 2 for d in differences)
     assert [d.difference.estimate for d in differences] == pytest.approx(per_rung(VAL_BEST), rel=1e-9)
 
 

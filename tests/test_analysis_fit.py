@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analysis.effects import compute_difference_trend, compute_lambda_rule, compute_paired_differences, compute_parameter_multipliers, pair_arms
+from analysis.effects import compute_best_lambdas, compute_difference_trend, compute_paired_differences, compute_parameter_multipliers, pair_arms
 from analysis.fit import FitOptions, PowerLaw, check_leave_largest_out, compute_trend, fit_power_law, fit_scaling_curve
 from scaling import names
 from scaling.errors import ConfigError, DataError
@@ -200,20 +200,21 @@ def test_paired_differences_and_multiplier_recover_the_truth():
         assert m.multiplier.low <= 2.0 <= m.multiplier.high, m
 
 
-def test_lambda_rule_recovers_the_exponent_and_prefers_flagged_trials():
+def test_best_lambda_per_rung_prefers_flagged_trials_and_flags_a_search_bound():
     rows = []
     for i, n in enumerate(RUNGS):
         best = 0.5 * (n / 1e6) ** -0.3
         for lam in best * np.array([0.25, 1.0, 4.0]):
             rows.append({"rung": f"r{i}", "n": float(n), "lambda": float(lam), "value": 2.0 + 0.05 * math.log(lam / best) ** 2, "best_trial": None})
-    rule = compute_lambda_rule(pl.DataFrame(rows), FAST)
-    assert rule.exponent == pytest.approx(-0.3, abs=1e-6)
-    assert rule.coefficient * 1e6**rule.exponent == pytest.approx(0.5, rel=1e-6)
+    best = compute_best_lambdas(pl.DataFrame(rows))
+    assert [b.n for b in best] == sorted(float(n) for n in RUNGS)
+    assert best[0].best_lambda == pytest.approx(0.5) and not best[0].at_bound  # the middle of three tried values
     flagged = pl.DataFrame(rows).with_columns(best_trial=pl.when(pl.col("lambda") == pl.col("lambda").max().over("rung")).then(True).otherwise(None))
-    assert compute_lambda_rule(flagged, FAST).best[0][2] == pytest.approx(0.5 * 4.0)
+    edge = compute_best_lambdas(flagged)
+    assert edge[0].best_lambda == pytest.approx(0.5 * 4.0) and edge[0].at_bound  # the largest tried: the optimum may lie beyond it
 
 
-def test_lambda_rule_without_trials_says_so():
+def test_best_lambda_without_trials_says_so():
     empty = pl.DataFrame(schema={"rung": pl.String, "n": pl.Float64, "lambda": pl.Float64, "value": pl.Float64, "best_trial": pl.Boolean})
     with pytest.raises(DataError, match="no finished sweep trial"):
-        compute_lambda_rule(empty, FAST)
+        compute_best_lambdas(empty)

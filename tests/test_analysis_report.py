@@ -52,7 +52,7 @@ def test_budget_states_what_the_study_rests_on_and_its_caveats():
     for expected in ("3 rungs: no power law", "1 seed for some (rung, arm)", "spearman saturated at ±1 over 4 hidden states",
                      "tokens per parameter", "no step-0 probe recorded (first probe at step 10)"):
         assert expected in text, expected
-    roomy = compute_budget(_runs({"a": 1e6, "b": 4e6, "c": 1.6e7, "d": 6.4e7}, (0, 1), tokens=10**9, steps=100),
+    roomy = compute_budget(_runs({"a": 1e6, "b": 4e6, "c": 1.6e7, "d": 6.4e7}, (0, 1, 2), tokens=10**9, steps=100),
                            metrics.with_columns(step=pl.lit(0)), profiles.head(0))
     assert roomy.caveats == ()
 
