@@ -34,7 +34,7 @@ def test_power_law_round_trips_through_size_reaching():
 def test_fit_recovers_parameters_within_their_intervals():
     n, y = draw(1)
     fit = fit_power_law(n, y, FitOptions(n_bootstrap=150))
-    assert fit.bootstrap == "cases-within-rungs"
+    assert fit.bootstrap == "rungs and runs"
     assert fit.alpha.contains(TRUTH.alpha), fit.alpha
     assert fit.offset.contains(TRUTH.offset), fit.offset
     assert fit.a.contains(TRUTH.a), fit.a
