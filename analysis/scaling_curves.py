@@ -57,7 +57,7 @@ from analysis.report import (
 from scaling import names
 from scaling.console import check_writable_dir, quiet_libraries, run_cli
 from scaling.errors import ConfigError, DataError
-from scaling.provenance import git_commit, resolve_tracking_uri
+from scaling.provenance import git_commit, resolve_tracking_uri, ui_link
 
 DEFAULT_METRICS = (
     names.VAL_LOSS,
@@ -466,6 +466,23 @@ def write_outputs(records: load.StudyRecords, analysis: StudyAnalysis, out: Path
     return files + [provenance, report, page]
 
 
+def claim_lines(claims) -> list[str]:
+    """One console line per claim: verdict, estimate with interval, Holm p."""
+    lines = []
+    for c in claims:
+        est = c.estimate
+        if est.has_bounds:
+            value = f"{est.estimate:+.3g} [{est.low:+.3g}, {est.high:+.3g}]"
+        elif math.isfinite(est.estimate):
+            value = f"{est.estimate:+.3g} (no interval)"
+        else:
+            value = ""
+        p = f", Holm p {c.p_adjusted:.2g}" if math.isfinite(c.p_adjusted) else ""
+        why = f" ({c.note})" if c.verdict in ("not tested", "not testable") and c.note else ""
+        lines.append(f"claim ({c.key}) {c.verdict.upper()}: {c.claim}{': ' + value if value else ''}{p}{why}"[:300])
+    return lines
+
+
 def run(args: argparse.Namespace) -> Path:
     """The main path: read -> analyse -> write -> log. Returns the output directory."""
     if args.bootstrap < 0:
@@ -504,6 +521,8 @@ def run(args: argparse.Namespace) -> Path:
     files = write_outputs(records, analysis, out)
     for note in analysis.notes:
         print(f"note: {note}", file=sys.stderr)
+    for line in claim_lines(analysis.claims):
+        print(line)
     if not args.no_log:
         run_id = load.log_analysis_run(
             records,
@@ -512,8 +531,9 @@ def run(args: argparse.Namespace) -> Path:
             params={f"analysis.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in fit_options.items()},
             tags={names.TAG_GIT_COMMIT: provenance["git_commit"], "input_runs": str(len(provenance["input_run_ids"]))},
         )
-        print(f"logged analysis run {run_id} in experiment {records.study!r}")
-    print(f"wrote {out / 'report.md'} ({len(files)} files)")
+        print(f"logged analysis run {run_id} in experiment {records.study!r}: "
+              f"{ui_link(uri, f'#/experiments/{records.experiment_id}/runs/{run_id}')}")
+    print(f"report: {out / 'report.html'} (also report.md; {len(files)} files in {out})")
     return out
 
 

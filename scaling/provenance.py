@@ -44,3 +44,11 @@ def git_commit(cwd: str | Path | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit or "unknown") + ("+dirty" if commit and dirty else "")
+
+
+def ui_link(tracking_uri: str, page: str) -> str:
+    """Where to open `page` (an MLflow UI fragment such as `#/experiments/1/runs/abc`): the server's
+    own address for an http store, the local `mlflow ui` default for a SQLite file."""
+    if tracking_uri.startswith("http"):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"http://127.0.0.1:5000/{page}  (after: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000)"

@@ -123,7 +123,9 @@ def test_end_to_end_writes_every_output_and_logs_the_analysis_run(store, tmp_pat
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.md", "report.html", "provenance.json", "plots", "tables"} <= artifacts
     assert "cache" not in artifacts
-    assert "logged analysis run" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "logged analysis run" in printed and "#/experiments/" in printed and "report.html" in printed
+    assert sum(line.startswith("claim (") for line in printed.splitlines()) == 9  # one line per claim
 
     # The analysis run is not data: a second analysis sees the same inputs, from the cache.
     records = load.read_study(store.uri, "ladder", cache_dir=out / "cache")
