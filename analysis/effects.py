@@ -17,7 +17,7 @@ import polars as pl
 
 from scipy import stats
 
-from analysis.fit import FitOptions, Interval, PowerLawFit, resample_within_groups
+from analysis.fit import FitOptions, Interval, PowerLawFit, resample_within_groups, rung_slope
 from scaling import names
 from scaling.errors import DataError
 
@@ -161,22 +161,6 @@ def compute_paired_differences(paired: pl.DataFrame, options: FitOptions = FitOp
             interval = Interval(float(diffs.mean()), math.nan, math.nan, why)
         results.append(RungDifference(str(rung), float(n), int(diffs.size), interval, tuple(diffs.tolist()), spread))
     return results
-
-
-def rung_slope(n: np.ndarray, values: np.ndarray) -> tuple[float, float, float, int]:
-    """OLS of the rung means on log10 N: (slope, intercept, SE of the slope, rungs); SE NaN below 3 rungs."""
-    n, values = np.asarray(n, dtype=float), np.asarray(values, dtype=float)
-    sizes = np.unique(n)
-    means = np.array([values[n == s].mean() for s in sizes])
-    x = np.log10(sizes)
-    xc = x - x.mean()
-    slope = float(np.dot(xc, means - means.mean()) / np.dot(xc, xc))
-    intercept = float(means.mean() - slope * x.mean())
-    if sizes.size < 3:
-        return slope, intercept, math.nan, int(sizes.size)
-    resid = means - (intercept + slope * x)
-    se = math.sqrt(float(np.sum(resid**2)) / (sizes.size - 2) / float(np.dot(xc, xc)))
-    return slope, intercept, se, int(sizes.size)
 
 
 def compute_difference_trend(paired: pl.DataFrame, options: FitOptions = FitOptions(), *,

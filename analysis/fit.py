@@ -477,6 +477,22 @@ def interval_from_bootstrap_se(estimate: float, samples: np.ndarray, confidence:
     return Interval(float(estimate), float(estimate) - half, float(estimate) + half)
 
 
+def rung_slope(n: np.ndarray, values: np.ndarray) -> tuple[float, float, float, int]:
+    """OLS of the rung means on log10 N: (slope, intercept, SE of the slope, rungs); SE NaN below 3 rungs."""
+    n, values = np.asarray(n, dtype=float), np.asarray(values, dtype=float)
+    sizes = np.unique(n)
+    means = np.array([values[n == s].mean() for s in sizes])
+    x = np.log10(sizes)
+    xc = x - x.mean()
+    slope = float(np.dot(xc, means - means.mean()) / np.dot(xc, xc))
+    intercept = float(means.mean() - slope * x.mean())
+    if sizes.size < 3:
+        return slope, intercept, math.nan, int(sizes.size)
+    resid = means - (intercept + slope * x)
+    se = math.sqrt(float(np.sum(resid**2)) / (sizes.size - 2) / float(np.dot(xc, xc)))
+    return slope, intercept, se, int(sizes.size)
+
+
 def _slope(x: np.ndarray, y: np.ndarray) -> float:
     if np.ptp(x) == 0:
         return math.nan
@@ -485,11 +501,13 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def compute_trend(n: np.ndarray, y: np.ndarray, options: FitOptions = FitOptions(), *, what: str = "trend") -> Trend:
-    """Spearman of y with log N and the slope of y per decade of N, over runs.
+    """Spearman of y with log N over runs, and the slope of the rung means per decade of N.
 
-    CIs resample runs within rungs when every rung has >= 2 runs; with one run per rung and
-    >= 4 rungs, the points themselves (a case bootstrap, noted); else there is no interval
-    and `Interval.why` says so. Needs >= 2 sizes and a non-constant metric (else `DataError`).
+    The slope's interval is a t interval with R - 2 df from the rung means' scatter about the
+    line (the rung as a random effect; none below 3 sizes). Spearman gets a case-bootstrap
+    interval only with one run per size (>= 4 sizes, e.g. released models); with seeds it is
+    descriptive, since resampling seeds within rungs would ignore rung-to-rung variation.
+    Needs >= 2 sizes and a non-constant metric (else `DataError`).
     """
     n, y = _as_clean_arrays(n, y, what)
     groups = group_indices(n)
@@ -499,37 +517,30 @@ def compute_trend(n: np.ndarray, y: np.ndarray, options: FitOptions = FitOptions
         raise DataError(f"{what}: {constant_reason(y)}; no trend to report")
     log_n = np.log(n)
     rho = _spearman(log_n, y)
-    slope = _slope(np.log10(n), y)
-    rng = np.random.default_rng(options.seed)
-    rho_samples, slope_samples = [], []
     note = ""
     why = "bootstrap disabled (n_bootstrap=0)" if options.n_bootstrap == 0 else "every resample was degenerate"
     runs_per_rung = min(g.size for g in groups)
     if runs_per_rung >= 2:
-        for _ in range(options.n_bootstrap):
-            n_b, y_b = resample_within_groups(n, y, groups, rng)
-            rho_samples.append(_spearman(np.log(n_b), y_b))
-            slope_samples.append(_slope(np.log10(n_b), y_b))
+        interval = Interval(rho, math.nan, math.nan, "descriptive: seeds resampled within rungs would ignore rung-to-rung variation")
     elif n.size >= 4:
         # One run per size (an observation study of released models, or a one-seed ladder):
         # resample the points themselves, the ordinary case bootstrap of a correlation.
         note = "one run at some size (1 seed): points resampled across sizes"
-        for _ in range(options.n_bootstrap):
-            idx = rng.integers(0, n.size, n.size)
-            rho_samples.append(_spearman(log_n[idx], y[idx]))
-            slope_samples.append(_slope(np.log10(n[idx]), y[idx]))
+        rng = np.random.default_rng(options.seed)
+        samples = [_spearman(log_n[idx], y[idx]) for idx in (rng.integers(0, n.size, n.size) for _ in range(options.n_bootstrap))]
+        interval = interval_from_samples(rho, np.array(samples, dtype=float), options.confidence, why=why)
+        if interval.has_bounds:
+            # A rank statistic's bootstrap distribution is discrete and shifted by the ties that
+            # resampling creates; widen the percentile interval so it always holds the estimate.
+            interval = Interval(rho, min(interval.low, rho), max(interval.high, rho))
     else:
-        why = f"1 seed, {n.size} points"
-    interval = interval_from_samples(rho, np.array(rho_samples, dtype=float), options.confidence, why=why)
-    if interval.has_bounds:
-        # A rank statistic's bootstrap distribution is discrete and shifted by the ties that
-        # resampling creates; widen the percentile interval so it always holds the estimate.
-        interval = Interval(rho, min(interval.low, rho), max(interval.high, rho))
-    # The slope is a linear statistic: bootstrap SE with a t quantile (see interval_from_bootstrap_se).
-    x = np.log10(n)
-    weights = (x - x.mean()) / float(np.sum((x - x.mean()) ** 2))
-    df = welch_df(y, groups, weights) if runs_per_rung >= 2 else float(n.size - 2)
-    slope_interval = interval_from_bootstrap_se(slope, np.array(slope_samples, dtype=float), options.confidence, df, why=why)
+        interval = Interval(rho, math.nan, math.nan, f"1 seed, {n.size} points")
+    slope, _, se, rungs = rung_slope(n, y)
+    if math.isfinite(se) and se > 0:
+        half = float(stats.t.ppf(0.5 + options.confidence / 2, rungs - 2)) * se
+        slope_interval = Interval(slope, slope - half, slope + half)
+    else:
+        slope_interval = Interval(slope, math.nan, math.nan, f"{rungs} sizes: a slope through fewer than 3 has no error estimate")
     return Trend(interval, int(n.size), len(groups), note, slope_interval, runs_per_rung)
 
 
