@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFormatter, NullLocator
 
 from analysis.downstream import INITIAL, MEAN_ACC, SELECTION_LABELS, SELECTION_MEAN_ACC, TEST, VALIDATION, WORD_PERPLEXITY, EvalTasks, table_columns
-from analysis.claims import NOT_TESTABLE, NOT_TESTED, ClaimCheck
+from analysis.claims import MAX_LOSS_COST, NOT_TESTABLE, NOT_TESTED, ClaimCheck
 from analysis.effects import EVAL_MEAN_ACC, DifferenceTrend, RungDifference
 from analysis.fit import CurveResult
 from analysis.report import human_size
@@ -98,6 +98,9 @@ def plot_claim(path: Path, check: ClaimCheck, *, size_label: str) -> Path | None
         values = np.concatenate([np.asarray(p) for p in check.profiles])
         ax.set_ylim(max(0.0, values.min() - 0.05), min(1.0, values.max() + 0.05))
         what = f"{len(check.profiles)} initial states; mean Spearman {ci}"
+        if check.effect_size is not None:
+            rise = check.effect_size
+            what += f"\nmean cosine rises by {rise.estimate:+.3g}" + (f" [{rise.low:+.3g}, {rise.high:+.3g}]" if rise.has_bounds else "")
     else:
         points = np.array(check.points, dtype=float)
         n, y = points[:, 0], points[:, 1]
@@ -117,9 +120,10 @@ def plot_claim(path: Path, check: ClaimCheck, *, size_label: str) -> Path | None
             ax.axhline(est.estimate * scale, color=color, lw=1.2)
             what = f"pooled {ci}" if scale == 1 else f"pooled {est.estimate:+.2%}" + (
                 f" [{est.low:+.2%}, {est.high:+.2%}]" if est.has_bounds else "")
-        threshold = 1.0 if check.key == "c" else 0.0
+        if check.key == "c":
+            ax.axhline(100.0 * MAX_LOSS_COST, color="black", lw=0.8, ls="--", label=f"margin: +{MAX_LOSS_COST:.0%}")
         if check.key.startswith(("b", "c", "e", "f")):
-            ax.axhline(threshold, color="black", lw=0.8, ls="--" if check.key == "c" else "-")
+            ax.axhline(0.0, color="black", lw=0.8, label="no difference")
         _log_n_axis(ax, sizes.tolist(), size_label)
         ax.xaxis.label.set_fontsize(8)
         label = metric_label(check.metric)

@@ -474,10 +474,12 @@ def claim_lines(claims) -> list[str]:
         if est.has_bounds:
             value = f"{est.estimate:+.3g} [{est.low:+.3g}, {est.high:+.3g}]"
         elif math.isfinite(est.estimate):
-            value = f"{est.estimate:+.3g} (no interval)"
+            value = f"{est.estimate:+.3g} (no interval: {est.why})" if est.why else f"{est.estimate:+.3g}"
         else:
             value = ""
         p = f", Holm p {c.p_adjusted:.2g}" if math.isfinite(c.p_adjusted) else ""
+        if c.effect_size is not None and math.isfinite(c.effect_size.estimate):
+            p += f", mean cosine rises {c.effect_size.estimate:+.3g} with depth"
         why = f" ({c.note})" if c.verdict in ("not tested", "not testable") and c.note else ""
         lines.append(f"claim ({c.key}) {c.verdict.upper()}: {c.claim}{': ' + value if value else ''}{p}{why}"[:300])
     return lines
