@@ -160,9 +160,16 @@ def _log_n_axis(ax, sizes, label: str) -> None:
     ax.set_xlabel(label)
 
 
-def _y_for(ax, metric: str) -> None:
+def _y_for(ax, metric: str, values=None) -> None:
+    """Rank correlations: the data's range padded, never beyond [-1, 1] (a fixed [-1, 1] axis
+    squeezed data that lie in [0.4, 1] into a third of the panel)."""
     if metric in RANK_METRICS:
-        ax.set_ylim(-1.05, 1.05)
+        data = np.asarray([v for v in (values if values is not None else []) if np.isfinite(v)], dtype=float)
+        if data.size:
+            pad = max(0.05, 0.1 * float(np.ptp(data)))
+            ax.set_ylim(max(-1.05, float(data.min()) - pad), min(1.05, float(data.max()) + pad))
+        else:
+            ax.set_ylim(-1.05, 1.05)
 
 
 def _arm_offsets(arms: list[str]) -> dict[str, float]:
@@ -196,15 +203,13 @@ def plot_metric_curves(path: Path, metric: str, final: pl.DataFrame, curves: dic
             label = f"{arm}: {fit.law.scale:.3g}·(N/{human_size(fit.law.n_ref)})^-{fit.law.alpha:.2f} + {fit.law.offset:.3g}"
         else:
             label = f"{arm}: rung means, no power law"
-            if result is not None and result.trend is not None:
-                label += f" (trend ρ={result.trend.spearman.estimate:+.2f})"
         ax.plot(means["n"].to_numpy() * offsets[arm], means["value"], "o" if fit is not None else "o:", color=color, ms=5, lw=1.0, label=label)
     _log_n_axis(ax, final["n"].to_list(), size_label)
-    _y_for(ax, metric)
-    ax.set_ylabel(metric)
+    _y_for(ax, metric, final["value"].to_list())
+    ax.set_ylabel(metric_label(metric))
     reasons = sorted({r.reason for r in curves.values() if r is not None and r.fit is None and r.reason})
     subtitle = "" if not reasons else "\n" + "\n".join(textwrap.wrap("no power law: " + reasons[0], width=80)[:3])
-    ax.set_title(f"{metric} vs model size{subtitle}", fontsize=9)
+    ax.set_title(f"{metric_label(metric)} vs model size ({metric}){subtitle}", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.25)
     return _save(fig, path)
@@ -264,7 +269,8 @@ def plot_accuracy_curves(path: Path, values: pl.DataFrame, tasks: EvalTasks, *, 
     (dots), the arm's mean over seeds with ± one standard deviation, the initial model (step 0,
     grey) and, on the mean panel, the paper's test-selected mean (dashed: optimistic)."""
     test, selection, perplexity = table_columns(tasks)
-    panels = [MEAN_ACC] + test[:-1] + ([SELECTION_MEAN_ACC] if tasks.selection else []) + perplexity
+    per_task = test[:-1] if len(test[:-1]) > 1 else []  # one task: its panel would repeat the mean's
+    panels = [MEAN_ACC] + per_task + ([SELECTION_MEAN_ACC] if tasks.selection else []) + perplexity
     frame = values.with_columns(pl.col("metric").str.strip_prefix(f"{names.EVAL_PREFIX}/")).filter(
         pl.col("metric").is_in(panels) & pl.col("value").is_finite() & pl.col("n").is_not_null())
     panels = [p for p in panels if frame.filter(pl.col("metric") == p).height] or [MEAN_ACC]
@@ -333,13 +339,13 @@ def plot_heatmap_grid(path: Path, profiles: pl.DataFrame) -> Path:
     return _heatmap_grid(path, profiles, ("rung", rungs["rung"].to_list()), ("arm", arms), titles=arms, row_labels=labels, empty="no histogram")
 
 
-_DENSITY_MAX = 10.0  # the paper's colour scale: density 0..10 over cosine in [-1, 1]
+_DENSITY_MAX = 10.0  # the paper's colour scale, density 0..10 over cosine in [-1, 1]: used when the data give none
 
 
 def _heatmap_grid(path: Path, profiles: pl.DataFrame, rows: tuple[str, list], columns: tuple[str, list], *,
                   titles: list[str], empty: str, row_labels: list[str] | None = None) -> Path:
-    """One heatmap per (row, column) cell of `profiles`, in the paper's colours (white -> red,
-    density 0..10, as scaling/plots.py draws a single one), with a shared colorbar."""
+    """One heatmap per (row, column) cell of `profiles`, in the paper's colours (white -> red), with
+    one colour scale for all cells set by the data and a shared colorbar."""
     (row_key, row_values), (col_key, col_values) = rows, columns
     n_rows, n_cols = max(1, len(row_values)), max(1, len(col_values))
     fig = Figure(figsize=(3.1 * n_cols + 1.3, 2.5 * n_rows + 0.6))
@@ -347,11 +353,17 @@ def _heatmap_grid(path: Path, profiles: pl.DataFrame, rows: tuple[str, list], co
                  width_ratios=[1.0] * n_cols + [0.06])
     image = None
     mean_drawn = False
+    cells = {(row, column): profiles.filter((pl.col(row_key) == row) & (pl.col(col_key) == column)) for row in row_values for column in col_values}
+    made_cells = {key: _mean_histograms(cell) if not cell.is_empty() else None for key, cell in cells.items()}
+    densities = [made[1] for made in made_cells.values() if made is not None]
+    # The colour scale follows the data (its 99.5th percentile), so sparse densities are not washed out.
+    top = float(np.percentile(np.concatenate([d.ravel() for d in densities]), 99.5)) if densities else _DENSITY_MAX
+    vmax = top if top > 0 else _DENSITY_MAX
     for r, row in enumerate(row_values):
         for c, column in enumerate(col_values):
             ax = fig.add_subplot(grid[r, c])
-            cell = profiles.filter((pl.col(row_key) == row) & (pl.col(col_key) == column))
-            made = _mean_histograms(cell) if not cell.is_empty() else None
+            cell = cells[(row, column)]
+            made = made_cells[(row, column)]
             if made is None:
                 ax.text(0.5, 0.5, empty, ha="center", va="center", fontsize=8, transform=ax.transAxes)
                 ax.set_xlim(0, 1)
@@ -360,7 +372,7 @@ def _heatmap_grid(path: Path, profiles: pl.DataFrame, rows: tuple[str, list], co
                 fractions, hist = made
                 # Each column centred on its layer fraction (half a layer of margin either side).
                 half = 0.5 / max(1, fractions.size - 1)
-                image = ax.imshow(hist.T, origin="lower", aspect="auto", cmap="Reds", vmin=0.0, vmax=_DENSITY_MAX,
+                image = ax.imshow(hist.T, origin="lower", aspect="auto", cmap="Reds", vmin=0.0, vmax=vmax,
                                   extent=(float(fractions.min()) - half, float(fractions.max()) + half, -1.0, 1.0))
                 means = cell.drop_nulls("mean_cosine").group_by("layer_fraction").agg(pl.col("mean_cosine").mean()).sort("layer_fraction")
                 if means.height:
@@ -466,6 +478,10 @@ def plot_profile_over_training(path: Path, layers: pl.DataFrame) -> Path:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.tick_params(labelsize=7)
             ax.grid(True, alpha=0.25)
+    if 0 in steps and first is not None:
+        first.plot([], [], "--", color=cmap(norm(0)), lw=1.1, label="step 0 (initial state)")
+        first.plot([], [], "-", color=cmap(norm(max(steps))), lw=1.1, label="later probes (colour = step)")
+        first.legend(fontsize=6, loc="best")
     cax = fig.add_subplot(grid[:, n_cols])
     bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax)
     if 0 < len(steps) <= 12:

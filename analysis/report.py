@@ -295,6 +295,30 @@ def _budget_lines(budget: StudyBudget) -> list[str]:
     return lines
 
 
+def figure_caption(stem: str, analysis: StudyAnalysis) -> str:
+    """What a figure shows, in words, with the seeds behind it (the file name stays in the link)."""
+    seeds = analysis.budget.seeds if analysis.budget is not None else None
+    per = "" if seeds is None else f" ({seeds[0]}{'' if seeds[0] == seeds[1] else '–' + str(seeds[1])} seed{'s' if seeds[1] != 1 else ''} per rung and arm)"
+    for check in analysis.claims:
+        if stem == claim_figure_name(check.key):
+            return f"Claim ({check.key}): {check.claim}. {_claim_n(check)}; {check.verdict}. File {stem}.png"
+    fixed = {
+        "profile_over_training": f"Per-layer mean cosine at every probe step, per rung (rows) and arm (columns); dashed = step 0{per}",
+        "condensation_heatmaps": f"Final density of pairwise token cosine per layer, per rung and arm, mean over seeds{per}",
+        "layer_profiles": f"Final per-layer mean cosine per rung and arm{per}",
+        "accuracy_vs_n": f"Downstream accuracy vs N at the validation-selected checkpoint, with step 0 and the paper's test-selected choice{per}",
+    }
+    if stem in fixed:
+        return fixed[stem]
+    for prefix, text in (("heatmaps_over_training_", "Density of pairwise token cosine per layer at every probe step, rung {}"),
+                         ("accuracy_difference_", "Mean downstream accuracy, {} − baseline, per seed pair and rung"),
+                         ("difference_", "Paired differences, {} − baseline, per seed pair and rung, with the slope per decade of N"),
+                         ("curve_", "{} vs N: every run, rung means and the power law with its band where one is supported")):
+        if stem.startswith(prefix):
+            return text.format(stem.removeprefix(prefix)) + (per if prefix != "heatmaps_over_training_" else "")
+    return stem
+
+
 def _fmt_p(p: float) -> str:
     if p is None or not math.isfinite(p):
         return "–"
@@ -451,7 +475,7 @@ def _downstream_lines(analysis: StudyAnalysis, figures: list[Path], out_dir: Pat
         lines += ["Claim (f) in *Paper claims* pools these pairs.", ""]
     for p in figures:
         if any(p.stem == stem or (stem.endswith("_") and p.stem.startswith(stem)) for stem in _ACCURACY_FIGURES):
-            lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})", ""]
+            lines += [f"![{figure_caption(p.stem, analysis)}]({p.relative_to(out_dir).as_posix()})", ""]
     return lines
 
 
@@ -466,9 +490,9 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
         lines += _claims_lines(analysis, plots, out_dir)
     key = [p for stem in _KEY_FIGURES for p in plots if p.stem == stem or (stem.endswith("_") and p.stem.startswith(stem))]
     if key:
-        lines += ["## Key figures", ""]
+        lines += ["## Figures behind the claims", ""]
         for p in key:
-            lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})", ""]
+            lines += [f"![{figure_caption(p.stem, analysis)}]({p.relative_to(out_dir).as_posix()})", ""]
     accuracy = [p for p in plots if any(p.stem == s or (s.endswith("_") and p.stem.startswith(s)) for s in _ACCURACY_FIGURES)]
     if analysis.downstream is not None:
         lines += _downstream_lines(analysis, accuracy, out_dir)
@@ -561,7 +585,7 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
     if rest:
         lines += ["## More figures" if key else "## Figures", ""]
         for p in rest:
-            lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})", ""]
+            lines += [f"![{figure_caption(p.stem, analysis)}]({p.relative_to(out_dir).as_posix()})", ""]
     prov = analysis.provenance
     if prov:
         lines += ["## Provenance", "", f"- git commit: `{prov.get('git_commit')}`", f"- tracking URI: `{prov.get('tracking_uri')}`", f"- input runs: {len(prov.get('input_run_ids', []))} (ids in `provenance.json`)", ""]

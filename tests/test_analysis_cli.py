@@ -97,7 +97,7 @@ def test_end_to_end_writes_every_output_and_logs_the_analysis_run(store, tmp_pat
     assert "Failed runs" in report and store.ladder.failed_run_ids[0] in report
     assert "Effective-parameter multiplier" in report and "Best dispersion λ per rung" in report and "λ*(N) =" not in report
     # The budget comes first, then the claims, then the figures a researcher reads first.
-    assert report.index("## What this rests on") < report.index("## Paper claims") < report.index("## Key figures") < report.index("## Scaling curves")
+    assert report.index("## What this rests on") < report.index("## Paper claims") < report.index("## Figures behind the claims") < report.index("## Scaling curves")
     assert "4 — tiny-1M (N=600K)" in report and "3 steps" in report and "seeds** per (rung, arm): 2" in report
     assert "(no CI)" not in report  # an estimate without an interval always says why
     claims = pl.read_csv(out / "tables/claims.csv")

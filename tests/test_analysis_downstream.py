@@ -210,7 +210,7 @@ def test_cli_writes_the_table_the_figures_and_the_report_section(studies, tmp_pa
     report = (out / "report.md").read_text()
     section = report[report.index("## Downstream accuracy"):report.index("## Method")]
     for text in ("### Largest rung: base-16M", "### Mean accuracy per rung", "initial (step 0)", "test-selected (the paper's choice; optimistic)",
-                 "word perplexity (not in the mean)", "![accuracy_vs_n](plots/accuracy_vs_n.png)", "eval/selection_mean_acc` in 12 runs"):
+                 "word perplexity (not in the mean)", "](plots/accuracy_vs_n.png)", "eval/selection_mean_acc` in 12 runs"):
         assert text in section, text
     assert "accuracy_vs_n" not in report[report.index("## Method"):]  # shown once, in its section
     assert "Downstream accuracy</h2>" in (out / "report.html").read_text()
