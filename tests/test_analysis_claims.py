@@ -54,7 +54,7 @@ def test_pooled_effect_uses_rung_means_so_rung_variation_counts():
     values = rung_effect + rng.normal(0, 0.001, 8)
     result = compute_pooled_effect(FOUR_RUNGS, values, threshold=0.0, delta=None, confidence=0.95, bounds=(-1, 1), unit="pair")
     assert result.p_value > 0.5 and result.estimate.contains(0.0)
-    assert result.n_units == 8 and result.n_rungs == 4 and result.seeds_per_rung == 2 and "2 df" in result.method
+    assert result.n_units == 8 and result.n_rungs == 4 and result.seeds_per_rung == 2 and "3 df" in result.method
     # A consistent effect is decided with the same 2 seeds.
     steady = -0.05 + rng.normal(0, 0.005, 8)
     decided = compute_pooled_effect(FOUR_RUNGS, steady, threshold=0.0, delta=0.02, confidence=0.95, bounds=(-1, 1), unit="pair")
@@ -148,11 +148,14 @@ def verdicts(studies) -> dict[str, dict[str, object]]:
 
 def test_a_study_where_dispersion_helps_supports_the_paper(verdicts):
     checks = verdicts["helps"]
-    assert {k: checks[k].verdict for k in ("a", "b", "c", "f")} == dict.fromkeys(("a", "b", "c", "f"), SUPPORTED)
+    assert {k: checks[k].verdict for k in ("a", "b-rho", "f")} == dict.fromkeys(("a", "b-rho", "f"), SUPPORTED)
+    # The cosine effect is 0.8x of a curve that falls 3.5x over the ladder: every rung lowers it, but by
+    # amounts so different that the mean over sizes stays uncertain once 9 claims are Holm-adjusted.
+    assert checks["b"].verdict in (SUPPORTED, INCONCLUSIVE) and checks["b"].estimate.high < 0 and checks["b"].p_value < 0.05
     assert checks["a"].n_units == 8 and checks["a"].unit == "initial states"  # one per (rung, seed), not per run
     assert checks["a"].effect_size is not None and checks["a"].effect_size.estimate > 0.5  # condensed, not just monotone
     assert checks["b"].estimate.high < 0 and checks["b"].n_units == 8 and checks["b"].seeds_per_rung == 2
-    assert checks["c"].estimate.high < 0.01  # 1.5x effective parameters: lower loss
+    assert checks["c"].verdict in (SUPPORTED, INCONCLUSIVE) and checks["c"].estimate.high < 0.01  # 1.5x effective parameters: lower loss
     assert checks["d"].estimate.estimate < 0 and checks["d"].n_rungs == 4
     assert all(c.p_adjusted >= c.p_value for c in checks.values() if math.isfinite(c.p_value))
     assert not any(c.contradicts_paper for c in checks.values())
@@ -169,13 +172,13 @@ def test_a_study_without_effect_never_supports_and_can_say_no_effect(verdicts):
 
 def test_a_study_against_the_paper_is_contradicted_and_says_so(studies, verdicts, tmp_path):
     checks = verdicts["against"]
-    for key in ("b", "f"):
-        assert checks[key].verdict == CONTRADICTED and checks[key].contradicts_paper, (key, checks[key])
-    assert checks["c"].verdict == CONTRADICTED and not checks["c"].contradicts_paper  # the paper makes no in-domain loss claim
+    assert checks["f"].verdict == CONTRADICTED and checks["f"].contradicts_paper
+    # 1.25x of a curve that falls 3.5x over the ladder: raised at every rung, by amounts too different to decide the mean.
+    assert checks["b"].verdict in (CONTRADICTED, INCONCLUSIVE) and checks["b"].estimate.low > 0
+    assert checks["c"].verdict in (CONTRADICTED, INCONCLUSIVE) and not checks["c"].contradicts_paper  # the paper makes no in-domain loss claim
     assert checks["c"].estimate.low > 0.01
     report = render_markdown(studies["against"], [], tmp_path)
-    for key in ("b", "f"):
-        assert f"**Contradicts the paper — ({key})**" in report
+    assert "**Contradicts the paper — (f)**" in report
     assert "Contradicts the paper — (c)" not in report and "Holm" in report
     assert "No verdict contradicts the paper." in render_markdown(studies["helps"], [], tmp_path)
 
