@@ -108,7 +108,8 @@ def test_end_to_end_writes_every_output_and_logs_the_analysis_run(store, tmp_pat
     assert (tested["ci_high"] > tested["ci_low"]).all()  # no zero-width interval
     for key in claims.filter(pl.col("verdict") != "not tested")["key"]:
         assert f"[figure](plots/claim_{key.replace('-', '_')}.png)" in report, key
-    assert claims.filter(pl.col("key") == "b")["verdict"].item() == "supported"  # dispersion's 0.8x cosine
+    b = claims.filter(pl.col("key") == "b").row(0, named=True)
+    assert b["ci_high"] < 0 and b["verdict"] in ("supported", "inconclusive")  # dispersion's 0.8x cosine, of sizes varying 3.5x
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == len(list((out / "plots").glob("*.png")))
     assert "plots/" not in page and "<table>" in page and "Paper claims</h2>" in page  # no external image link
