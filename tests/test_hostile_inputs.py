@@ -260,3 +260,18 @@ def test_cli_refusals(tmp_path):
         code, err, elapsed = run_cli(tmp_path, *argv)
         assert code == 2 and message in err, (argv, err)
         assert elapsed < 15, (argv, elapsed)  # a few seconds of imports on 2 busy cores; never MLflow's minutes
+
+
+# --- bounded work per input ---------------------------------------------------------------------------------
+
+
+def test_condense_tokenizes_only_what_it_keeps(tokenizer):
+    from scaling.condensation import tokenize_texts
+
+    line = " ".join(f"word{i % 97} and more text" for i in range(400_000))  # one ~10 MB line
+    started = time.perf_counter()
+    [long] = tokenize_texts(tokenizer, [line], 64)
+    elapsed = time.perf_counter() - started
+    [short] = tokenize_texts(tokenizer, [line[:5000]], 64)
+    assert long.tolist() == short.tolist() and len(long) == 64
+    assert elapsed < 2, elapsed  # the whole line took ~20 s and ~2 GB before
