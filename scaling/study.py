@@ -63,9 +63,9 @@ def data_refs(study: StudyConfig, blocks) -> DataRefs:
 
 def shards_root(study: StudyConfig) -> str:
     """Token shards live beside the runs, on the storage every node shares."""
-    from scaling.storage import resolve_storage_path
+    from scaling.storage import join, resolve_storage_path
 
-    return f"{resolve_storage_path(study.storage_path)}/token-shards"
+    return join(resolve_storage_path(study.storage_path), "token-shards")
 
 
 def describe_data(study: StudyConfig, plans) -> list[str]:

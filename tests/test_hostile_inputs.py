@@ -275,3 +275,10 @@ def test_condense_tokenizes_only_what_it_keeps(tokenizer):
     [short] = tokenize_texts(tokenizer, [line[:5000]], 64)
     assert long.tolist() == short.tolist() and len(long) == 64
     assert elapsed < 2, elapsed  # the whole line took ~20 s and ~2 GB before
+
+
+def test_storage_uris_keep_their_query_at_the_end():
+    from scaling.storage import join
+
+    assert join("s3://b/p?endpoint_override=localhost:9000", "x", "y") == "s3://b/p/x/y?endpoint_override=localhost:9000"
+    assert join("s3://b/p/", "x") == "s3://b/p/x" and join("/tmp/a?b", "x") == "/tmp/a?b/x"  # '?' in a local name
