@@ -282,3 +282,12 @@ def test_storage_uris_keep_their_query_at_the_end():
 
     assert join("s3://b/p?endpoint_override=localhost:9000", "x", "y") == "s3://b/p/x/y?endpoint_override=localhost:9000"
     assert join("s3://b/p/", "x") == "s3://b/p/x" and join("/tmp/a?b", "x") == "/tmp/a?b/x"  # '?' in a local name
+
+
+def test_a_task_yaml_that_does_not_parse_is_named(tmp_path):
+    from scaling.errors import ConfigError
+    from scaling.evaluate import EvalConfig, check_tasks
+
+    (tmp_path / "mine.yaml").write_text("task: my_cloze\ndataset_path: [json\n")
+    with pytest.raises(ConfigError, match=r"'my_cloze' is not an lm-eval task, and .*mine.yaml does not parse \(line"):
+        check_tasks(EvalConfig(tasks=("my_cloze",), include_path=str(tmp_path)))
