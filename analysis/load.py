@@ -137,8 +137,9 @@ def _cached_client(uri: str):
     # Building a client on SQLite checks the schema (~4 s on 2 busy cores): do it once per URI.
     problem = tracking_uri_problem(uri)  # MLflow's client would retry a dead server for minutes
     if problem:
-        raise DataError(f"--tracking-uri {uri!r}: MLflow is unreachable ({problem}); start the server or fix "
-                        "--tracking-uri / MLFLOW_TRACKING_URI")
+        remedy = "" if problem.startswith("scheme") else "start the server or "
+        raise DataError(f"--tracking-uri {uri!r}: MLflow is unreachable ({problem}); {remedy}fix --tracking-uri / "
+                        "MLFLOW_TRACKING_URI")
     from mlflow.tracking import MlflowClient  # deferred: importing mlflow costs ~1 s
 
     return MlflowClient(uri)

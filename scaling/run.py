@@ -118,8 +118,8 @@ def _check_before_ray(storage_path: str | None, configured_uri: str | None) -> N
     uri = resolve_tracking_uri(configured_uri)
     problem = tracking_uri_problem(uri) or check_reachable(uri)  # seconds, not MLflow's minutes of retries
     if problem:
-        raise ConfigError(f"MLflow at {uri!r} is unreachable ({problem}); start the server or fix tracking_uri / "
-                          "MLFLOW_TRACKING_URI")
+        remedy = "" if problem.startswith("scheme") else "start the server or "
+        raise ConfigError(f"MLflow at {uri!r} is unreachable ({problem}); {remedy}fix tracking_uri / MLFLOW_TRACKING_URI")
 
 
 def _check_resume(resume: bool, study: str, configured_uri: str | None) -> None:

@@ -51,6 +51,9 @@ class StrictLoader(yaml.SafeLoader):
     keeps the last: a `training:` block pasted twice would replace the first without a word) and anchors
     and aliases (a few hundred bytes of nested aliases expand to gigabytes; study files need none)."""
 
+    MAX_DEPTH = 32
+    """Nesting a study never needs (it has 4 levels); deeper input would exhaust Python's recursion."""
+
     def compose_node(self, parent, index):
         event = self.peek_event()
         anchor = getattr(event, "anchor", None)
@@ -59,7 +62,15 @@ class StrictLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, f"line {event.start_mark.line + 1}: anchor/alias {sign}{anchor[:40]} is not allowed in a "
                 "study file; write the values out", None)
-        return super().compose_node(parent, index)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > self.MAX_DEPTH:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"line {event.start_mark.line + 1}: nested more than {self.MAX_DEPTH} levels deep; "
+                    "a study needs a few", None)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}

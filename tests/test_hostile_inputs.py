@@ -179,6 +179,7 @@ def test_long_values_never_make_a_long_line(tmp_path):
     assert len(refusal(tmp_path, "study: " + "x" * 10**6 + "\n")) <= MESSAGE_LIMIT
     assert len(refusal(tmp_path, "study: s\n" + "k" * 10**5 + ": 1\n")) <= MESSAGE_LIMIT
     assert len(refusal(tmp_path, "study: s\nrungs: [" + ", ".join(["tiny-165K"] * 10**4) + "]\n")) <= MESSAGE_LIMIT
+    assert "nested more than 32 levels" in refusal(tmp_path, "study: " + "[" * 20000 + "]" * 20000 + "\n")
 
 
 # --- sources and models that must be there ------------------------------------------------------------------
