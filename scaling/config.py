@@ -42,6 +42,8 @@ MAX_LR = 1.0
 MAX_TOKENS_PER_PARAM = 1e6
 """Chinchilla is 20; even heavily over-trained small models stay below 1e4. A larger multiple is a typo and plans
 steps beyond any int64 step counter on large rungs."""
+MAX_WORKERS = 4096
+"""Ceiling on workers per run and CPUs per worker: beyond it Ray waits forever for resources no cluster has."""
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
     # What the authors' scripts use per model family (docs/protocols.md): the Qwen3 scripts keep
     # the clamp at its default 0.25 and use NEFTune alpha 5; the GPT-2 ones 0.1 and 1.
@@ -294,8 +296,9 @@ class ResourcesConfig:
             raise ConfigError(f"resources.precision={self.precision!r}: use one of {list(PRECISIONS)}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"resources.cpus_per_worker={self.cpus_per_worker}: must be > 0")
-        if self.num_workers > 4096:
-            raise ConfigError(f"resources.num_workers={self.num_workers}: at most 4096 workers per run")
+        if self.num_workers > MAX_WORKERS or self.cpus_per_worker > MAX_WORKERS:
+            raise ConfigError(f"resources: num_workers={self.num_workers} and cpus_per_worker={self.cpus_per_worker:g} "
+                              f"must be at most {MAX_WORKERS} (no cluster schedules more)")
 
 
 @dataclass(frozen=True)
