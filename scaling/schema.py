@@ -87,6 +87,12 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.2 reads `5e-5` and `1e9` as numbers; PyYAML (YAML 1.1) reads them as strings unless they have a dot,
+# so `lr: 5e-5` was refused as "expected a number". Study files read them as numbers.
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)"
+                                                                         r"[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
 def load_yaml(text: str):
     """`text` parsed by `StrictLoader` (yaml.YAMLError when it is not valid, strict YAML)."""
     return yaml.load(text, Loader=StrictLoader)  # noqa: S506 -- a SafeLoader subclass
@@ -233,6 +239,8 @@ def coerce(hint, value, dotted: str):
             raise ConfigError(f"{dotted}={short_repr(value)}: expected a number")
         return _check_number(float(value), dotted)
     if hint is int:
+        if isinstance(value, float) and value.is_integer() and abs(value) <= NUMBER_MAX:
+            value = int(value)  # `tokens: 2e8` is a whole number written as a float
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{dotted}={short_repr(value)}: expected an integer")
         return _check_number(value, dotted)

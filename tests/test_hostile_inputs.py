@@ -292,3 +292,10 @@ def test_a_task_yaml_that_does_not_parse_is_named(tmp_path):
     (tmp_path / "mine.yaml").write_text("task: my_cloze\ndataset_path: [json\n")
     with pytest.raises(ConfigError, match=r"'my_cloze' is not an lm-eval task, and .*mine.yaml does not parse \(line"):
         check_tasks(EvalConfig(tasks=("my_cloze",), include_path=str(tmp_path)))
+
+
+def test_numbers_as_researchers_write_them(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("study: s\ntraining: {lr: 5e-4, tokens: 2e5, max_steps: null}\n")  # YAML 1.1 made these strings
+    study = load_study_file(path)
+    assert study.training.lr == 5e-4 and study.training.tokens == 200_000 and isinstance(study.training.tokens, int)
