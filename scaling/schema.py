@@ -37,7 +37,8 @@ NUMBER_MAX = 1e15
 and would overflow a consumer (int64 step counters, float32 schedules)."""
 SEED_KEYS = frozenset({"seed", "seeds", "extra_seeds"})
 SEED_MAX = 2**32 - 1
-"""numpy's SeedSequence-free seeding (the data order) takes 0..2**32-1; torch and Ray take the same."""
+"""The seeds every consumer takes: numpy's default_rng (the data order) refuses negatives, its legacy seeding and
+many libraries stop at 2**32-1, torch takes more."""
 TEXT_MAX = 4096
 """The longest string a study key may hold (a path of PATH_MAX): nothing legitimate is longer."""
 NAME_MAX = 100
@@ -76,14 +77,15 @@ class StrictLoader(yaml.SafeLoader):
         seen: dict = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {short_repr(key, 60)} is written twice (lines {seen[key]} and {line}); keep "
+                        "one (YAML would silently keep the last)", None)
+                seen[key] = line
             except TypeError:  # an unhashable key: the base class says so
                 break
-            if first != key_node.start_mark.line + 1:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {short_repr(key, 60)} is written twice (lines {first} and "
-                    f"{key_node.start_mark.line + 1}); keep one (YAML would silently keep the last)", None)
         return super().construct_mapping(node, deep)
 
 
