@@ -250,7 +250,6 @@ def test_cli_refusals(tmp_path):
     dead = f"http://127.0.0.1:{closed_port()}"
     cases = [
         ((run, smoke, "--set", "training.lr=.inf"), "training.lr=inf: must be a finite number"),
-        ((run, smoke, "--set", "seeds=[-1]"), "seeds[0]=-1: must be >= 0"),
         ((run, smoke, "--resume", "--set", f"tracking_uri={dead}"), f"MLflow at '{dead}' is unreachable"),
         ((run, smoke, "--set", "tracking_uri=bogus://x"), "scheme 'bogus' is not an MLflow store"),
         (("-m", "analysis.scaling_curves", "--tracking-uri", dead), "MLflow is unreachable"),
@@ -260,7 +259,7 @@ def test_cli_refusals(tmp_path):
     for argv, message in cases:
         code, err, elapsed = run_cli(tmp_path, *argv)
         assert code == 2 and message in err, (argv, err)
-        assert elapsed < 15, (argv, elapsed)  # a few seconds of imports on 2 busy cores; never MLflow's minutes
+        assert elapsed < 30, (argv, elapsed)  # 1-2 s idle, more on busy cores; never MLflow's minutes of retries
 
 
 # --- bounded work per input ---------------------------------------------------------------------------------
@@ -275,7 +274,7 @@ def test_condense_tokenizes_only_what_it_keeps(tokenizer):
     elapsed = time.perf_counter() - started
     [short] = tokenize_texts(tokenizer, [line[:5000]], 64)
     assert long.tolist() == short.tolist() and len(long) == 64
-    assert elapsed < 2, elapsed  # the whole line took ~20 s and ~2 GB before
+    assert elapsed < 2, elapsed  # the whole line: 62 s and 1.7 GB (2 busy cores); the prefix: 0.014 s
 
 
 def test_storage_uris_keep_their_query_at_the_end():
