@@ -9,7 +9,8 @@ Rules that follow from a key's type hold for every key of every study dataclass,
 (`coerce`): a number is finite, >= 0 (no key means anything below zero) and at most `NUMBER_MAX`
 (an integer fits int64 and JSON); a seed fits numpy's seeding (0..2**32-1); a list has no entry
 twice; a string has no control characters and at most `TEXT_MAX` characters. The YAML itself is
-read strictly (`StrictLoader`): a key written twice and anchors/aliases are refused. Names that
+read strictly (`StrictLoader`): a key written twice, deep nesting and anchors/aliases that expand
+past a bound are refused. Names that
 become folder names go through `check_path_name`. `study_keys` lists every key these rules cover.
 """
 
@@ -48,21 +49,20 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing what silently changes or bloats a study: a key written twice (PyYAML
-    keeps the last: a `training:` block pasted twice would replace the first without a word) and anchors
-    and aliases (a few hundred bytes of nested aliases expand to gigabytes; study files need none)."""
+    """PyYAML's safe loader (no tag runs code), refusing what silently changes or bloats a study: a key written
+    twice (PyYAML keeps the last: a `training:` block pasted twice would replace the first without a word),
+    nesting deeper than `MAX_DEPTH`, and anchors/aliases that expand to more than `MAX_VALUES` values or refer
+    to themselves (a few hundred bytes of nested aliases expand to gigabytes). Aliases within the bounds load
+    as written: `yaml.safe_dump` writes them for an object a script put in a study twice."""
 
     MAX_DEPTH = 32
-    """Nesting a study never needs (it has 4 levels); deeper input would exhaust Python's recursion."""
+    """Nesting a study never needs (it has 4 levels), counted through aliases; deeper input would exhaust
+    Python's recursion."""
+    MAX_VALUES = 10_000
+    """Values a study may hold once its aliases are expanded (the largest shipped study has about 150)."""
 
     def compose_node(self, parent, index):
         event = self.peek_event()
-        anchor = getattr(event, "anchor", None)
-        if anchor is not None:
-            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
-            raise yaml.constructor.ConstructorError(
-                None, None, f"line {event.start_mark.line + 1}: anchor/alias {sign}{anchor[:40]} is not allowed in a "
-                "study file; write the values out", None)
         self._depth = getattr(self, "_depth", 0) + 1
         try:
             if self._depth > self.MAX_DEPTH:
@@ -72,6 +72,12 @@ class StrictLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _check_expansion(node, self.MAX_VALUES, self.MAX_DEPTH)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -87,6 +93,43 @@ class StrictLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: the base class says so
                 break
         return super().construct_mapping(node, deep)
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_expansion(root, max_values: int, max_depth: int) -> None:
+    """Refuse a document whose aliases expand past `max_values` values or `max_depth` levels, or that contains
+    itself. Sizes are summed over the node graph (each shared node once), so a billion laughs costs microseconds."""
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (values, depth) once expanded
+    started: set[int] = set()  # begun, not finished: the ancestors of the node being walked
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            parts = [sizes[id(child)] for child in _children(node)]
+            sizes[id(node)] = (1 + sum(v for v, _ in parts), 1 + max((d for _, d in parts), default=0))
+            started.discard(id(node))
+            continue
+        if id(node) in sizes:
+            continue
+        line = node.start_mark.line + 1
+        if id(node) in started:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"line {line}: an alias refers to the value that contains it; write the values out", None)
+        started.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+    values, depth = sizes[id(root)]
+    if values > max_values or depth > max_depth:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"its anchors and aliases expand to {values:.3g} values {depth} levels deep (at most "
+            f"{max_values:,} and {max_depth}); write the values out", None)
 
 
 # YAML 1.2 reads `5e-5` and `1e9` as numbers; PyYAML (YAML 1.1) reads them as strings unless they have a dot,
