@@ -77,6 +77,8 @@ class TextSource:
 
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file", "hf")
+"""URI schemes pyarrow's filesystems (and `scaling.storage` for hf://) read."""
 PARQUET_MAGIC = b"PAR1"
 
 
@@ -95,7 +97,11 @@ def parse_text_source(spec: str, *, training: bool = False) -> TextSource:
     if spec.startswith("hf:"):
         name, config, split, field = parse_hf_spec(spec)
         return TextSource(kind="hf", name=name, config=config, split=split, field=field)
-    if "://" in spec and spec.split("://", 1)[0].isidentifier():
+    if "://" in spec:
+        scheme = spec.split("://", 1)[0].lower()
+        if scheme not in STORAGE_SCHEMES:
+            raise DataError(f"text source {spec[:80]!r}: scheme {scheme[:20]!r} is not storage the shard builder reads; "
+                            f"use one of {', '.join(s + '://' for s in STORAGE_SCHEMES)} or a local path")
         return TextSource(kind="file", name=Path(spec.split("?", 1)[0].rstrip("/")).stem or "source", path=spec)
     path = Path(spec).expanduser()
     if spec.endswith(FILE_SUFFIXES) or path.exists():
