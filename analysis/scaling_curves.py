@@ -429,8 +429,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     law "not supported"; a negative seed fails numpy once the cache is written)."""
     import math
 
-    if args.bootstrap < 0:
-        raise ConfigError(f"--bootstrap {args.bootstrap}: must be >= 0 (0 = no intervals); use e.g. 400")
+    if not 0 <= args.bootstrap <= 100_000:
+        raise ConfigError(f"--bootstrap {args.bootstrap}: must be in 0..100000 (0 = no intervals); use e.g. 400")
     if not 0 <= args.seed <= 2**32 - 1:
         raise ConfigError(f"--seed {args.seed}: must be in 0..{2**32 - 1} (numpy seeds the bootstrap with it)")
     if not (math.isfinite(args.huber_delta) and args.huber_delta > 0):

@@ -24,6 +24,8 @@ from scaling.errors import ConfigError
 DEFAULT_REPETITIONS = 100
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_LAST_N = 4
+MAX_REPETITIONS = 100_000
+"""Texts measured at most: each is a forward pass and a layer-by-token cosine matrix (the reference: 100)."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,8 @@ class CondenseOptions:
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1 (omit it to size batches "
                               "from free memory)")
-        if self.repetitions < 1:
-            raise ConfigError(f"--repetitions {self.repetitions}: must be at least 1")
+        if not 1 <= self.repetitions <= MAX_REPETITIONS:
+            raise ConfigError(f"--repetitions {self.repetitions}: must be in 1..{MAX_REPETITIONS:,} (the reference: 100)")
         if self.max_length < 1:
             raise ConfigError(f"--max-length {self.max_length}: must be at least 1")
         if self.num_actors < 0:

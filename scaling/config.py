@@ -274,6 +274,9 @@ class ProbeConfig:
         for key in ("texts", "max_length", "val_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"probes.{key}={getattr(self, key)}: must be >= 1")
+        if self.texts > 100_000 or self.val_batches > 100_000:
+            raise ConfigError(f"probes: texts={self.texts} and val_batches={self.val_batches} must be at most 100000 "
+                              "(every probe runs them all)")
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,9 @@ class ObserveConfig:
             raise ConfigError(f"families: {family_names} lists a family twice")
         if not self.sources or len(set(self.sources)) != len(self.sources):
             raise ConfigError(f"sources={list(self.sources)}: give one or more distinct text sources")
+        if self.repetitions > 100_000:
+            raise ConfigError(f"repetitions={self.repetitions}: at most 100000 texts per measurement (the reference: "
+                              "100)")
         if self.repetitions < 1 or self.max_length < 1 or self.last_n < 1:
             raise ConfigError(f"repetitions={self.repetitions}, max_length={self.max_length} and "
                               f"last_n={self.last_n} must all be >= 1")
