@@ -194,6 +194,14 @@ class ObserveConfig:
             key, name, path = missing[0]
             raise ConfigError(f"{key}: {name!r} is not there ({path}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); "
                               f"build the tiny study's models and texts with `{BUILD_TINY}`, or fix base_dir / the path")
+        from scaling.data import parse_text_source  # the one parser of text sources
+        from scaling.errors import DataError
+
+        for spec in self.sources:
+            try:
+                parse_text_source(self.resolve_source(spec))
+            except DataError as exc:
+                raise ConfigError(f"sources: {exc}") from None
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
 
