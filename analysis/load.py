@@ -27,7 +27,7 @@ import polars as pl
 
 from scaling import names
 from scaling.errors import ConfigError, DataError
-from scaling.provenance import resolve_tracking_uri
+from scaling.provenance import resolve_tracking_uri, tracking_uri_problem
 
 KIND_UNKNOWN = "unknown"
 _LAYER_METRIC = re.compile(r"^condensation/layer_(\d+)/(mean_cos|mean_cos_offdiag|effective_rank)$")
@@ -137,6 +137,11 @@ def _client(uri: str):
 @functools.lru_cache(maxsize=8)
 def _cached_client(uri: str):
     # Building a client on SQLite checks the schema (~4 s on 2 busy cores): do it once per URI.
+    problem = tracking_uri_problem(uri)  # MLflow's client would retry a dead server for minutes
+    if problem:
+        remedy = "" if problem.startswith("scheme") else "start the server or "
+        raise DataError(f"--tracking-uri {uri!r}: MLflow is unreachable ({problem}); {remedy}fix --tracking-uri / "
+                        "MLFLOW_TRACKING_URI")
     from mlflow.tracking import MlflowClient  # deferred: importing mlflow costs ~1 s
 
     return MlflowClient(uri)

@@ -485,10 +485,22 @@ def claim_lines(claims) -> list[str]:
     return lines
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Numbers the fit can use, refused before any reading or writing (a NaN Huber delta would make every power
+    law "not supported"; a negative seed fails numpy once the cache is written)."""
+    if not 0 <= args.bootstrap <= 100_000:
+        raise ConfigError(f"--bootstrap {args.bootstrap}: must be in 0..100000 (0 = no intervals); use e.g. 400")
+    if not 0 <= args.seed <= 2**32 - 1:
+        raise ConfigError(f"--seed {args.seed}: must be in 0..{2**32 - 1} (numpy seeds the bootstrap with it)")
+    if not (math.isfinite(args.huber_delta) and args.huber_delta > 0):
+        raise ConfigError(f"--huber-delta {args.huber_delta}: must be a finite number > 0; use e.g. 1e-2")
+    if not (math.isfinite(args.confidence) and 0 < args.confidence < 1):
+        raise ConfigError(f"--confidence {args.confidence}: must be in (0, 1); use e.g. 0.95")
+
+
 def run(args: argparse.Namespace) -> Path:
     """The main path: read -> analyse -> write -> log. Returns the output directory."""
-    if args.bootstrap < 0:
-        raise ConfigError(f"--bootstrap {args.bootstrap}: must be >= 0 (0 = no intervals); use e.g. 400")
+    check_arguments(args)
     options = FitOptions(n_bootstrap=args.bootstrap, confidence=args.confidence, huber_delta=args.huber_delta, seed=args.seed)
     smallest_effects = parse_smallest_effects(args.smallest_effect)
     uri = resolve_tracking_uri(args.tracking_uri)

@@ -24,6 +24,8 @@ from scaling.errors import ConfigError
 DEFAULT_REPETITIONS = 100
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_LAST_N = 4
+MAX_REPETITIONS = 100_000
+"""Texts measured at most: each is a forward pass and a layer-by-token cosine matrix (the reference: 100)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class CondenseOptions:
     dataset: str | None
     """Text source for the reference protocol (`bundled`, `wikitext`, `hf:...`); None with `texts`."""
     texts: str | None
-    """A .txt (one document per line) or .jsonl file; repetition r uses document r mod n."""
+    """A .txt (one document per line), .jsonl or .parquet file, or a folder of them; repetition r uses document r
+    mod n."""
     repetitions: int
     """Texts measured (R)."""
     max_length: int
@@ -63,8 +66,8 @@ class CondenseOptions:
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1 (omit it to size batches "
                               "from free memory)")
-        if self.repetitions < 1:
-            raise ConfigError(f"--repetitions {self.repetitions}: must be at least 1")
+        if not 1 <= self.repetitions <= MAX_REPETITIONS:
+            raise ConfigError(f"--repetitions {self.repetitions}: must be in 1..{MAX_REPETITIONS:,} (the reference: 100)")
         if self.max_length < 1:
             raise ConfigError(f"--max-length {self.max_length}: must be at least 1")
         if self.num_actors < 0:
@@ -90,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--dataset", default=None,
                         help="bundled (default), wikitext, pubmed_qa, imdb, squad, or hf:NAME[/CONFIG]:SPLIT:FIELD")
     source.add_argument("--texts", default=None,
-                        help=".txt (one document per line) or .jsonl (a 'text' field); text r = document r mod n")
+                        help=".txt (one document per line), .jsonl (a 'text' field) or .parquet file, or a folder of them; "
+                             "text r = document r mod n")
     parser.add_argument("--repetitions", type=int, default=DEFAULT_REPETITIONS, help="texts measured (R)")
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens per text (T)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -158,8 +162,10 @@ def run(options: CondenseOptions) -> tuple[Path, Path]:
                                check_model_reference, config_depth, context_length, read_local_config)
 
     # Bad input fails here in a fraction of a second: no torch or transformers import yet.
-    if options.texts is not None and not options.texts.endswith((".txt", ".jsonl")):
-        raise ConfigError(f"--texts {options.texts!r}: must be a .txt or .jsonl file")
+    if options.texts is not None:  # the one source parser: a .txt/.jsonl/.parquet file or a folder of them
+        from scaling.data import local_text_files
+
+        local_text_files(options.texts)
     check_dtype_name(options.dtype, check_device_name(options.device))
     config = read_local_config(check_model_reference(options.model))
     if config is not None:

@@ -28,7 +28,7 @@ from scaling.errors import ConfigError
 from scaling.evaluate import EvalConfig
 from scaling.ladder import RunConfigurator, get_ladder
 from scaling.observe_config import ObserveConfig, observe_study_from_dict
-from scaling.schema import as_list, build_config, flatten, read_study_mapping, to_plain
+from scaling.schema import as_list, build_config, check_path_name, flatten, read_study_mapping, to_plain
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from scaling.ladder import RunPlan, Rung
@@ -37,6 +37,13 @@ PRECISIONS = ("auto", "fp32", "bf16")
 PACKINGS = ("eos", "raw")
 LR_SCALINGS = ("none", "sqrt_world_size")
 LAST_BLOCK_OUTPUTS = ("final_norm", "raw")
+MAX_LR = 1.0
+"""No AdamW peak learning rate above this trains: a larger one is a typo (a missing `e-`)."""
+MAX_TOKENS_PER_PARAM = 1e6
+"""Chinchilla is 20; even heavily over-trained small models stay below 1e4. A larger multiple is a typo and plans
+steps beyond any int64 step counter on large rungs."""
+MAX_WORKERS = 4096
+"""Ceiling on workers per run and CPUs per worker: beyond it Ray waits forever for resources no cluster has."""
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
     # What the authors' scripts use per model family (docs/protocols.md): the Qwen3 scripts keep
     # the clamp at its default 0.25 and use NEFTune alpha 5; the GPT-2 ones 0.1 and 1.
@@ -91,8 +98,8 @@ class ArmConfig:
         if self.last_block_output not in LAST_BLOCK_OUTPUTS:
             raise ConfigError(f"arms.{self.name}.last_block_output={self.last_block_output!r}: use one of "
                               f"{list(LAST_BLOCK_OUTPUTS)}")
-        if self.embedding_lr is not None and not self.embedding_lr > 0:
-            raise ConfigError(f"arms.{self.name}.embedding_lr={self.embedding_lr}: must be > 0 or null")
+        if self.embedding_lr is not None and not 0 < self.embedding_lr <= MAX_LR:
+            raise ConfigError(f"arms.{self.name}.embedding_lr={self.embedding_lr}: must be in (0, {MAX_LR}] or null")
         if not 0 <= self.embedding_warmup_fraction < 1:
             raise ConfigError(f"arms.{self.name}.embedding_warmup_fraction={self.embedding_warmup_fraction}: "
                               "must be in [0, 1)")
@@ -152,10 +159,13 @@ class DataConfig:
             raise ConfigError(f"data.max_rows={self.max_rows}: must be >= 1 or null")
         if self.packing not in PACKINGS:
             raise ConfigError(f"data.packing={self.packing!r}: use one of {list(PACKINGS)}")
-        local = self.source.endswith((".txt", ".jsonl", ".parquet")) and "://" not in self.source
-        if local and not Path(self.source).exists():
-            raise ConfigError(f"data.source={self.source!r}: no such file or folder; check the path (relative paths "
-                              "are from the working directory)")
+        from scaling.data import parse_text_source  # the one parser of text sources (dry run, shards, condense)
+        from scaling.errors import DataError
+
+        try:
+            parse_text_source(self.source, training=True)
+        except DataError as exc:
+            raise ConfigError(f"data.source: {exc}") from None
         if self.val_split is not None and not self.val_split.strip():
             raise ConfigError("data.val_split is empty; name the split (e.g. validation) or use null")
 
@@ -208,12 +218,13 @@ class TrainingConfig:
                 raise ConfigError(f"training.{key}={getattr(self, key)}: must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"training.max_steps={self.max_steps}: must be >= 1 or null")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"training.lr={self.lr}: must be > 0 or null")
+        if self.lr is not None and not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"training.lr={self.lr}: must be in (0, {MAX_LR}] or null (derived from the rung's size)")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"training.warmup_fraction={self.warmup_fraction}: must be in [0, 1)")
-        if not self.tokens_per_param > 0:
-            raise ConfigError(f"training.tokens_per_param={self.tokens_per_param}: must be > 0")
+        if not 0 < self.tokens_per_param <= MAX_TOKENS_PER_PARAM:
+            raise ConfigError(f"training.tokens_per_param={self.tokens_per_param:g}: must be in (0, "
+                              f"{MAX_TOKENS_PER_PARAM:g}] (Chinchilla: 20)")
         if self.tokens is not None and self.tokens < 1:
             raise ConfigError(f"training.tokens={self.tokens}: must be >= 1 or null")
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -226,6 +237,16 @@ class TrainingConfig:
             raise ConfigError(f"training.dropout={self.dropout}: must be in [0, 1)")
         if isinstance(self.init_from, dict) and not self.init_from:
             raise ConfigError("training.init_from is an empty mapping; map rung names to checkpoints or use null")
+        if any(not 0 <= beta < 1 for beta in self.betas):
+            raise ConfigError(f"training.betas={list(self.betas)}: each AdamW beta must be in [0, 1), e.g. [0.9, 0.95]")
+        if self.weight_decay >= 1:
+            raise ConfigError(f"training.weight_decay={self.weight_decay}: must be in [0, 1) (AdamW's decoupled "
+                              "decay; the paper's 0.1)")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"training.max_tokens={self.max_tokens}: must be >= 1 or null")
+        checkpoints = self.init_from.items() if isinstance(self.init_from, dict) else [(None, self.init_from)]
+        for rung, checkpoint in checkpoints:
+            check_local_model(f"training.init_from{'.' + rung if rung else ''}", checkpoint)
 
     def init_from_for(self, rung: str) -> str | None:
         """The checkpoint a rung starts from (None: from scratch)."""
@@ -253,6 +274,9 @@ class ProbeConfig:
         for key in ("texts", "max_length", "val_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"probes.{key}={getattr(self, key)}: must be >= 1")
+        if self.texts > 100_000 or self.val_batches > 100_000:
+            raise ConfigError(f"probes: texts={self.texts} and val_batches={self.val_batches} must be at most 100000 "
+                              "(every probe runs them all)")
 
 
 @dataclass(frozen=True)
@@ -275,6 +299,9 @@ class ResourcesConfig:
             raise ConfigError(f"resources.precision={self.precision!r}: use one of {list(PRECISIONS)}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"resources.cpus_per_worker={self.cpus_per_worker}: must be > 0")
+        if self.num_workers > MAX_WORKERS or self.cpus_per_worker > MAX_WORKERS:
+            raise ConfigError(f"resources: num_workers={self.num_workers} and cpus_per_worker={self.cpus_per_worker:g} "
+                              f"must be at most {MAX_WORKERS} (no cluster schedules more)")
 
 
 @dataclass(frozen=True)
@@ -393,15 +420,17 @@ class StudyConfig:
     """MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
 
     def __post_init__(self):
-        if not self.study or not all(c.isalnum() or c in "-_." for c in self.study):
-            raise ConfigError(f"study={self.study!r}: use a non-empty name of letters, digits, '-', '_', '.'")
+        check_path_name("study", self.study)
         if not self.arms:
             raise ConfigError("arms: empty; list at least one arm, e.g. [baseline, dispersion]")
         arm_names = [a.name for a in self.arms]
         if len(set(arm_names)) != len(arm_names):
             raise ConfigError(f"arms: {arm_names} lists an arm twice; each arm once")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds={list(self.seeds)}: give one or more distinct integers")
+            raise ConfigError(f"seeds={list(self.seeds)[:8]}: give one or more distinct integers")
+        if set(self.search.extra_seeds) & set(self.seeds):
+            raise ConfigError(f"search.extra_seeds={list(self.search.extra_seeds)[:8]} repeats a seed of seeds="
+                              f"{list(self.seeds)[:8]}: extra seeds re-run the best settings with new seeds")
         if self.training.micro_batch_size * self.resources.num_workers > self.training.batch_size:
             raise ConfigError(
                 f"training.batch_size={self.training.batch_size} is smaller than micro_batch_size "
@@ -418,6 +447,11 @@ class StudyConfig:
                 "across workers; use resources.zero_stage 0, 1 or 2"
             )
         rungs = self.selected_rungs()  # raises on an unknown ladder or rung
+        for rung in rungs:  # the model has max_seq_len positions: a longer block or probe has no position to use
+            for key, length in (("training.seq_len", self.training.seq_len), ("probes.max_length", self.probes.max_length)):
+                if length > rung.max_seq_len:
+                    raise ConfigError(f"{key}={length} is longer than rung {rung.name}'s context ({rung.max_seq_len} "
+                                      f"tokens); use at most {rung.max_seq_len} or drop the rung")
         if isinstance(self.training.init_from, dict):
             missing = [r.name for r in rungs if r.name not in self.training.init_from]
             unknown = sorted(set(self.training.init_from) - {r.name for r in rungs})
@@ -468,6 +502,22 @@ class StudyConfig:
     def to_yaml(self) -> str:
         """The study with every default filled in."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def check_local_model(key: str, reference: str | None) -> None:
+    """A model reference that is a local path (./x, ../x, /x, ~/x, or an existing folder) must be a model folder
+    (config.json, as `save_pretrained` writes); a hub name (`gpt2`, `Qwen/Qwen3-0.6B`) is checked when it loads."""
+    if not reference or "://" in reference:
+        return
+    path = Path(reference).expanduser()
+    if not (reference.startswith(("./", "../", "/", "~")) or path.exists()):
+        return
+    if not path.is_dir():
+        raise ConfigError(f"{key}={reference!r}: no such model folder; check the path (relative paths are from the "
+                          "working directory) or give a hub name such as gpt2")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}={reference!r} is not a model folder (no config.json); give a folder written by "
+                          "save_pretrained, or a hub name such as gpt2")
 
 
 def plan_runs(study: StudyConfig) -> list[RunPlan]:

@@ -5,7 +5,12 @@ Three kinds of text source, all read into a list of non-empty "rows" (paragraphs
   prose that ships with every Python), so the demo and tests need no download;
 - a Hugging Face dataset by name (the reference protocol's four sources, or any
   `hf:NAME[/CONFIG]:SPLIT:FIELD`), loaded with `datasets` on machines with network;
-- a local file: `.txt` (one document per line) or `.jsonl` (a `text` field per line).
+- a local file: `.txt` (one document per line), `.jsonl` (a `text` field per line) or `.parquet`
+  (a `text` column), or a folder of such files (one kind per folder); a URI (s3://...) of them is
+  read by the token-shard builder (`scaling.shards`).
+
+`parse_text_source` is the one parser of source specs: the study's config, its dry run, the shard
+builder and `condense` all accept and refuse the same specs, with the same message.
 
 The condensation protocol (docs/condensation.md) builds each repetition's text from
 consecutive rows starting at a seeded random row; training packs tokenized rows into
@@ -71,10 +76,17 @@ class TextSource:
         return self.name
 
 
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file", "hf")
+"""URI schemes pyarrow's filesystems (and `scaling.storage` for hf://) read."""
+PARQUET_MAGIC = b"PAR1"
+
+
 def parse_text_source(spec: str, *, training: bool = False) -> TextSource:
     """`bundled`, a reference name (`wikitext`, `pubmed_qa`, `imdb`, `squad`),
-    `hf:NAME[/CONFIG]:SPLIT:FIELD`, or a path to a `.txt`/`.jsonl` file. With `training`,
-    `wikitext` means the raw version the authors train on."""
+    `hf:NAME[/CONFIG]:SPLIT:FIELD`, a `.txt`/`.jsonl`/`.parquet` file or a folder of them (checked
+    here: present, not empty, readable), or such a file or folder as a URI (s3://...: checked by the
+    shard builder, which reads it). With `training`, `wikitext` means the raw version the authors train on."""
     spec = spec.strip()
     if spec == "bundled":
         return TextSource(kind="bundled", name="bundled")
@@ -85,14 +97,66 @@ def parse_text_source(spec: str, *, training: bool = False) -> TextSource:
     if spec.startswith("hf:"):
         name, config, split, field = parse_hf_spec(spec)
         return TextSource(kind="hf", name=name, config=config, split=split, field=field)
-    if spec.endswith((".txt", ".jsonl")):
-        if not Path(spec).is_file():
-            raise DataError(f"text source {spec!r}: file not found; check the path")
-        return TextSource(kind="file", name=Path(spec).stem, path=str(Path(spec).resolve()))
+    if "://" in spec:
+        scheme = spec.split("://", 1)[0].lower()
+        if scheme not in STORAGE_SCHEMES:
+            raise DataError(f"text source {spec[:80]!r}: scheme {scheme[:20]!r} is not storage the shard builder reads; "
+                            f"use one of {', '.join(s + '://' for s in STORAGE_SCHEMES)} or a local path")
+        return TextSource(kind="file", name=Path(spec.split("?", 1)[0].rstrip("/")).stem or "source", path=spec)
+    path = Path(spec).expanduser()
+    if spec.endswith(FILE_SUFFIXES) or path.exists():
+        local_text_files(spec)
+        return TextSource(kind="file", name=path.resolve().stem, path=str(path.resolve()))
+    if len(spec) > 200 or not spec:
+        raise DataError(f"text source {spec[:60]!r}... is not understood: use 'bundled', one of "
+                        f"{sorted(REFERENCE_SOURCES)}, 'hf:NAME[/CONFIG]:SPLIT:FIELD', or a .txt/.jsonl/.parquet "
+                        "file or folder")
     raise DataError(
         f"text source {spec!r} is not understood: use 'bundled', one of "
-        f"{sorted(REFERENCE_SOURCES)}, 'hf:NAME[/CONFIG]:SPLIT:FIELD', or a .txt/.jsonl file"
+        f"{sorted(REFERENCE_SOURCES)}, 'hf:NAME[/CONFIG]:SPLIT:FIELD', or a .txt/.jsonl/.parquet file or a folder "
+        "of them (no such file or folder here)"
     )
+
+
+def local_text_files(spec: str) -> list[Path]:
+    """The files of a local source (one file, or a folder's .txt/.jsonl/.parquet files of one kind, sorted),
+    refusing a missing, empty or unreadable one: checks of a stat and a few bytes, so a study is refused
+    before any work rather than once Ray has started."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"text source {spec!r}: no such file or folder; check the path (relative paths are from "
+                        "the working directory)")
+    if path.is_dir():
+        try:
+            files = sorted(f for f in path.iterdir() if f.suffix in FILE_SUFFIXES and f.is_file())
+        except OSError as exc:
+            raise DataError(f"text source {spec!r}: the folder cannot be listed ({exc.strerror}); "
+                            "check its permissions") from None
+        if not files:
+            raise DataError(f"text source {spec!r}: a folder without .txt/.jsonl/.parquet files; "
+                            "point at a file or a folder of them")
+        kinds = sorted({f.suffix for f in files})
+        if len(kinds) > 1:
+            raise DataError(f"text source {spec!r}: mixes {kinds} files; keep one kind per folder")
+    elif path.suffix in FILE_SUFFIXES:
+        files = [path]
+    else:
+        raise DataError(f"text source {spec!r}: expected a .txt, .jsonl or .parquet file (or a folder of them)")
+    for file in files:
+        try:
+            size = file.stat().st_size
+            with open(file, "rb") as handle:
+                head = handle.read(len(PARQUET_MAGIC))
+                if file.suffix == ".parquet" and size >= 2 * len(PARQUET_MAGIC):
+                    handle.seek(size - len(PARQUET_MAGIC))
+                    head += handle.read()
+        except OSError as exc:
+            raise DataError(f"text source {str(file)!r} cannot be read ({exc.strerror}); check its permissions") from None
+        if size == 0:
+            raise DataError(f"text source {str(file)!r} is empty (0 bytes); give a file with text")
+        if file.suffix == ".parquet" and head != PARQUET_MAGIC * 2:
+            raise DataError(f"text source {str(file)!r} is not a parquet file (no PAR1 marks); check the file")
+    return files
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str, str]:
@@ -139,6 +203,9 @@ def _read_bundled_rows() -> list[str]:
 
 
 def _read_file_rows(path: Path, field: str) -> list[str]:
+    if path.is_dir() or path.suffix == ".parquet":
+        return [row for file in local_text_files(str(path)) for row in
+                (_read_parquet_rows(file, field) if file.suffix == ".parquet" else _read_file_rows(file, field))]
     if not path.is_file():
         raise DataError(f"text file {str(path)!r} not found; check the path")
     data = path.read_bytes()
@@ -152,6 +219,17 @@ def _read_file_rows(path: Path, field: str) -> list[str]:
     if path.suffix != ".jsonl":
         return lines
     return [json_text(line, field, f"{path}:{number}") for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _read_parquet_rows(path: Path, field: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=[field])
+    except Exception as exc:  # noqa: BLE001 -- pyarrow raises several kinds for a bad file or a missing column
+        raise DataError(f"text source {str(path)!r}: cannot read column {field!r} ({type(exc).__name__}); "
+                        "check the file and the field name") from None
+    return [row for row in table.column(0).to_pylist() if isinstance(row, str)]
 
 
 def json_text(line: str, field: str, where: str) -> str:

@@ -6,8 +6,30 @@ traceback. Anything else that escapes is a bug and keeps its traceback.
 """
 
 
+MESSAGE_LIMIT = 600
+"""A user error's text is cut to this many characters (its middle goes): a value pasted or expanded into a
+message (a 10 MB line, a huge study name) must not become a 10 MB error line. Head and tail survive, so
+the key and the fix stay readable."""
+
+
+def shorten(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text`, or its head and tail with ' ... ' between when it is longer than `limit`."""
+    if len(text) <= limit:
+        return text
+    keep = limit - 5
+    return f"{text[: keep // 2]} ... {text[len(text) - (keep - keep // 2):]}"
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters, for messages that quote user input."""
+    return shorten(repr(value), limit)
+
+
 class DispersionScalingError(Exception):
     """Base for every error the project raises on purpose (bad input, bad config)."""
+
+    def __str__(self) -> str:
+        return shorten(super().__str__())
 
 
 class ConfigError(DispersionScalingError, ValueError):

@@ -276,6 +276,28 @@ def check_include_path(config: EvalConfig) -> None:
                           "lm-eval task YAMLs (relative paths start at the working directory)")
 
 
+def broken_task_yamls(include_paths: tuple[str, ...]) -> list[str]:
+    """'PATH does not parse (line N: problem)' for each task YAML under the include paths that is not YAML
+    (lm-eval's own tags, such as !function, are fine)."""
+    import yaml
+
+    from scaling.schema import yaml_problem
+
+    class TaskLoader(yaml.SafeLoader):
+        pass
+
+    TaskLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    broken = []
+    for folder in include_paths:
+        for path in sorted(Path(folder).expanduser().rglob("*.yaml")):
+            try:
+                yaml.load(path.read_text(encoding="utf-8"), Loader=TaskLoader)  # noqa: S506 -- a SafeLoader
+            except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+                problem = yaml_problem(exc) if isinstance(exc, yaml.YAMLError) else type(exc).__name__
+                broken.append(f"{path} does not parse ({problem})")
+    return broken
+
+
 def check_tasks(config: EvalConfig) -> None:
     """Fail (ConfigError) if a task name is unknown to lm-eval, naming close matches; call it before
     any training. Needs no model and no data: names come from the task YAMLs' index."""
@@ -291,6 +313,9 @@ def check_tasks(config: EvalConfig) -> None:
         name = unknown[0]
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
         hint = f"close matches: {', '.join(close)}" if close else "no close match"
+        broken = broken_task_yamls(config.include_paths())  # lm-eval skips a YAML it cannot parse without a word
+        if broken:
+            raise ConfigError(f"eval.tasks: {name!r} is not an lm-eval task, and {broken[0]}: fix that YAML")
         raise ConfigError(f"eval.tasks: {name!r} is not an lm-eval task ({hint}); list them with "
                           "`lm_eval ls tasks`, or put its YAML in eval.include_path")
 

@@ -21,9 +21,11 @@ from typing import Any, Sequence
 
 from scaling import names
 from scaling.errors import ConfigError
-from scaling.schema import as_list, build_config, config_hash, read_study_mapping, to_plain
+from scaling.schema import as_list, build_config, check_path_name, config_hash, read_study_mapping, to_plain
 
 DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}
+BUILD_TINY = "python -m scaling.observe --build-tiny-models outputs/observe-tiny"
+"""The command that writes the local models and texts of search_spaces/observe_tiny.yaml."""
 GPU_SHARE_STEP = 0.25  # small models share a GPU in quarters (Ray fractional GPUs)
 
 
@@ -60,8 +62,7 @@ class FamilyConfig:
     """The family's models (any order; the analysis sorts them by parameter count)."""
 
     def __post_init__(self):
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
-            raise ConfigError(f"families[].name={self.name!r}: use letters, digits, '-', '_', '.'")
+        check_path_name("families[].name", self.name)
         if not self.models:
             raise ConfigError(f"families.{self.name}.models is empty; list at least one model")
         listed = [m.name for m in self.models]
@@ -153,8 +154,7 @@ class ObserveConfig:
     """MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
 
     def __post_init__(self):
-        if not self.study or not all(c.isalnum() or c in "-_." for c in self.study):
-            raise ConfigError(f"study={self.study!r}: use a non-empty name of letters, digits, '-', '_', '.'")
+        check_path_name("study", self.study)
         if self.kind != names.KIND_OBSERVE:
             raise ConfigError(f"kind={self.kind!r}: an observation study has kind: {names.KIND_OBSERVE}")
         if not self.families:
@@ -164,6 +164,9 @@ class ObserveConfig:
             raise ConfigError(f"families: {family_names} lists a family twice")
         if not self.sources or len(set(self.sources)) != len(self.sources):
             raise ConfigError(f"sources={list(self.sources)}: give one or more distinct text sources")
+        if self.repetitions > 100_000:
+            raise ConfigError(f"repetitions={self.repetitions}: at most 100000 texts per measurement (the reference: "
+                              "100)")
         if self.repetitions < 1 or self.max_length < 1 or self.last_n < 1:
             raise ConfigError(f"repetitions={self.repetitions}, max_length={self.max_length} and "
                               f"last_n={self.last_n} must all be >= 1")
@@ -177,7 +180,28 @@ class ObserveConfig:
             raise ConfigError(f"sizing: max_params must increase from rule to rule, got {bounds}")
         if self.family_dtype not in ("uniform", "per_model"):
             raise ConfigError(f"family_dtype={self.family_dtype!r}: use uniform or per_model")
+        self.check_local_paths()
 
+    def check_local_paths(self) -> None:
+        """Local models and text files must be there before any work: a missing one would otherwise start Ray
+        and record a failed measurement per source."""
+        missing = [(f"families.{family.name}.models", model.name, self.resolve_model(model.name))
+                   for family in self.families for model in family.models
+                   if model.name.startswith(("./", "../", "/", "~")) and not Path(self.resolve_model(model.name)).exists()]
+        missing += [("sources", spec, self.resolve_source(spec)) for spec in self.sources
+                    if spec.endswith((".txt", ".jsonl")) and not Path(self.resolve_source(spec)).exists()]
+        if missing:
+            key, name, path = missing[0]
+            raise ConfigError(f"{key}: {name!r} is not there ({path}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); "
+                              f"build the tiny study's models and texts with `{BUILD_TINY}`, or fix base_dir / the path")
+        from scaling.data import parse_text_source  # the one parser of text sources
+        from scaling.errors import DataError
+
+        for spec in self.sources:
+            try:
+                parse_text_source(self.resolve_source(spec))
+            except DataError as exc:
+                raise ConfigError(f"sources: {exc}") from None
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
 

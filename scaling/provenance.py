@@ -52,3 +52,47 @@ def ui_link(tracking_uri: str, page: str) -> str:
     if tracking_uri.startswith("http"):
         return f"{tracking_uri.rstrip('/')}/{page}"
     return f"http://127.0.0.1:5000/{page}  (after: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000)"
+
+
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+"""URI schemes MLflow keeps a tracking store under (`postgresql+psycopg2://` counts as postgresql)."""
+PROBE_TIMEOUT_S = 5.0
+
+
+def tracking_uri_problem(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
+    """'' when `uri` names a store MLflow can use and, for a server, the server answers an HTTP request within
+    `timeout_s`; else the problem in a few words. Pure Python (no mlflow import) and fast: MLflow's own client
+    retries a dead server for minutes, so every command that talks to MLflow asks this first."""
+    if "://" not in uri:
+        return ""  # a plain path: MLflow's file store
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in TRACKING_SCHEMES:
+        return (f"scheme {scheme[:20]!r} is not an MLflow store; use sqlite:///PATH, http(s)://HOST:PORT, file:///PATH, "
+                "postgresql://, mysql://, mssql:// or databricks")
+    if scheme not in ("http", "https"):
+        return ""
+    import ssl
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        host, port = parts.hostname, parts.port  # the port raises ValueError when it is not a number
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if not host:
+        return "the URL names no host"
+    address = f"[{host}]" if ":" in host else host
+    health = f"{scheme}://{address}{f':{port}' if port else ''}{parts.path.rstrip('/')}/health"
+    try:
+        urllib.request.urlopen(health, timeout=timeout_s).close()  # noqa: S310 -- http(s) only, checked above
+    except urllib.error.HTTPError:
+        return ""  # it answered (a proxy's 404 or 401 still means a live server)
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError):
+            return ""  # it answered with TLS; MLflow's own client settles certificates
+        return f"no answer: {exc.reason}"[:200]
+    except (OSError, ValueError) as exc:  # a timeout mid-answer, a malformed URL
+        return f"no answer within {timeout_s:g} s ({type(exc).__name__}: {exc})"[:200]
+    return ""

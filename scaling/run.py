@@ -75,8 +75,8 @@ def _train(study, source: str, args) -> int:
 
             check_tasks(study.eval)
         return 0
+    _check_before_ray(study.storage_path, study.tracking_uri)  # reachable first: --resume's query would hang
     _check_resume(args.resume, study.study, study.tracking_uri)
-    _check_before_ray(study.storage_path, study.tracking_uri)
     from scaling.study import format_summary, run_study
 
     connect_ray()
@@ -93,8 +93,8 @@ def _observe(study, source: str, args) -> int:
     if args.dry_run:
         dry_run_observe(study)
         return 0
-    _check_resume(args.resume, study.study, study.tracking_uri)
     _check_before_ray(None, study.tracking_uri)
+    _check_resume(args.resume, study.study, study.tracking_uri)
     from scaling.cluster import connect_ray
 
     connect_ray()
@@ -110,16 +110,16 @@ def _check_before_ray(storage_path: str | None, configured_uri: str | None) -> N
     can write, an MLflow store it can reach. The preflight then checks both from every node."""
     from scaling.console import check_writable_dir
     from scaling.errors import ConfigError
-    from scaling.provenance import resolve_tracking_uri
+    from scaling.provenance import resolve_tracking_uri, tracking_uri_problem
     from scaling.tracking import check_reachable
 
     if storage_path is not None and "://" not in storage_path:
         check_writable_dir(storage_path, flag="storage_path")
     uri = resolve_tracking_uri(configured_uri)
-    problem = check_reachable(uri)
+    problem = tracking_uri_problem(uri) or check_reachable(uri)  # seconds, not MLflow's minutes of retries
     if problem:
-        raise ConfigError(f"MLflow at {uri!r} is unreachable ({problem}); start the server or fix tracking_uri / "
-                          "MLFLOW_TRACKING_URI")
+        remedy = "" if problem.startswith("scheme") else "start the server or "
+        raise ConfigError(f"MLflow at {uri!r} is unreachable ({problem}); {remedy}fix tracking_uri / MLFLOW_TRACKING_URI")
 
 
 def _check_resume(resume: bool, study: str, configured_uri: str | None) -> None:

@@ -135,6 +135,11 @@ def resolve_source(spec: str, field: str = "text", validation: str = "auto") -> 
 def _resolve_files(spec: str, field: str) -> _Source:
     from pyarrow import fs
 
+    from scaling.data import local_text_files
+
+    if "://" not in spec:  # a local source is accepted or refused as the config and the dry run do
+        local_text_files(spec)
+
     try:
         filesystem, path = storage.filesystem(spec)
         info = filesystem.get_file_info(path)

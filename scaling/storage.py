@@ -34,7 +34,13 @@ def is_local(uri: str) -> bool:
 
 
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+    """`base/part/...`; a URI's query options (s3://b/p?endpoint_override=...) stay at the end, where pyarrow
+    reads them."""
+    query = ""
+    if "://" in base and "?" in base:
+        base, query = base.split("?", 1)
+        query = "?" + query
+    return "/".join([base.rstrip("/"), *parts]) + query
 
 
 def write_text(uri: str, text: str) -> None:

@@ -63,9 +63,9 @@ def data_refs(study: StudyConfig, blocks) -> DataRefs:
 
 def shards_root(study: StudyConfig) -> str:
     """Token shards live beside the runs, on the storage every node shares."""
-    from scaling.storage import resolve_storage_path
+    from scaling.storage import join, resolve_storage_path
 
-    return f"{resolve_storage_path(study.storage_path)}/token-shards"
+    return join(resolve_storage_path(study.storage_path), "token-shards")
 
 
 def describe_data(study: StudyConfig, plans) -> list[str]:
@@ -79,11 +79,12 @@ def describe_data(study: StudyConfig, plans) -> list[str]:
 
     tokenizer = study.data.tokenizer or next((study.training.init_from_for(r.name) for r in study.selected_rungs()),
                                              None)
-    hub = [what for what, named in (("dataset", parse_text_source(study.data.source, training=True).kind == "hf"),
+    source = parse_text_source(study.data.source, training=True)
+    hub = [what for what, named in (("dataset", source.kind == "hf" or "://" in (source.path or "")),
                                     ("tokenizer", tokenizer is not None and not Path(tokenizer).exists())) if named]
     if hub:  # a dry run stays offline and fast; the driver inspects them when the study runs
-        return [f"data: {study.data.source} not inspected by the dry run (hub {' and '.join(hub)}: the study tokenizes "
-                "it into shards when it runs)"]
+        return [f"data: {study.data.source} not inspected by the dry run (hub or remote {' and '.join(hub)}: the study "
+                "tokenizes it into shards when it runs)"]
     try:
         spec = shard_spec(study)
         lines = [f"data: {describe_corpus(spec, shards_root(study))}"]

@@ -64,7 +64,7 @@ def test_texts_file_cycles_documents_of_different_lengths(tiny_gpt2_dir, tmp_pat
         (["--last-n", "9"], "--last-n 9"),
         (["--repetitions", "0"], "--repetitions 0"),
         (["--texts", "EMPTY"], "no non-empty text"),
-        (["--texts", "MISSING.txt"], "not found"),
+        (["--texts", "MISSING.txt"], "no such file"),
         (["--dataset", "nonsense"], "not understood"),
     ],
 )

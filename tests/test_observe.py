@@ -98,6 +98,7 @@ def test_final_norm_and_tokenizer_checks(tiny_gpt2_dir, tokenizer):
 @pytest.fixture(scope="module")
 def observed(ray_session, tmp_path_factory, tokenizer):
     base = build_tiny_models(tmp_path_factory.mktemp("observe-models"), tokenizer)
+    (base / "missing-model").mkdir()  # there (a missing path is refused before any work) but holds no model
     store = tmp_path_factory.mktemp("observe-store")
     uri = f"sqlite:///{store / 'mlflow.db'}"
     overrides = [f"base_dir={base}", f"tracking_uri={uri}", "repetitions=3", "max_length=32", f"families={FAMILIES}"]

@@ -277,7 +277,7 @@ def test_bad_inputs_fail_in_one_line_before_anything_is_written(tokenizer_dir, t
         "empty.txt": "is empty", "blank.txt": "no text", "binary.txt": "binary", "latin1.txt": "not UTF-8",
         "bad.jsonl": "string field 'text'", "other.csv": ".txt, .jsonl or .parquet",
         "nocol.parquet": "no column 'text'",
-        "missing.txt": "not found",
+        "missing.txt": "no such file",
     }
     for name, message in cases.items():
         with pytest.raises(DataError, match=message) as info:
