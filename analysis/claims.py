@@ -163,9 +163,8 @@ def compute_slope_effect(n: np.ndarray, values: np.ndarray, *, delta: float | No
     if not se > 0:
         return _untestable("the rung means lie exactly on a line: no error estimate", n_units=values.size, unit=f"{unit}s", n_rungs=rungs, seeds=seeds)
     interval, p, p_eq, mde = t_statistics(slope, se, rungs - 2, threshold=0.0, delta=delta, confidence=confidence, bounds=bounds)
-    note = f"only {rungs} rungs: {rungs - 2} df" if rungs < 5 else ""
     return ClaimStatistic(interval, p, p_eq, mde, int(values.size), f"{unit}s", rungs, seeds,
-                      f"slope of {rungs} rung means on log10 N ({rungs - 2} df; rung as a random effect)", note)
+                      f"slope of {rungs} rung means on log10 N ({rungs - 2} df; rung as a random effect)")
 
 
 def _rank_profile(profile: np.ndarray) -> float:
