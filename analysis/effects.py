@@ -154,8 +154,10 @@ def compute_paired_differences(paired: pl.DataFrame, options: FitOptions = FitOp
     for (rung, n), group in paired.group_by("rung", "n", maintain_order=True):
         diffs = group.sort("seed")["diff"].to_numpy().astype(float)
         spread = float(diffs.std(ddof=1)) if diffs.size > 1 else math.nan
-        if diffs.size >= MIN_PAIRS_FOR_INTERVAL:
+        if diffs.size >= MIN_PAIRS_FOR_INTERVAL and spread > 0:
             interval, _, _ = t_interval(diffs, options.confidence, bounds)
+        elif diffs.size >= MIN_PAIRS_FOR_INTERVAL:
+            interval = Interval(float(diffs.mean()), math.nan, math.nan, f"every one of the {diffs.size} pairs differs by the same amount: no spread")
         else:
             why = "1 seed" if diffs.size < 2 else f"{diffs.size} pairs: shown as points (a t interval with {diffs.size - 1} df is not informative)"
             interval = Interval(float(diffs.mean()), math.nan, math.nan, why)

@@ -392,6 +392,8 @@ def interval_from_samples(estimate: float, samples: np.ndarray, confidence: floa
     samples = samples[np.isfinite(samples)]
     if samples.size < 2:
         return Interval(float(estimate), math.nan, math.nan, why)
+    if np.ptp(samples) <= 1e-12 * max(1.0, float(np.abs(samples).max())):
+        return Interval(float(estimate), math.nan, math.nan, "every resample gives the same value: nothing varies to build an interval from")
     tail = 50.0 * (1.0 - confidence)
     low, high = np.percentile(samples, [tail, 100.0 - tail])
     return Interval(float(estimate), float(low), float(high))
@@ -446,35 +448,6 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     rx -= rx.mean()
     ry -= ry.mean()
     return float(np.dot(rx, ry) / math.sqrt(float(np.dot(rx, rx)) * float(np.dot(ry, ry))))
-
-
-def welch_df(y: np.ndarray, groups: list[np.ndarray], weights: np.ndarray) -> float:
-    """Welch-Satterthwaite degrees of freedom of the linear statistic sum_i w_i y_i when runs at
-    one rung share a variance (estimated from that rung's spread, k - 1 df each). NaN when no
-    rung has two runs."""
-    parts, dfs = [], []
-    for g in groups:
-        if g.size >= 2:
-            parts.append(float(np.sum(weights[g] ** 2)) * float(np.var(y[g], ddof=1)))
-            dfs.append(g.size - 1)
-    if not parts:
-        return math.nan
-    parts_a, dfs_a = np.array(parts), np.array(dfs, dtype=float)
-    denominator = float(np.sum(parts_a**2 / dfs_a))
-    return float(np.sum(parts_a) ** 2 / denominator) if denominator > 0 else float(np.sum(dfs_a))
-
-
-def interval_from_bootstrap_se(estimate: float, samples: np.ndarray, confidence: float, df: float, *, why: str = "no bootstrap sample") -> Interval:
-    """estimate +- t(df) x the bootstrap standard error.
-
-    With 2-5 seeds per rung the percentile interval of a mean or slope is far too narrow (a
-    resample of two values has three outcomes): on synthetic ladders with 2 seeds its 95%
-    interval held the truth 67-75% of the time, this one 93-95% (df from `welch_df`)."""
-    samples = samples[np.isfinite(samples)]
-    if samples.size < 2 or not math.isfinite(df) or df <= 0:
-        return Interval(float(estimate), math.nan, math.nan, why)
-    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * float(np.std(samples, ddof=1))
-    return Interval(float(estimate), float(estimate) - half, float(estimate) + half)
 
 
 def rung_slope(n: np.ndarray, values: np.ndarray) -> tuple[float, float, float, int]:
