@@ -463,6 +463,8 @@ def rung_slope(n: np.ndarray, values: np.ndarray) -> tuple[float, float, float, 
         return slope, intercept, math.nan, int(sizes.size)
     resid = means - (intercept + slope * x)
     se = math.sqrt(float(np.sum(resid**2)) / (sizes.size - 2) / float(np.dot(xc, xc)))
+    if se <= 1e-12 * max(1.0, abs(slope)):
+        se = 0.0  # rung means exactly on a line: round-off, not an error estimate
     return slope, intercept, se, int(sizes.size)
 
 
