@@ -107,27 +107,37 @@ def test_imports_stay_light():
 # --- the bundled task's data ---------------------------------------------------------------
 
 
-def test_bundled_cloze_data_is_small_valid_and_reproducible(bundled_rows):
+def test_bundled_cloze_data_is_small_valid_and_reproducible():
+    from scaling.data import bundled_heldout
     from scaling.eval_tasks import build
 
     data_path = TASKS_DIR / build.DATA_FILE
     assert data_path.stat().st_size < 200_000
+    manifest = json.loads((TASKS_DIR / build.MANIFEST_FILE).read_text())
     docs = [json.loads(line) for line in data_path.read_text(encoding="utf-8").splitlines()]
-    counts = {split: sum(d["split"] == split for d in docs) for split in build.SPLIT_SIZES}
-    assert counts == build.SPLIT_SIZES
+    counts = {split: sum(d["split"] == split for d in docs) for split in build.SPLITS}
+    assert counts == manifest["docs"] and counts["train"] == build.TRAIN_DOCS
+    assert all(counts[split] >= needed for split, needed in build.MIN_EVAL_DOCS.items())
     for doc in docs:
         assert len(doc["choices"]) == 4 == len(set(doc["choices"])) and 0 <= doc["gold"] < 4
         assert len(doc["context"].split()) >= build.MIN_CONTEXT_WORDS
-    contexts = {split: {d["context"] for d in docs if d["split"] == split} for split in build.SPLIT_SIZES}
+    assert manifest["chance_acc"] == 1 / 4
+    contexts = {split: {d["context"] for d in docs if d["split"] == split} for split in build.SPLITS}
     assert not contexts["test"] & contexts["validation"] and not contexts["test"] & contexts["train"]
     golds = [d["gold"] for d in docs]
     assert max(golds.count(g) for g in range(4)) < 0.35 * len(golds)  # the answer's position tells nothing
 
-    manifest = json.loads((TASKS_DIR / build.MANIFEST_FILE).read_text())
-    if build.corpus_fingerprint(bundled_rows) != manifest["corpus_sha256"]:
+    rows = build.corpus_rows()
+    # Every validation/test passage is cut from a held-out paragraph; every few-shot one from a training paragraph.
+    held = [" ".join(row.split()) for row in rows if bundled_heldout(row)]
+    kept = [" ".join(row.split()) for row in rows if not bundled_heldout(row)]
+    for split in ("validation", "test"):
+        assert all(any(c in p for p in held) for c in contexts[split]), split
+    assert all(any(c in p for p in kept) for c in contexts["train"])
+    if build.corpus_fingerprint(rows) != manifest["corpus_sha256"]:
         pytest.skip(f"the bundled corpus differs from the one the data was built from (Python "
                     f"{manifest['python']}); regenerate with python -m scaling.eval_tasks.build")
-    data, new_manifest = build.regenerate(bundled_rows)
+    data, new_manifest = build.regenerate(rows)
     assert data == data_path.read_text(encoding="utf-8")
     assert json.loads(new_manifest)["data_sha256"] == manifest["data_sha256"]
 
