@@ -3,6 +3,7 @@ the same numbers as lm-eval's own CLI, failures kept per task, and the CLI's use
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -60,6 +61,9 @@ def test_config_defaults_presets_and_paper_rules():
         ({"dtype": "float16"}, "eval.dtype"),  # CPU
         ({"num_cpus": 0}, "eval.num_cpus"),
         ({"num_gpus": -1}, "eval.num_gpus"),
+        ({"fewshot_seed": "random"}, "eval.fewshot_seed"),
+        ({"fewshot_seed": -1}, "eval.fewshot_seed"),
+        ({"log_samples": "yes"}, "eval.log_samples"),
     ],
 )
 def test_config_errors_name_the_key(kwargs, key):
@@ -175,6 +179,46 @@ def test_evaluate_model_on_the_bundled_tasks(bundled_result):
     import pickle
 
     assert pickle.loads(pickle.dumps(result)).metrics == result.metrics  # travels back from a Ray task
+
+
+def test_chance_level_and_per_item_results(bundled_result):
+    """Every bundled document has 4 choices: chance is 1/4 per task and for both means; each logged item's
+    correctness is its gold choice having the highest log-likelihood, and the items average to the accuracy."""
+    metrics = bundled_result.metrics
+    for key in (f"eval/{BUNDLED_CLOZE}/chance_acc", f"eval/{BUNDLED_CLOZE_VAL}/chance_acc",
+                eval_names.EVAL_CHANCE_MEAN_ACC, eval_names.EVAL_CHANCE_SELECTION_MEAN_ACC):
+        assert metrics[key] == pytest.approx(0.25), key
+    texts = bundled_result.samples_jsonl()
+    assert set(texts) == {BUNDLED_CLOZE, BUNDLED_CLOZE_VAL}
+    for task, text in texts.items():
+        records = [json.loads(line) for line in text.splitlines()]
+        assert [r["doc_id"] for r in records] == list(range(LIMIT)) and all(r["task"] == task for r in records)
+        for r in records:
+            assert len(r["loglik"]) == 4 and r["acc"] in (0.0, 1.0) and len(r["doc_hash"]) == 16
+            assert r["acc"] == float(max(range(4), key=lambda i: r["loglik"][i]) == r["target"])
+        assert sum(r["acc"] for r in records) / LIMIT == pytest.approx(metrics[f"eval/{task}/acc"])
+    assert eval_names.eval_samples_path(120, BUNDLED_CLOZE) == "eval/samples/step_000120/bundled_cloze.jsonl"
+
+
+def test_fewshot_examples_follow_the_runs_seed(tiny_gpt2_dir):
+    """With eval.fewshot_seed `run`, the run's seed draws the few-shot examples: the same seed gives the same
+    scores, another seed other prompts (other log-likelihoods); a fixed seed ignores the run's."""
+    from scaling.evaluate import LM_EVAL_FEWSHOT_SEED, evaluate_model
+
+    config = EvalConfig(tasks=(BUNDLED_CLOZE,), num_fewshot=1, limit=6, batch_size=1, dtype="float32")
+
+    def logliks(config, seed):
+        result = evaluate_model(tiny_gpt2_dir, config, device="cpu", seed=seed)
+        return result.lm_eval["config"]["fewshot_seed"], [r["loglik"] for r in result.samples[BUNDLED_CLOZE]]
+
+    seed0, first = logliks(config, 0)
+    assert seed0 == 0 and logliks(config, 0)[1] == first
+    assert logliks(config, 1)[1] != first
+    assert logliks(config, None)[0] == LM_EVAL_FEWSHOT_SEED
+    pinned = EvalConfig(tasks=(BUNDLED_CLOZE,), num_fewshot=1, limit=6, fewshot_seed=0, log_samples=False)
+    seed, _ = logliks(dataclasses.replace(pinned, log_samples=True), 7)
+    assert seed == 0
+    assert evaluate_model(tiny_gpt2_dir, pinned, device="cpu", seed=7).samples == {}  # log_samples off: none kept
 
 
 def test_python_path_equals_lm_eval_cli(tiny_gpt2_dir, bundled_result, tmp_path):
