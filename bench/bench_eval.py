@@ -187,7 +187,7 @@ def protocol_arms(model: Path, args) -> None:
             "batch 1, bf16 export (auto)": (bf16, dataclasses.replace(base, batch_size=1))}
     best, results = {}, {}
     for folder, config in arms.values():
-        evaluate_model(folder, config, device=args.device)  # warm-up
+        evaluate_model(folder, dataclasses.replace(config, limit=8), device=args.device)  # warm-up: imports, caches
     for _ in range(args.repeats):
         for name, (folder, config) in arms.items():
             started = time.perf_counter()

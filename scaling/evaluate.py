@@ -3,9 +3,10 @@
     python -m scaling.evaluate --model ./runs/.../hf --tasks bundled_cloze --limit 100
     python -m scaling.evaluate --model gpt2 --tasks paper10 --num-fewshot paper_gpt2 --limit 500
 
-Scoring is lm-eval's own (`simple_evaluate` on an `HFLM`); this module chooses tasks and
-few-shot counts, keeps one broken task from sinking the others, and turns lm-eval's
-results into flat metrics `eval/<task>/<metric>` and one JSON record (`scaling.names`).
+Scoring is lm-eval's own (`simple_evaluate` on an `HFLM`); this module chooses tasks, few-shot
+counts and seeds, keeps one broken task from sinking the others, and turns lm-eval's results into
+flat metrics `eval/<task>/<metric>` (with each multiple-choice task's chance level), one JSON
+record and per-document results (`scaling.names`).
 
 Three costs are kept out of the way:
 - lm-eval's import (~2 s) happens inside the functions, so the CLI's --help and a study's
@@ -457,12 +458,15 @@ def compact_sample(sample: dict) -> dict:
     return record
 
 
-def chance_levels(samples: dict[str, list[dict]], output_types: dict[str, str]) -> dict[str, float]:
-    """Leaf task -> the accuracy of a uniform guess over the documents evaluated (mean of 1 / choices),
-    for multiple-choice tasks whose samples were logged."""
+def chance_levels(samples: dict[str, list[dict]], configs: dict[str, dict]) -> dict[str, float]:
+    """Leaf task -> the accuracy of a uniform guess over the documents evaluated (mean of 1 / choices), for
+    multiple-choice tasks scored by lm-eval's own rule (pick the likeliest choice). A task with its own
+    `process_results` (truthfulqa_mc2 scores probability mass) or open answers (lambada) has none."""
     out = {}
     for task, records in samples.items():
-        if output_types.get(task) == "multiple_choice" and records and all("loglik" in r for r in records):
+        config = configs.get(task) or {}
+        standard = config.get("output_type") == "multiple_choice" and not config.get("process_results")
+        if standard and records and all("loglik" in r for r in records):
             out[task] = sum(1.0 / len(r["loglik"]) for r in records) / len(records)
     return out
 
@@ -575,8 +579,7 @@ def evaluate_model(model: str | os.PathLike, config: EvalConfig, *, device: str 
         metrics.pop(keys.EVAL_MEAN_ACC, None)
     if any(n in config.selection_tasks for n in failures):
         metrics.pop(keys.EVAL_SELECTION_MEAN_ACC, None)
-    output_types = {task: (cfg or {}).get("output_type", "") for task, cfg in results.get("configs", {}).items()}
-    chance = chance_levels(samples, output_types)
+    chance = chance_levels(samples, results.get("configs", {}))
     metrics.update(chance_metrics(chance, samples, results, [n for n in names if n not in failures], leaves,
                                   config.selection_tasks, metrics))
     metrics[keys.EVAL_NUM_FAILED] = float(len(failures))
