@@ -1,6 +1,6 @@
 """Evaluation through the project vs lm-eval's own CLI, on the same model and task.
 
-    python bench/bench_eval.py                        # 4-block d=128 GPT-2, bundled_cloze, 320 docs, batch 16
+    python bench/bench_eval.py                        # 4-block d=128 GPT-2, bundled_cloze (211 test docs), batch 16
     python bench/bench_eval.py --limit 100 --repeats 1
     python bench/bench_eval.py --paper10-estimate     # also: what paper10 costs for GPT-2 small
     python bench/bench_eval.py --protocol             # only: the paper studies' batch 1 / float32 vs batch 16 / bf16
@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--limit", type=int, default=320, help="documents (bundled_cloze has 320)")
+    parser.add_argument("--limit", type=int, default=211, help="documents (bundled_cloze's test split has 211)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="keep the model and outputs here (default: a temp folder)")
