@@ -18,7 +18,12 @@ Ties go to the evaluation nearest its probe, then to the later step (more traini
 never a candidate: it is the "initial" row every arm is compared with. The paper's choice, the
 evaluation with the highest `eval/mean_acc` on the test tasks themselves, is computed next to
 it and always labelled "test-selected (the paper's choice; optimistic)": taking a maximum over
-noisy test scores biases them upward.
+noisy test scores biases them upward. Like the authors' per-seed maximum over checkpoints, it
+includes step 0: in a mid-training study the paper's row can be the pretrained model itself.
+
+Item level (`paired_item_bootstrap`): with per-item results logged (`eval.log_samples`, read by
+`analysis.load.read_item_results`), an accuracy difference between two arms gets an interval
+that resamples both the documents and the seeds.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from analysis.fit import Interval
 from scaling import names
 
 RULE_SELECTION_ACC = names.EVAL_SELECTION_MEAN_ACC
@@ -73,7 +79,8 @@ class CheckpointChoice:
     criterion_step: int | None
     """Where that value was logged: the evaluation step itself, or the val/loss probe step used."""
     test_step: int | None
-    """The paper's choice: the evaluation with the highest eval/mean_acc (None: never logged after step 0)."""
+    """The paper's choice: the evaluation with the highest eval/mean_acc, step 0 included as in the authors'
+    per-seed maximum (None: never logged)."""
     last_step: int | None
     """The run's last evaluation (the final model)."""
     eval_steps: tuple[int, ...]
@@ -140,7 +147,7 @@ def _choose(run_id: str, steps: list[int], selection: dict[int, float], loss: di
             test: dict[int, float]) -> CheckpointChoice:
     later = [s for s in steps if s > 0]
     last = later[-1] if later else None
-    on_test = [(s, test[s], s) for s in later if s in test]
+    on_test = [(s, test[s], s) for s in steps if s in test]  # step 0 too: the authors' max includes it
     test_step = _best(on_test, highest=True)[0] if on_test else None
     scored = [(s, selection[s], s) for s in later if s in selection]
     if scored:
@@ -371,3 +378,94 @@ def build_choice_table(choices: tuple[CheckpointChoice, ...], runs: pl.DataFrame
                            "eval_steps": ",".join(map(str, c.eval_steps))} for c in choices], infer_schema_length=None)
     info = runs.select("run_id", "rung", "n_params", "arm", "seed")
     return info.join(frame, on="run_id", how="inner").sort("n_params", "arm", "seed").drop("n_params")
+
+
+# --- item-level uncertainty -------------------------------------------------------------------------------
+
+ITEM_KEYS = ("task", "leaf", "doc_id")
+"""What identifies one document across runs in `analysis.load.read_item_results`."""
+_ITEM_CHUNK = 250
+"""Bootstrap replicates drawn at a time (bounds memory at replicates x documents)."""
+
+
+@dataclass(frozen=True)
+class PairedDifference(Interval):
+    """An arm-minus-arm accuracy difference on the same documents, with its item x seed bootstrap interval."""
+
+    seeds: int = 0
+    """Seeds with both arms (the pairs)."""
+    items: int = 0
+    """Documents every one of those runs was scored on (all tasks together)."""
+    tasks: tuple[str, ...] = ()
+
+
+def chosen_items(items: pl.DataFrame, choices: tuple[CheckpointChoice, ...], selection: str = VALIDATION) -> pl.DataFrame:
+    """Each run's per-item results at one of its chosen checkpoints: `selection` VALIDATION (the headline),
+    TEST (the paper's choice) or INITIAL (step 0). `items`: `analysis.load.read_item_results`."""
+    if selection not in SELECTION_LABELS:
+        raise ValueError(f"selection={selection!r}: use one of {list(SELECTION_LABELS)}")
+    step_of = {VALIDATION: lambda c: c.step, TEST: lambda c: c.test_step, INITIAL: lambda c: 0 if c.has_initial else None}
+    wanted = pl.DataFrame([{"run_id": c.run_id, "step": step_of[selection](c)} for c in choices
+                           if step_of[selection](c) is not None], schema={"run_id": pl.String, "step": pl.Int64})
+    return items.join(wanted, on=["run_id", "step"], how="inner")
+
+
+def paired_item_bootstrap(items: pl.DataFrame, *, treatment: str, control: str, metric: str = ACC,
+                          n_bootstrap: int = 2000, level: float = 0.95, seed: int = 0) -> PairedDifference:
+    """Mean accuracy of `treatment` minus `control`, paired by seed, on the documents both were scored on,
+    with a percentile interval from a two-way bootstrap that resamples the seeds and, independently
+    within each task, the documents (items x seeds: both are samples, so both vary; resampling both is
+    slightly conservative).
+
+    `items`: one row per (run, document) at one checkpoint per run, e.g. `chosen_items(...)` of one
+    rung: columns arm, seed, task, leaf, doc_id and `metric` (1.0 correct, 0.0 not). The estimate is
+    the mean over tasks of each task's accuracy difference (eval/mean_acc's mean), averaged over seeds.
+    Bounds are NaN, with the reason in `why`, when no seed has both arms or nothing varies.
+    With 1 seed the interval reflects the documents only (`seeds` says so)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level={level!r}: must be in (0, 1)")
+    columns = {"arm", "seed", *ITEM_KEYS, metric}
+    if missing := columns - set(items.columns):
+        raise ValueError(f"items lack columns {sorted(missing)}; read them with analysis.load.read_item_results")
+    if "rung" in items.columns and items["rung"].n_unique() > 1:
+        raise ValueError("items of several rungs: pass one rung's items (a document is paired within a rung)")
+    rows = items.filter(pl.col("arm").is_in([treatment, control]) & pl.col(metric).is_not_null())
+    seeds = sorted(set(rows.filter(pl.col("arm") == treatment)["seed"].to_list())
+                   & set(rows.filter(pl.col("arm") == control)["seed"].to_list()))
+    if not seeds:
+        return PairedDifference(math.nan, math.nan, math.nan, f"no seed has both {treatment} and {control} item results")
+    rows = rows.filter(pl.col("seed").is_in(seeds))
+    # A document counts when every paired run has it (runs scored on other limits share only some).
+    runs = rows.select("arm", "seed").unique().height
+    common = (rows.group_by(*ITEM_KEYS).agg(pl.struct("arm", "seed").n_unique().alias("_runs"))
+              .filter(pl.col("_runs") == runs).drop("_runs"))
+    rows = rows.join(common, on=list(ITEM_KEYS), how="inner")
+    if rows.is_empty():
+        return PairedDifference(math.nan, math.nan, math.nan, "the paired runs share no scored document", len(seeds))
+    wide = (rows.group_by("seed", *ITEM_KEYS, "arm").agg(pl.col(metric).mean())
+            .pivot(on="arm", index=["seed", *ITEM_KEYS], values=metric)
+            .with_columns((pl.col(treatment) - pl.col(control)).alias("_d")).sort("task", "leaf", "doc_id", "seed"))
+    tasks = tuple(sorted(set(wide["task"].to_list())))
+    blocks = []  # per task: [seeds, documents] of differences
+    for task in tasks:
+        cell = wide.filter(pl.col("task") == task)
+        blocks.append(cell["_d"].to_numpy().astype(float).reshape(-1, len(seeds)).T)
+    estimate = float(np.mean([block.mean() for block in blocks]))
+    n_items = int(sum(block.shape[1] for block in blocks))
+    rng = np.random.default_rng(seed)
+    stats = []
+    for start in range(0, n_bootstrap, _ITEM_CHUNK):
+        size = min(_ITEM_CHUNK, n_bootstrap - start)
+        seed_weights = rng.multinomial(len(seeds), np.full(len(seeds), 1 / len(seeds)), size=size) / len(seeds)
+        per_seed = np.zeros((size, len(seeds)))
+        for block in blocks:
+            n = block.shape[1]
+            item_weights = rng.multinomial(n, np.full(n, 1 / n), size=size) / n  # [size, documents]
+            per_seed += item_weights @ block.T / len(blocks)
+        stats.append((per_seed * seed_weights).sum(axis=1))
+    stats = np.concatenate(stats)
+    low, high = (float(v) for v in np.quantile(stats, [(1 - level) / 2, (1 + level) / 2]))
+    if high - low <= 1e-12:
+        return PairedDifference(estimate, math.nan, math.nan, f"no document or seed varies: every resample gives {estimate:+.4f}",
+                                len(seeds), n_items, tasks)
+    return PairedDifference(estimate, low, high, "", len(seeds), n_items, tasks)

@@ -79,6 +79,10 @@ PROFILE_SCHEMA = {
 PROBE_PROFILE_SCHEMA = {"step": pl.Int64, **PROFILE_SCHEMA}
 """Profiles at every probe step of a training run (its `probes/step_*.json` artifacts)."""
 _TIDY_METRIC_SCHEMA = {"run_id": pl.String, "step": pl.Int64, "metric": pl.String, "value": pl.Float64}
+ITEM_SCHEMA = {"run_id": pl.String, "step": pl.Int64, "task": pl.String, "leaf": pl.String, "doc_id": pl.Int64,
+               "doc_hash": pl.String, "acc": pl.Float64, "acc_norm": pl.Float64}
+"""Per-item downstream results (`read_item_results`): one row per run, evaluation step and document."""
+_STEP_FOLDER = re.compile(r"^step_(\d+)$")
 _CACHE_VERSION = 2
 
 
@@ -417,6 +421,42 @@ def read_study(tracking_uri: str | None = None, study: str | None = None, *, cac
         from_cache=cached is not None,
         study_params=dict(parents[0].data.params) if parents else {},
     )
+
+
+def _item_rows(client, run_id: str) -> list[dict]:
+    """Rows of ITEM_SCHEMA from a run's eval/samples/step_*/<task>.jsonl artifacts (none: [])."""
+    steps = [e.path for e in client.list_artifacts(run_id, names.EVAL_SAMPLES_DIR) if e.is_dir]
+    if not steps:
+        return []
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(client.download_artifacts(run_id, names.EVAL_SAMPLES_DIR, tmp))
+        for step_dir in sorted(folder.iterdir()):
+            match = _STEP_FOLDER.match(step_dir.name)
+            if not match:
+                continue
+            for path in sorted(step_dir.glob("*.jsonl")):
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    record = json.loads(line)
+                    rows.append({"run_id": run_id, "step": int(match.group(1)), "task": path.stem,
+                                 "leaf": record.get("task", path.stem), "doc_id": int(record["doc_id"]),
+                                 "doc_hash": record.get("doc_hash"), "acc": _to_float(record.get("acc")),
+                                 "acc_norm": _to_float(record.get("acc_norm"))})
+    return rows
+
+
+def read_item_results(records: StudyRecords, run_ids: list[str] | None = None) -> pl.DataFrame:
+    """Per-document downstream results of a study's runs (default: its finished training runs), from the
+    `eval/samples` artifacts the trainer logs with `eval.log_samples`: ITEM_SCHEMA columns plus the runs'
+    rung, n_params, arm and seed. `task` is the configured task (the artifact's name), `leaf` the lm-eval
+    task inside it (a group's subtask); acc/acc_norm are 1.0 (correct) or 0.0. Empty when nothing was logged.
+    Downloads every run's files: read it once per analysis."""
+    client = _client(records.tracking_uri)
+    ids = records.finished()["run_id"].to_list() if run_ids is None else list(run_ids)
+    rows = [row for run_id in ids for row in _item_rows(client, run_id)]
+    items = pl.DataFrame(rows, schema=ITEM_SCHEMA, orient="row") if rows else pl.DataFrame(schema=ITEM_SCHEMA)
+    info = records.runs.select("run_id", "rung", "n_params", "arm", "seed")
+    return items.join(info, on="run_id", how="left")
 
 
 def compute_final_values(metrics: pl.DataFrame) -> pl.DataFrame:

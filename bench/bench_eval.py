@@ -1,8 +1,9 @@
 """Evaluation through the project vs lm-eval's own CLI, on the same model and task.
 
-    python bench/bench_eval.py                        # 4-block d=128 GPT-2, bundled_cloze, 320 docs, batch 16
+    python bench/bench_eval.py                        # 4-block d=128 GPT-2, bundled_cloze (211 test docs), batch 16
     python bench/bench_eval.py --limit 100 --repeats 1
     python bench/bench_eval.py --paper10-estimate     # also: what paper10 costs for GPT-2 small
+    python bench/bench_eval.py --protocol             # only: the paper studies' batch 1 / float32 vs batch 16 / bf16
 
 End to end (each a fresh interpreter, as a user runs it):
 - `lm_eval --model hf ... --include_path scaling/eval_tasks` (the baseline);
@@ -54,12 +55,16 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--limit", type=int, default=320, help="documents (bundled_cloze has 320)")
+    parser.add_argument("--limit", type=int, default=211, help="documents (bundled_cloze's test split has 211)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="keep the model and outputs here (default: a temp folder)")
     parser.add_argument("--paper10-estimate", action="store_true",
                         help="also time GPT-2-small-shaped forward passes and scale them to paper10's")
+    parser.add_argument("--protocol", action="store_true",
+                        help="only time evaluate_model under the scoring protocols (batch 16 / bf16 export, batch 16 / "
+                             "float32, batch 1 / float32: the paper studies'), and how far their scores differ")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (--protocol)")
     return parser.parse_args()
 
 
@@ -161,6 +166,43 @@ def in_process_arms(model: Path, args) -> dict:
     return {"best": best, "values": values}
 
 
+def protocol_arms(model: Path, args) -> None:
+    """evaluate_model on the same model under each scoring protocol, interleaved over --repeats (best time
+    each), with accuracies and the largest per-choice log-likelihood difference from batch 1 / float32."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scaling.evaluate import EvalConfig, evaluate_model
+
+    bf16 = model.with_name(model.name + "-bf16")  # what a bf16 training run exported before
+    if not (bf16 / "config.json").is_file():
+        AutoModelForCausalLM.from_pretrained(model).to(torch.bfloat16).save_pretrained(bf16)
+        AutoTokenizer.from_pretrained(model).save_pretrained(bf16)
+    base = EvalConfig(tasks=(BUNDLED_CLOZE,), limit=args.limit, batch_size=16)
+    arms = {"batch 16, bf16 export (auto)": (bf16, base),
+            "batch 16, float32": (model, dataclasses.replace(base, dtype="float32")),
+            "batch 1, float32 (paper studies)": (model, dataclasses.replace(base, dtype="float32", batch_size=1)),
+            "batch 1, bf16 export (auto)": (bf16, dataclasses.replace(base, batch_size=1))}
+    best, results = {}, {}
+    for folder, config in arms.values():
+        evaluate_model(folder, dataclasses.replace(config, limit=8), device=args.device)  # warm-up: imports, caches
+    for _ in range(args.repeats):
+        for name, (folder, config) in arms.items():
+            started = time.perf_counter()
+            results[name] = evaluate_model(folder, config, device=args.device)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - started)
+    reference = "batch 1, float32 (paper studies)"
+    ref = [r["loglik"] for r in results[reference].samples[BUNDLED_CLOZE]]
+    print(f"\n{'protocol (' + args.device + ')':<36} {'best s':>8} {'vs batch 16 bf16':>17} {'acc':>7} {'max |dloglik|':>14}")
+    for name, seconds in best.items():
+        logliks = [r["loglik"] for r in results[name].samples[BUNDLED_CLOZE]]
+        diff = max(abs(a - b) for x, y in zip(logliks, ref) for a, b in zip(x, y))
+        print(f"{name:<36} {seconds:>8.2f} {seconds / best['batch 16, bf16 export (auto)']:>16.2f}x "
+              f"{results[name].metrics[f'eval/{BUNDLED_CLOZE}/acc']:>7.4f} {diff:>14.4f}")
+
+
 def paper10_estimate(workdir: Path, repeats: int) -> None:
     """Forward time of a GPT-2-small-shaped model (12 x 768, vocab 50257) on this CPU at each task's
     prompt length and batch 16, times the forward passes of PAPER10_PLAN."""
@@ -203,6 +245,10 @@ def main() -> None:
         load_start = os.getloadavg()[0]
         print(f"model {model.name}, task {BUNDLED_CLOZE}, limit {args.limit}, batch {args.batch_size}, "
               f"{args.repeats} repeats; load {load_start:.1f} on {os.cpu_count()} cores", flush=True)
+        if args.protocol:
+            protocol_arms(model, args)
+            print(f"load {load_start:.1f} -> {os.getloadavg()[0]:.1f}")
+            return
         arms = {"lm_eval CLI": (lm_eval_cli, "lm_eval"), "python -m scaling.evaluate": (project_cli, "project")}
         cli_best = dict.fromkeys(arms, float("inf"))
         for repeat in range(args.repeats):

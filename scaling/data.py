@@ -2,7 +2,8 @@
 
 Three kinds of text source, all read into a list of non-empty "rows" (paragraphs):
 - `bundled`: CPython's own documentation topics (`pydoc_data.topics`, ~65k words of English
-  prose that ships with every Python), so the demo and tests need no download;
+  prose that ships with every Python), so the demo and tests need no download; the paragraphs
+  the bundled cloze task is cut from are held out of it (`bundled_heldout`);
 - a Hugging Face dataset by name (the reference protocol's four sources, or any
   `hf:NAME[/CONFIG]:SPLIT:FIELD`), loaded with `datasets` on machines with network;
 - a local file: `.txt` (one document per line), `.jsonl` (a `text` field per line) or `.parquet`
@@ -194,12 +195,46 @@ def read_rows(source: TextSource, limit: int | None = None) -> list[str]:
     return rows
 
 
-def _read_bundled_rows() -> list[str]:
+BUNDLED_HELDOUT_SHARE = 0.35
+"""About this share of the bundled corpus' prose paragraphs is held out of the `bundled` source: the
+bundled cloze task's validation and test passages come only from them (`scaling.eval_tasks.build`), so
+no token of the bundled training text (train or validation blocks, whatever `val_fraction`) holds them."""
+PROSE_MIN_WORDS = 16
+PROSE_MIN_SHARE = 0.8
+"""A prose paragraph: at least PROSE_MIN_WORDS words, this share of them word-like (no code listings)."""
+_WORDLIKE = re.compile(r"[\"'(]?[A-Za-z][a-z'-]*[\"')]?[,.;:]?")
+
+
+def is_prose(words: list[str]) -> bool:
+    """Whether a paragraph (split into words) reads as English prose rather than code or a table."""
+    if len(words) < PROSE_MIN_WORDS:
+        return False
+    return sum(bool(_WORDLIKE.fullmatch(w)) for w in words) >= PROSE_MIN_SHARE * len(words)
+
+
+def bundled_heldout(row: str) -> bool:
+    """The one rule that keeps the bundled evaluation out of the bundled training text: a prose
+    paragraph whose whitespace-normalised text hashes below BUNDLED_HELDOUT_SHARE. It reads the text
+    alone (not its position), so every copy of a repeated paragraph goes the same way."""
+    words = row.split()
+    if not is_prose(words):
+        return False
+    digest = hashlib.sha256(("bundled-heldout\x1f" + " ".join(words)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < BUNDLED_HELDOUT_SHARE * 2**64
+
+
+def bundled_corpus_rows() -> list[str]:
+    """Every paragraph of `pydoc_data.topics`, held-out ones included (the cloze task's builder reads
+    these; training and probes read `read_rows` of the `bundled` source, which leaves them out)."""
     from pydoc_data.topics import topics
 
     # Paragraphs of every topic, in a fixed (sorted) order so that seeds mean the same thing
     # on every machine with the same Python minor version.
     return [p for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key])]
+
+
+def _read_bundled_rows() -> list[str]:
+    return [row for row in bundled_corpus_rows() if not bundled_heldout(row)]
 
 
 def _read_file_rows(path: Path, field: str) -> list[str]:

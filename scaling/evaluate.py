@@ -3,9 +3,10 @@
     python -m scaling.evaluate --model ./runs/.../hf --tasks bundled_cloze --limit 100
     python -m scaling.evaluate --model gpt2 --tasks paper10 --num-fewshot paper_gpt2 --limit 500
 
-Scoring is lm-eval's own (`simple_evaluate` on an `HFLM`); this module chooses tasks and
-few-shot counts, keeps one broken task from sinking the others, and turns lm-eval's
-results into flat metrics `eval/<task>/<metric>` and one JSON record (`scaling.names`).
+Scoring is lm-eval's own (`simple_evaluate` on an `HFLM`); this module chooses tasks, few-shot
+counts and seeds, keeps one broken task from sinking the others, and turns lm-eval's results into
+flat metrics `eval/<task>/<metric>` (with each multiple-choice task's chance level), one JSON
+record and per-document results (`scaling.names`).
 
 Three costs are kept out of the way:
 - lm-eval's import (~2 s) happens inside the functions, so the CLI's --help and a study's
@@ -42,6 +43,10 @@ from scaling.errors import ConfigError, ModelError, one_line
 from scaling.names import PAPER_FEWSHOT_SHOTS, PAPER_FEWSHOT_TASKS, PRESETS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+RUN_SEED = "run"
+"""`eval.fewshot_seed` value meaning the evaluated run's own seed."""
+LM_EVAL_FEWSHOT_SEED = 1234
+"""lm-eval's default few-shot seed: what `run` means for a model evaluated outside a study."""
 FEWSHOT_PRESETS = tuple(f"paper_{family}" for family in PAPER_FEWSHOT_SHOTS)
 """String values of `eval.num_fewshot` that mean the paper's rule for a model family."""
 
@@ -81,6 +86,12 @@ class EvalConfig:
     """CPUs reserved by each evaluation (a Ray task beside training)."""
     num_gpus: float = 0.0
     """GPUs reserved by each evaluation; > 0 evaluates on CUDA."""
+    fewshot_seed: int | str = RUN_SEED
+    """Seed of the few-shot sampling (and lm-eval's python/numpy/torch seeds, as its `--seed N`): `run` = the
+    evaluated run's seed, as the authors (outside a study: lm-eval's default, 1234); or a fixed integer."""
+    log_samples: bool = True
+    """Keep each document's result (doc id, correctness, per-choice log-likelihood): one artifact per task and
+    evaluation step (`scaling.names.eval_samples_path`), for item-level intervals and the tasks' chance level."""
 
     def __post_init__(self):
         tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
@@ -115,6 +126,12 @@ class EvalConfig:
             raise ConfigError(f"eval.num_cpus={self.num_cpus!r}: must be > 0 (Ray resources of one evaluation)")
         if not (isinstance(self.num_gpus, (int, float)) and math.isfinite(self.num_gpus) and self.num_gpus >= 0):
             raise ConfigError(f"eval.num_gpus={self.num_gpus!r}: must be >= 0")
+        if not (self.fewshot_seed == RUN_SEED or (isinstance(self.fewshot_seed, int)
+                                                  and not isinstance(self.fewshot_seed, bool) and self.fewshot_seed >= 0)):
+            raise ConfigError(f"eval.fewshot_seed={self.fewshot_seed!r}: use {RUN_SEED!r} (each run's seed) or an "
+                              "integer >= 0")
+        if not isinstance(self.log_samples, bool):
+            raise ConfigError(f"eval.log_samples={self.log_samples!r}: use true or false")
         if self.num_gpus == 0 and self.dtype == "float16":
             raise ConfigError("eval.dtype=float16 needs a GPU (CPU half kernels are slow or missing); "
                               "set eval.num_gpus or use float32/bfloat16")
@@ -141,7 +158,8 @@ class EvalConfig:
     def __hash__(self):  # num_fewshot may be a dict
         fewshot = tuple(sorted(self.num_fewshot.items())) if isinstance(self.num_fewshot, dict) else self.num_fewshot
         return hash((self.tasks, self.selection_tasks, fewshot, self.limit, self.batch_size, self.every_steps,
-                     self.at_start, self.include_path, self.dtype, self.num_cpus, self.num_gpus))
+                     self.at_start, self.include_path, self.dtype, self.num_cpus, self.num_gpus, self.fewshot_seed,
+                     self.log_samples))
 
     def task_names(self) -> tuple[str, ...]:
         """The configured tasks with presets expanded, in order."""
@@ -170,6 +188,12 @@ class EvalConfig:
         steps.update(range(every, total_steps, every))
         steps.add(total_steps)
         return tuple(sorted(steps))
+
+    def resolve_fewshot_seed(self, run_seed: int | None) -> int:
+        """The few-shot seed of one evaluation: the fixed eval.fewshot_seed, else the run's seed (None: lm-eval's default)."""
+        if self.fewshot_seed != RUN_SEED:
+            return int(self.fewshot_seed)
+        return LM_EVAL_FEWSHOT_SEED if run_seed is None else int(run_seed)
 
     def device(self) -> str:
         """Where an evaluation runs: cuda when the evaluation has GPUs, else cpu."""
@@ -210,7 +234,10 @@ class EvalResult:
     lm_eval: dict[str, Any] = field(repr=False)
     """lm-eval's results (`results`, `configs`, `n-shot`, `n-samples`, versions ...), JSON-safe; {} if nothing ran."""
     settings: dict[str, Any] = field(default_factory=dict)
-    """The EvalConfig, device and dtype used."""
+    """The EvalConfig, device, dtype and few-shot seed used."""
+    samples: dict[str, list[dict]] = field(default_factory=dict, repr=False)
+    """Configured task -> one `compact_sample` per document of each of its leaf tasks (named in `task`);
+    empty unless eval.log_samples. Not in `to_json`: `samples_jsonl` writes them."""
 
     @property
     def ok(self) -> bool:
@@ -223,6 +250,11 @@ class EvalResult:
     def to_json(self) -> str:
         """The record to store as an artifact (`scaling.names.ARTIFACT_EVAL_JSON`)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str, allow_nan=True)
+
+    def samples_jsonl(self) -> dict[str, str]:
+        """Configured task -> its per-item results as JSONL text (`scaling.names.eval_samples_path`)."""
+        return {task: "".join(json.dumps(r, sort_keys=True, allow_nan=True) + "\n" for r in records)
+                for task, records in self.samples.items() if records}
 
 
 # --- task names ------------------------------------------------------------------------------
@@ -431,13 +463,81 @@ def flatten_results(results: dict, names: list[str], leaves: dict[str, list[str]
     return metrics
 
 
+def compact_sample(sample: dict) -> dict:
+    """One document's result from lm-eval's logged sample, small enough to keep for every item of every
+    evaluation: doc_id, doc_hash (16 hex), target (an index, for multiple choice), each metric's value
+    (acc, acc_norm: 1.0 correct, 0.0 not) and, for multiple choice, each choice's log-likelihood."""
+    record: dict[str, Any] = {"doc_id": int(sample["doc_id"]), "doc_hash": str(sample.get("doc_hash", ""))[:16]}
+    if isinstance(sample.get("target"), int) and not isinstance(sample["target"], bool):
+        record["target"] = sample["target"]
+    for metric in sample.get("metrics", ()):
+        value = sample.get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            record[metric] = float(value)
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            record[metric] = [float(v) for v in value]  # e.g. word_perplexity's (loglikelihood, words)
+    responses = sample.get("filtered_resps") or []
+    if len(responses) > 1 and all(isinstance(r, (list, tuple)) and r and isinstance(r[0], (int, float))
+                                  for r in responses):
+        record["loglik"] = [round(float(r[0]), 4) for r in responses]  # one (loglik, is_greedy) per choice
+    return record
+
+
+def chance_levels(samples: dict[str, list[dict]], configs: dict[str, dict]) -> dict[str, float]:
+    """Leaf task -> the accuracy of a uniform guess over the documents evaluated (mean of 1 / choices), for
+    multiple-choice tasks scored by lm-eval's own rule (pick the likeliest choice). A task with its own
+    `process_results` (truthfulqa_mc2 scores probability mass) or open answers (lambada) has none."""
+    out = {}
+    for task, records in samples.items():
+        config = configs.get(task) or {}
+        standard = config.get("output_type") == "multiple_choice" and not config.get("process_results")
+        if standard and records and all("loglik" in r for r in records):
+            out[task] = sum(1.0 / len(r["loglik"]) for r in records) / len(records)
+    return out
+
+
+def chance_metrics(chance: dict[str, float], samples: dict[str, list[dict]], results: dict, names: list[str],
+                   leaves: dict[str, list[str]], selection: tuple[str, ...], metrics: dict[str, float]) -> dict[str, float]:
+    """`eval/<task>/chance_acc` beside each reported `eval/<task>/acc` (a group: over all its documents), and
+    the chance levels of eval/mean_acc and eval/selection_mean_acc: the same mean as `flatten_results` takes,
+    of chance levels instead of accuracies; each only when every task in it has one."""
+    per_task = results.get("results", {})
+
+    def level(reported: str, name: str) -> float | None:
+        parts = [reported] if reported in chance else (leaves.get(name, []) if reported == name else [])
+        if not parts or not all(p in chance for p in parts):
+            return None
+        return sum(chance[p] * len(samples[p]) for p in parts) / sum(len(samples[p]) for p in parts)
+
+    out: dict[str, float] = {}
+    levels: dict[bool, list[float]] = {False: [], True: []}
+    complete = {False: True, True: True}
+    for name in names:
+        for reported in ([name] if name in per_task else leaves.get(name, [])):
+            value = level(reported, name)
+            if value is not None:
+                out[keys.eval_metric_key(reported, keys.EVAL_CHANCE_ACC)] = value
+            acc = per_task.get(reported, {}).get("acc,none")
+            if isinstance(acc, (int, float)) and not isinstance(acc, bool):
+                if value is None:
+                    complete[name in selection] = False
+                else:
+                    levels[name in selection].append(value)
+    for is_selection, mean_key, chance_key in ((False, keys.EVAL_MEAN_ACC, keys.EVAL_CHANCE_MEAN_ACC),
+                                               (True, keys.EVAL_SELECTION_MEAN_ACC, keys.EVAL_CHANCE_SELECTION_MEAN_ACC)):
+        if mean_key in metrics and complete[is_selection] and levels[is_selection]:
+            out[chance_key] = sum(levels[is_selection]) / len(levels[is_selection])
+    return out
+
+
 def evaluate_model(model: str | os.PathLike, config: EvalConfig, *, device: str | None = None,
-                   tokenizer: str | None = None) -> EvalResult:
+                   tokenizer: str | None = None, seed: int | None = None) -> EvalResult:
     """Evaluate a Hugging Face causal LM (folder or hub name) on the configured tasks with lm-eval.
 
     A task that cannot be loaded (missing data, no network for a hub dataset) or that fails while
     evaluated is recorded in `failures` and the other tasks still give results; a model that
     cannot be loaded raises ModelError. `device`: None = config.device(), or auto/cpu/cuda/cuda:N.
+    `seed`: the evaluated run's seed, which seeds the few-shot sampling when eval.fewshot_seed is `run`.
     """
     from lm_eval import simple_evaluate
 
@@ -466,10 +566,18 @@ def evaluate_model(model: str | os.PathLike, config: EvalConfig, *, device: str 
 
     loaded = {name: objects for name in names if (objects := load(name))}
     lm = _build_lm(model, config, device, tokenizer) if loaded else None
+    fewshot_seed = config.resolve_fewshot_seed(seed)
+    samples: dict[str, list[dict]] = {}
 
     def run(objects: list) -> dict:
+        # One seed for python, numpy, torch and the few-shot sampler, as lm-eval's `--seed N`. Samples are
+        # always logged (small for these tasks): they give the chance level; eval.log_samples keeps them.
         raw = simple_evaluate(model=lm, tasks=objects, num_fewshot=None, batch_size=config.batch_size,
-                              device=device, limit=config.limit, task_manager=manager, log_samples=False)
+                              device=device, limit=config.limit, task_manager=manager, log_samples=True,
+                              random_seed=fewshot_seed, numpy_random_seed=fewshot_seed,
+                              torch_random_seed=fewshot_seed, fewshot_random_seed=fewshot_seed)
+        for task, logged in (raw.get("samples") or {}).items():
+            samples[task] = [compact_sample(sample) for sample in logged]
         return _json_safe(raw)
 
     parts = []
@@ -496,11 +604,21 @@ def evaluate_model(model: str | os.PathLike, config: EvalConfig, *, device: str 
         metrics.pop(keys.EVAL_MEAN_ACC, None)
     if any(n in config.selection_tasks for n in failures):
         metrics.pop(keys.EVAL_SELECTION_MEAN_ACC, None)
+    chance = chance_levels(samples, results.get("configs", {}))
+    metrics.update(chance_metrics(chance, samples, results, [n for n in names if n not in failures], leaves,
+                                  config.selection_tasks, metrics))
     metrics[keys.EVAL_NUM_FAILED] = float(len(failures))
     metrics[keys.EVAL_SECONDS] = time.perf_counter() - started
-    settings = {**dataclasses.asdict(config), "device": device, "task_names": names}
+    settings = {**dataclasses.asdict(config), "device": device, "task_names": names, "fewshot_seed_used": fewshot_seed}
+    kept = {}
+    if config.log_samples:  # one file per configured task; a group's or tag's leaves are named in each record
+        for name in names:
+            records = [{"task": leaf, **r} for leaf in leaves.get(name, []) if name not in failures
+                       for r in samples.get(leaf, [])]
+            if records:
+                kept[name] = records
     return EvalResult(model=model, metrics=metrics, failures={n: failures[n] for n in names if n in failures},
-                      lm_eval=results, settings=settings)
+                      lm_eval=results, settings=settings, samples=kept)
 
 
 def _resolve_device(device: str) -> str:
@@ -554,7 +672,8 @@ def save_model_for_eval(model, directory: str | os.PathLike, *, tokenizer=None, 
 # --- command line ----------------------------------------------------------------------------
 
 _CLI_FLAGS = {"eval.tasks": "--tasks", "eval.num_fewshot": "--num-fewshot", "eval.limit": "--limit",
-              "eval.batch_size": "--batch-size", "eval.include_path": "--include-path", "eval.dtype": "--dtype"}
+              "eval.batch_size": "--batch-size", "eval.include_path": "--include-path", "eval.dtype": "--dtype",
+              "eval.fewshot_seed": "--fewshot-seed"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -572,6 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", default="16", help="sequences per forward pass (default 16)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (as saved), float32, bfloat16 or float16")
+    parser.add_argument("--fewshot-seed", default=str(LM_EVAL_FEWSHOT_SEED),
+                        help=f"seed of the few-shot sampling (and lm-eval's other seeds; default {LM_EVAL_FEWSHOT_SEED})")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or name (default: the model's)")
     parser.add_argument("--out", default=None, help="output folder (default: evaluations/<model name>)")
     return parser
@@ -607,7 +728,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     try:
         return EvalConfig(tasks=tasks, num_fewshot=_parse_fewshot(args.num_fewshot),
                           limit=_integer("--limit", args.limit), batch_size=_integer("--batch-size", args.batch_size),
-                          include_path=args.include_path, dtype=args.dtype)
+                          include_path=args.include_path, dtype=args.dtype,
+                          fewshot_seed=_integer("--fewshot-seed", args.fewshot_seed))
     except ConfigError as exc:
         message = str(exc)
         for key, flag in _CLI_FLAGS.items():
@@ -624,8 +746,9 @@ def format_table(result: EvalResult) -> str:
         task, metric = parsed
         stderr = result.metrics.get(keys.eval_metric_key(task, f"{metric}_stderr"))
         lines.append(f"{task:<28} {metric:<20} {value:>10.4f} {'' if stderr is None else f'{stderr:8.4f}':>8}")
-    for key, label in ((keys.EVAL_MEAN_ACC, "mean acc"),
-                       (keys.EVAL_SELECTION_MEAN_ACC, "selection mean acc")):
+    for key, label in ((keys.EVAL_MEAN_ACC, "mean acc"), (keys.EVAL_CHANCE_MEAN_ACC, "chance level of mean acc"),
+                       (keys.EVAL_SELECTION_MEAN_ACC, "selection mean acc"),
+                       (keys.EVAL_CHANCE_SELECTION_MEAN_ACC, "chance level of selection")):
         if key in result.metrics:
             lines.append(f"{label:<28} {'acc':<20} {result.metrics[key]:>10.4f}")
     for task, reason in result.failures.items():
@@ -650,6 +773,9 @@ def run(argv: list[str] | None = None) -> EvalResult:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(result.to_json() + "\n", encoding="utf-8")
     tmp.replace(path)
+    for task, text in result.samples_jsonl().items():  # per-item results beside the record
+        (out / "samples").mkdir(exist_ok=True)
+        (out / "samples" / Path(keys.eval_samples_path(0, task)).name).write_text(text, encoding="utf-8")
     print(f"{args.model} on {', '.join(config.task_names())} ({device}, limit {config.limit}, "
           f"{result.metrics[keys.EVAL_SECONDS]:.1f} s)")
     print(format_table(result))

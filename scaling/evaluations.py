@@ -23,17 +23,17 @@ from scaling import names, storage
 from scaling.errors import one_line
 
 
-def evaluate_remote(model_uri: str, config) -> Any:
+def evaluate_remote(model_uri: str, config, seed: int | None = None) -> Any:
     """The Ray task: evaluate the exported folder (copied to local disk first when it is on object
-    storage) with lm-eval."""
+    storage) with lm-eval; `seed` is the run's (few-shot sampling, `EvalConfig.fewshot_seed`)."""
     from scaling.evaluate import evaluate_model
 
     if storage.is_local(model_uri):
-        return evaluate_model(model_uri, config)
+        return evaluate_model(model_uri, config, seed=seed)
     local = Path(tempfile.mkdtemp(prefix="eval-model-"))
     try:
         storage.copy_tree(model_uri, str(local))
-        return evaluate_model(str(local), config)
+        return evaluate_model(str(local), config, seed=seed)
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -42,10 +42,14 @@ class RunEvaluations:
     """The evaluations of one training run (every rank holds one; only rank 0 submits and records)."""
 
     def __init__(self, config, *, total_steps: int, rank: int, logger, tokenizer_uri: str | None, run_folder: str | None,
-                 precision_dtype):
+                 precision_dtype, seed: int | None = None):
         self.config = config
         self.steps = set(config.eval_steps(total_steps))
-        self.rank, self.logger = rank, logger
+        self.rank, self.logger, self.seed = rank, logger, seed
+        if config.dtype != "auto":  # export what is scored: float32 comes from the fp32 master weights, not a bf16 copy
+            import torch
+
+            precision_dtype = getattr(torch, config.dtype)
         self.tokenizer_uri, self.precision_dtype = tokenizer_uri, precision_dtype
         self.root = storage.join(run_folder, "hf") if run_folder else None
         self.pending: dict[Any, int] = {}
@@ -72,7 +76,7 @@ class RunEvaluations:
             self.logger.set_tags({f"{names.TAG_EVAL_FAILED_PREFIX}{step}": f"export: {one_line(exc)}"})
             return
         remote = ray.remote(evaluate_remote).options(max_retries=1, **self.config.ray_options())
-        self.pending[remote.remote(target, self.config)] = step
+        self.pending[remote.remote(target, self.config, self.seed)] = step
         self.exported[step] = target
 
     def collect(self, wait: bool = False) -> None:
@@ -103,6 +107,11 @@ class RunEvaluations:
             path = Path(directory) / names.ARTIFACT_EVAL_JSON
             path.write_text(result.to_json(), encoding="utf-8")
             self.logger.log_artifact(path, str(Path(names.eval_artifact_path(step)).parent))
+            for task, text in result.samples_jsonl().items():  # per-item results (eval.log_samples)
+                where = Path(names.eval_samples_path(step, task))
+                sample_path = Path(directory) / where.name
+                sample_path.write_text(text, encoding="utf-8")
+                self.logger.log_artifact(sample_path, str(where.parent))
         if result.failures:
             self.logger.set_tags({f"{names.TAG_EVAL_FAILED_PREFIX}{step}":
                                   json.dumps(result.failures, sort_keys=True)[:4000]})

@@ -144,6 +144,14 @@ EVAL_SECONDS = "eval/seconds"
 """Wall time of one evaluation (loading the model and tasks included)."""
 ARTIFACT_EVAL_JSON = "eval_results.json"
 """One evaluation's record: flat metrics, failures, settings and lm-eval's own results."""
+EVAL_CHANCE_ACC = "chance_acc"
+"""Per task (`eval/<task>/chance_acc`): the accuracy of a uniform guess, mean of 1 / choices over its documents."""
+EVAL_CHANCE_MEAN_ACC = "eval/chance_mean_acc"
+"""Chance level of eval/mean_acc (the same mean over the same tasks, of chance_acc)."""
+EVAL_CHANCE_SELECTION_MEAN_ACC = "eval/chance_selection_mean_acc"
+"""Chance level of eval/selection_mean_acc."""
+EVAL_SAMPLES_DIR = f"{EVAL_PREFIX}/samples"
+"""Per-item results of every evaluation of a run: `eval/samples/step_000120/<task>.jsonl`."""
 
 # --- the paper's evaluation (arXiv 2602.00217) -------------------------------------------
 PAPER10_TASKS = ("anli_r2", "lambada_openai", "openbookqa", "piqa", "truthfulqa_mc2", "winogrande",
@@ -185,3 +193,9 @@ def parse_eval_metric_key(key: str) -> tuple[str, str] | None:
 def eval_artifact_path(step: int) -> str:
     """Where one evaluation's JSON goes in a run's artifacts: `eval/step_000120/eval_results.json`."""
     return f"{EVAL_PREFIX}/step_{step:06d}/{ARTIFACT_EVAL_JSON}"
+
+
+def eval_samples_path(step: int, task: str) -> str:
+    """Where one task's per-item results at one evaluation go in a run's artifacts:
+    `eval/samples/step_000120/<task>.jsonl`, one JSON object per document (`scaling.evaluate.compact_sample`)."""
+    return f"{EVAL_SAMPLES_DIR}/step_{step:06d}/{_UNSAFE.sub('_', task)}.jsonl"

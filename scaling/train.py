@@ -723,7 +723,7 @@ def _run_evaluations(task: RunTask, rank: int, logger, engine):
     from scaling.evaluations import RunEvaluations
 
     return RunEvaluations(task.evaluation, total_steps=task.steps, rank=rank, logger=logger,
-                          tokenizer_uri=task.tokenizer_uri, run_folder=task.folder,
+                          tokenizer_uri=task.tokenizer_uri, run_folder=task.folder, seed=task.seed,
                           precision_dtype=next(engine.module.parameters()).dtype
                           if next(engine.module.parameters()).dtype == torch.bfloat16 else torch.float32)
 

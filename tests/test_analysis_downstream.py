@@ -76,7 +76,8 @@ def _points(rows: list[tuple[str, int, str, float]]) -> pl.DataFrame:
 def test_selection_rule_on_hand_made_runs():
     acc, sel, loss = names.eval_metric_key("t", "acc"), names.EVAL_SELECTION_MEAN_ACC, names.VAL_LOSS
     points = _points([
-        # a: the validation accuracy ties at 2 and 4 (the later wins); step 0 scores best but is never a candidate.
+        # a: the validation accuracy ties at 2 and 4 (the later wins); step 0 scores best but is never a
+        # validation candidate. On the test mean it wins the paper's choice, as in the authors' per-seed maximum.
         *[("a", s, sel, v) for s, v in ((0, 0.9), (2, 0.5), (4, 0.5), (6, 0.4))],
         *[("a", s, names.EVAL_MEAN_ACC, v) for s, v in ((0, 0.9), (2, 0.3), (4, 0.2), (6, 0.6))],
         # b: no selection task; val/loss at probes 3 and 6: evaluation 2 cannot be judged, 4 reads probe 3.
@@ -91,9 +92,12 @@ def test_selection_rule_on_hand_made_runs():
     choices = {c.run_id: c for c in select_checkpoints(points)}
     assert set(choices) == {"a", "b", "c"}
     a, b, c = choices["a"], choices["b"], choices["c"]
-    assert (a.rule, a.step, a.criterion, a.test_step, a.last_step, a.has_initial) == (RULE_SELECTION_ACC, 4, 0.5, 6, 6, True)
+    assert (a.rule, a.step, a.criterion, a.test_step, a.last_step, a.has_initial) == (RULE_SELECTION_ACC, 4, 0.5, 0, 6, True)
     assert (b.rule, b.step, b.criterion, b.criterion_step, b.test_step, b.has_initial) == (RULE_VAL_LOSS, 4, 1.0, 3, None, False)
     assert (c.rule, c.step, c.last_step, c.eval_steps) == (RULE_LAST, 10, 10, (0, 5, 10)) and np.isnan(c.criterion)
+    # A tie with step 0 goes to the trained checkpoint (the later step), as every tie does.
+    tie = select_checkpoints(_points([*[("t", s, names.EVAL_MEAN_ACC, v) for s, v in ((0, 0.5), (2, 0.5), (4, 0.4))]]))
+    assert tie[0].test_step == 2
     # Two evaluations read the same probe: the one nearest it wins, not merely the later one.
     shared = select_checkpoints(_points([*[("e", s, acc, 0.3) for s in (3, 5)], ("e", 3, loss, 1.0)]))
     assert shared[0].step == 3 and shared[0].criterion_step == 3
@@ -233,3 +237,61 @@ def test_observed_models_show_accuracy_next_to_condensation(studies, tmp_path):
     assert (gpt2[names.EVAL_MEAN_ACC].diff().drop_nulls() > 0).all() and (gpt2["spearman (wikitext)"].diff().drop_nulls() < 0).all()
     report = render_markdown(analysis, [], tmp_path)
     assert "### Downstream accuracy next to condensation (per pretrained model)" in report and "## Downstream accuracy\n" not in report
+
+
+# --- item-level paired bootstrap (pure) ---------------------------------------------------------------------
+
+
+def _items(rng, *, seeds=(0, 1, 2), docs=200, tasks=("arc_easy", "piqa"), effect=0.0, seed_sd=0.0) -> pl.DataFrame:
+    """Per-item results of paired runs: each document has a difficulty shared by every run (paired items),
+    each seed a shift shared by both arms, the treatment `effect` more probability of a right answer."""
+    rows = []
+    for task in tasks:
+        difficulty = rng.uniform(0.2, 0.8, docs)
+        for seed in seeds:
+            shift = rng.normal(0, seed_sd)
+            for arm, extra in ((names.ARM_BASELINE, 0.0), (names.ARM_DISPERSION, effect)):
+                p = np.clip(difficulty + shift + extra, 0, 1)
+                correct = (rng.random(docs) < p).astype(float)
+                rows += [{"arm": arm, "seed": seed, "task": task, "leaf": task, "doc_id": i, "acc": c}
+                         for i, c in enumerate(correct)]
+    return pl.DataFrame(rows)
+
+
+def test_item_bootstrap_finds_a_real_difference_and_covers_the_truth():
+    from analysis.downstream import PairedDifference, paired_item_bootstrap
+    from analysis.fit import Interval
+
+    rng = np.random.default_rng(0)
+    found = paired_item_bootstrap(_items(rng, effect=0.1, docs=400), treatment=names.ARM_DISPERSION,
+                                  control=names.ARM_BASELINE, n_bootstrap=1000)
+    assert isinstance(found, Interval) and isinstance(found, PairedDifference)
+    assert found.has_bounds and found.low > 0 and found.contains(0.1) and found.why == ""
+    assert (found.seeds, found.items, found.tasks) == (3, 800, ("arc_easy", "piqa"))
+    assert -1 <= found.low < found.estimate < found.high <= 1
+    # Under no effect, the 95% interval covers 0 in about 95% of studies (items and seeds both vary).
+    covered = [paired_item_bootstrap(_items(rng, docs=100, seed_sd=0.03), treatment=names.ARM_DISPERSION,
+                                     control=names.ARM_BASELINE, n_bootstrap=400, seed=k).contains(0.0) for k in range(40)]
+    assert sum(covered) >= 34
+
+
+def test_item_bootstrap_pairs_only_what_both_arms_have_and_says_when_it_cannot():
+    from analysis.downstream import paired_item_bootstrap
+
+    rng = np.random.default_rng(1)
+    items = _items(rng, effect=0.05, docs=50)
+    args = {"treatment": names.ARM_DISPERSION, "control": names.ARM_BASELINE, "n_bootstrap": 200}
+    # A seed with one arm only, and documents one run lacks, are left out of the pairs.
+    uneven = pl.concat([items.filter(~((pl.col("seed") == 2) & (pl.col("arm") == names.ARM_BASELINE))),
+                        items.filter(pl.col("seed") == 2).with_columns(pl.lit(99, dtype=pl.Int64).alias("seed")).filter(pl.col("arm") == names.ARM_DISPERSION)])
+    uneven = uneven.filter(~((pl.col("seed") == 0) & (pl.col("task") == "piqa") & (pl.col("doc_id") == 3)
+                             & (pl.col("arm") == names.ARM_BASELINE)))
+    result = paired_item_bootstrap(uneven, **args)
+    assert result.seeds == 2 and result.items == 2 * 50 - 1
+    same = items.with_columns(pl.lit(1.0).alias("acc"))
+    flat = paired_item_bootstrap(same, **args)
+    assert flat.estimate == 0 and not flat.has_bounds and "varies" in flat.why
+    none = paired_item_bootstrap(items.filter(pl.col("arm") == names.ARM_BASELINE), **args)
+    assert not none.has_bounds and "no seed has both" in none.why
+    with pytest.raises(ValueError, match="several rungs"):
+        paired_item_bootstrap(items.with_columns(pl.Series("rung", ["a", "b"] * (items.height // 2))), **args)

@@ -3,6 +3,7 @@ the same numbers as lm-eval's own CLI, failures kept per task, and the CLI's use
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -60,6 +61,9 @@ def test_config_defaults_presets_and_paper_rules():
         ({"dtype": "float16"}, "eval.dtype"),  # CPU
         ({"num_cpus": 0}, "eval.num_cpus"),
         ({"num_gpus": -1}, "eval.num_gpus"),
+        ({"fewshot_seed": "random"}, "eval.fewshot_seed"),
+        ({"fewshot_seed": -1}, "eval.fewshot_seed"),
+        ({"log_samples": "yes"}, "eval.log_samples"),
     ],
 )
 def test_config_errors_name_the_key(kwargs, key):
@@ -107,27 +111,37 @@ def test_imports_stay_light():
 # --- the bundled task's data ---------------------------------------------------------------
 
 
-def test_bundled_cloze_data_is_small_valid_and_reproducible(bundled_rows):
+def test_bundled_cloze_data_is_small_valid_and_reproducible():
+    from scaling.data import bundled_heldout
     from scaling.eval_tasks import build
 
     data_path = TASKS_DIR / build.DATA_FILE
     assert data_path.stat().st_size < 200_000
+    manifest = json.loads((TASKS_DIR / build.MANIFEST_FILE).read_text())
     docs = [json.loads(line) for line in data_path.read_text(encoding="utf-8").splitlines()]
-    counts = {split: sum(d["split"] == split for d in docs) for split in build.SPLIT_SIZES}
-    assert counts == build.SPLIT_SIZES
+    counts = {split: sum(d["split"] == split for d in docs) for split in build.SPLITS}
+    assert counts == manifest["docs"] and counts["train"] == build.TRAIN_DOCS
+    assert all(counts[split] >= needed for split, needed in build.MIN_EVAL_DOCS.items())
     for doc in docs:
         assert len(doc["choices"]) == 4 == len(set(doc["choices"])) and 0 <= doc["gold"] < 4
         assert len(doc["context"].split()) >= build.MIN_CONTEXT_WORDS
-    contexts = {split: {d["context"] for d in docs if d["split"] == split} for split in build.SPLIT_SIZES}
+    assert manifest["chance_acc"] == 1 / 4
+    contexts = {split: {d["context"] for d in docs if d["split"] == split} for split in build.SPLITS}
     assert not contexts["test"] & contexts["validation"] and not contexts["test"] & contexts["train"]
     golds = [d["gold"] for d in docs]
     assert max(golds.count(g) for g in range(4)) < 0.35 * len(golds)  # the answer's position tells nothing
 
-    manifest = json.loads((TASKS_DIR / build.MANIFEST_FILE).read_text())
-    if build.corpus_fingerprint(bundled_rows) != manifest["corpus_sha256"]:
+    rows = build.corpus_rows()
+    # Every validation/test passage is cut from a held-out paragraph; every few-shot one from a training paragraph.
+    held = [" ".join(row.split()) for row in rows if bundled_heldout(row)]
+    kept = [" ".join(row.split()) for row in rows if not bundled_heldout(row)]
+    for split in ("validation", "test"):
+        assert all(any(c in p for p in held) for c in contexts[split]), split
+    assert all(any(c in p for p in kept) for c in contexts["train"])
+    if build.corpus_fingerprint(rows) != manifest["corpus_sha256"]:
         pytest.skip(f"the bundled corpus differs from the one the data was built from (Python "
                     f"{manifest['python']}); regenerate with python -m scaling.eval_tasks.build")
-    data, new_manifest = build.regenerate(bundled_rows)
+    data, new_manifest = build.regenerate(rows)
     assert data == data_path.read_text(encoding="utf-8")
     assert json.loads(new_manifest)["data_sha256"] == manifest["data_sha256"]
 
@@ -165,6 +179,46 @@ def test_evaluate_model_on_the_bundled_tasks(bundled_result):
     import pickle
 
     assert pickle.loads(pickle.dumps(result)).metrics == result.metrics  # travels back from a Ray task
+
+
+def test_chance_level_and_per_item_results(bundled_result):
+    """Every bundled document has 4 choices: chance is 1/4 per task and for both means; each logged item's
+    correctness is its gold choice having the highest log-likelihood, and the items average to the accuracy."""
+    metrics = bundled_result.metrics
+    for key in (f"eval/{BUNDLED_CLOZE}/chance_acc", f"eval/{BUNDLED_CLOZE_VAL}/chance_acc",
+                eval_names.EVAL_CHANCE_MEAN_ACC, eval_names.EVAL_CHANCE_SELECTION_MEAN_ACC):
+        assert metrics[key] == pytest.approx(0.25), key
+    texts = bundled_result.samples_jsonl()
+    assert set(texts) == {BUNDLED_CLOZE, BUNDLED_CLOZE_VAL}
+    for task, text in texts.items():
+        records = [json.loads(line) for line in text.splitlines()]
+        assert [r["doc_id"] for r in records] == list(range(LIMIT)) and all(r["task"] == task for r in records)
+        for r in records:
+            assert len(r["loglik"]) == 4 and r["acc"] in (0.0, 1.0) and len(r["doc_hash"]) == 16
+            assert r["acc"] == float(max(range(4), key=lambda i: r["loglik"][i]) == r["target"])
+        assert sum(r["acc"] for r in records) / LIMIT == pytest.approx(metrics[f"eval/{task}/acc"])
+    assert eval_names.eval_samples_path(120, BUNDLED_CLOZE) == "eval/samples/step_000120/bundled_cloze.jsonl"
+
+
+def test_fewshot_examples_follow_the_runs_seed(tiny_gpt2_dir):
+    """With eval.fewshot_seed `run`, the run's seed draws the few-shot examples: the same seed gives the same
+    scores, another seed other prompts (other log-likelihoods); a fixed seed ignores the run's."""
+    from scaling.evaluate import LM_EVAL_FEWSHOT_SEED, evaluate_model
+
+    config = EvalConfig(tasks=(BUNDLED_CLOZE,), num_fewshot=1, limit=6, batch_size=1, dtype="float32")
+
+    def logliks(config, seed):
+        result = evaluate_model(tiny_gpt2_dir, config, device="cpu", seed=seed)
+        return result.lm_eval["config"]["fewshot_seed"], [r["loglik"] for r in result.samples[BUNDLED_CLOZE]]
+
+    seed0, first = logliks(config, 0)
+    assert seed0 == 0 and logliks(config, 0)[1] == first
+    assert logliks(config, 1)[1] != first
+    assert logliks(config, None)[0] == LM_EVAL_FEWSHOT_SEED
+    pinned = EvalConfig(tasks=(BUNDLED_CLOZE,), num_fewshot=1, limit=6, fewshot_seed=0, log_samples=False)
+    seed, _ = logliks(dataclasses.replace(pinned, log_samples=True), 7)
+    assert seed == 0
+    assert evaluate_model(tiny_gpt2_dir, pinned, device="cpu", seed=7).samples == {}  # log_samples off: none kept
 
 
 def test_python_path_equals_lm_eval_cli(tiny_gpt2_dir, bundled_result, tmp_path):

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 
+import polars as pl
 import pytest
 
 from conftest import tiny_train_study
@@ -47,12 +48,13 @@ def evaluated(ray_session, tmp_path_factory):
                              probes={"every_steps": 2},
                              eval={"tasks": ["bundled_cloze", "bundled_cloze_val", "missing_data_cloze"],
                                    "selection_tasks": ["bundled_cloze_val"], "limit": LIMIT, "batch_size": 8,
+                                   "dtype": "float32",
                                    "every_steps": 2, "at_start": True, "include_path": str(broken)})
     outcomes = run_study(study, "")
     return study, outcomes
 
 
-def test_every_run_is_evaluated_at_its_steps_while_it_trains(evaluated):
+def test_every_run_is_evaluated_at_its_steps_while_it_trains(evaluated, tmp_path):
     study, outcomes = evaluated
     assert [o.status for o in outcomes] == ["finished", "finished"]
     client = client_for(study)
@@ -70,6 +72,36 @@ def test_every_run_is_evaluated_at_its_steps_while_it_trains(evaluated):
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval/step_000004")}
         assert artifacts == {"eval/step_000004/eval_results.json"}
         assert run.info.status == "FINISHED"
+        # Chance level beside the accuracies (4 choices), and per-item results of the tasks that ran.
+        assert run.data.metrics["eval/bundled_cloze/chance_acc"] == 0.25
+        assert run.data.metrics[names.EVAL_CHANCE_SELECTION_MEAN_ACC] == 0.25
+        assert names.EVAL_CHANCE_MEAN_ACC not in run.data.metrics  # as eval/mean_acc: a task failed
+        samples = {a.path for a in client.list_artifacts(run.info.run_id, "eval/samples/step_000004")}
+        assert samples == {names.eval_samples_path(4, t) for t in ("bundled_cloze", "bundled_cloze_val")}
+        record = json.loads(open(client.download_artifacts(run.info.run_id, names.eval_artifact_path(4), str(tmp_path))).read())
+        assert record["settings"]["fewshot_seed_used"] == int(run.data.tags[names.TAG_SEED])
+        assert record["settings"]["dtype"] == "float32"
+
+
+def test_per_item_results_read_back_through_the_analysis(evaluated):
+    """analysis.load.read_item_results reads what the trainer logged: every document of every task at every
+    evaluation step, averaging to the accuracy the run logged; the item bootstrap pairs the two arms."""
+    from analysis import load
+    from analysis.downstream import INITIAL, chosen_items, paired_item_bootstrap, select_checkpoints
+
+    study, _ = evaluated
+    records = load.read_study(study.tracking_uri, study.study)
+    items = load.read_item_results(records)
+    assert items.height == 2 * 3 * 2 * LIMIT  # runs x steps x tasks x documents
+    logged = records.metrics.filter(pl.col("metric").is_in(["eval/bundled_cloze/acc", "eval/bundled_cloze_val/acc"]))
+    means = items.group_by("run_id", "step", "task").agg(pl.col("acc").mean().alias("mean"))
+    joined = means.join(logged.with_columns(pl.col("metric").str.split("/").list.get(1).alias("task")),
+                        on=["run_id", "step", "task"])
+    assert joined.height == means.height and (joined["mean"] - joined["value"]).abs().max() < 1e-9
+    initial = chosen_items(items, select_checkpoints(records.metrics), INITIAL)
+    same_start = paired_item_bootstrap(initial, treatment=names.ARM_DISPERSION, control=names.ARM_BASELINE)
+    # Paired arms share their initial weights: at step 0 they answer every document alike.
+    assert same_start.estimate == 0 and not same_start.has_bounds and same_start.seeds == 1
 
 
 def test_the_final_model_folder_loads_and_lm_eval_cli_scores_it_the_same(evaluated, tmp_path):

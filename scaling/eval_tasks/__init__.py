@@ -3,8 +3,8 @@
 This folder is an lm-eval `include_path`: pass `TASKS_DIR` to `scaling.evaluate` (or
 `--include_path` to lm-eval's own CLI) and the tasks below resolve by name.
 
-- `bundled_cloze`: pick the true next word among 4, from passages of the bundled corpus
-  (test split);
+- `bundled_cloze`: pick the true next word among 4 (chance 25%), from paragraphs of the bundled
+  corpus that the `bundled` training source leaves out (`scaling.data.bundled_heldout`), test split;
 - `bundled_cloze_val`: the same task on its validation split, for choosing checkpoints or
   sweep settings without looking at the test split.
 

@@ -4,12 +4,19 @@
     python -m scaling.eval_tasks.build --check    # exit 1 if the shipped files differ
 
 Each document is a passage of prose from the corpus cut just before a lowercase word; the
-model must pick that word among 4 choices. The 3 distractors are corpus words of about the
-same frequency (within +-BAND frequency ranks), so a model that only knows word frequencies
-scores about 25% and a higher score needs the context. Every choice (target position,
-distractors, order of choices, split) comes from a SHA-256 of fixed strings, not from a
-random generator, so the data is the same on every machine and Python whose
-`pydoc_data.topics` is the same; the manifest records the corpus' fingerprint so a check
+model must pick that word among 4 choices (chance: 25%). The 3 distractors are corpus words of
+about the same frequency (within +-BAND frequency ranks), so a model that only knows word
+frequencies scores about 25% and a higher score needs the context.
+
+No leak into training: the validation and test passages come only from the paragraphs that
+`scaling.data.bundled_heldout` holds out of the `bundled` training source (one rule, read by
+both sides), and a passage whose context also occurs in a training paragraph (the corpus repeats
+sentences across topics) is dropped. The few-shot `train` split comes from training paragraphs:
+a model may have seen its examples, as with any task's training split.
+
+Every choice (target position, distractors, order of choices, split) comes from a SHA-256 of
+fixed strings, not from a random generator, so the data is the same on every machine and Python
+whose `pydoc_data.topics` is the same; the manifest records the corpus' fingerprint so a check
 can tell "the corpus changed" from "the generator changed".
 """
 
@@ -25,23 +32,27 @@ from pathlib import Path
 
 from scaling.eval_tasks import TASKS_DIR
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 DATA_FILE = "bundled_cloze.jsonl"
 MANIFEST_FILE = "bundled_cloze.manifest.json"
-SPLIT_SIZES = {"train": 40, "validation": 160, "test": 320}
-"""Documents per split; `train` only feeds few-shot examples."""
+SPLITS = ("train", "validation", "test")
+TRAIN_DOCS = 40
+"""Few-shot examples (`train` split), from training paragraphs."""
+VALIDATION_EVERY = 3
+"""One held-out passage in this many goes to the validation split, the others to test."""
 NUM_CHOICES = 4
+CHANCE = 1 / NUM_CHOICES
+"""Expected accuracy of a guess (every document has NUM_CHOICES choices)."""
 MIN_CONTEXT_WORDS = 12
 MAX_CONTEXT_WORDS = 32
 MIN_COUNT = 3
 """A word must occur this often in the corpus to be a target or a distractor."""
 BAND = 40
 """Distractors come from the words within this many frequency ranks of the target."""
-MIN_PROSE_SHARE = 0.8
-"""Share of a paragraph's tokens that must look like words (keeps code listings out)."""
+MIN_EVAL_DOCS = {"validation": 60, "test": 120}
+"""Fewer documents than this from the held-out paragraphs means the corpus changed too much."""
 
 _CANDIDATE = re.compile(r"[a-z]{3,}")
-_WORDLIKE = re.compile(r"[\"'(]?[A-Za-z][a-z'-]*[\"')]?[,.;:]?")
 
 
 def _hash(*parts: object) -> int:
@@ -49,85 +60,112 @@ def _hash(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
+def corpus_rows() -> list[str]:
+    """The whole bundled corpus (held-out paragraphs included), stripped and non-empty as read_rows gives them."""
+    from scaling.data import bundled_corpus_rows
+
+    return [r for r in (row.strip() for row in bundled_corpus_rows()) if r]
+
+
 def corpus_fingerprint(rows: list[str]) -> str:
     """SHA-256 of the corpus rows, to tell whether a regeneration can match the shipped data."""
     return hashlib.sha256("\n\n".join(rows).encode("utf-8")).hexdigest()
 
 
-def _is_prose(words: list[str]) -> bool:
-    if len(words) < MIN_CONTEXT_WORDS + 4:
-        return False
-    return sum(bool(_WORDLIKE.fullmatch(w)) for w in words) >= MIN_PROSE_SHARE * len(words)
+def _cloze_doc(index: int, words: list[str], rank: dict[str, int], vocab: list[str]) -> dict | None:
+    positions = [i for i in range(MIN_CONTEXT_WORDS, len(words)) if words[i] in rank]
+    if not positions:
+        return None
+    at = min(positions, key=lambda i: _hash("position", index, i))
+    target = words[at]
+    low = max(0, rank[target] - BAND)
+    band = [w for w in vocab[low:rank[target] + BAND + 1] if w != target]
+    distractors = sorted(band, key=lambda w: _hash("distractor", index, w))[:NUM_CHOICES - 1]
+    choices = sorted([target, *distractors], key=lambda w: _hash("order", index, w))
+    context = " ".join(words[max(0, at - MAX_CONTEXT_WORDS):at])
+    return {"context": context, "choices": choices, "gold": choices.index(target)}
 
 
-def build_cloze_docs(rows: list[str]) -> dict[str, list[dict]]:
-    """Split name -> documents `{"context", "choices", "gold"}`, in corpus order within a split."""
+def build_cloze_docs(rows: list[str]) -> tuple[dict[str, list[dict]], dict]:
+    """(split name -> documents `{"context", "choices", "gold"}` in corpus order, statistics of the
+    held-out text) from the whole corpus `rows` (`corpus_rows()`)."""
+    from scaling.data import bundled_heldout, is_prose
+
     token_rows = [row.split() for row in rows]
     counts = Counter(w for words in token_rows for w in words if _CANDIDATE.fullmatch(w))
     vocab = sorted((w for w, c in counts.items() if c >= MIN_COUNT), key=lambda w: (-counts[w], w))
     rank = {w: i for i, w in enumerate(vocab)}
+    heldout = [bundled_heldout(row) for row in rows]
+    training_text = "\n".join(" ".join(words) for words, out in zip(token_rows, heldout) if not out)
 
-    docs = []  # (row index, doc)
+    pools: dict[bool, list[tuple[int, dict]]] = {False: [], True: []}
     seen = set()  # the corpus repeats paragraphs across topics: one document per distinct text
+    in_training = 0
     for index, words in enumerate(token_rows):
-        if not _is_prose(words) or " ".join(words) in seen:
+        text = " ".join(words)
+        if not is_prose(words) or text in seen:
             continue
-        seen.add(" ".join(words))
-        positions = [i for i in range(MIN_CONTEXT_WORDS, len(words)) if words[i] in rank]
-        if not positions:
+        seen.add(text)
+        doc = _cloze_doc(index, words, rank, vocab)
+        if doc is None or doc["context"] in seen:
             continue
-        at = min(positions, key=lambda i: _hash("position", index, i))
-        target = words[at]
-        low = max(0, rank[target] - BAND)
-        band = [w for w in vocab[low:rank[target] + BAND + 1] if w != target]
-        distractors = sorted(band, key=lambda w: _hash("distractor", index, w))[:NUM_CHOICES - 1]
-        choices = sorted([target, *distractors], key=lambda w: _hash("order", index, w))
-        context = " ".join(words[max(0, at - MAX_CONTEXT_WORDS):at])
-        if context in seen:
+        seen.add(doc["context"])
+        if heldout[index] and doc["context"] in training_text:
+            in_training += 1  # the same sentences also stand in a training paragraph
             continue
-        seen.add(context)
-        docs.append((index, {"context": context, "choices": choices, "gold": choices.index(target)}))
+        pools[heldout[index]].append((index, doc))
 
-    needed = sum(SPLIT_SIZES.values())
-    if len(docs) < needed:
-        raise ValueError(f"the corpus gives only {len(docs)} cloze documents; {needed} are needed")
-    shuffled = sorted(docs, key=lambda item: _hash("split", item[0]))
-    splits, start = {}, 0
-    for name, size in SPLIT_SIZES.items():
-        chosen = sorted(shuffled[start:start + size], key=lambda item: item[0])
-        splits[name] = [doc for _, doc in chosen]
-        start += size
-    return splits
+    evaluation = {"validation": [], "test": []}
+    for index, doc in pools[True]:
+        split = "validation" if _hash("split", doc["context"]) % VALIDATION_EVERY == 0 else "test"
+        evaluation[split].append(doc)
+    for split, needed in MIN_EVAL_DOCS.items():
+        if len(evaluation[split]) < needed:
+            raise ValueError(f"the held-out paragraphs give only {len(evaluation[split])} {split} documents; "
+                             f"{needed} are needed (raise scaling.data.BUNDLED_HELDOUT_SHARE)")
+    if len(pools[False]) < TRAIN_DOCS:
+        raise ValueError(f"the training paragraphs give only {len(pools[False])} cloze documents; {TRAIN_DOCS} are needed")
+    chosen = sorted(sorted(pools[False], key=lambda item: _hash("train", item[0]))[:TRAIN_DOCS], key=lambda item: item[0])
+    splits = {"train": [doc for _, doc in chosen], **evaluation}
+
+    held_rows = [words for words, out in zip(token_rows, heldout) if out]
+    stats = {"rule": "scaling.data.bundled_heldout", "corpus_rows": len(rows),
+             "corpus_words": sum(map(len, token_rows)), "heldout_rows": len(held_rows),
+             "heldout_paragraphs": len({" ".join(words) for words in held_rows}),
+             "heldout_words": sum(map(len, held_rows)), "dropped_also_in_training": in_training}
+    return splits, stats
 
 
 def render_data(splits: dict[str, list[dict]]) -> str:
-    """The JSONL text: one document per line with its split, splits in SPLIT_SIZES order."""
+    """The JSONL text: one document per line with its split, splits in SPLITS order."""
     lines = [json.dumps({"split": name, **doc}, ensure_ascii=True, sort_keys=True)
-             for name in SPLIT_SIZES for doc in splits[name]]
+             for name in SPLITS for doc in splits[name]]
     return "\n".join(lines) + "\n"
 
 
-def render_manifest(rows: list[str], data: str) -> str:
+def render_manifest(rows: list[str], data: str, splits: dict[str, list[dict]], heldout: dict) -> str:
+    from scaling.data import BUNDLED_HELDOUT_SHARE
+
     manifest = {
         "generator": "scaling.eval_tasks.build",
         "generator_version": GENERATOR_VERSION,
-        "corpus": "pydoc_data.topics (scaling.data bundled rows)",
+        "corpus": "pydoc_data.topics (scaling.data.bundled_corpus_rows)",
         "python": ".".join(map(str, sys.version_info[:3])),
         "corpus_sha256": corpus_fingerprint(rows),
         "data_sha256": hashlib.sha256(data.encode("utf-8")).hexdigest(),
-        "docs": dict(SPLIT_SIZES),
+        "docs": {name: len(splits[name]) for name in SPLITS},
+        "chance_acc": CHANCE,
+        "heldout": {**heldout, "share": BUNDLED_HELDOUT_SHARE},
     }
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
 def regenerate(rows: list[str] | None = None) -> tuple[str, str]:
-    """(data, manifest) texts built from `rows` (default: the bundled corpus)."""
-    if rows is None:
-        from scaling.data import parse_text_source, read_rows
-
-        rows = read_rows(parse_text_source("bundled"))
-    data = render_data(build_cloze_docs(rows))
-    return data, render_manifest(rows, data)
+    """(data, manifest) texts built from `rows` (default: the whole bundled corpus, `corpus_rows()`)."""
+    rows = corpus_rows() if rows is None else rows
+    splits, heldout = build_cloze_docs(rows)
+    data = render_data(splits)
+    return data, render_manifest(rows, data, splits, heldout)
 
 
 def main(argv: list[str] | None = None) -> int:
