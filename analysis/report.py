@@ -145,6 +145,9 @@ class StudyAnalysis:
     """Downstream accuracy at the chosen checkpoints (None: no finished training run)."""
     observation_accuracy: pl.DataFrame = field(default_factory=pl.DataFrame)
     """Observation studies whose models were evaluated: accuracy next to Spearman per model."""
+    item_differences: tuple = ()
+    """(treatment arm, rung, N, `analysis.downstream.PairedDifference`): accuracy differences with an
+    items x seeds interval, from per-item results (empty when the runs logged none)."""
 
 
 def _ci_columns(prefix: str, interval: Interval | None) -> dict[str, float]:
@@ -408,6 +411,16 @@ def _rule_counts(downstream: DownstreamAccuracy) -> str:
     return ", ".join(f"`{rule}` in {k} run{'s' if k != 1 else ''}" for rule, k in counts.items())
 
 
+def _chance_line(downstream: DownstreamAccuracy) -> str:
+    """The mean accuracy a uniform guess would score on the same documents (logged by the trainer
+    for multiple-choice tasks scored by their likeliest choice)."""
+    chance = downstream.values.filter((pl.col("metric") == names.EVAL_CHANCE_MEAN_ACC) & pl.col("value").is_finite())["value"]
+    if chance.len() == 0:
+        return ("Chance level: not logged (some task is not scored by picking the likeliest of its choices, e.g. lambada's "
+                "open answers or truthfulqa_mc2's probability mass).\n")
+    return f"**Chance level** of the mean accuracy (a uniform guess over each document's choices): **{chance.mean():.3f}**.\n"
+
+
 def _downstream_lines(analysis: StudyAnalysis, figures: list[Path], out_dir: Path) -> list[str]:
     lines = ["## Downstream accuracy", ""]
     downstream = analysis.downstream
@@ -423,8 +436,10 @@ def _downstream_lines(analysis: StudyAnalysis, figures: list[Path], out_dir: Pat
         f"{selection} when the run logged it, else the lowest `{RULE_VAL_LOSS}` at the nearest probe step at or before each "
         f"evaluation, else ({RULE_LAST}) the run's last evaluation; ties go to the evaluation nearest its probe, then the later step; step 0 is never a candidate (it is "
         f"the initial row). Used here: {_rule_counts(downstream)}. The paper's choice, the evaluation with the best mean accuracy on "
-        f"the test tasks themselves, is shown next to it as *{SELECTION_LABELS[TEST]}*: a maximum over noisy test scores is biased upward.",
+        f"the test tasks themselves, is shown next to it as *{SELECTION_LABELS[TEST]}*: a maximum over noisy test scores is biased upward "
+        "(like the authors' per-seed maximum it includes step 0, so in a mid-training study it can be the pretrained model).",
         "",
+        _chance_line(downstream),
         f"Evaluations at steps {', '.join(map(str, steps))}. Cells: mean ± sample standard deviation over seeds (n = seeds in the row, "
         "marked where fewer gave a value); Δ = the arm's mean accuracy minus step 0's, paired by seed; word perplexity is never "
         "averaged with the accuracies. Tables: `tables/accuracy.csv` "
@@ -473,6 +488,13 @@ def _downstream_lines(analysis: StudyAnalysis, figures: list[Path], out_dir: Pat
             if metric == EVAL_MEAN_ACC:
                 lines += [f"- {arm}: slope of the difference per decade of N {_fmt_ci(trend.slope_per_decade, signed=True)}. {trend.note}".rstrip(), ""]
         lines += ["Claim (f) in *Paper claims* pools these pairs.", ""]
+    if analysis.item_differences:
+        lines += [f"### Mean accuracy, treatment − {analysis.control_arm}, with document-level uncertainty", "",
+                  "The same validation-selected difference, its interval from a bootstrap that resamples the documents of each task "
+                  "and the seeds (both are samples): how much of the difference a different draw of test items could move.", ""]
+        lines += _markdown_table(["treatment", "rung", "N", "seeds", "documents", f"difference [{level} CI, items × seeds]"],
+                                 [[arm, rung, human_size(n), str(d.seeds), str(d.items), _fmt_ci(d, signed=True)]
+                                  for arm, rung, n, d in analysis.item_differences])
     for p in figures:
         if any(p.stem == stem or (stem.endswith("_") and p.stem.startswith(stem)) for stem in _ACCURACY_FIGURES):
             lines += [f"![{figure_caption(p.stem, analysis)}]({p.relative_to(out_dir).as_posix()})", ""]

@@ -23,9 +23,12 @@ import polars as pl
 
 from analysis import load, plots
 from analysis.downstream import (
+    VALIDATION,
     DownstreamAccuracy,
     analyse_downstream,
     build_choice_table,
+    chosen_items,
+    paired_item_bootstrap,
     selection_tasks_from_params,
     with_selected_accuracy,
 )
@@ -263,6 +266,25 @@ def _best_lambdas(final: pl.DataFrame, notes: list[str]):
     return best
 
 
+def _item_differences(records: load.StudyRecords, downstream: DownstreamAccuracy, arms: list[str], control: str,
+                      options: FitOptions) -> tuple:
+    """Per (arm, rung): accuracy difference against `control` at the validation-selected
+    checkpoints with an items x seeds bootstrap interval, from the per-item results the trainer
+    logs with `eval.log_samples` (empty when none were logged)."""
+    if not downstream.evaluated or not arms:
+        return ()
+    items = load.read_item_results(records)
+    if items.is_empty():
+        return ()
+    chosen = chosen_items(items, downstream.choices, VALIDATION)
+    out = []
+    for (rung, n), cell in chosen.group_by("rung", "n_params", maintain_order=True):
+        for arm in arms:
+            diff = paired_item_bootstrap(cell, treatment=arm, control=control, level=options.confidence, seed=options.seed)
+            out.append((arm, str(rung), float(n), diff))
+    return tuple(sorted(out, key=lambda item: (item[0], item[2])))
+
+
 def pretrained_start(train_runs: pl.DataFrame) -> str | None:
     """What the study's training runs started from when not from random weights (None: random)."""
     sources = sorted(train_runs["init_from"].drop_nulls().unique().to_list()) if "init_from" in train_runs.columns else []
@@ -331,6 +353,7 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
         difference_trends=trends,
         multipliers=multipliers,
         best_lambdas=_best_lambdas(final, notes),
+        item_differences=_item_differences(records, downstream, arms, control_arm, options) if train_runs.height else (),
         observation_trends=compute_observation_trends(final.filter(pl.col("kind") == names.KIND_OBSERVE), options),
         observation_accuracy=build_observation_accuracy(final.filter(pl.col("kind") == names.KIND_OBSERVE)),
         downstream=downstream if train_runs.height else None,

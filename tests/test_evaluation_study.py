@@ -133,3 +133,17 @@ def test_an_unknown_task_stops_the_study_before_any_training(ray_session, tmp_pa
     with pytest.raises(ConfigError, match="'bundled_clozee' is not an lm-eval task.*close matches: bundled_cloze"):
         run_study(study, "")
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_report_shows_chance_and_document_level_uncertainty(evaluated, tmp_path):
+    """The analysis CLI over the evaluated study: the accuracy section states the chance level and
+    the items x seeds interval of the arms' difference, read from the per-item artifacts."""
+    from analysis.scaling_curves import main
+
+    study, _ = evaluated
+    out = tmp_path / "report"
+    assert main(["--tracking-uri", study.tracking_uri, "--study", study.study, "--out", str(out), "--no-log", "--bootstrap", "20"]) == 0
+    report = (out / "report.md").read_text()
+    section = report[report.index("## Downstream accuracy"):report.index("## Method")]
+    assert "Chance level" in section  # eval/mean_acc has a failed task here: the line says why there is no chance mean
+    assert "with document-level uncertainty" in section and f"| {names.ARM_DISPERSION} |" in section
