@@ -416,8 +416,8 @@ def _chance_line(downstream: DownstreamAccuracy) -> str:
     for multiple-choice tasks scored by their likeliest choice)."""
     chance = downstream.values.filter((pl.col("metric") == names.EVAL_CHANCE_MEAN_ACC) & pl.col("value").is_finite())["value"]
     if chance.len() == 0:
-        return ("Chance level: not logged (some task is not scored by picking the likeliest of its choices, e.g. lambada's "
-                "open answers or truthfulqa_mc2's probability mass).\n")
+        return ("Chance level of the mean accuracy: not logged (a task of the mean failed, or is not scored by picking the "
+                "likeliest of its choices, e.g. lambada's open answers or truthfulqa_mc2's probability mass).\n")
     return f"**Chance level** of the mean accuracy (a uniform guess over each document's choices): **{chance.mean():.3f}**.\n"
 
 
