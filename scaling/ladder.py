@@ -552,6 +552,8 @@ def resolve_peak_flops(gpu: str) -> float:
     """Dense bf16 peak FLOP/s of a GPU named in PEAK_BF16_FLOPS, or a number such as `312e12`."""
     if gpu in PEAK_BF16_FLOPS:
         return PEAK_BF16_FLOPS[gpu]
+    if gpu.split("-")[0] in PEAK_BF16_FLOPS:  # a memory variant: H100-80GB, A100-40GB
+        return PEAK_BF16_FLOPS[gpu.split("-")[0]]
     try:
         value = float(gpu)
     except ValueError:
@@ -683,13 +685,15 @@ def format_count(value: float) -> str:
     return f"{value:.3g}"
 
 
-def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "H100", mfu: float = 0.4) -> str:
-    """The dry-run table: one row per plan with shape, params, tokens, steps, FLOPs and GPU-hours."""
-    gpu_label = gpu if gpu in PEAK_BF16_FLOPS else f"GPU({resolve_peak_flops(gpu):.3g} FLOP/s)"
+def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "H100", mfu: float = 0.4,
+                        extra: tuple[str, list[str]] | None = None) -> str:
+    """The dry-run table: one row per plan with shape, params, tokens, steps, FLOPs and GPU-hours, and an
+    `extra` (header, one cell per plan) column last (the study's per-GPU memory)."""
+    gpu_label = gpu if gpu.split("-")[0] in PEAK_BF16_FLOPS else f"GPU({resolve_peak_flops(gpu):.3g} FLOP/s)"
     headers = ("rung", "family", "shape", "vocab", "params", "non-emb", "tokens", "batch", "steps", "warmup", "lr",
-               "FLOPs", f"{gpu_label}-h@{mfu:.0%}")
+               "FLOPs", f"{gpu_label}-h@{mfu:.0%}") + ((extra[0],) if extra else ())
     rows = []
-    for plan in plans:
+    for index, plan in enumerate(plans):
         rung = plan.rung
         rows.append((
             rung.name, rung.family, rung.describe_shape(), str(rung.vocab_size),
@@ -697,7 +701,7 @@ def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "
             f"{plan.batch_size}x{plan.seq_len}", str(plan.steps), str(plan.warmup_steps), f"{plan.lr:.2e}",
             f"{plan.flops:.2e}",
             f"{plan.gpu_hours(gpu, mfu):.3g}",
-        ))
+        ) + ((extra[1][index],) if extra else ()))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
              "  ".join("-" * w for w in widths)]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from scaling import names
-from scaling.cluster import check_study_against_cluster, concurrent_runs
+from scaling.cluster import check_study_against_cluster, check_study_memory_on_cluster, concurrent_runs
 from scaling.config import StudyConfig, plan_runs, redact_credentials
 from scaling.console import format_progress, say
 from scaling.errors import ConfigError
@@ -121,10 +121,11 @@ def shard_spec(study: StudyConfig):
                      validation=validation)
 
 
-def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Callable[[str], None] = say
-              ) -> list[RunOutcome]:
+def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Callable[[str], None] = say,
+              gpu_memory: tuple[float | None, str] | None = None) -> list[RunOutcome]:
     """Train every (rung, seed, arm) of the study that has not finished yet; with a `search`
-    section, the dispersion arm is searched per rung instead (see `scaling.sweep`)."""
+    section, the dispersion arm is searched per rung instead (see `scaling.sweep`). `gpu_memory`
+    (GiB, label): what the memory plan is checked against when the cluster does not name its GPUs."""
     plans = plan_runs(study) if plans is None else plans
     STOPPING.clear()
     searching = study.search.num_samples > 0
@@ -137,6 +138,9 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
     tracking_uri = resolve_tracking_uri(study.tracking_uri)
     for warning in check_study_against_cluster(study, len(plans) * len(study.seeds) * len(study.arms),
                                                tracking_uri):
+        progress(f"warning: {warning}")
+    warning = check_study_memory_on_cluster(study, plans, gpu_memory)  # before any worker starts
+    if warning:
         progress(f"warning: {warning}")
 
     # The data first: a source that cannot be read fails here, before anything is recorded in MLflow.
