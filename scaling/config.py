@@ -242,8 +242,10 @@ class ProbeConfig:
     """Number of fixed probe texts (reference protocol on the data source)."""
     max_length: int = 128
     """Tokens per probe text."""
-    val_batches: int = 4
-    """Validation micro-batches per worker per probe."""
+    val_batches: int | None = None
+    """null (default): `val/loss` over the whole validation split at every probe. A number: that many
+    micro-batches per worker, of blocks spread evenly over the split (a sample; `val/loss_se` states its
+    standard error)."""
     at_start: bool = False
     """Also probe at step 0: the initial state (condensation at initialisation, the pretrained row)."""
 
@@ -251,7 +253,7 @@ class ProbeConfig:
         if self.every_steps < 0:
             raise ConfigError(f"probes.every_steps={self.every_steps}: must be >= 0")
         for key in ("texts", "max_length", "val_batches"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"probes.{key}={getattr(self, key)}: must be >= 1")
 
 

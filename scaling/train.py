@@ -598,25 +598,26 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
 
     engine.eval()
     micro = task.training.micro_batch_size
-    shard = val_blocks[rank::world]
-    n_batches = min(task.probes.val_batches, max(1, len(val_blocks) // (micro * world)))
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensor
+    chosen = validation_indices(len(val_blocks), micro, world, task.probes.val_batches)
+    shard = chosen[rank::world]
+    n_batches = math.ceil(math.ceil(len(chosen) / world) / micro)  # the same on every rank (ZeRO-3 gathers)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensor
     accumulator = CondensationAccumulator()
     with torch.no_grad():
         for b in range(n_batches):
-            batch = shard[b * micro:(b + 1) * micro]
-            if len(batch) == 0:
-                batch = shard[:1]
-            ids = torch.as_tensor(np.asarray(batch), device=device)  # a lazy view of the shards reads here
-            totals[0] += engine(input_ids=ids, labels=ids).loss.double() * len(batch)
-            totals[1] += len(batch)
+            mine = shard[b * micro:(b + 1) * micro]
+            ids = torch.as_tensor(np.asarray(val_blocks[mine if len(mine) else chosen[:1]]), device=device)
+            losses = block_losses(engine(input_ids=ids).logits, ids)  # a lazy view of the shards reads above
+            if len(mine):  # a rank with no block left still runs the forward, and counts nothing
+                totals += torch.stack([losses.sum(), losses.square().sum(), losses.new_tensor(len(mine))])
         base = _float32_model(engine).base_model
         for ids in probe_ids:
             outputs = base(input_ids=torch.as_tensor(ids, device=device)[None, :], output_hidden_states=True)
             accumulator.update(torch.stack(outputs.hidden_states)[:, 0].float())
     torch.distributed.all_reduce(totals)
     result = accumulator.finalize()
-    metrics = {names.VAL_LOSS: float((totals[0] / totals[1]).cpu()), **result.to_metrics()}
+    loss, loss_se = mean_and_standard_error(*(float(v) for v in totals.cpu()))
+    metrics = {names.VAL_LOSS: loss, names.VAL_LOSS_SE: loss_se, **result.to_metrics()}
     if logger is not None:
         logger.log_metrics(metrics, step)
         _log(rank, f"{task.run_name} step {step} val/loss {metrics[names.VAL_LOSS]:.4f} "
@@ -632,6 +633,36 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
     from scaling.config import SEARCH_METRICS
 
     return {key: metrics[key] for key in SEARCH_METRICS}  # what Tune may optimise
+
+
+def validation_indices(n_blocks: int, micro: int, world: int, val_batches: int | None) -> np.ndarray:
+    """The validation blocks a probe averages: all of them (`probes.val_batches` null), or val_batches x
+    micro x world blocks spread evenly over the split (validation text is in file order: the first blocks
+    would be one stretch of it)."""
+    wanted = n_blocks if val_batches is None else min(n_blocks, val_batches * micro * world)
+    if wanted >= n_blocks:
+        return np.arange(n_blocks)
+    return np.unique(np.linspace(0, n_blocks - 1, wanted).round().astype(np.int64))
+
+
+def block_losses(logits, ids):
+    """Each block's mean next-token cross-entropy, in float32 (what Hugging Face's loss averages)."""
+    import torch
+
+    shifted = logits[:, :-1].float()
+    losses = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), ids[:, 1:].reshape(-1),
+                                               reduction="none")
+    return losses.view(ids.shape[0], -1).mean(dim=1).double()
+
+
+def mean_and_standard_error(total: float, total_squares: float, count: float) -> tuple[float, float]:
+    """Mean of per-block values from their sum and sum of squares, and its standard error (sample standard
+    deviation / sqrt(n); 0 for one block)."""
+    mean = total / count
+    if count < 2:
+        return mean, 0.0
+    variance = max(0.0, (total_squares - count * mean * mean) / (count - 1))
+    return mean, math.sqrt(variance / count)
 
 
 def _log_final_condensation(logger, result, task: RunTask) -> None:
