@@ -187,7 +187,7 @@ class TrainingConfig:
     min_lr_ratio: float = 0.1
     """Cosine schedule decays to this fraction of the peak (0: to zero, as Hugging Face's cosine schedule)."""
     weight_decay: float = 0.1
-    """AdamW weight decay on matrices (not on biases, norms or the position table)."""
+    """AdamW weight decay on matrices, the position table included (not on biases or norms), as Hugging Face's Trainer."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     grad_clip: float = 1.0

@@ -253,19 +253,13 @@ def classify_parameter(name: str) -> str:
 
 
 def split_weight_decay(named_parameters) -> tuple[list, list]:
-    """(decayed, not decayed) parameters for AdamW: weight decay on matrices (attention, MLP, token
-    embedding), none on biases, norms (1-D) and the learned position table (GPT-2's wpe).
-
-    Parameter names outside the GPT-2/Qwen3 layouts (a mid-trained model of another family)
-    fall back to the shape rule alone.
-    """
+    """(decayed, not decayed) parameters for AdamW, as Hugging Face's Trainer forms them for the GPT-2 and
+    Qwen3 layouts (the authors' scripts): weight decay on every matrix (attention, MLP, token embedding,
+    GPT-2's position table wpe), none on biases and norms (the 1-D parameters: the Trainer exempts names
+    with `bias`/`norm` and LayerNorm modules, which are exactly these here)."""
     decay, no_decay = [], []
-    for name, parameter in named_parameters:
-        try:
-            position_table = classify_parameter(name) == "position_embedding"
-        except ValueError:
-            position_table = False
-        (decay if parameter.ndim >= 2 and not position_table else no_decay).append(parameter)
+    for _, parameter in named_parameters:
+        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     return decay, no_decay
 
 

@@ -58,7 +58,8 @@ def data_refs(study: StudyConfig, blocks) -> DataRefs:
         from scaling.evaluations import publish_tokenizer
 
         tokenizer_uri = publish_tokenizer(shard_spec(study).tokenizer, shards_root(study))
-    return DataRefs(blocks.train, blocks.val, blocks.probe_ids, blocks.fingerprint, tokenizer_uri)
+    return DataRefs(blocks.train, blocks.val, blocks.probe_ids, blocks.fingerprint, tokenizer_uri,
+                    pad_token_id=blocks.pad_id)
 
 
 def shards_root(study: StudyConfig) -> str:

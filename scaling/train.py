@@ -56,6 +56,7 @@ class RunTask:
     init_from: str | None = None  # the rung's pretrained checkpoint (None: from scratch)
     evaluation: Any = None  # scaling.evaluate.EvalConfig (absolute paths) or None: no downstream evaluation
     tokenizer_uri: str | None = None  # the study's tokenizer folder on shared storage (evaluations need it)
+    pad_token_id: int | None = None  # the tokenizer's pad token, else EOS: the row active forgetting zeroes
     faults: tuple = ()  # scaling.faults.Fault: injected by tests, empty otherwise
 
 
@@ -63,24 +64,36 @@ class RunTask:
 
 
 def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warmup to the peak, then cosine decay to min_ratio * peak at the last step."""
+    """Linear warmup to the peak, then cosine decay to min_ratio * peak at the last step. Step s of the
+    warmup runs at s / warmup, as Hugging Face's schedules (the first update at lr 0)."""
     if warmup_steps > 0 and step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        return peak * step / warmup_steps
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def linear_lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to the peak, then linear decay to 0 at the last step (active forgetting's
-    embedding schedule, as the reference's)."""
+    """Linear warmup (s / warmup) to the peak, then linear decay to 0 at the last step."""
     if warmup_steps > 0 and step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        return peak * step / warmup_steps
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
+def forgetting_embedding_lr_at(step: int, *, peak: float, warmup_fraction: float, total_steps: int,
+                               forget_every: int) -> float:
+    """Active forgetting's embedding schedule as the reference indexes it (language-model-plasticity's):
+    the linear warmup-decay of `linear_lr_at`, at index ((step + 1) x floor(T / K)) mod T for T steps and
+    forgetting every K, so each forgetting period runs through the whole warmup-decay again. The
+    warmup is floor(T x warmup_fraction) steps; while T < 2K the index is just step + 1 (and with T < K
+    it stays 0: the embeddings never move, as in the reference)."""
+    index = ((step + 1) * (total_steps // forget_every)) % total_steps
+    return linear_lr_at(min(index, total_steps - 1), peak=peak, total_steps=total_steps,
+                        warmup_steps=int(total_steps * warmup_fraction))
+
+
 def build_param_groups(model, task: RunTask) -> list[dict[str, Any]]:
-    """AdamW groups: decayed matrices, undecayed biases/norms/position table, and (active forgetting)
+    """AdamW groups: decayed matrices, undecayed biases/norms, and (active forgetting)
     the input embeddings alone, last (index 2), with their own peak lr when the arm gives one.
 
     A group of its own lets a forgetting step reset exactly the embeddings' optimizer state:
@@ -114,8 +127,9 @@ def build_lr_lambdas(task: RunTask) -> list:
         if task.arm.embedding_lr is None:
             lambdas.append(main)
         else:
-            warmup = math.ceil(task.arm.embedding_warmup_fraction * task.steps - 1e-9)
-            lambdas.append(lambda s: linear_lr_at(s, peak=1.0, warmup_steps=warmup, total_steps=task.steps))
+            lambdas.append(lambda s: forgetting_embedding_lr_at(
+                s, peak=1.0, warmup_fraction=task.arm.embedding_warmup_fraction, total_steps=task.steps,
+                forget_every=task.arm.forget_every))
     return lambdas
 
 
@@ -489,7 +503,7 @@ def _install_arm_hooks(model, task: RunTask) -> _ArmHooks:
     if arm.name == names.ARM_ACTIVE_FORGETTING:
         def forget(step, engine):
             if step % arm.forget_every == 0:
-                forget_input_embeddings(engine, seed=task.seed, step=step)
+                forget_input_embeddings(engine, seed=task.seed, step=step, pad_token_id=task.pad_token_id)
 
         return _ArmHooks(forget)
     return _ArmHooks()
@@ -501,12 +515,19 @@ def fresh_embeddings(shape, *, seed: int, step: int, padding_idx: int | None):
 
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
     weight = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
-    if padding_idx is not None:
+    if padding_idx is not None and 0 <= padding_idx < shape[0]:
         weight[padding_idx] = 0.0
     return weight
 
 
-def forget_input_embeddings(engine, *, seed: int, step: int) -> None:
+def zeroed_row(embeddings, pad_token_id: int | None) -> int | None:
+    """The row a re-initialisation zeroes, as the reference: the embedding's padding_idx when it has one,
+    else the tokenizer's pad token (EOS for GPT-2, whose `wte` has no padding_idx)."""
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    return padding_idx if padding_idx is not None else pad_token_id
+
+
+def forget_input_embeddings(engine, *, seed: int, step: int, pad_token_id: int | None = None) -> None:
     """Active forgetting: re-initialise the input embeddings and forget their optimizer state.
 
     What the next forward uses must be the fresh weights, whatever DeepSpeed keeps: the module's
@@ -522,7 +543,7 @@ def forget_input_embeddings(engine, *, seed: int, step: int) -> None:
     embeddings = engine.module.get_input_embeddings()
     weight = embeddings.weight
     fresh = fresh_embeddings(tuple(weight.shape), seed=seed, step=step,
-                             padding_idx=getattr(embeddings, "padding_idx", None)).to(weight.device)
+                             padding_idx=zeroed_row(embeddings, pad_token_id)).to(weight.device)
     wrapper = engine.optimizer
     with torch.no_grad():
         weight.copy_(fresh.to(weight.dtype))
