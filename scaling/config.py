@@ -26,7 +26,7 @@ from scaling import names
 from scaling.dispersion_spec import VARIANTS, resolve_layers, validate_layer_spec
 from scaling.errors import ConfigError
 from scaling.evaluate import EvalConfig
-from scaling.ladder import RunConfigurator, get_ladder
+from scaling.ladder import RunConfigurator, get_ladder, with_tied_embeddings
 from scaling.observe_config import ObserveConfig, observe_study_from_dict
 from scaling.schema import as_list, build_config, flatten, read_study_mapping, to_plain
 
@@ -379,6 +379,9 @@ class StudyConfig:
     """Ladder name, see `scaling.ladder.LADDERS`."""
     rungs: tuple[str, ...] = ()
     """Rungs to train (empty: every rung of the ladder)."""
+    tie_embeddings: bool | None = None
+    """Output head shared with the token embedding: null keeps each rung's own (the ladder ties GPT-2 and Qwen3 up
+    to 4B); false unties every rung (the authors' from-scratch Qwen3, ~101.7M parameters: docs/protocols.md)."""
     arms: tuple[ArmConfig, ...] = (ArmConfig(name="baseline"), ArmConfig(name="dispersion"))
     seeds: tuple[int, ...] = (0,)
     data: DataConfig = field(default_factory=DataConfig)
@@ -420,6 +423,9 @@ class StudyConfig:
                 "across workers; use resources.zero_stage 0, 1 or 2"
             )
         rungs = self.selected_rungs()  # raises on an unknown ladder or rung
+        if self.tie_embeddings is not None and self.training.init_from:
+            raise ConfigError(f"tie_embeddings={self.tie_embeddings}: a pretrained model (training.init_from) "
+                              "keeps its own output head; use null, or train from scratch (init_from: null)")
         if isinstance(self.training.init_from, dict):
             missing = [r.name for r in rungs if r.name not in self.training.init_from]
             unknown = sorted(set(self.training.init_from) - {r.name for r in rungs})
@@ -445,7 +451,10 @@ class StudyConfig:
     def selected_rungs(self) -> list[Rung]:
         """The rungs this study trains, in ladder order unless `rungs` lists them."""
         ladder = get_ladder(self.ladder)
-        return [ladder.rung(name) for name in self.rungs] if self.rungs else list(ladder.rungs)
+        rungs = [ladder.rung(name) for name in self.rungs] if self.rungs else list(ladder.rungs)
+        if self.tie_embeddings is None:
+            return rungs
+        return [with_tied_embeddings(rung, self.tie_embeddings) for rung in rungs]
 
     def arm(self, name: str) -> ArmConfig:
         for arm in self.arms:

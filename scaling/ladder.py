@@ -157,6 +157,15 @@ def with_vocab_size(rung: Rung, vocab_size: int) -> Rung:
     return replace(rung, vocab_size=vocab_size, nominal_params=nominal)
 
 
+def with_tied_embeddings(rung: Rung, tie: bool) -> Rung:
+    """The same shape with its output head tied to (True) or separate from (False) the token embedding; the
+    nominal size moves by the head's vocab x d_model, so the rung's size check still holds."""
+    if tie == rung.tie_embeddings:
+        return rung
+    head = rung.vocab_size * rung.d_model
+    return replace(rung, tie_embeddings=tie, nominal_params=rung.nominal_params + (-head if tie else head))
+
+
 @dataclass(frozen=True)
 class ParamCount:
     """Analytic parameter counts of a rung; equal to the built model's `sum(p.numel())`."""
