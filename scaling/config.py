@@ -24,7 +24,7 @@ import yaml
 
 from scaling import names
 from scaling.dispersion_spec import VARIANTS, resolve_layers, validate_layer_spec
-from scaling.errors import ConfigError
+from scaling.errors import ConfigError, DispersionScalingError
 from scaling.evaluate import EvalConfig
 from scaling.ladder import RunConfigurator, get_ladder, with_tied_embeddings
 from scaling.observe_config import ObserveConfig, observe_study_from_dict
@@ -239,9 +239,14 @@ class ProbeConfig:
     every_steps: int = 0
     """Validation loss and condensation probe every this many steps (0: only at the end)."""
     texts: int = 8
-    """Number of fixed probe texts (reference protocol on the data source)."""
+    """Number of fixed probe texts."""
     max_length: int = 128
-    """Tokens per probe text."""
+    """Tokens per probe text (the first max_length tokens of each)."""
+    source: str | None = None
+    """Where the probe texts come from: null, the training data (consecutive rows from a seeded start until 1024
+    words); or any text source (`wikitext` is wikitext-103-v1's train split, the paper's figures; bundled,
+    pubmed_qa, imdb, squad, hf:NAME[/CONFIG]:SPLIT:FIELD, a .txt/.jsonl file) read with the authors' sampler
+    (`scaling.data.sample_reference_texts`)."""
     val_batches: int | None = None
     """null (default): `val/loss` over the whole validation split at every probe. A number: that many
     micro-batches per worker, of blocks spread evenly over the split (a sample; `val/loss_se` states its
@@ -255,6 +260,13 @@ class ProbeConfig:
         for key in ("texts", "max_length", "val_batches"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"probes.{key}={getattr(self, key)}: must be >= 1")
+        if self.source is not None:
+            from scaling.data import parse_text_source
+
+            try:
+                parse_text_source(self.source)
+            except DispersionScalingError as exc:
+                raise ConfigError(f"probes.source={self.source!r}: {exc}") from None
 
 
 @dataclass(frozen=True)

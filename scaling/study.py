@@ -42,12 +42,38 @@ def prepare_data(study: StudyConfig, vocab_size: int, progress: Callable[[str], 
                                 seq_len=study.training.seq_len, val_fraction=data.val_fraction,
                                 probe_texts=study.probes.texts, probe_max_length=study.probes.max_length,
                                 progress=progress)
+    if study.probes.source is not None:
+        blocks = with_probe_source(blocks, study.probes, progress)
     if blocks.vocab_size > vocab_size:
         raise ConfigError(
             f"data.tokenizer has {blocks.vocab_size} tokens but the smallest rung's vocab_size is {vocab_size}; "
             "use a ladder whose vocab fits the tokenizer, or train a local tokenizer (data.tokenizer: null)"
         )
     return blocks
+
+
+def with_probe_source(blocks, probes, progress: Callable[[str], None] = say):
+    """The study's blocks with probe texts from `probes.source` (the authors' sampler, the study's tokenizer,
+    the first `probes.max_length` tokens of each) instead of the training data's."""
+    import dataclasses
+    import hashlib
+
+    import numpy as np
+
+    from scaling.data import parse_text_source, read_rows, sample_reference_texts
+
+    rows = read_rows(parse_text_source(probes.source), raw=True)
+    texts = sample_reference_texts(rows, probes.texts)
+    tokenizer = blocks.shards._tokenizer()
+    probe_ids = [np.asarray(tokenizer.encode(text, add_special_tokens=False).ids[:probes.max_length], dtype=np.int64)
+                 for text in texts]
+    short = sum(len(ids) < probes.max_length for ids in probe_ids)
+    progress(f"probes: {len(texts)} texts from {probes.source} ({len(rows):,} rows, the authors' sampler), "
+             f"{probes.max_length} tokens each" + (f"; {short} of them shorter" if short else ""))
+    digest = hashlib.sha256(f"{blocks.fingerprint}|{probes.source}".encode())
+    for ids in probe_ids:
+        digest.update(ids.tobytes())
+    return dataclasses.replace(blocks, probe_ids=probe_ids, fingerprint=digest.hexdigest()[:16])
 
 
 def data_refs(study: StudyConfig, blocks) -> DataRefs:

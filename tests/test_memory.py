@@ -96,7 +96,8 @@ def test_infeasible_placement_is_refused_with_the_smallest_change():
     with pytest.raises(ConfigError) as refused:
         check_study_memory(study, plans, resolve_gpu_memory("H100-80GB"), "H100-80GB")
     message = str(refused.value)
-    assert "\n" not in message and "rung qwen3-8B needs ~186" in message and "qwen3-4B, qwen3-8B" in message
+    assert "\n" not in message and "qwen3-4B, qwen3-8B" in message
+    assert float(re.search(r"rung qwen3-8B needs ~([\d.]+) GiB", message).group(1)) > 150  # 20 bytes a parameter
     # active forgetting rules out ZeRO-3: the fix spreads ZeRO-2 over more GPUs, and it does fit
     assert "--set resources.zero_stage=2 --set resources.num_workers=8" in message
     fixed = load_study(REPO / "search_spaces" / "paper_midtrain_qwen3.yaml",

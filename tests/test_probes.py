@@ -43,3 +43,60 @@ def test_block_losses_average_to_hugging_faces_loss():
     assert losses.shape == (3,)
     assert float(losses.mean()) == pytest.approx(float(out.loss), rel=1e-5)
     assert float(losses[1]) == pytest.approx(float(one), rel=1e-5)
+
+
+# --- probe texts: the authors' sampler ------------------------------------------------------------------
+
+
+def test_the_authors_sampler_by_hand():
+    from scaling.data import sample_reference_texts
+
+    # rows as a wikitext split has them: headings, paragraphs with their own spaces and newlines, empty rows
+    rows = ["", " = A = \n", "", " one two three \n", " four five \n", "", " six seven eight nine \n"] * 3
+    count = lambda text: len(text.split())  # noqa: E731 -- a counter easy to follow by hand
+    texts = sample_reference_texts(rows, 3, min_words=4, count_words=count)
+    for r, text in enumerate(texts):
+        start = int(np.random.default_rng(r).integers(0, int(len(rows) * 0.95)))  # 0.95 x 21 rows -> below 19
+        expected, index = "", start
+        while count(expected) < 4 and index < len(rows):
+            expected += rows[index]  # as they are: no separator, empty rows kept
+            index += 1
+        assert text == expected
+    # the rows run out: the text ends with the last row
+    assert sample_reference_texts(["a\n", "b\n"], 1, min_words=100, count_words=count) == ["a\nb\n"]  # start 0
+
+
+def test_words_are_counted_as_nltk_counts_them():
+    from scaling.data import word_counter
+
+    count = word_counter()
+    assert count("Hello, world. It works.") == 7  # Hello , world . It works .
+    assert count("") == 0
+
+
+def test_probe_source_is_checked_when_the_study_loads():
+    with pytest.raises(ConfigError, match="probes.source='hf:nope'"):
+        ProbeConfig(source="hf:nope")
+    assert ProbeConfig(source="wikitext").source == "wikitext"
+
+
+def test_probe_ids_come_from_the_source_with_the_studys_tokenizer(tmp_path):
+    from types import SimpleNamespace
+
+    from scaling.data import build_tokenizer, sample_reference_texts, word_counter
+    from scaling.shards import StudyBlocks
+    from scaling.study import with_probe_source
+
+    rows = [f"Paragraph {i}: " + " ".join(f"word{i}x{j}" for j in range(60)) for i in range(200)]
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(rows), encoding="utf-8")
+    tokenizer = build_tokenizer(None, rows=rows, vocab_size=512, cache_dir=tmp_path).backend_tokenizer
+    blocks = StudyBlocks(train=None, val=None, probe_ids=[], vocab_size=512, fingerprint="abc",
+                         shards=SimpleNamespace(_tokenizer=lambda: tokenizer))
+    lines = []
+    probed = with_probe_source(blocks, ProbeConfig(source=str(source), texts=4, max_length=64), lines.append)
+    texts = sample_reference_texts(rows, 4, count_words=word_counter())
+    assert [list(ids) for ids in probed.probe_ids] == [tokenizer.encode(t, add_special_tokens=False).ids[:64]
+                                                       for t in texts]
+    assert all(len(ids) == 64 for ids in probed.probe_ids) and probed.fingerprint != "abc"
+    assert lines == [f"probes: 4 texts from {source} (200 rows, the authors' sampler), 64 tokens each"]
