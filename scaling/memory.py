@@ -60,6 +60,7 @@ GPU_MEMORY_GIB: dict[str, float] = {
     "A100-40GB": 40960 / 1024,
     "A100-80GB": 81920 / 1024,
     "L4": 23034 / 1024,
+    "L40S": 46068 / 1024,  # clusters/aws.yaml's one-GPU nodes (g6e)
     "A10G": 23028 / 1024,
 }
 """GPU memory per named GPU, in GiB (`--gpu NAME`, or a number of GiB)."""
