@@ -279,6 +279,30 @@ def probe_tracking(tracking_uri: str) -> None:
 # --- the preflight of a training study -----------------------------------------------------------
 
 
+def check_study_memory_on_cluster(study, plans, fallback: tuple[float | None, str] | None = None, *,
+                                  node_types: list[NodeType] | None = None) -> str | None:
+    """Refuse (ConfigError) a study whose runs cannot fit the cluster's GPUs (`scaling.memory`), before any
+    worker starts. The GPUs are the nodes' `accelerator_type` (the smallest when several types); a cluster
+    that does not say is checked against `fallback` (the dry run's --gpu), with a warning returned."""
+    from scaling.memory import GPU_MEMORY_GIB, check_study_memory, gpu_from_accelerator_type
+
+    if not study.resources.use_gpu:
+        return None
+    node_types = read_cluster_node_types() if node_types is None else node_types
+    known = {gpu_from_accelerator_type(t.resources) for t in node_types
+             if t.max_count > 0 and t.resources.get("GPU", 0) >= 1} - {None}
+    if known:
+        smallest = min(known, key=lambda name: GPU_MEMORY_GIB[name])
+        check_study_memory(study, plans, GPU_MEMORY_GIB[smallest], f"the cluster's {smallest}")
+        return None
+    if fallback is not None and fallback[0] is not None:
+        check_study_memory(study, plans, fallback[0], fallback[1])
+        return (f"the cluster's nodes do not name their GPU type (Ray's accelerator_type); the memory plan was "
+                f"checked against {fallback[1]} ({fallback[0]:.1f} GiB): pass --gpu to name yours")
+    return None
+
+
+
 def check_study_against_cluster(study, num_runs: int, tracking_uri: str, *,
                                 node_types: list[NodeType] | None = None) -> list[str]:
     """Fail fast (ConfigError) when the connected cluster cannot run the study; return warnings.

@@ -24,9 +24,9 @@ import yaml
 
 from scaling import names
 from scaling.dispersion_spec import VARIANTS, resolve_layers, validate_layer_spec
-from scaling.errors import ConfigError
+from scaling.errors import ConfigError, DispersionScalingError
 from scaling.evaluate import EvalConfig
-from scaling.ladder import RunConfigurator, get_ladder
+from scaling.ladder import RunConfigurator, get_ladder, with_tied_embeddings
 from scaling.observe_config import ObserveConfig, observe_study_from_dict
 from scaling.schema import as_list, build_config, check_path_name, flatten, read_study_mapping, to_plain
 
@@ -197,7 +197,7 @@ class TrainingConfig:
     min_lr_ratio: float = 0.1
     """Cosine schedule decays to this fraction of the peak (0: to zero, as Hugging Face's cosine schedule)."""
     weight_decay: float = 0.1
-    """AdamW weight decay on matrices (not on biases, norms or the position table)."""
+    """AdamW weight decay on matrices, the position table included (not on biases or norms), as Hugging Face's Trainer."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     grad_clip: float = 1.0
@@ -260,11 +260,18 @@ class ProbeConfig:
     every_steps: int = 0
     """Validation loss and condensation probe every this many steps (0: only at the end)."""
     texts: int = 8
-    """Number of fixed probe texts (reference protocol on the data source)."""
+    """Number of fixed probe texts."""
     max_length: int = 128
-    """Tokens per probe text."""
-    val_batches: int = 4
-    """Validation micro-batches per worker per probe."""
+    """Tokens per probe text (the first max_length tokens of each)."""
+    source: str | None = None
+    """Where the probe texts come from: null, the training data (consecutive rows from a seeded start until 1024
+    words); or any text source (`wikitext` is wikitext-103-v1's train split, the paper's figures; bundled,
+    pubmed_qa, imdb, squad, hf:NAME[/CONFIG]:SPLIT:FIELD, a .txt/.jsonl file) read with the authors' sampler
+    (`scaling.data.sample_reference_texts`)."""
+    val_batches: int | None = None
+    """null (default): `val/loss` over the whole validation split at every probe. A number: that many
+    micro-batches per worker, of blocks spread evenly over the split (a sample; `val/loss_se` states its
+    standard error)."""
     at_start: bool = False
     """Also probe at step 0: the initial state (condensation at initialisation, the pretrained row)."""
 
@@ -272,11 +279,18 @@ class ProbeConfig:
         if self.every_steps < 0:
             raise ConfigError(f"probes.every_steps={self.every_steps}: must be >= 0")
         for key in ("texts", "max_length", "val_batches"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"probes.{key}={getattr(self, key)}: must be >= 1")
-        if self.texts > 100_000 or self.val_batches > 100_000:
+        if self.texts > 100_000 or (self.val_batches or 0) > 100_000:
             raise ConfigError(f"probes: texts={self.texts} and val_batches={self.val_batches} must be at most 100000 "
                               "(every probe runs them all)")
+        if self.source is not None:
+            from scaling.data import parse_text_source
+
+            try:
+                parse_text_source(self.source)
+            except DispersionScalingError as exc:
+                raise ConfigError(f"probes.source={self.source!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -404,6 +418,9 @@ class StudyConfig:
     """Ladder name, see `scaling.ladder.LADDERS`."""
     rungs: tuple[str, ...] = ()
     """Rungs to train (empty: every rung of the ladder)."""
+    tie_embeddings: bool | None = None
+    """Output head shared with the token embedding: null keeps each rung's own (the ladder ties GPT-2 and Qwen3 up
+    to 4B); false unties every rung (the authors' from-scratch Qwen3, ~101.7M parameters: docs/protocols.md)."""
     arms: tuple[ArmConfig, ...] = (ArmConfig(name="baseline"), ArmConfig(name="dispersion"))
     seeds: tuple[int, ...] = (0,)
     data: DataConfig = field(default_factory=DataConfig)
@@ -452,6 +469,9 @@ class StudyConfig:
                 if length > rung.max_seq_len:
                     raise ConfigError(f"{key}={length} is longer than rung {rung.name}'s context ({rung.max_seq_len} "
                                       f"tokens); use at most {rung.max_seq_len} or drop the rung")
+        if self.tie_embeddings is not None and self.training.init_from:
+            raise ConfigError(f"tie_embeddings={self.tie_embeddings}: a pretrained model (training.init_from) "
+                              "keeps its own output head; use null, or train from scratch (init_from: null)")
         if isinstance(self.training.init_from, dict):
             missing = [r.name for r in rungs if r.name not in self.training.init_from]
             unknown = sorted(set(self.training.init_from) - {r.name for r in rungs})
@@ -477,7 +497,10 @@ class StudyConfig:
     def selected_rungs(self) -> list[Rung]:
         """The rungs this study trains, in ladder order unless `rungs` lists them."""
         ladder = get_ladder(self.ladder)
-        return [ladder.rung(name) for name in self.rungs] if self.rungs else list(ladder.rungs)
+        rungs = [ladder.rung(name) for name in self.rungs] if self.rungs else list(ladder.rungs)
+        if self.tie_embeddings is None:
+            return rungs
+        return [with_tied_embeddings(rung, self.tie_embeddings) for rung in rungs]
 
     def arm(self, name: str) -> ArmConfig:
         for arm in self.arms:
@@ -545,13 +568,17 @@ FEW_STEPS = 100
 and schedule barely happen, so what it measures is mostly the initialisation."""
 
 
-def describe_study_plan(study: StudyConfig, plans: list[RunPlan], gpu: str = "H100", mfu: float = 0.4) -> str:
-    """The dry run as a user reads it: the rung table, then the study's totals and what to watch."""
+def describe_study_plan(study: StudyConfig, plans: list[RunPlan], gpu: str = "H100", mfu: float = 0.4,
+                        gpu_memory: float | None = None) -> str:
+    """The dry run as a user reads it: the rung table (with each run's memory per GPU), then the study's
+    totals and what to watch. `gpu_memory`: GiB per GPU (None: the named `gpu`'s, `scaling.memory`)."""
     from scaling.ladder import format_ladder_table
+    from scaling.memory import describe_memory_column
 
     runs_per_rung = len(study.seeds) * len(study.arms)
     hours = sum(plan.gpu_hours(gpu, mfu) for plan in plans) * runs_per_rung  # GPU-hours already sum over GPUs
-    lines = [format_ladder_table(plans, gpu=gpu, mfu=mfu), "",
+    column, memory_line = describe_memory_column(study, plans, gpu, gpu_memory)
+    lines = [format_ladder_table(plans, gpu=gpu, mfu=mfu, extra=column), memory_line, "",
              f"{len(plans) * runs_per_rung} runs: {len(plans)} rung(s) x {len(study.arms)} arm(s) "
              f"({', '.join(a.name for a in study.arms)}) x {len(study.seeds)} seed(s); about {hours:,.3g} GPU-hours "
              f"in all at {mfu:.0%} MFU" + (" (the runs train on CPU here: resources.use_gpu is false)"

@@ -178,9 +178,10 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str, str]:
     return name, pieces[-1] if len(pieces) > 1 else None, split, field
 
 
-def read_rows(source: TextSource, limit: int | None = None) -> list[str]:
+def read_rows(source: TextSource, limit: int | None = None, *, raw: bool = False) -> list[str]:
     """The non-empty rows of a source, in order, stripped (the first `limit` of them: a Hugging Face
-    dataset is then streamed, not downloaded whole)."""
+    dataset is then streamed, not downloaded whole). `raw`: every row as the source has it, empty ones
+    included (what the authors' sampler indexes)."""
     if source.kind == "bundled":
         rows = _read_bundled_rows()
     elif source.kind == "file":
@@ -189,6 +190,8 @@ def read_rows(source: TextSource, limit: int | None = None) -> list[str]:
         rows = _read_hf_rows(source, limit)
     else:
         raise DataError(f"text source kind {source.kind!r} is unknown: use bundled, hf or file")
+    if raw and any(row.strip() for row in rows[:limit]):
+        return list(rows[:limit])
     rows = [r for r in (row.strip() for row in rows) if r][:limit]
     if not rows:
         raise DataError(f"text source {source.label!r} has no non-empty text; check its field/contents")
@@ -321,6 +324,48 @@ def sample_texts(rows: Sequence[str], repetitions: int, min_words: int = DEFAULT
                 break
         texts.append(" ".join(chunk))
     return texts
+
+
+def sample_reference_texts(rows: Sequence[str], repetitions: int, min_words: int = DEFAULT_MIN_WORDS,
+                           count_words=None) -> list[str]:
+    """The authors' sampler, rule for rule (LM-Dispersion's `get_random_long_text`, behind the paper's
+    heatmaps): text r starts at the row drawn by `numpy.random.default_rng(r).integers(0, int(0.95 x rows))`
+    and appends the dataset's rows as they are (empty ones included, no separator: wikitext's rows carry
+    their own spaces and newlines) until `count_words` (nltk's `word_tokenize`: punctuation counts) reaches
+    `min_words`, or the rows run out. `rows` are the split's raw rows (`read_rows(..., raw=True)`)."""
+    if repetitions < 1:
+        raise DataError(f"repetitions={repetitions}: must be at least 1")
+    if not len(rows):
+        raise DataError("no rows to sample texts from; the text source is empty")
+    count = count_words or word_counter()
+    texts = []
+    for r in range(repetitions):
+        index = int(np.random.default_rng(seed=r).integers(0, max(1, int(len(rows) * START_FRACTION))))
+        text = ""
+        while count(text) < min_words and index < len(rows):
+            text += rows[index]
+            index += 1
+        texts.append(text)
+    return texts
+
+
+def word_counter():
+    """Words as the authors count them: nltk's `word_tokenize` (Punkt sentences, then Treebank words). Without
+    nltk's English Punkt data (it is downloaded, not installed) Punkt's untrained default splits the sentences:
+    the same but for abbreviations it would know (counts within a word or two per text)."""
+    try:
+        import nltk
+    except ImportError:
+        return lambda text: len(text.split())
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        return lambda text: len(nltk.word_tokenize(text))
+    except LookupError:
+        from nltk.tokenize import NLTKWordTokenizer
+        from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+        sentences, words = PunktSentenceTokenizer(), NLTKWordTokenizer()
+        return lambda text: sum(len(words.tokenize(sentence)) for sentence in sentences.tokenize(text))
 
 
 def cycle_texts(texts: list[str], repetitions: int) -> list[str]:

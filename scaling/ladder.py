@@ -157,6 +157,15 @@ def with_vocab_size(rung: Rung, vocab_size: int) -> Rung:
     return replace(rung, vocab_size=vocab_size, nominal_params=nominal)
 
 
+def with_tied_embeddings(rung: Rung, tie: bool) -> Rung:
+    """The same shape with its output head tied to (True) or separate from (False) the token embedding; the
+    nominal size moves by the head's vocab x d_model, so the rung's size check still holds."""
+    if tie == rung.tie_embeddings:
+        return rung
+    head = rung.vocab_size * rung.d_model
+    return replace(rung, tie_embeddings=tie, nominal_params=rung.nominal_params + (-head if tie else head))
+
+
 @dataclass(frozen=True)
 class ParamCount:
     """Analytic parameter counts of a rung; equal to the built model's `sum(p.numel())`."""
@@ -253,19 +262,13 @@ def classify_parameter(name: str) -> str:
 
 
 def split_weight_decay(named_parameters) -> tuple[list, list]:
-    """(decayed, not decayed) parameters for AdamW: weight decay on matrices (attention, MLP, token
-    embedding), none on biases, norms (1-D) and the learned position table (GPT-2's wpe).
-
-    Parameter names outside the GPT-2/Qwen3 layouts (a mid-trained model of another family)
-    fall back to the shape rule alone.
-    """
+    """(decayed, not decayed) parameters for AdamW, as Hugging Face's Trainer forms them for the GPT-2 and
+    Qwen3 layouts (the authors' scripts): weight decay on every matrix (attention, MLP, token embedding,
+    GPT-2's position table wpe), none on biases and norms (the 1-D parameters: the Trainer exempts names
+    with `bias`/`norm` and LayerNorm modules, which are exactly these here)."""
     decay, no_decay = [], []
-    for name, parameter in named_parameters:
-        try:
-            position_table = classify_parameter(name) == "position_embedding"
-        except ValueError:
-            position_table = False
-        (decay if parameter.ndim >= 2 and not position_table else no_decay).append(parameter)
+    for _, parameter in named_parameters:
+        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     return decay, no_decay
 
 
@@ -552,6 +555,8 @@ def resolve_peak_flops(gpu: str) -> float:
     """Dense bf16 peak FLOP/s of a GPU named in PEAK_BF16_FLOPS, or a number such as `312e12`."""
     if gpu in PEAK_BF16_FLOPS:
         return PEAK_BF16_FLOPS[gpu]
+    if gpu.split("-")[0] in PEAK_BF16_FLOPS:  # a memory variant: H100-80GB, A100-40GB
+        return PEAK_BF16_FLOPS[gpu.split("-")[0]]
     try:
         value = float(gpu)
     except ValueError:
@@ -683,13 +688,15 @@ def format_count(value: float) -> str:
     return f"{value:.3g}"
 
 
-def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "H100", mfu: float = 0.4) -> str:
-    """The dry-run table: one row per plan with shape, params, tokens, steps, FLOPs and GPU-hours."""
-    gpu_label = gpu if gpu in PEAK_BF16_FLOPS else f"GPU({resolve_peak_flops(gpu):.3g} FLOP/s)"
+def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "H100", mfu: float = 0.4,
+                        extra: tuple[str, list[str]] | None = None) -> str:
+    """The dry-run table: one row per plan with shape, params, tokens, steps, FLOPs and GPU-hours, and an
+    `extra` (header, one cell per plan) column last (the study's per-GPU memory)."""
+    gpu_label = gpu if gpu.split("-")[0] in PEAK_BF16_FLOPS else f"GPU({resolve_peak_flops(gpu):.3g} FLOP/s)"
     headers = ("rung", "family", "shape", "vocab", "params", "non-emb", "tokens", "batch", "steps", "warmup", "lr",
-               "FLOPs", f"{gpu_label}-h@{mfu:.0%}")
+               "FLOPs", f"{gpu_label}-h@{mfu:.0%}") + ((extra[0],) if extra else ())
     rows = []
-    for plan in plans:
+    for index, plan in enumerate(plans):
         rung = plan.rung
         rows.append((
             rung.name, rung.family, rung.describe_shape(), str(rung.vocab_size),
@@ -697,7 +704,7 @@ def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "
             f"{plan.batch_size}x{plan.seq_len}", str(plan.steps), str(plan.warmup_steps), f"{plan.lr:.2e}",
             f"{plan.flops:.2e}",
             f"{plan.gpu_hours(gpu, mfu):.3g}",
-        ))
+        ) + ((extra[1][index],) if extra else ()))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
              "  ".join("-" * w for w in widths)]

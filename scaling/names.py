@@ -102,6 +102,8 @@ TRAIN_LR = "train/lr"
 TRAIN_TOKENS_PER_S = "train/tokens_per_s"
 TRAIN_TOKENS_SEEN = "train/tokens_seen"
 VAL_LOSS = "val/loss"
+VAL_LOSS_SE = "val/loss_se"
+"""Standard error of `val/loss` over the validation blocks it averages (block to block spread / sqrt(n))."""
 
 COND_SPEARMAN = "condensation/spearman"
 COND_KENDALL = "condensation/kendall"

@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gpu", default="H100", metavar="NAME_OR_FLOPS",
                         help=f"GPU for the dry run's GPU-hour estimate: one of {KNOWN_GPUS}, or its dense bf16 "
                              "peak in FLOP/s, e.g. 312e12 (default H100)")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                        help="memory per GPU in GiB for the memory plan, when --gpu does not name it (default: the "
+                             "named GPU's: H100/H100-80GB 79.6, A100-40GB 40, A100-80GB 80, H200 140.4)")
     return parser.parse_args(argv)
 
 
@@ -64,10 +67,16 @@ def _train(study, source: str, args) -> int:
     from scaling.cluster import connect_ray
     from scaling.config import describe_study_plan, plan_runs
 
+    from scaling.memory import check_study_memory, gpu_capacity
+
     plans = plan_runs(study)
-    print(describe_study_plan(study, plans, gpu=args.gpu))
+    print(describe_study_plan(study, plans, gpu=args.gpu, gpu_memory=args.gpu_memory))
+    capacity, label = gpu_capacity(args.gpu, args.gpu_memory)
     if args.dry_run:
         from scaling.study import describe_data
+
+        if capacity is not None:  # on a cluster the preflight checks the GPUs the nodes have
+            check_study_memory(study, plans, capacity, label)
 
         print("\n".join(describe_data(study, plans)))
         if study.eval is not None:  # task names are checked offline, from lm-eval's task index
@@ -80,7 +89,7 @@ def _train(study, source: str, args) -> int:
     from scaling.study import format_summary, run_study
 
     connect_ray()
-    outcomes = run_study(study, source, plans=plans)
+    outcomes = run_study(study, source, plans=plans, gpu_memory=(capacity, label))
     print()
     print(format_summary(outcomes))
     _print_next_steps(study.study, study.tracking_uri)

@@ -51,6 +51,8 @@ class DataRefs:
     """Identifies the data in run hashes."""
     tokenizer_uri: str | None = None
     """The study's tokenizer on shared storage (what exported models carry for their evaluations)."""
+    pad_token_id: int | None = None
+    """The tokenizer's padding token, else its EOS: the embedding row active forgetting zeroes."""
 
 
 @dataclass
@@ -128,7 +130,7 @@ def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: 
                    train_blocks=data.train_blocks, val_blocks=data.val_blocks, probe_ids=data.probe_ids,
                    init_from=study.training.init_from_for(plan.rung.name),
                    evaluation=study.eval.with_absolute_paths() if study.eval is not None and evaluate else None,
-                   tokenizer_uri=data.tokenizer_uri, faults=faults.installed())
+                   tokenizer_uri=data.tokenizer_uri, pad_token_id=data.pad_token_id, faults=faults.installed())
 
 
 def build_trainer(study: StudyConfig, loop_config: dict[str, Any], name: str):

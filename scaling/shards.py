@@ -610,7 +610,8 @@ def build_token_shards(spec: ShardSpec, root: str, *, seq_len: int | None = None
                      "max_rows": spec.max_rows, "validation": spec.validation},
             "source": plan.fingerprint["source"], "validation_source": plan.fingerprint["validation"],
             "tokenizer": {"name_or_path": spec.tokenizer, "sha256": plan.tokenizer_sha, "file": "tokenizer.json",
-                          "vocab_size": len(plan.tokenizer), "eos_id": plan.tokenizer.eos_token_id},
+                          "vocab_size": len(plan.tokenizer), "eos_id": plan.tokenizer.eos_token_id,
+                          "pad_id": _pad_id(plan.tokenizer)},
             "packing": spec.packing, "max_rows": spec.max_rows, "dtype": _dtype(plan),
             "rows": rows, "tokens": tokens, "splits": streams,
             "build": {"seconds": round(seconds, 3), "cpus": cpus, "rows_per_s": round(rows / seconds, 1),
@@ -1098,6 +1099,12 @@ class TokenBlocks:
 # --- what a study hands its workers -------------------------------------------------------------------
 
 
+def _pad_id(tokenizer) -> int | None:
+    """The tokenizer's padding token, else its EOS (how the authors' scripts pad GPT-2: active forgetting
+    zeroes this row)."""
+    return tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else tokenizer.eos_token_id
+
+
 @dataclass(frozen=True)
 class StudyBlocks:
     """Everything the old `prepare_data` returned, with views of the shards instead of arrays."""
@@ -1114,6 +1121,12 @@ class StudyBlocks:
     """Identifies the data in run hashes: shards, seq_len, split and probes."""
     shards: TokenShards
     """The shards themselves (manifest, token counts)."""
+
+    @property
+    def pad_id(self) -> int | None:
+        """The padding token (else EOS) of the shards' tokenizer; EOS for shards written before it was recorded."""
+        tokenizer = self.shards.manifest["tokenizer"]
+        return tokenizer.get("pad_id", tokenizer.get("eos_id"))
 
 
 def build_study_blocks(spec: ShardSpec, root: str, *, seq_len: int, val_fraction: float, probe_texts: int,

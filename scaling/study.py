@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from scaling import names
-from scaling.cluster import check_study_against_cluster, concurrent_runs
+from scaling.cluster import check_study_against_cluster, check_study_memory_on_cluster, concurrent_runs
 from scaling.config import StudyConfig, plan_runs, redact_credentials
 from scaling.console import format_progress, say
 from scaling.errors import ConfigError
@@ -42,12 +42,38 @@ def prepare_data(study: StudyConfig, vocab_size: int, progress: Callable[[str], 
                                 seq_len=study.training.seq_len, val_fraction=data.val_fraction,
                                 probe_texts=study.probes.texts, probe_max_length=study.probes.max_length,
                                 progress=progress)
+    if study.probes.source is not None:
+        blocks = with_probe_source(blocks, study.probes, progress)
     if blocks.vocab_size > vocab_size:
         raise ConfigError(
             f"data.tokenizer has {blocks.vocab_size} tokens but the smallest rung's vocab_size is {vocab_size}; "
             "use a ladder whose vocab fits the tokenizer, or train a local tokenizer (data.tokenizer: null)"
         )
     return blocks
+
+
+def with_probe_source(blocks, probes, progress: Callable[[str], None] = say):
+    """The study's blocks with probe texts from `probes.source` (the authors' sampler, the study's tokenizer,
+    the first `probes.max_length` tokens of each) instead of the training data's."""
+    import dataclasses
+    import hashlib
+
+    import numpy as np
+
+    from scaling.data import parse_text_source, read_rows, sample_reference_texts
+
+    rows = read_rows(parse_text_source(probes.source), raw=True)
+    texts = sample_reference_texts(rows, probes.texts)
+    tokenizer = blocks.shards._tokenizer()
+    probe_ids = [np.asarray(tokenizer.encode(text, add_special_tokens=False).ids[:probes.max_length], dtype=np.int64)
+                 for text in texts]
+    short = sum(len(ids) < probes.max_length for ids in probe_ids)
+    progress(f"probes: {len(texts)} texts from {probes.source} ({len(rows):,} rows, the authors' sampler), "
+             f"{probes.max_length} tokens each" + (f"; {short} of them shorter" if short else ""))
+    digest = hashlib.sha256(f"{blocks.fingerprint}|{probes.source}".encode())
+    for ids in probe_ids:
+        digest.update(ids.tobytes())
+    return dataclasses.replace(blocks, probe_ids=probe_ids, fingerprint=digest.hexdigest()[:16])
 
 
 def data_refs(study: StudyConfig, blocks) -> DataRefs:
@@ -58,7 +84,8 @@ def data_refs(study: StudyConfig, blocks) -> DataRefs:
         from scaling.evaluations import publish_tokenizer
 
         tokenizer_uri = publish_tokenizer(shard_spec(study).tokenizer, shards_root(study))
-    return DataRefs(blocks.train, blocks.val, blocks.probe_ids, blocks.fingerprint, tokenizer_uri)
+    return DataRefs(blocks.train, blocks.val, blocks.probe_ids, blocks.fingerprint, tokenizer_uri,
+                    pad_token_id=blocks.pad_id)
 
 
 def shards_root(study: StudyConfig) -> str:
@@ -122,10 +149,11 @@ def shard_spec(study: StudyConfig):
                      validation=validation)
 
 
-def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Callable[[str], None] = say
-              ) -> list[RunOutcome]:
+def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Callable[[str], None] = say,
+              gpu_memory: tuple[float | None, str] | None = None) -> list[RunOutcome]:
     """Train every (rung, seed, arm) of the study that has not finished yet; with a `search`
-    section, the dispersion arm is searched per rung instead (see `scaling.sweep`)."""
+    section, the dispersion arm is searched per rung instead (see `scaling.sweep`). `gpu_memory`
+    (GiB, label): what the memory plan is checked against when the cluster does not name its GPUs."""
     plans = plan_runs(study) if plans is None else plans
     STOPPING.clear()
     searching = study.search.num_samples > 0
@@ -138,6 +166,9 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
     tracking_uri = resolve_tracking_uri(study.tracking_uri)
     for warning in check_study_against_cluster(study, len(plans) * len(study.seeds) * len(study.arms),
                                                tracking_uri):
+        progress(f"warning: {warning}")
+    warning = check_study_memory_on_cluster(study, plans, gpu_memory)  # before any worker starts
+    if warning:
         progress(f"warning: {warning}")
 
     # The data first: a source that cannot be read fails here, before anything is recorded in MLflow.

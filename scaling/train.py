@@ -56,6 +56,7 @@ class RunTask:
     init_from: str | None = None  # the rung's pretrained checkpoint (None: from scratch)
     evaluation: Any = None  # scaling.evaluate.EvalConfig (absolute paths) or None: no downstream evaluation
     tokenizer_uri: str | None = None  # the study's tokenizer folder on shared storage (evaluations need it)
+    pad_token_id: int | None = None  # the tokenizer's pad token, else EOS: the row active forgetting zeroes
     faults: tuple = ()  # scaling.faults.Fault: injected by tests, empty otherwise
 
 
@@ -63,24 +64,36 @@ class RunTask:
 
 
 def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warmup to the peak, then cosine decay to min_ratio * peak at the last step."""
+    """Linear warmup to the peak, then cosine decay to min_ratio * peak at the last step. Step s of the
+    warmup runs at s / warmup, as Hugging Face's schedules (the first update at lr 0)."""
     if warmup_steps > 0 and step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        return peak * step / warmup_steps
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def linear_lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to the peak, then linear decay to 0 at the last step (active forgetting's
-    embedding schedule, as the reference's)."""
+    """Linear warmup (s / warmup) to the peak, then linear decay to 0 at the last step."""
     if warmup_steps > 0 and step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        return peak * step / warmup_steps
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
+def forgetting_embedding_lr_at(step: int, *, peak: float, warmup_fraction: float, total_steps: int,
+                               forget_every: int) -> float:
+    """Active forgetting's embedding schedule as the reference indexes it (language-model-plasticity's):
+    the linear warmup-decay of `linear_lr_at`, at index ((step + 1) x floor(T / K)) mod T for T steps and
+    forgetting every K, so each forgetting period runs through the whole warmup-decay again. The
+    warmup is floor(T x warmup_fraction) steps; while T < 2K the index is just step + 1 (and with T < K
+    it stays 0: the embeddings never move, as in the reference)."""
+    index = ((step + 1) * (total_steps // forget_every)) % total_steps
+    return linear_lr_at(min(index, total_steps - 1), peak=peak, total_steps=total_steps,
+                        warmup_steps=int(total_steps * warmup_fraction))
+
+
 def build_param_groups(model, task: RunTask) -> list[dict[str, Any]]:
-    """AdamW groups: decayed matrices, undecayed biases/norms/position table, and (active forgetting)
+    """AdamW groups: decayed matrices, undecayed biases/norms, and (active forgetting)
     the input embeddings alone, last (index 2), with their own peak lr when the arm gives one.
 
     A group of its own lets a forgetting step reset exactly the embeddings' optimizer state:
@@ -114,8 +127,9 @@ def build_lr_lambdas(task: RunTask) -> list:
         if task.arm.embedding_lr is None:
             lambdas.append(main)
         else:
-            warmup = math.ceil(task.arm.embedding_warmup_fraction * task.steps - 1e-9)
-            lambdas.append(lambda s: linear_lr_at(s, peak=1.0, warmup_steps=warmup, total_steps=task.steps))
+            lambdas.append(lambda s: forgetting_embedding_lr_at(
+                s, peak=1.0, warmup_fraction=task.arm.embedding_warmup_fraction, total_steps=task.steps,
+                forget_every=task.arm.forget_every))
     return lambdas
 
 
@@ -489,7 +503,7 @@ def _install_arm_hooks(model, task: RunTask) -> _ArmHooks:
     if arm.name == names.ARM_ACTIVE_FORGETTING:
         def forget(step, engine):
             if step % arm.forget_every == 0:
-                forget_input_embeddings(engine, seed=task.seed, step=step)
+                forget_input_embeddings(engine, seed=task.seed, step=step, pad_token_id=task.pad_token_id)
 
         return _ArmHooks(forget)
     return _ArmHooks()
@@ -501,12 +515,19 @@ def fresh_embeddings(shape, *, seed: int, step: int, padding_idx: int | None):
 
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
     weight = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
-    if padding_idx is not None:
+    if padding_idx is not None and 0 <= padding_idx < shape[0]:
         weight[padding_idx] = 0.0
     return weight
 
 
-def forget_input_embeddings(engine, *, seed: int, step: int) -> None:
+def zeroed_row(embeddings, pad_token_id: int | None) -> int | None:
+    """The row a re-initialisation zeroes, as the reference: the embedding's padding_idx when it has one,
+    else the tokenizer's pad token (EOS for GPT-2, whose `wte` has no padding_idx)."""
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    return padding_idx if padding_idx is not None else pad_token_id
+
+
+def forget_input_embeddings(engine, *, seed: int, step: int, pad_token_id: int | None = None) -> None:
     """Active forgetting: re-initialise the input embeddings and forget their optimizer state.
 
     What the next forward uses must be the fresh weights, whatever DeepSpeed keeps: the module's
@@ -522,7 +543,7 @@ def forget_input_embeddings(engine, *, seed: int, step: int) -> None:
     embeddings = engine.module.get_input_embeddings()
     weight = embeddings.weight
     fresh = fresh_embeddings(tuple(weight.shape), seed=seed, step=step,
-                             padding_idx=getattr(embeddings, "padding_idx", None)).to(weight.device)
+                             padding_idx=zeroed_row(embeddings, pad_token_id)).to(weight.device)
     wrapper = engine.optimizer
     with torch.no_grad():
         weight.copy_(fresh.to(weight.dtype))
@@ -598,25 +619,26 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
 
     engine.eval()
     micro = task.training.micro_batch_size
-    shard = val_blocks[rank::world]
-    n_batches = min(task.probes.val_batches, max(1, len(val_blocks) // (micro * world)))
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensor
+    chosen = validation_indices(len(val_blocks), micro, world, task.probes.val_batches)
+    shard = chosen[rank::world]
+    n_batches = math.ceil(math.ceil(len(chosen) / world) / micro)  # the same on every rank (ZeRO-3 gathers)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensor
     accumulator = CondensationAccumulator()
     with torch.no_grad():
         for b in range(n_batches):
-            batch = shard[b * micro:(b + 1) * micro]
-            if len(batch) == 0:
-                batch = shard[:1]
-            ids = torch.as_tensor(np.asarray(batch), device=device)  # a lazy view of the shards reads here
-            totals[0] += engine(input_ids=ids, labels=ids).loss.double() * len(batch)
-            totals[1] += len(batch)
+            mine = shard[b * micro:(b + 1) * micro]
+            ids = torch.as_tensor(np.asarray(val_blocks[mine if len(mine) else chosen[:1]]), device=device)
+            losses = block_losses(engine(input_ids=ids).logits, ids)  # a lazy view of the shards reads above
+            if len(mine):  # a rank with no block left still runs the forward, and counts nothing
+                totals += torch.stack([losses.sum(), losses.square().sum(), losses.new_tensor(len(mine))])
         base = _float32_model(engine).base_model
         for ids in probe_ids:
             outputs = base(input_ids=torch.as_tensor(ids, device=device)[None, :], output_hidden_states=True)
             accumulator.update(torch.stack(outputs.hidden_states)[:, 0].float())
     torch.distributed.all_reduce(totals)
     result = accumulator.finalize()
-    metrics = {names.VAL_LOSS: float((totals[0] / totals[1]).cpu()), **result.to_metrics()}
+    loss, loss_se = mean_and_standard_error(*(float(v) for v in totals.cpu()))
+    metrics = {names.VAL_LOSS: loss, names.VAL_LOSS_SE: loss_se, **result.to_metrics()}
     if logger is not None:
         logger.log_metrics(metrics, step)
         _log(rank, f"{task.run_name} step {step} val/loss {metrics[names.VAL_LOSS]:.4f} "
@@ -632,6 +654,36 @@ def _probe(engine, task, val_blocks, probe_ids, device, rank, world, logger, ste
     from scaling.config import SEARCH_METRICS
 
     return {key: metrics[key] for key in SEARCH_METRICS}  # what Tune may optimise
+
+
+def validation_indices(n_blocks: int, micro: int, world: int, val_batches: int | None) -> np.ndarray:
+    """The validation blocks a probe averages: all of them (`probes.val_batches` null), or val_batches x
+    micro x world blocks spread evenly over the split (validation text is in file order: the first blocks
+    would be one stretch of it)."""
+    wanted = n_blocks if val_batches is None else min(n_blocks, val_batches * micro * world)
+    if wanted >= n_blocks:
+        return np.arange(n_blocks)
+    return np.unique(np.linspace(0, n_blocks - 1, wanted).round().astype(np.int64))
+
+
+def block_losses(logits, ids):
+    """Each block's mean next-token cross-entropy, in float32 (what Hugging Face's loss averages)."""
+    import torch
+
+    shifted = logits[:, :-1].float()
+    losses = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), ids[:, 1:].reshape(-1),
+                                               reduction="none")
+    return losses.view(ids.shape[0], -1).mean(dim=1).double()
+
+
+def mean_and_standard_error(total: float, total_squares: float, count: float) -> tuple[float, float]:
+    """Mean of per-block values from their sum and sum of squares, and its standard error (sample standard
+    deviation / sqrt(n); 0 for one block)."""
+    mean = total / count
+    if count < 2:
+        return mean, 0.0
+    variance = max(0.0, (total_squares - count * mean * mean) / (count - 1))
+    return mean, math.sqrt(variance / count)
 
 
 def _log_final_condensation(logger, result, task: RunTask) -> None:

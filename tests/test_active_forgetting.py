@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 
+import pytest
 from deepspeed_single import PREAMBLE
+
+from scaling.train import fresh_embeddings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,9 +43,10 @@ for bf16 in (True, False):
             engine.step()
         embedding_lrs = [group["lr"] for group in engine.optimizer.param_groups][EMBEDDING_GROUP]
         weight = engine.module.get_input_embeddings().weight
-        fresh = fresh_embeddings(tuple(weight.shape), seed=3, step=2, padding_idx=None)
-        forget_input_embeddings(engine, seed=3, step=2)
+        fresh = fresh_embeddings(tuple(weight.shape), seed=3, step=2, padding_idx=5)
+        forget_input_embeddings(engine, seed=3, step=2, pad_token_id=5)  # GPT-2's wte has no padding_idx
         used = fresh.to(weight.dtype).float()
+        assert float(weight.detach()[5].abs().max()) == 0 and float(weight.detach()[4].abs().max()) > 0, "pad row"
         assert torch.equal(weight.detach().float(), used), "module weight"
         master = safe_get_full_fp32_param(weight)
         assert master is None or torch.equal(master, fresh), "float32 master copy"
@@ -66,8 +70,10 @@ def test_forgetting_resets_weights_master_copies_and_state_under_zero_0_to_2():
     lines = [line for line in result.stdout.splitlines() if line.startswith("ok")]
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert len(lines) == 6, lines
-    # The embeddings follow their own schedule: 5e-5 peak, 8% warmup of 10 steps (1 step), linear decay.
-    assert all(line.split()[-1] == f"{5e-5 * 8 / 9:.3g}" for line in lines), lines
+    # The embeddings follow the reference's schedule: after 2 of T = 10 steps, forgetting every K = 2, the
+    # index is ((2 + 1) x floor(10 / 2)) mod 10 = 5 on a linear warmup (floor(0.8) = 0 steps) and decay:
+    # (10 - 5) / 10 of the 5e-5 peak.
+    assert all(line.split()[-1] == f"{5e-5 * 0.5:.3g}" for line in lines), lines
 
 
 def test_fresh_embeddings_depend_on_seed_and_step_and_zero_the_padding_row():
@@ -78,3 +84,35 @@ def test_fresh_embeddings_depend_on_seed_and_step_and_zero_the_padding_row():
     assert (a == fresh_embeddings((10, 4), seed=1, step=1000, padding_idx=3)).all()
     assert not (a == fresh_embeddings((10, 4), seed=1, step=2000, padding_idx=3)).all()
     assert not (a == fresh_embeddings((10, 4), seed=2, step=1000, padding_idx=3)).all()
+
+
+def test_the_embedding_schedule_index_is_the_references():
+    from scaling.train import forgetting_embedding_lr_at, linear_lr_at
+
+    # T = 10, K = 3: floor(T / K) = 3, index ((s + 1) x 3) mod 10 = 3 6 9 2 5 8 1 4 7 0; warmup floor(10 x 0.2) = 2
+    # steps (i / 2), then (10 - i) / 8.
+    by_hand = [7 / 8, 4 / 8, 1 / 8, 1.0, 5 / 8, 2 / 8, 0.5, 6 / 8, 3 / 8, 0.0]
+    got = [forgetting_embedding_lr_at(s, peak=1.0, warmup_fraction=0.2, total_steps=10, forget_every=3)
+           for s in range(10)]
+    assert got == pytest.approx(by_hand)
+    # T < 2K (the paper: 1526 steps, K = 1000): the index is s + 1, the plain schedule one step ahead, and the last
+    # step wraps to 0
+    paper = [forgetting_embedding_lr_at(s, peak=5e-5, warmup_fraction=0.08, total_steps=1526, forget_every=1000)
+             for s in range(1526)]
+    assert paper[:1525] == [linear_lr_at(s + 1, peak=5e-5, warmup_steps=122, total_steps=1526) for s in range(1525)]
+    assert paper[0] == pytest.approx(5e-5 / 122) and paper[-1] == 0.0
+    # T < K: floor(T / K) = 0, the index stays 0 and the embeddings never move, as in the reference
+    assert {forgetting_embedding_lr_at(s, peak=1.0, warmup_fraction=0.08, total_steps=50, forget_every=100)
+            for s in range(50)} == {0.0}
+
+
+def test_the_zeroed_row_is_padding_idx_else_the_pad_token():
+    import torch
+
+    from scaling.train import zeroed_row
+
+    assert zeroed_row(torch.nn.Embedding(10, 4), 7) == 7  # GPT-2's wte: no padding_idx, the pad (EOS) token
+    assert zeroed_row(torch.nn.Embedding(10, 4, padding_idx=2), 7) == 2
+    assert zeroed_row(torch.nn.Embedding(10, 4), None) is None
+    out_of_range = fresh_embeddings((10, 4), seed=1, step=1, padding_idx=50)  # a pad id beyond the table
+    assert (out_of_range == fresh_embeddings((10, 4), seed=1, step=1, padding_idx=None)).all()

@@ -57,6 +57,22 @@ def test_qwen3_pretrain_has_the_torchtitan_shape_and_schedule():
     assert study.training.min_lr_ratio == 0.1
     dispersion = study.arm("dispersion")
     assert dispersion.lam == 1.0 and dispersion.layers == "all" and dispersion.last_block_output == "raw"
+    # untied, as the fork's run was (tying failed under FSDP): 62,772,480 + 151,936 x 256 head parameters
+    assert rung.tie_embeddings is False and plan.params.total == 101_668_096 == 62_772_480 + 151_936 * 256
+    from scaling.ladder import build_model
+
+    model = build_model(rung, seed=0)
+    assert sum(p.numel() for p in model.parameters()) == 101_668_096
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+
+
+def test_tie_embeddings_keeps_the_ladders_default_and_refuses_a_pretrained_model():
+    from scaling.errors import ConfigError
+
+    tied = load_study(REPO / "search_spaces" / "paper_qwen3_pretrain.yaml", ["tie_embeddings=null"])
+    assert plan_runs(tied)[0].params.total == 62_772_480
+    with pytest.raises(ConfigError, match="tie_embeddings=False: a pretrained model"):
+        load_study(REPO / "search_spaces" / "paper_midtrain_gpt2.yaml", ["tie_embeddings=false"])
 
 
 def test_dry_run_warns_about_rungs_with_too_few_steps():

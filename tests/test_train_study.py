@@ -127,10 +127,13 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
 def test_nan_loss_fails_that_run_and_the_study_goes_on(ray_session, tmp_path):
     from scaling.study import run_study
 
-    # An absurd learning rate overflows the weights within a couple of steps.
+    # A NaN loss injected at step 2 of every run (an lr big enough to overflow is refused as bad input).
+    from scaling.faults import NAN_LOSS, Fault, install
+
     study = tiny_study(tmp_path, "nan", arms=["baseline"], rungs=["tiny-165K", "tiny-429K"],
-                       training={"lr": 1e30, "max_steps": 3}, resources={"num_workers": 1, "zero_stage": 0})
-    outcomes = run_study(study, "")
+                       training={"max_steps": 3}, resources={"num_workers": 1, "zero_stage": 0})
+    with install(Fault(NAN_LOSS, step=2)):
+        outcomes = run_study(study, "")
     assert [o.status for o in outcomes] == ["failed", "failed"]  # both ran: one failure did not stop the study
     for child in runs_of(study, names.KIND_TRAIN):
         assert child.data.tags[names.TAG_STATUS] == names.STATUS_FAILED
