@@ -63,6 +63,8 @@ class StudyBudget:
     hidden_states: tuple[int, int] | None
     """Fewest and most hidden states (layers + embedding output) in a final profile."""
     caveats: tuple[str, ...]
+    val_loss_se: tuple[float, float] | None = None
+    """Smallest and largest standard error of a run's final val/loss over its validation blocks."""
 
 
 def _span(values: list) -> tuple | None:
@@ -108,7 +110,8 @@ def compute_budget(train_runs: pl.DataFrame, metrics: pl.DataFrame, profiles: pl
                        "from trained, so final-state claims describe early training")
     if probe_steps and probe_steps[0] != 0 and not pretrained:
         caveats.append(f"no step-0 probe recorded (first probe at step {probe_steps[0]}): claim (a) is not tested")
-    return StudyBudget(rungs, arms, seeds, tokens, steps, ratio, probe_steps, hidden, tuple(caveats))
+    se = metrics.filter(pl.col("run_id").is_in(ids) & (pl.col("metric") == names.VAL_LOSS_SE)).sort("step").group_by("run_id").agg(pl.col("value").last())
+    return StudyBudget(rungs, arms, seeds, tokens, steps, ratio, probe_steps, hidden, tuple(caveats), _span(se["value"].to_list()))
 
 
 @dataclass(frozen=True)
@@ -291,6 +294,9 @@ def _budget_lines(budget: StudyBudget) -> list[str]:
         f"({span(budget.tokens_per_param, lambda v: f'{v:.2g}')} tokens per parameter)",
         f"- **Condensation probes** at steps {', '.join(str(s) for s in budget.probe_steps) or 'none'}; "
         f"{span(budget.hidden_states)} hidden states per run (layers + embedding output)",
+        "- **Validation loss**: " + ("over each run's validation blocks; its standard error over the blocks "
+                                     f"{span(budget.val_loss_se, lambda v: f'{v:.2g}')} per run (`val/loss_se`)"
+                                     if budget.val_loss_se is not None else "no standard error logged (`val/loss_se`)"),
         "",
     ]
     if budget.caveats:

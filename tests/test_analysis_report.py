@@ -43,11 +43,16 @@ def _runs(rungs: dict[str, float], seeds: tuple[int, ...], tokens: int, steps: i
 def test_budget_states_what_the_study_rests_on_and_its_caveats():
     runs = _runs({"tiny-165K": 1.65e5, "tiny-429K": 4.29e5, "tiny-754K": 7.54e5}, (0,), tokens=15360, steps=30)
     metrics = pl.DataFrame({"run_id": runs["run_id"].to_list() * 2, "metric": [names.COND_SPEARMAN] * (2 * runs.height),
-                            "step": [10] * runs.height + [30] * runs.height})
+                            "step": [10] * runs.height + [30] * runs.height, "value": [1.0] * (2 * runs.height)})
+    # val/loss_se at two probe steps of two runs: the budget quotes each run's last one.
+    ids = runs["run_id"].to_list()
+    metrics = pl.concat([metrics, pl.DataFrame({"run_id": [ids[0], ids[0], ids[1]], "metric": [names.VAL_LOSS_SE] * 3,
+                                                "step": [10, 30, 30], "value": [0.5, 0.01, 0.03]})])
     profiles = pl.DataFrame({"run_id": [i for i in runs["run_id"] for _ in range(4)]})
     budget = compute_budget(runs, metrics, profiles, saturated=(names.COND_SPEARMAN,))
     assert [r for r, _ in budget.rungs] == ["tiny-165K", "tiny-429K", "tiny-754K"]
     assert budget.seeds == (1, 1) and budget.steps == (30, 30) and budget.tokens == (15360, 15360) and budget.probe_steps == (10, 30)
+    assert budget.val_loss_se == (0.01, 0.03)
     text = " | ".join(budget.caveats)
     for expected in ("3 rungs: no power law", "1 seed for some (rung, arm)", "spearman saturated at ±1 over 4 hidden states",
                      "tokens per parameter", "no step-0 probe recorded (first probe at step 10)"):
