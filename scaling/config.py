@@ -495,17 +495,18 @@ FEW_STEPS = 100
 and schedule barely happen, so what it measures is mostly the initialisation."""
 
 
-def describe_study_plan(study: StudyConfig, plans: list[RunPlan], gpu: str = "H100", mfu: float = 0.4) -> str:
-    """The dry run as a user reads it: the rung table, then the study's totals and what to watch."""
+def describe_study_plan(study: StudyConfig, plans: list[RunPlan], gpu: str | None = "H100", mfu: float = 0.4) -> str:
+    """The dry run as a user reads it: the rung table, then the study's totals and what to watch. `gpu` None:
+    no GPU-hour estimate (a CPU study that did not ask for one)."""
     from scaling.ladder import format_ladder_table
 
     runs_per_rung = len(study.seeds) * len(study.arms)
-    hours = sum(plan.gpu_hours(gpu, mfu) for plan in plans) * runs_per_rung  # GPU-hours already sum over GPUs
+    hours = sum(plan.gpu_hours(gpu, mfu) for plan in plans) * runs_per_rung if gpu is not None else 0.0
     lines = [format_ladder_table(plans, gpu=gpu, mfu=mfu), "",
              f"{len(plans) * runs_per_rung} runs: {len(plans)} rung(s) x {len(study.arms)} arm(s) "
-             f"({', '.join(a.name for a in study.arms)}) x {len(study.seeds)} seed(s); about {hours:,.3g} GPU-hours "
-             f"in all at {mfu:.0%} MFU" + (" (the runs train on CPU here: resources.use_gpu is false)"
-                                           if not study.resources.use_gpu else "")]
+             f"({', '.join(a.name for a in study.arms)}) x {len(study.seeds)} seed(s)"
+             + (f"; about {hours:,.3g} GPU-hours in all at {mfu:.0%} MFU" if gpu is not None else "")
+             + (" (the runs train on CPU here: resources.use_gpu is false)" if not study.resources.use_gpu else "")]
     families = sorted({plan.rung.family for plan in plans})
     for arm in study.arms:
         resolved = {family: arm.for_family(family) for family in families}

@@ -143,10 +143,10 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     failure = failure or (ended[0] if ended else "the trial ended without recording how its run ended")
     if failure:
         tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
-        tracker.finish(run_id, names.STATUS_FAILED, failure)
+        tracker.finish(run_id, names.STATUS_FAILED, failure, ended_at=ended[3] if ended else None)
         raise TrainingFailure(f"{run_name}: {failure}")
     tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
-    tracker.finish(run_id, names.STATUS_FINISHED)
+    tracker.finish(run_id, names.STATUS_FINISHED, ended_at=ended[3])
 
 
 def follow_trial(queue, trial_id: str, task, report, on_preempted=None) -> str | None:
