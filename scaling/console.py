@@ -175,6 +175,13 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> st
                      + [line(values) for values in cells])
 
 
+def claim_line(key: str, verdict: str, estimate=None, low=None, high=None, what: str = "") -> str:
+    """One claim on one line, for a CLI's closing lines: `b_late_half  supported  -0.1200 [-0.2000, -0.05000]
+    (what)`, numbers at 4 significant digits, `-` for one that is missing."""
+    interval = f" [{significant(low)}, {significant(high)}]" if low is not None or high is not None else ""
+    return f"{key:<14} {verdict:<13} {significant(estimate)}{interval}" + (f"  {what}" if what else "")
+
+
 class StudyProgress:
     """Study-level progress for the console: runs done of all runs, time elapsed and an estimate of what is
     left. Chains of runs train side by side, each in its own worker group; a chain's runs left are estimated at

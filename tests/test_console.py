@@ -133,3 +133,12 @@ def test_writable_check_leaves_nothing_behind(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is not a writable folder"):
         check_writable_dir(tmp_path / "file" / "sub")
+
+
+def test_a_claim_reads_on_one_line_with_its_interval():
+    from scaling.console import claim_line
+
+    line = claim_line("b_late_half", "supported", -0.123456, -0.2, -0.05, "late-half cosine lower with dispersion")
+    assert line.split() == ["b_late_half", "supported", "-0.1235", "[-0.2000,", "-0.05000]", "late-half", "cosine",
+                            "lower", "with", "dispersion"]
+    assert claim_line("e", "untested").split() == ["e", "untested", "-"]
