@@ -142,3 +142,15 @@ def test_a_claim_reads_on_one_line_with_its_interval():
     assert line.split() == ["b_late_half", "supported", "-0.1235", "[-0.2000,", "-0.05000]", "late-half", "cosine",
                             "lower", "with", "dispersion"]
     assert claim_line("e", "untested").split() == ["e", "untested", "-"]
+
+
+def test_a_cpu_study_shows_no_gpu_hours_unless_asked(tmp_path):
+    from conftest import tiny_train_study
+
+    from scaling.config import describe_study_plan, plan_runs
+
+    study = tiny_train_study(tmp_path, "cpu")
+    plans = plan_runs(study)
+    assert "GPU-hours" not in describe_study_plan(study, plans, gpu=None)
+    assert "-h@" not in describe_study_plan(study, plans, gpu=None)  # no GPU-hours column either
+    assert "GPU-hours in all" in describe_study_plan(study, plans, gpu="H100")
