@@ -188,7 +188,9 @@ class StudyProgress:
     its own pace so far (wall time per run, start-up included), and the study's time left is its slowest
     chain's. Thread-safe: each chain reports from its own thread."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, planned: int = 0, clock: Callable[[], float] = time.monotonic):
+        """`planned`: the runs known at the start (chains register theirs as they start; a sweep adds some)."""
+        self._planned = planned
         self._clock = clock
         self._started = clock()
         self._lock = threading.Lock()
@@ -213,8 +215,8 @@ class StudyProgress:
     def _describe(self, index: int) -> str:
         now = self._clock()
         done = sum(c["done"] for c in self._chains)
-        total = sum(c["runs"] for c in self._chains)
-        left = []
+        total = max(self._planned, sum(c["runs"] for c in self._chains))
+        left = [None] if done < total and self._planned > sum(c["runs"] for c in self._chains) else []
         for c in self._chains:
             trained = c["done"] - c.get("skipped", 0)
             if c["done"] < c["runs"]:

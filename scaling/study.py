@@ -19,7 +19,7 @@ from typing import Callable
 from scaling import names
 from scaling.cluster import check_study_against_cluster, concurrent_runs
 from scaling.config import StudyConfig, plan_runs, redact_credentials
-from scaling.console import StudyProgress, format_progress, format_table, say
+from scaling.console import StudyProgress, format_progress, format_table, say, significant
 from scaling.errors import ConfigError
 from scaling.provenance import resolve_tracking_uri
 from scaling.runs import STOPPING, DataRefs, RunOutcome, train_chain
@@ -163,7 +163,7 @@ def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progr
              f"{len(data.train):,} train / {len(data.val):,} val blocks; MLflow {tracker.tracking_uri}")
 
     width = concurrent_runs(study, len(fixed), extra=study.eval.ray_options() if study.eval else None)
-    board = StudyProgress()
+    board = StudyProgress(planned=len(fixed))
 
     def run(jobs):
         return run_in_chains(lambda chain: train_chain(study, chain, refs, tracker, parent_id, progress,
@@ -221,7 +221,7 @@ def _search_rung(study, plan, refs, tracker, parent_id, run, progress) -> list[R
     sweep = run_sweep(study, plan, seed, refs, tracker, parent_id, progress)
     progress(f"{plan.rung.name}: sweep of {sweep.trials} trial(s): {sweep.finished} finished, "
              f"{sweep.early_stopped} early-stopped, {sweep.failed} failed; best {study.search.metric} = "
-             f"{sweep.best_value} with {_settings(sweep.best_params)}")
+             f"{significant(sweep.best_value)} with {_settings(sweep.best_params)}")
     outcomes = [RunOutcome(plan.rung.name, "dispersion-sweep", seed,
                            names.STATUS_FINISHED if sweep.best_run_id else names.STATUS_FAILED,
                            sweep.sweep_run_id, sweep.seconds,

@@ -47,6 +47,8 @@ def test_study_progress_counts_runs_per_chain_and_estimates_what_is_left_at_the_
     assert first.ended() == "[5/5 runs; chain 1: 3/3; 40s elapsed, done]"
     alone = StudyProgress(clock=lambda: now[0]).chain(2)
     assert alone.ended() == "[1/2 runs; 0s elapsed, about 0s left]"  # one chain: no per-chain count
+    sweeping = StudyProgress(planned=2, clock=lambda: now[0])  # a sweep study: a rung's chain at a time
+    assert sweeping.chain(1).ended() == "[1/2 runs; 0s elapsed, time left not known yet]"
 
 
 def test_tables_show_four_significant_digits_and_full_headers():
