@@ -185,8 +185,9 @@ def claim_line(key: str, verdict: str, estimate=None, low=None, high=None, what:
 class StudyProgress:
     """Study-level progress for the console: runs done of all runs, time elapsed and an estimate of what is
     left. Chains of runs train side by side, each in its own worker group; a chain's runs left are estimated at
-    its own pace so far (wall time per run, start-up included), and the study's time left is its slowest
-    chain's. Thread-safe: each chain reports from its own thread."""
+    its own pace (wall time per run since its first run ended, so the group's start-up is not counted twice;
+    after one run, that run's seconds; before any, the other chains' pace), and the study's time left is its
+    slowest chain's. Thread-safe: each chain reports from its own thread."""
 
     def __init__(self, planned: int = 0, clock: Callable[[], float] = time.monotonic):
         """`planned`: the runs known at the start (chains register theirs as they start; a sweep adds some)."""
@@ -199,28 +200,40 @@ class StudyProgress:
     def chain(self, runs: int) -> "ChainProgress":
         """Register a chain of `runs` runs starting now."""
         with self._lock:
-            self._chains.append({"runs": runs, "done": 0, "started": self._clock()})
+            self._chains.append({"runs": runs, "done": 0, "trained": 0, "first_end": None, "first_s": None})
             return ChainProgress(self, len(self._chains) - 1)
 
-    def _ended(self, index: int, trained: bool) -> str:
+    def _ended(self, index: int, trained: bool, seconds: float | None) -> str:
         """One run of chain `index` ended (trained: it took time; else skipped); the line's progress part."""
         with self._lock:
             chain = self._chains[index]
             chain["done"] += 1
-            if not trained:
-                chain["started"] = self._clock()  # a skipped run takes no time: the pace counts from here
-                chain["skipped"] = chain.get("skipped", 0) + 1
+            if trained:
+                chain["trained"] += 1
+                if chain["first_end"] is None:
+                    chain["first_end"], chain["first_s"] = self._clock(), seconds
             return self._describe(index)
+
+    def _pace(self, chain: dict, now: float) -> float | None:
+        """Seconds per run of a chain so far, or None before its first run ended."""
+        if chain["trained"] >= 2:
+            return (now - chain["first_end"]) / (chain["trained"] - 1)
+        if chain["trained"] == 1:
+            return chain["first_s"] if chain["first_s"] else None
+        return None
 
     def _describe(self, index: int) -> str:
         now = self._clock()
         done = sum(c["done"] for c in self._chains)
-        total = max(self._planned, sum(c["runs"] for c in self._chains))
-        left = [None] if done < total and self._planned > sum(c["runs"] for c in self._chains) else []
+        registered = sum(c["runs"] for c in self._chains)
+        total = max(self._planned, registered)
+        paces = [pace for c in self._chains if (pace := self._pace(c, now)) is not None]
+        left = [None] if done < total and self._planned > registered else []
         for c in self._chains:
-            trained = c["done"] - c.get("skipped", 0)
             if c["done"] < c["runs"]:
-                left.append((now - c["started"]) / trained * (c["runs"] - c["done"]) if trained else None)
+                pace = self._pace(c, now)
+                pace = pace if pace is not None else (max(paces) if paces else None)
+                left.append(pace * (c["runs"] - c["done"]) if pace is not None else None)
         remaining = "done" if not left else (
             f"about {format_duration(max(left))} left" if None not in left else "time left not known yet")
         chain = self._chains[index]
@@ -238,8 +251,9 @@ class ChainProgress:
     def label(self) -> str:
         return f"chain {self.index + 1}"
 
-    def ended(self, trained: bool = True) -> str:
-        return self.study._ended(self.index, trained)
+    def ended(self, trained: bool = True, seconds: float | None = None) -> str:
+        """A run of this chain ended (`seconds`: how long it trained; `trained` False: skipped, finished before)."""
+        return self.study._ended(self.index, trained, seconds)
 
 
 WORKER_POOL_WARNING = "worker processes have been started on node"

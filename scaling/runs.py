@@ -260,8 +260,8 @@ def train_chain(study: StudyConfig, jobs: Sequence[tuple], data: DataRefs, track
     each run's line ends with the study's progress."""
     outcomes: list[RunOutcome | None] = [None] * len(jobs)
 
-    def progress_note(trained: bool = True) -> str:
-        return f"  {tally.ended(trained)}" if tally is not None else ""
+    def progress_note(trained: bool = True, seconds: float | None = None) -> str:
+        return f"  {tally.ended(trained, seconds)}" if tally is not None else ""
 
     queue: list[_Queued] = []
     for index, (plan, arm, seed) in enumerate(jobs):
@@ -331,7 +331,7 @@ class _OutcomeWatcher:
     has one; a last pass when the chain ends."""
 
     def __init__(self, tracker, queue: Sequence[_Queued], outcomes: list, say: Callable[[str], None],
-                 ended: Callable[[], str] = lambda: "", poll_s: float = 5.0):
+                 ended: Callable[..., str] = lambda **_: "", poll_s: float = 5.0):
         self.tracker, self.queue, self.outcomes, self.say, self.poll_s = tracker, queue, outcomes, say, poll_s
         self.ended = ended  # the study's progress after one more run ended, for the run's line
         self._stop = threading.Event()
@@ -367,7 +367,7 @@ class _OutcomeWatcher:
         """Record a run failed, in MLflow, on the console and in the outcomes."""
         run_id = self.run_id(q)
         self.tracker.finish(run_id, names.STATUS_FAILED, reason, ended_at=ended_at)
-        self.say(f"{q.task.run_name}: FAILED: {reason}{self.ended()}")
+        self.say(f"{q.task.run_name}: FAILED: {reason}{self.ended(seconds=seconds or None)}")
         self.outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_FAILED, run_id, seconds,
                                             detail=reason)
 
@@ -391,7 +391,8 @@ class _OutcomeWatcher:
             val_loss, late_half = report.get(names.VAL_LOSS), report.get(names.COND_LATE_HALF_MEAN_COS)
             self.say(f"{q.task.run_name}: finished in {seconds:.0f} s"
                      + (f", val/loss {val_loss:.4g}" if val_loss is not None else "")
-                     + (f", late-half mean cos {late_half:.4g}" if late_half is not None else "") + self.ended())
+                     + (f", late-half mean cos {late_half:.4g}" if late_half is not None else "")
+                     + self.ended(seconds=seconds))
             self.outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_FINISHED, q.run_id,
                                                 seconds, val_loss=val_loss, spearman=report.get(names.COND_SPEARMAN),
                                                 late_half_cos=late_half,

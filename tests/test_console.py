@@ -36,19 +36,19 @@ def test_study_progress_counts_runs_per_chain_and_estimates_what_is_left_at_the_
 
     now = [0.0]
     study = StudyProgress(clock=lambda: now[0])
-    first, second = study.chain(3), study.chain(2)
-    now[0] = 20.0
-    assert first.ended() == "[1/5 runs; chain 1: 1/3; 20s elapsed, time left not known yet]"
-    now[0] = 30.0
-    assert second.ended(trained=False) == "[2/5 runs; chain 2: 1/2; 30s elapsed, time left not known yet]"
-    now[0] = 40.0  # chain 1: 40 s for its one run so far, 2 left -> 80 s; chain 2 is done
-    assert second.ended() == "[3/5 runs; chain 2: 2/2; 40s elapsed, about 1m20s left]"
-    assert first.ended() == "[4/5 runs; chain 1: 2/3; 40s elapsed, about 20s left]"
-    assert first.ended() == "[5/5 runs; chain 1: 3/3; 40s elapsed, done]"
+    first, second = study.chain(4), study.chain(2)
+    now[0] = 30.0  # chain 1's first run trained 10 s (after 20 s of start-up): 3 left at 10 s -> 30 s
+    assert first.ended(seconds=10.0) == "[1/6 runs; chain 1: 1/4; 30s elapsed, about 30s left]"
+    now[0] = 31.0  # chain 2 skipped a finished run: its last run is estimated at chain 1's pace
+    assert second.ended(trained=False) == "[2/6 runs; chain 2: 1/2; 31s elapsed, about 30s left]"
+    now[0] = 50.0  # chain 1 now paces at 20 s a run (since its first run ended): 2 left -> 40 s
+    assert first.ended(seconds=18.0) == "[3/6 runs; chain 1: 2/4; 50s elapsed, about 40s left]"
+    assert StudyProgress(clock=lambda: now[0]).chain(2).ended() == "[1/2 runs; 0s elapsed, time left not known yet]"
     alone = StudyProgress(clock=lambda: now[0]).chain(2)
-    assert alone.ended() == "[1/2 runs; 0s elapsed, about 0s left]"  # one chain: no per-chain count
+    assert alone.ended(seconds=5.0) == "[1/2 runs; 0s elapsed, about 5s left]"  # one chain: no per-chain count
+    assert alone.ended(seconds=5.0) == "[2/2 runs; 0s elapsed, done]"
     sweeping = StudyProgress(planned=2, clock=lambda: now[0])  # a sweep study: a rung's chain at a time
-    assert sweeping.chain(1).ended() == "[1/2 runs; 0s elapsed, time left not known yet]"
+    assert sweeping.chain(1).ended(seconds=3.0) == "[1/2 runs; 0s elapsed, time left not known yet]"
 
 
 def test_tables_show_four_significant_digits_and_full_headers():
