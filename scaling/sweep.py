@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -126,7 +127,9 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
               names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding, names.TAG_TOKENS: plan.tokens,
               names.TAG_STEPS: plan.steps, names.TAG_TUNE_TRIAL_ID: trial_id, names.TAG_LADDER: study.ladder},
         params={**arm.params(), "lr": plan.lr, "warmup_steps": plan.warmup_steps},
-        kind=names.KIND_TRIAL)
+        kind=names.KIND_TRIAL, metrics={names.RUN_N: plan.params.non_embedding,
+                                        names.RUN_LOG10_N: math.log10(max(plan.params.non_embedding, 1)),
+                                        names.RUN_LAMBDA: float(arm.lam)})
     with faults.install(*context.faults):
         # Trials are compared on validation metrics as they train; downstream evaluation is for the fixed
         # arms and the extra-seed reruns of the best settings.
