@@ -166,8 +166,10 @@ def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progr
     board = StudyProgress(planned=len(fixed))
 
     def run(jobs):
+        # Chains registered in plan order (chain 1 first), not in the order their threads happen to start.
+        tallies = {id(jobs[start]): board.chain(len(jobs[start::width])) for start in range(min(width, len(jobs)))}
         return run_in_chains(lambda chain: train_chain(study, chain, refs, tracker, parent_id, progress,
-                                                       tally=board.chain(len(chain))), jobs, width)
+                                                       tally=tallies[id(chain[0])]), jobs, width)
 
     with ProgressBoard(tracker, progress):
         if not searching:
