@@ -24,6 +24,7 @@ from scaling import faults, names, run_folder
 from scaling.cluster import placement_strategy
 from scaling.storage import join, resolve_storage_path
 from scaling.config import StudyConfig
+from scaling.console import significant
 from scaling.errors import one_line
 from scaling.schema import config_hash
 from scaling.tracking import UNWRITTEN_KEY
@@ -390,8 +391,8 @@ class _OutcomeWatcher:
             self.tracker.finish(q.run_id, names.STATUS_FINISHED, ended_at=ended_at)
             val_loss, late_half = report.get(names.VAL_LOSS), report.get(names.COND_LATE_HALF_MEAN_COS)
             self.say(f"{q.task.run_name}: finished in {seconds:.0f} s"
-                     + (f", val/loss {val_loss:.4g}" if val_loss is not None else "")
-                     + (f", late-half mean cos {late_half:.4g}" if late_half is not None else "")
+                     + (f", val/loss {significant(val_loss)}" if val_loss is not None else "")
+                     + (f", late-half mean cos {significant(late_half)}" if late_half is not None else "")
                      + self.ended(seconds=seconds))
             self.outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_FINISHED, q.run_id,
                                                 seconds, val_loss=val_loss, spearman=report.get(names.COND_SPEARMAN),
