@@ -220,7 +220,9 @@ def _status_of(run) -> str:
 
 
 def _run_row(run, study: str) -> dict:
-    tags, params = run.data.tags, run.data.params
+    tags = run.data.tags
+    # Another arm's setting on a run without it is recorded "none" (so MLflow draws no made-up value): no value here.
+    params = {key: value for key, value in run.data.params.items() if value != names.PARAM_NONE}
     best = tags.get(names.TAG_BEST_TRIAL)
     return {
         "run_id": run.info.run_id,
@@ -474,18 +476,43 @@ def scan_tidy(path: str | Path) -> pl.LazyFrame:
     return pl.scan_parquet(path)
 
 
-def log_analysis_run(records: StudyRecords, out_dir: Path, files: list[Path], *, params: dict[str, str], tags: dict[str, str]) -> str:
+def claim_records(claims) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, tags) of an analysis run's claims: `claims` are (key, estimate, low, high, verdict); each gives
+    metrics `claim/<key>/estimate`, `claim/<key>/low`, `claim/<key>/high` (a None or non-finite number is left
+    out) and tag `claim/<key>/verdict`, so MLflow's runs table compares the findings of studies side by side."""
+    import math
+
+    metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
+    for key, estimate, low, high, verdict in claims:
+        safe = re.sub(r"[^A-Za-z0-9_.\- ]", "_", str(key))  # MLflow keys allow these (and "/")
+        for part, value in (("estimate", estimate), ("low", low), ("high", high)):
+            if value is not None and math.isfinite(float(value)):
+                metrics[f"claim/{safe}/{part}"] = float(value)
+        if verdict is not None:
+            tags[f"claim/{safe}/verdict"] = str(verdict)
+    return metrics, tags
+
+
+def log_analysis_run(records: StudyRecords, out_dir: Path, files: list[Path], *, params: dict[str, str],
+                     tags: dict[str, str], claims=()) -> str:
     """A kind=analysis run in the study's experiment (nested under the study run) holding
-    `files` (paths under `out_dir`, kept relative); returns its run id."""
+    `files` (paths under `out_dir`, kept relative) and the findings: `claims`, an iterable of
+    (key, estimate, low, high, verdict), as metrics and tags (`claim_records`); returns its run id."""
     client = _client(records.tracking_uri)
-    run_tags = {names.TAG_KIND: names.KIND_ANALYSIS, names.TAG_STUDY: records.study, **tags}
+    claim_metrics, claim_tags = claim_records(claims)
+    run_tags = {names.TAG_KIND: names.KIND_ANALYSIS, names.TAG_STUDY: records.study, **tags, **claim_tags}
     if records.parent_run_id:
         run_tags[_PARENT_TAG] = records.parent_run_id
     run = client.create_run(records.experiment_id, tags=run_tags, run_name=f"analysis-{records.study}")
-    from mlflow.entities import Param
+    import time
+
+    from mlflow.entities import Metric, Param
 
     try:
         client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        now = int(time.time() * 1000)
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in claim_metrics.items()])
         # One upload of a staged copy: each log_artifact call builds its own client (~0.3 s).
         with tempfile.TemporaryDirectory() as staging:
             for path in files:

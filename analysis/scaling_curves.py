@@ -58,9 +58,9 @@ from analysis.report import (
     render_markdown,
 )
 from scaling import names
-from scaling.console import check_writable_dir, quiet_libraries, run_cli
+from scaling.console import check_writable_dir, quiet_libraries, run_cli, significant
 from scaling.errors import ConfigError, DataError
-from scaling.provenance import git_commit, resolve_tracking_uri, ui_link
+from scaling.provenance import git_commit, resolve_tracking_uri, run_page, ui_link
 
 DEFAULT_METRICS = (
     names.VAL_LOSS,
@@ -490,19 +490,19 @@ def write_outputs(records: load.StudyRecords, analysis: StudyAnalysis, out: Path
 
 
 def claim_lines(claims) -> list[str]:
-    """One console line per claim: verdict, estimate with interval, Holm p."""
+    """One console line per claim: verdict, estimate with interval (4 significant digits), Holm p."""
     lines = []
     for c in claims:
         est = c.estimate
         if est.has_bounds:
-            value = f"{est.estimate:+.3g} [{est.low:+.3g}, {est.high:+.3g}]"
+            value = f"{significant(est.estimate)} [{significant(est.low)}, {significant(est.high)}]"
         elif math.isfinite(est.estimate):
-            value = f"{est.estimate:+.3g} (no interval: {est.why})" if est.why else f"{est.estimate:+.3g}"
+            value = f"{significant(est.estimate)} (no interval: {est.why})" if est.why else significant(est.estimate)
         else:
             value = ""
         p = f", Holm p {c.p_adjusted:.2g}" if math.isfinite(c.p_adjusted) else ""
         if c.effect_size is not None and math.isfinite(c.effect_size.estimate):
-            p += f", mean cosine rises {c.effect_size.estimate:+.3g} with depth"
+            p += f", mean cosine rises {significant(c.effect_size.estimate)} with depth"
         why = f" ({c.note})" if c.verdict in ("not tested", "not testable") and c.note else ""
         lines.append(f"claim ({c.key}) {c.verdict.upper()}: {c.claim}{': ' + value if value else ''}{p}{why}"[:300])
     return lines
@@ -567,9 +567,10 @@ def run(args: argparse.Namespace) -> Path:
             files,
             params={f"analysis.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in fit_options.items()},
             tags={names.TAG_GIT_COMMIT: provenance["git_commit"], "input_runs": str(len(provenance["input_run_ids"]))},
+            claims=[(c.key, c.estimate.estimate, c.estimate.low, c.estimate.high, c.verdict) for c in analysis.claims],
         )
         print(f"logged analysis run {run_id} in experiment {records.study!r}: "
-              f"{ui_link(uri, f'#/experiments/{records.experiment_id}/runs/{run_id}')}")
+              f"{ui_link(uri, run_page(records.experiment_id, run_id))}")
     print(f"report: {out / 'report.html'} (also report.md; {len(files)} files in {out})")
     return out
 

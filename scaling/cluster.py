@@ -72,6 +72,9 @@ def connect_ray(num_cpus: int | None = None) -> None:
                  runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
     if callable(sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm)
+    from scaling.console import explain_ray_worker_warning
+
+    explain_ray_worker_warning()
 
 
 def _started_cluster_address() -> str | None:

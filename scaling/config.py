@@ -568,21 +568,22 @@ FEW_STEPS = 100
 and schedule barely happen, so what it measures is mostly the initialisation."""
 
 
-def describe_study_plan(study: StudyConfig, plans: list[RunPlan], gpu: str = "H100", mfu: float = 0.4,
+def describe_study_plan(study: StudyConfig, plans: list[RunPlan], gpu: str | None = "H100", mfu: float = 0.4,
                         gpu_memory: float | None = None) -> str:
     """The dry run as a user reads it: the rung table (with each run's memory per GPU), then the study's
-    totals and what to watch. `gpu_memory`: GiB per GPU (None: the named `gpu`'s, `scaling.memory`)."""
+    totals and what to watch. `gpu` None: no GPU-hour estimate (a CPU study that did not ask for one);
+    `gpu_memory`: GiB per GPU (None: the named `gpu`'s, `scaling.memory`)."""
     from scaling.ladder import format_ladder_table
     from scaling.memory import describe_memory_column
 
     runs_per_rung = len(study.seeds) * len(study.arms)
-    hours = sum(plan.gpu_hours(gpu, mfu) for plan in plans) * runs_per_rung  # GPU-hours already sum over GPUs
-    column, memory_line = describe_memory_column(study, plans, gpu, gpu_memory)
+    hours = sum(plan.gpu_hours(gpu, mfu) for plan in plans) * runs_per_rung if gpu is not None else 0.0  # already summed over GPUs
+    column, memory_line = describe_memory_column(study, plans, gpu or "H100", gpu_memory)
     lines = [format_ladder_table(plans, gpu=gpu, mfu=mfu, extra=column), memory_line, "",
              f"{len(plans) * runs_per_rung} runs: {len(plans)} rung(s) x {len(study.arms)} arm(s) "
-             f"({', '.join(a.name for a in study.arms)}) x {len(study.seeds)} seed(s); about {hours:,.3g} GPU-hours "
-             f"in all at {mfu:.0%} MFU" + (" (the runs train on CPU here: resources.use_gpu is false)"
-                                           if not study.resources.use_gpu else "")]
+             f"({', '.join(a.name for a in study.arms)}) x {len(study.seeds)} seed(s)"
+             + (f"; about {hours:,.3g} GPU-hours in all at {mfu:.0%} MFU" if gpu is not None else "")
+             + (" (the runs train on CPU here: resources.use_gpu is false)" if not study.resources.use_gpu else "")]
     families = sorted({plan.rung.family for plan in plans})
     for arm in study.arms:
         resolved = {family: arm.for_family(family) for family in families}

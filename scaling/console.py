@@ -10,10 +10,13 @@ progress line per run at a time (`format_progress`) and the summaries. Light on 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+import threading
+import time
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 from scaling.errors import DispersionScalingError
 
@@ -141,3 +144,142 @@ def check_writable_dir(path, flag: str = "--out") -> None:
                 folder.rmdir()
             except OSError:
                 pass
+
+
+def significant(value, digits: int = 4) -> str:
+    """A value as a table shows it: floats to 4 significant digits (`7.093`, `0.8124`), integers whole (`25,472`),
+    `-` when missing, anything else as text."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:#.{digits}g}".rstrip(".")  # '#' keeps trailing zeros: 6.660 lines up with 6.649
+    return str(value)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """Rows of dicts as an aligned text table: `columns` are (key, header); numbers at 4 significant digits,
+    right-aligned; text left-aligned. What a terminal shows instead of a raw data frame."""
+    cells = [[significant(row.get(key)) for key, _ in columns] for row in rows]
+    numeric = [all(isinstance(row.get(key), (int, float)) or row.get(key) is None for row in rows) for key, _ in columns]
+    widths = [max([len(header)] + [len(line[i]) for line in cells]) for i, (_, header) in enumerate(columns)]
+
+    def line(values):
+        return "  ".join(value.rjust(width) if right else value.ljust(width)
+                         for value, width, right in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line([header for _, header in columns]), "  ".join("-" * width for width in widths)]
+                     + [line(values) for values in cells])
+
+
+class StudyProgress:
+    """Study-level progress for the console: runs done of all runs, time elapsed and an estimate of what is
+    left. Chains of runs train side by side, each in its own worker group; a chain's runs left are estimated at
+    its own pace (wall time per run since its first run ended, so the group's start-up is not counted twice;
+    after one run, that run's seconds; before any, the other chains' pace), and the study's time left is its
+    slowest chain's. Thread-safe: each chain reports from its own thread."""
+
+    def __init__(self, planned: int = 0, clock: Callable[[], float] = time.monotonic):
+        """`planned`: the runs known at the start (chains register theirs as they start; a sweep adds some)."""
+        self._planned = planned
+        self._clock = clock
+        self._started = clock()
+        self._lock = threading.Lock()
+        self._chains: list[dict] = []
+
+    def chain(self, runs: int) -> "ChainProgress":
+        """Register a chain of `runs` runs starting now."""
+        with self._lock:
+            self._chains.append({"runs": runs, "done": 0, "trained": 0, "first_end": None, "first_s": None})
+            return ChainProgress(self, len(self._chains) - 1)
+
+    def _ended(self, index: int, trained: bool, seconds: float | None) -> str:
+        """One run of chain `index` ended (trained: it took time; else skipped); the line's progress part."""
+        with self._lock:
+            chain = self._chains[index]
+            chain["done"] += 1
+            if trained:
+                chain["trained"] += 1
+                if chain["first_end"] is None:
+                    chain["first_end"], chain["first_s"] = self._clock(), seconds
+            return self._describe(index)
+
+    def _pace(self, chain: dict, now: float) -> float | None:
+        """Seconds per run of a chain so far, or None before its first run ended."""
+        if chain["trained"] >= 2:
+            return (now - chain["first_end"]) / (chain["trained"] - 1)
+        if chain["trained"] == 1:
+            return chain["first_s"] if chain["first_s"] else None
+        return None
+
+    def _describe(self, index: int) -> str:
+        now = self._clock()
+        done = sum(c["done"] for c in self._chains)
+        registered = sum(c["runs"] for c in self._chains)
+        total = max(self._planned, registered)
+        paces = [pace for c in self._chains if (pace := self._pace(c, now)) is not None]
+        left = [None] if done < total and self._planned > registered else []
+        for c in self._chains:
+            if c["done"] < c["runs"]:
+                pace = self._pace(c, now)
+                pace = pace if pace is not None else (max(paces) if paces else None)
+                left.append(pace * (c["runs"] - c["done"]) if pace is not None else None)
+        remaining = "done" if not left else (
+            f"about {format_duration(max(left))} left" if None not in left else "time left not known yet")
+        chain = self._chains[index]
+        where = f"; chain {index + 1}: {chain['done']}/{chain['runs']}" if len(self._chains) > 1 else ""
+        return f"[{done}/{total} runs{where}; {format_duration(now - self._started)} elapsed, {remaining}]"
+
+
+class ChainProgress:
+    """One chain's handle on the study's progress (`StudyProgress.chain`)."""
+
+    def __init__(self, study: StudyProgress, index: int):
+        self.study, self.index = study, index
+
+    @property
+    def label(self) -> str:
+        return f"chain {self.index + 1}"
+
+    def ended(self, trained: bool = True, seconds: float | None = None) -> str:
+        """A run of this chain ended (`seconds`: how long it trained; `trained` False: skipped, finished before)."""
+        return self.study._ended(self.index, trained, seconds)
+
+
+WORKER_POOL_WARNING = "worker processes have been started on node"
+WORKER_POOL_EXPLAINED = ("Ray started more worker processes than it expects to start at once on this machine "
+                         "(each chain's workers, its Ray Train controller, data and evaluation tasks): expected "
+                         "when runs go side by side on few CPUs; it only slows start-up (shown once)")
+
+
+def explain_ray_worker_warning(prefix: str = LOG_PREFIX) -> None:
+    """Replace Ray's "N PYTHON worker processes ... 4x the maximum expected startup concurrency" warning (the
+    raylet's, printed by the driver; its pointer to a GitHub issue does not apply here) with one line that says
+    what it means for a study, once. Ray prints it through a private function: if that moves, Ray's own line
+    shows as before."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "explains_worker_pool", False):
+        return
+    shown = threading.Event()
+
+    def print_to_stdstream(data, *args, **kwargs):
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and any(WORKER_POOL_WARNING in line for line in lines):
+            kept = [line for line in lines if WORKER_POOL_WARNING not in line]
+            if not shown.is_set():
+                shown.set()
+                print(f"{prefix} note: {WORKER_POOL_EXPLAINED}", flush=True)
+            if not kept:
+                return None
+            data = {**data, "lines": kept}
+        return original(data, *args, **kwargs)
+
+    print_to_stdstream.explains_worker_pool = True
+    ray_worker.print_to_stdstream = print_to_stdstream

@@ -688,13 +688,14 @@ def format_count(value: float) -> str:
     return f"{value:.3g}"
 
 
-def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "H100", mfu: float = 0.4,
+def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str | None = "H100", mfu: float = 0.4,
                         extra: tuple[str, list[str]] | None = None) -> str:
-    """The dry-run table: one row per plan with shape, params, tokens, steps, FLOPs and GPU-hours, and an
-    `extra` (header, one cell per plan) column last (the study's per-GPU memory)."""
-    gpu_label = gpu if gpu.split("-")[0] in PEAK_BF16_FLOPS else f"GPU({resolve_peak_flops(gpu):.3g} FLOP/s)"
+    """The dry-run table: one row per plan with shape, params, tokens, steps, FLOPs and GPU-hours (none when
+    `gpu` is None: a CPU study that asked for no estimate), and an `extra` (header, one cell per plan) column
+    last (the study's per-GPU memory)."""
+    gpu_label = None if gpu is None else gpu if gpu.split("-")[0] in PEAK_BF16_FLOPS else f"GPU({resolve_peak_flops(gpu):.3g} FLOP/s)"
     headers = ("rung", "family", "shape", "vocab", "params", "non-emb", "tokens", "batch", "steps", "warmup", "lr",
-               "FLOPs", f"{gpu_label}-h@{mfu:.0%}") + ((extra[0],) if extra else ())
+               "FLOPs") + ((f"{gpu_label}-h@{mfu:.0%}",) if gpu is not None else ()) + ((extra[0],) if extra else ())
     rows = []
     for index, plan in enumerate(plans):
         rung = plan.rung
@@ -703,14 +704,13 @@ def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str = "
             format_count(plan.params.total), format_count(plan.params.non_embedding), format_count(plan.tokens),
             f"{plan.batch_size}x{plan.seq_len}", str(plan.steps), str(plan.warmup_steps), f"{plan.lr:.2e}",
             f"{plan.flops:.2e}",
-            f"{plan.gpu_hours(gpu, mfu):.3g}",
-        ) + ((extra[1][index],) if extra else ()))
+        ) + ((f"{plan.gpu_hours(gpu, mfu):.3g}",) if gpu is not None else ()) + ((extra[1][index],) if extra else ()))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     if plans:
         lines.append(f"N = {plans[0].param_basis} parameters (the size axis of the analysis too); FLOPs = tokens x "
-                     f"(6 x matmul params + attention); GPU-hours per run at {mfu:.0%} MFU of {gpu_label}'s dense "
-                     "bf16 peak.")
+                     "(6 x matmul params + attention)" + (f"; GPU-hours per run at {mfu:.0%} MFU of {gpu_label}'s "
+                                                          "dense bf16 peak." if gpu is not None else "."))
     return "\n".join(lines)

@@ -77,9 +77,40 @@ ARM_ACTIVE_FORGETTING = "active_forgetting"
 ARMS = (ARM_BASELINE, ARM_DISPERSION, ARM_NEFTUNE, ARM_ACTIVE_FORGETTING)
 ARM_LABELS = {ARM_BASELINE: "base", ARM_DISPERSION: "disp", ARM_NEFTUNE: "neft", ARM_ACTIVE_FORGETTING: "forget"}
 """Short arm names for run names: the MLflow runs table cuts names at ~16 characters."""
+ARM_COLORS = {ARM_BASELINE: "#1f77b4", ARM_DISPERSION: "#d62728", ARM_NEFTUNE: "#2ca02c",
+              ARM_ACTIVE_FORGETTING: "#9467bd"}
+"""A colour per arm for MLflow's charts (tag `mlflow.runColor`), so a chart's colours are arms, not runs."""
+TAG_RUN_COLOR = "mlflow.runColor"  # MLflow's own tag: the colour its UI draws a run in
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI opens an experiment in the view this names
 EXPERIMENT_KIND = "custom_model_development"  # model training, not the GenAI (traces) view
+
+# --- what a training run is, as numbers MLflow can plot (metrics at step 0, logged when the run is recorded;
+# tags cannot be plotted): the compare page draws a metric against N by arm from these --------------------
+RUN_N = "N"  # non-embedding parameters (the scaling curves' N)
+RUN_LOG10_N = "log10_N"
+RUN_LAMBDA = "lambda"  # the arm's dispersion lambda; 0 for every arm without dispersion loss
+PARAM_ARM = "arm"  # the arm as a param too: the compare page's box plot and parallel coordinates take params
+PARAM_NONE = "none"  # the value of another arm's setting on a run whose arm has no such setting
+
+# The key final values of a training run at 4 significant digits (what MLflow's runs table shows in full
+# otherwise: 17 digits), logged by the driver when the run finishes; the exact values stay in their own keys.
+FINAL_PREFIX = "final/"
+FINAL_VALUES = {"val_loss": "val/loss", "late_half_mean_cos": "condensation/late_half_mean_cos",
+                "last_layer_mean_cos": "condensation/last_layer_mean_cos", "spearman": "condensation/spearman",
+                "mean_acc": "eval/mean_acc"}
+"""`final/<name>` -> the metric it rounds."""
+
+# --- where a training run's time went ---------------------------------------------------------
+TIME_QUEUED_S = "time/queued_s"  # its chain was submitted -> it started (the first run of a chain: the worker
+#                                  group's start-up); MLflow's start time is when it started
+TIME_RUN_S = "time/run_s"  # it started -> its outcome (this life): model, DeepSpeed, steps, probes, checkpoints
+
+# --- the study's saved view in MLflow's UI (MLflow >= 3.15 "Views": an experiment tag holding a JSON envelope
+# {name, createdAt, state}; the runs page opens it with ?viewStateShareKey=<id>) -----------------------------
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+VIEW_URL_PARAM = "viewStateShareKey"
+STUDY_VIEW_ID = "study"  # the view the driver writes: runs grouped by rung, the study's metrics as columns
 
 # --- run params (flattened study config, dotted) ------------------------------------
 PARAM_LAMBDA = "dispersion.lambda"

@@ -1,4 +1,4 @@
-"""Where a study's records live and what produced them: the MLflow URI and the git commit.
+"""Where a study's records live and what produced them: the MLflow URI, the MLflow UI's links, the git commit.
 
 Pure Python (no mlflow, torch or Ray at import), so `analysis` resolves the store exactly as
 the trainer does.
@@ -96,3 +96,34 @@ def tracking_uri_problem(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
     except (OSError, ValueError) as exc:  # a timeout mid-answer, a malformed URL
         return f"no answer within {timeout_s:g} s ({type(exc).__name__}: {exc})"[:200]
     return ""
+
+
+# --- MLflow UI links: each opens in the model-training view (MLflow 3 opens a bare run or compare link in its
+# GenAI view, whatever the experiment's kind) ------------------------------------------------------------
+
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def runs_page(experiment_id: str) -> str:
+    """The MLflow UI path of a study's runs table."""
+    return f"#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
+
+
+def view_page(experiment_id: str, view_id: str = names.STUDY_VIEW_ID) -> str:
+    """The runs table opened in a saved view (`scaling.tracking.Tracker.save_view`): the study's by default."""
+    return f"{runs_page(experiment_id)}&{names.VIEW_URL_PARAM}={view_id}"
+
+
+def run_page(experiment_id: str, run_id: str) -> str:
+    """One run's page (an analysis run: its report and claims)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
+def compare_page(experiment_id: str, run_ids) -> str:
+    """MLflow's compare page for runs of one experiment: scatter, box and parallel-coordinates plots of their
+    params and metrics (N, log10_N, lambda, val/loss, ...)."""
+    import json
+    from urllib.parse import quote
+
+    runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
+    return f"#/compare-runs?runs={runs}&experiments={quote(json.dumps([experiment_id]))}&{TRAINING_VIEW}"

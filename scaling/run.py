@@ -34,9 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="continue a study that was started before, and refuse to start a new one (a typo in "
                              "the study name would otherwise start over). Without it, re-running a study also "
                              "skips finished runs and resumes unfinished ones from their latest checkpoint")
-    parser.add_argument("--gpu", default="H100", metavar="NAME_OR_FLOPS",
-                        help=f"GPU for the dry run's GPU-hour estimate: one of {KNOWN_GPUS}, or its dense bf16 "
-                             "peak in FLOP/s, e.g. 312e12 (default H100)")
+    parser.add_argument("--gpu", default=None, metavar="NAME_OR_FLOPS",
+                        help=f"GPU for the GPU-hour estimate and the memory plan: one of {KNOWN_GPUS}, or its dense bf16 "
+                             "peak in FLOP/s, e.g. 312e12 (default H100 for a dry run or a GPU study; a CPU study shows "
+                             "no GPU-hours unless asked)")
     parser.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                         help="memory per GPU in GiB for the memory plan, when --gpu does not name it (default: the "
                              "named GPU's: H100/H100-80GB 79.6, A100-40GB 40, A100-80GB 80, H200 140.4)")
@@ -70,8 +71,10 @@ def _train(study, source: str, args) -> int:
     from scaling.memory import check_study_memory, gpu_capacity
 
     plans = plan_runs(study)
-    print(describe_study_plan(study, plans, gpu=args.gpu, gpu_memory=args.gpu_memory))
-    capacity, label = gpu_capacity(args.gpu, args.gpu_memory)
+    # GPU-hours are a planning figure: a CPU study that is running shows them only when asked (--gpu).
+    gpu = args.gpu or ("H100" if args.dry_run or study.resources.use_gpu else None)
+    print(describe_study_plan(study, plans, gpu=gpu, gpu_memory=args.gpu_memory))
+    capacity, label = gpu_capacity(gpu or "H100", args.gpu_memory)
     if args.dry_run:
         from scaling.study import describe_data
 
@@ -92,7 +95,7 @@ def _train(study, source: str, args) -> int:
     outcomes = run_study(study, source, plans=plans, gpu_memory=(capacity, label))
     print()
     print(format_summary(outcomes))
-    _print_next_steps(study.study, study.tracking_uri)
+    _print_next_steps(study.study, study.tracking_uri, view=True)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
@@ -146,14 +149,17 @@ def _check_resume(resume: bool, study: str, configured_uri: str | None) -> None:
                           "check the study name and MLFLOW_TRACKING_URI, or drop --resume to start it")
 
 
-def _print_next_steps(study: str, configured_uri: str | None) -> None:
+def _print_next_steps(study: str, configured_uri: str | None, view: bool = False) -> None:
+    """The analysis command and the MLflow link: a training study's saved view (its runs grouped by rung with
+    the study's metrics as columns, `Tracker.save_view`), else its runs page; both in the model-training view."""
     from scaling.provenance import resolve_tracking_uri
-    from scaling.tracking import find_study_run, runs_page
+    from scaling.tracking import find_study_run, runs_page, view_page
 
     uri = resolve_tracking_uri(configured_uri)
     print(f"\nnext: python -m analysis.scaling_curves --study {study}   (report in outputs/analysis/{study}/)")
     record = find_study_run(uri, study)
-    page = runs_page(record.info.experiment_id) if record is not None else ""
+    page = "" if record is None else view_page(record.info.experiment_id) if view else runs_page(
+        record.info.experiment_id)
     if uri.startswith("sqlite:"):
         print(f"      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
         print(f"      then open http://127.0.0.1:5000/{page}")

@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import tempfile
+import time
 from typing import Any
 
 from scaling import storage
@@ -212,12 +213,14 @@ def _brief(exc: BaseException) -> str:
 def write_outcome(folder: str, *, failure: str | None, report: dict[str, Any], seconds: float) -> None:
     """Rank 0, at the end of the run (its records flushed): finished, or failed with `failure`."""
     storage.write_text(storage.join(folder, OUTCOME),
-                       json.dumps({"failure": failure, "report": report, "seconds": seconds}, default=float))
+                       json.dumps({"failure": failure, "report": report, "seconds": seconds, "ended_at": time.time()},
+                                  default=float))
 
 
 def read_outcome(folder: str) -> dict[str, Any] | None:
-    """{"failure": str | None, "report": {...}, "seconds": s} of a run that ended (seconds: its last
-    life, start-up to outcome), or None while it has not."""
+    """{"failure": str | None, "report": {...}, "seconds": s, "ended_at": epoch s} of a run that ended
+    (seconds: its last life, start-up to outcome; ended_at: absent in outcomes of earlier versions), or None
+    while it has not."""
     text = storage.read_text(storage.join(folder, OUTCOME))
     return json.loads(text) if text else None
 

@@ -14,7 +14,9 @@ group, DeepSpeed: ~16 s for 2 workers on 2 cores) is paid once per chain instead
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -22,6 +24,7 @@ from scaling import faults, names, run_folder
 from scaling.cluster import placement_strategy
 from scaling.storage import join, resolve_storage_path
 from scaling.config import StudyConfig
+from scaling.console import significant
 from scaling.errors import one_line
 from scaling.schema import config_hash
 from scaling.tracking import UNWRITTEN_KEY
@@ -65,6 +68,8 @@ class RunOutcome:
     seconds: float = 0.0
     val_loss: float | None = None
     spearman: float | None = None
+    late_half_cos: float | None = None
+    last_layer_cos: float | None = None
     detail: str = ""
 
 
@@ -82,6 +87,8 @@ class ResolvedRun:
     params: dict[str, Any]
     """What a run was trained with that differs between the runs of a study: the arm's settings and the
     resolved schedule. Study-wide settings are the study run's params."""
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    """What a run is as numbers MLflow can plot (N, log10 N, lambda), logged at step 0."""
 
 
 def run_name(arm: str, rung: str, seed: int) -> str:
@@ -102,12 +109,20 @@ def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str)
     tags = {names.TAG_RUNG: rung.name, names.TAG_ARM: arm.name, names.TAG_SEED: seed,
             names.TAG_N_PARAMS: plan.params.total, names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding,
             names.TAG_TOKENS: plan.tokens, names.TAG_STEPS: plan.steps, names.TAG_LADDER: study.ladder}
-    params = {**arm.params(), "lr": plan.lr, "warmup_steps": plan.warmup_steps}
+    if arm.name in names.ARM_COLORS:
+        tags[names.TAG_RUN_COLOR] = names.ARM_COLORS[arm.name]
+    # Every run carries every arm's setting keys: another arm's are "none" (never that arm's values), so MLflow's
+    # parallel coordinates draw no made-up value for a run without the setting.
+    others = {key: names.PARAM_NONE for other in study.arms for key in other.for_family(rung.family).params()}
+    params = {**others, **arm.params(), names.PARAM_ARM: arm.name, "lr": plan.lr, "warmup_steps": plan.warmup_steps}
     init_from = study.training.init_from_for(rung.name)
     if init_from:
         params[names.PARAM_INIT_FROM] = init_from
+    n = plan.params.non_embedding
+    metrics = {names.RUN_N: n, names.RUN_LOG10_N: math.log10(n) if n > 0 else 0.0,
+               names.RUN_LAMBDA: float(arm.lam) if arm.name == names.ARM_DISPERSION else 0.0}
     return ResolvedRun(config_hash(resolved), run_name(arm.name, rung.name, seed), f"{rung.name}-{arm.name}-s{seed}",
-                       tags, params)
+                       tags, params, metrics)
 
 
 def run_folder_name(study: StudyConfig, run: ResolvedRun) -> str:
@@ -120,9 +135,11 @@ def run_folder_uri(study: StudyConfig, name: str) -> str:
 
 
 def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: str, tracking_uri: str,
-               data: DataRefs, folder: str, *, evaluate: bool = True) -> RunTask:
-    """Everything the run's workers need; faults a test installed in this process ride along."""
-    return RunTask(run_name=run_name, run_id=run_id, tracking_uri=tracking_uri, folder=folder, rung=plan.rung,
+               data: DataRefs, folder: str, *, evaluate: bool = True, record: dict | None = None) -> RunTask:
+    """Everything the run's workers need; faults a test installed in this process ride along. `run_id` ""
+    with a `record` (`open_record`): the run is new and its worker creates its MLflow run when it starts."""
+    return RunTask(run_name=run_name, run_id=run_id, record=record, tracking_uri=tracking_uri, folder=folder,
+                   rung=plan.rung,
                    arm=arm.for_family(plan.rung.family), seed=seed, steps=plan.steps, lr=plan.lr,
                    warmup_steps=plan.warmup_steps, training=study.training, probes=study.probes,
                    resources=study.resources, checkpoint_every=study.checkpoint.every_steps,
@@ -196,36 +213,59 @@ def failure_reason(study: StudyConfig, exc: BaseException) -> str:
     return reason
 
 
-def run_outcome(tracker, task: RunTask) -> tuple[str | None, dict[str, Any], float] | None:
-    """(failure or None, last report, seconds) of a run that ended, from its folder; None if it has not.
-    A run that trained to the end still fails when some of its records did not reach MLflow."""
+def run_outcome(tracker, task: RunTask, run_id: str | None = None
+                ) -> tuple[str | None, dict[str, Any], float, float | None] | None:
+    """(failure or None, last report, seconds, ended at (epoch s) or None) of a run that ended, from its
+    folder; None if it has not. A run that trained to the end still fails when some of its records did not
+    reach MLflow. `run_id`: when the task has none yet (its worker created the run)."""
     ended = run_folder.read_outcome(task.folder)
     if ended is None:
         return None
     report = ended["report"]
-    failure = (ended["failure"] or tracker.recorded_failure(task.run_id)
-               or tracker.unwritten(task.run_id, report.get(UNWRITTEN_KEY)))
-    return failure, report, float(ended.get("seconds") or 0.0)
+    run_id = run_id or task.run_id
+    failure = (ended["failure"] or tracker.recorded_failure(run_id) or tracker.unwritten(run_id, report.get(UNWRITTEN_KEY)))
+    return failure, report, float(ended.get("seconds") or 0.0), ended.get("ended_at")
+
+
+def final_values(metrics: dict[str, float]) -> dict[str, float]:
+    """A finished run's key values at 4 significant digits (`final/val_loss`, ...: `names.FINAL_VALUES`), from
+    its latest metrics: what MLflow's runs table shows without 17 digits."""
+    return {names.FINAL_PREFIX + name: float(f"{metrics[key]:.4g}") for name, key in names.FINAL_VALUES.items()
+            if key in metrics and math.isfinite(metrics[key])}
+
+
+def open_record(study: StudyConfig, tracker, parent_id: str, run: ResolvedRun) -> dict:
+    """What a worker needs to create a new run's MLflow record when the run starts (`Tracker.child_run`)."""
+    return {"experiment_id": tracker.experiment_id, "study": study.study, "parent_id": parent_id,
+            "run_name": run.run_name, "config_hash": run.config_hash, "tags": run.tags, "params": run.params,
+            "metrics": run.metrics}
 
 
 @dataclass
 class _Queued:
-    """A run of a chain: its place in the caller's list, what it is, and its task."""
+    """A run of a chain: its place in the caller's list, what it is, and its task. `run_id` is "" until the
+    run's MLflow record exists (a new run's worker creates it when the run starts)."""
 
     index: int
     rung: str
     arm: str
     seed: int
     task: RunTask
+    run_id: str = ""
 
 
 def train_chain(study: StudyConfig, jobs: Sequence[tuple], data: DataRefs, tracker, parent_id: str,
-                say: Callable[[str], None]) -> list[RunOutcome]:
+                say: Callable[[str], None], tally=None) -> list[RunOutcome]:
     """Fixed (plan, arm, seed) runs, trained in turn by one worker group (start-up paid once); finished
     runs are skipped. Each run's outcome is recorded in MLflow as soon as it ends. If the group stops on a
     run (an error, after Ray Train's restarts), that run fails with the reason and a new group trains the
-    runs after it, so one broken run never costs its siblings."""
+    runs after it, so one broken run never costs its siblings. `tally` (`scaling.console.ChainProgress`):
+    each run's line ends with the study's progress."""
     outcomes: list[RunOutcome | None] = [None] * len(jobs)
+
+    def progress_note(trained: bool = True, seconds: float | None = None) -> str:
+        return f"  {tally.ended(trained, seconds)}" if tally is not None else ""
+
     queue: list[_Queued] = []
     for index, (plan, arm, seed) in enumerate(jobs):
         rung = plan.rung
@@ -235,34 +275,41 @@ def train_chain(study: StudyConfig, jobs: Sequence[tuple], data: DataRefs, track
             outcomes[index] = RunOutcome(rung.name, arm.name, seed, names.STATUS_KILLED, "")
             continue
         queued = bool(queue)
+        # A new run gets its MLflow record when it starts (its worker creates it), so MLflow's start time is
+        # when it trained, not when the study began; one that exists (resumed, retried) keeps its record.
         run_id, status = tracker.child_run(parent_id, run.run_name, run.config_hash, run.tags, run.params,
-                                           queued=queued)
+                                           metrics=run.metrics, create=False)
         if status == names.STATUS_FINISHED:
-            say(f"{run.run_name}: already finished (run {run_id[:8]}), skipped")
+            say(f"{run.run_name}: already finished (run {run_id[:8]}), skipped{progress_note(trained=False)}")
             outcomes[index] = RunOutcome(rung.name, arm.name, seed, names.STATUS_SKIPPED, run_id)
             continue
         folder = run_folder_uri(study, run_folder_name(study, run))
         ended = run_folder.read_outcome(folder)
-        if ended is not None and (ended["failure"] or status in (names.STATUS_FAILED, names.STATUS_KILLED)):
+        if ended is not None and (ended["failure"] or status in (names.STATUS_FAILED, names.STATUS_KILLED, None)):
             # Tried again, from its latest checkpoint: a NaN, or records that never reached MLflow (the
-            # resumed life writes what its earlier one spilled). An outcome the driver never took in
-            # (it died first: the run is still running or queued in MLflow) is taken in without training.
+            # resumed life writes what its earlier one spilled), or an outcome without a record (a store
+            # replaced since). An outcome the driver never took in (it died first: the run is still running or
+            # queued in MLflow) is taken in without training.
             run_folder.clear_outcome(folder)
-        if status != (names.STATUS_QUEUED if queued else names.STATUS_RUNNING):
+        if status is not None and status != (names.STATUS_QUEUED if queued else names.STATUS_RUNNING):
             tracker.reopen(run_id, queued=queued)  # failed or killed before: a failure left on the record would
             #                                         be read back after training and fail it again
         queue.append(_Queued(index, rung.name, arm.name, seed,
                              build_task(study, plan, arm, seed, run.run_name, run_id, tracker.tracking_uri, data,
-                                        folder)))
+                                        folder, record=open_record(study, tracker, parent_id, run)),
+                             run_id))
     while queue and not STOPPING.is_set():
         resources = study.resources
         names_in_chain = ", ".join(q.task.run_name for q in queue)
-        say(f"{names_in_chain}: {queue[0].task.steps} steps each on {resources.num_workers} worker(s), "
+        say((f"{tally.label}: " if tally is not None else "")
+            + f"{names_in_chain}: {queue[0].task.steps} steps each on {resources.num_workers} worker(s), "
             f"ZeRO-{resources.zero_stage}" + (", in turn in one worker group" if len(queue) > 1 else
-                                              f", run {queue[0].task.run_id[:8]}"))
-        watcher = _OutcomeWatcher(tracker, queue, outcomes, say)
+                                              f", run {queue[0].run_id[:8]}" if queue[0].run_id else ""))
+        watcher = _OutcomeWatcher(tracker, queue, outcomes, say, progress_note)
+        submitted = time.time()  # each run's time/queued_s counts from here
         with watcher:
-            failure = fit(study, [q.task for q in queue], _chain_name(study, queue))
+            failure = fit(study, [dataclasses.replace(q.task, queued_since=submitted) for q in queue],
+                          _chain_name(study, queue))
         if STOPPING.is_set():
             break
         left = [q for q in queue if outcomes[q.index] is None]
@@ -271,7 +318,7 @@ def train_chain(study: StudyConfig, jobs: Sequence[tuple], data: DataRefs, track
         queue = left[1:]
     for q in queue:  # interrupted: the driver has marked them killed; --resume continues them
         if outcomes[q.index] is None:
-            outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_KILLED, q.task.run_id)
+            outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_KILLED, q.run_id)
     return outcomes
 
 
@@ -279,7 +326,7 @@ def _chain_name(study: StudyConfig, queue: Sequence[_Queued]) -> str:
     """Ray Train's name for the group: the run's own name for one run, else one derived from its runs."""
     if len(queue) == 1:
         return queue[0].task.folder.rstrip("/").rsplit("/", 1)[-1]
-    return f"{study.study}-chain-{config_hash([q.task.run_id for q in queue])[:8]}"
+    return f"{study.study}-chain-{config_hash([q.task.folder for q in queue])[:8]}"
 
 
 class _OutcomeWatcher:
@@ -287,8 +334,9 @@ class _OutcomeWatcher:
     has one; a last pass when the chain ends."""
 
     def __init__(self, tracker, queue: Sequence[_Queued], outcomes: list, say: Callable[[str], None],
-                 poll_s: float = 5.0):
+                 ended: Callable[..., str] = lambda **_: "", poll_s: float = 5.0):
         self.tracker, self.queue, self.outcomes, self.say, self.poll_s = tracker, queue, outcomes, say, poll_s
+        self.ended = ended  # the study's progress after one more run ended, for the run's line
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="outcomes", daemon=True)
 
@@ -309,27 +357,46 @@ class _OutcomeWatcher:
             except Exception:  # noqa: BLE001 -- the store or the storage may be busy; the last pass retries
                 continue
 
-    def fail(self, q: _Queued, reason: str, seconds: float = 0.0) -> None:
+    def run_id(self, q: _Queued) -> str:
+        """The run's MLflow id: its worker created the record when the run started; a run that never started
+        (its group failed before it) gets one now, to carry its failure."""
+        if not q.run_id:
+            record = q.task.record
+            q.run_id, _ = self.tracker.child_run(record["parent_id"], record["run_name"], record["config_hash"],
+                                                 record["tags"], record["params"], metrics=record["metrics"])
+        return q.run_id
+
+    def fail(self, q: _Queued, reason: str, seconds: float = 0.0, ended_at: float | None = None) -> None:
         """Record a run failed, in MLflow, on the console and in the outcomes."""
-        self.tracker.finish(q.task.run_id, names.STATUS_FAILED, reason)
-        self.say(f"{q.task.run_name}: FAILED: {reason}")
-        self.outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_FAILED, q.task.run_id, seconds,
+        run_id = self.run_id(q)
+        self.tracker.finish(run_id, names.STATUS_FAILED, reason, ended_at=ended_at)
+        self.say(f"{q.task.run_name}: FAILED: {reason}{self.ended(seconds=seconds or None)}")
+        self.outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_FAILED, run_id, seconds,
                                             detail=reason)
 
     def take_in(self) -> None:
         for q in self.queue:
             if self.outcomes[q.index] is not None or STOPPING.is_set():
                 continue
-            ended = run_outcome(self.tracker, q.task)
+            if run_folder.read_outcome(q.task.folder) is None:
+                continue
+            ended = run_outcome(self.tracker, q.task, self.run_id(q))
             if ended is None:
                 continue
-            failure, report, seconds = ended
+            failure, report, seconds, ended_at = ended
             if failure:
-                self.fail(q, failure, seconds)
+                self.fail(q, failure, seconds, ended_at)
                 continue
-            self.tracker.finish(q.task.run_id, names.STATUS_FINISHED)
-            val_loss, spearman = report.get(names.VAL_LOSS), report.get(names.COND_SPEARMAN)
+            finals = final_values(self.tracker.get_run(q.run_id).data.metrics)
+            if finals:
+                self.tracker.log_metrics(q.run_id, finals, step=q.task.steps)
+            self.tracker.finish(q.run_id, names.STATUS_FINISHED, ended_at=ended_at)
+            val_loss, late_half = report.get(names.VAL_LOSS), report.get(names.COND_LATE_HALF_MEAN_COS)
             self.say(f"{q.task.run_name}: finished in {seconds:.0f} s"
-                     + (f", val/loss {val_loss:.4f}" if val_loss is not None else ""))
-            self.outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_FINISHED, q.task.run_id,
-                                                seconds, val_loss=val_loss, spearman=spearman)
+                     + (f", val/loss {significant(val_loss)}" if val_loss is not None else "")
+                     + (f", late-half mean cos {significant(late_half)}" if late_half is not None else "")
+                     + self.ended(seconds=seconds))
+            self.outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_FINISHED, q.run_id,
+                                                seconds, val_loss=val_loss, spearman=report.get(names.COND_SPEARMAN),
+                                                late_half_cos=late_half,
+                                                last_layer_cos=report.get(names.COND_LAST_LAYER_MEAN_COS))

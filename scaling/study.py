@@ -19,12 +19,12 @@ from typing import Callable
 from scaling import names
 from scaling.cluster import check_study_against_cluster, check_study_memory_on_cluster, concurrent_runs
 from scaling.config import StudyConfig, plan_runs, redact_credentials
-from scaling.console import format_progress, say
+from scaling.console import StudyProgress, format_progress, format_table, say, significant
 from scaling.errors import ConfigError
 from scaling.provenance import resolve_tracking_uri
 from scaling.runs import STOPPING, DataRefs, RunOutcome, train_chain
 from scaling.sweep import best_arm, run_sweep
-from scaling.tracking import StudyLock, Tracker
+from scaling.tracking import StudyLock, Tracker, study_view_state
 
 
 BPE_TRAINING_ROWS = 200_000
@@ -176,6 +176,9 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
     tracker = Tracker(tracking_uri, study.study)
     parent_id = tracker.study_run_id(study.record_params(), redact_credentials(study_source),
                                      redact_credentials(study.to_yaml()))
+    # The study's view in MLflow's UI (what the driver's closing link opens), written first so it works while
+    # the study trains.
+    tracker.save_view(f"{study.study}: runs by rung", study_view_state(evaluates=study.eval is not None))
     with StudyLock(tracker, parent_id):
         try:
             outcomes = _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress)
@@ -192,9 +195,13 @@ def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progr
              f"{len(data.train):,} train / {len(data.val):,} val blocks; MLflow {tracker.tracking_uri}")
 
     width = concurrent_runs(study, len(fixed), extra=study.eval.ray_options() if study.eval else None)
+    board = StudyProgress(planned=len(fixed))
 
     def run(jobs):
-        return run_in_chains(lambda chain: train_chain(study, chain, refs, tracker, parent_id, progress), jobs, width)
+        # Chains registered in plan order (chain 1 first), not in the order their threads happen to start.
+        tallies = {id(jobs[start]): board.chain(len(jobs[start::width])) for start in range(min(width, len(jobs)))}
+        return run_in_chains(lambda chain: train_chain(study, chain, refs, tracker, parent_id, progress,
+                                                       tally=tallies[id(chain[0])]), jobs, width)
 
     with ProgressBoard(tracker, progress):
         if not searching:
@@ -248,7 +255,7 @@ def _search_rung(study, plan, refs, tracker, parent_id, run, progress) -> list[R
     sweep = run_sweep(study, plan, seed, refs, tracker, parent_id, progress)
     progress(f"{plan.rung.name}: sweep of {sweep.trials} trial(s): {sweep.finished} finished, "
              f"{sweep.early_stopped} early-stopped, {sweep.failed} failed; best {study.search.metric} = "
-             f"{sweep.best_value} with {_settings(sweep.best_params)}")
+             f"{significant(sweep.best_value)} with {_settings(sweep.best_params)}")
     outcomes = [RunOutcome(plan.rung.name, "dispersion-sweep", seed,
                            names.STATUS_FINISHED if sweep.best_run_id else names.STATUS_FAILED,
                            sweep.sweep_run_id, sweep.seconds,
@@ -303,32 +310,39 @@ def write_sweep_summary(study: StudyConfig, tracker, parent_id: str, plans, prog
     frame.write_parquet(out / "sweep_summary.parquet")
     tracker.log_artifact(parent_id, out / "sweep_summary.csv")
     tracker.log_artifact(parent_id, out / "sweep_summary.parquet")
-    with pl.Config(tbl_rows=100, tbl_cols=20, fmt_str_lengths=20, tbl_width_chars=200):
-        progress("sweep summary\n" + str(frame.drop("best_run_id", "baseline_runs")))
+    progress("sweep summary (baseline: mean over its seeds; best: the sweep's best trial)\n" + format_table(rows, [
+        ("rung", "rung"), ("n_params", "params"), ("baseline_val_loss", "base val/loss"),
+        ("best_val_loss", "best val/loss"), ("baseline_last_layer_mean_cos", "base last-layer cos"),
+        ("best_last_layer_mean_cos", "best last-layer cos"), ("baseline_spearman", "base rho"),
+        ("best_spearman", "best rho"), ("best_lambda", "lambda"), ("best_layers", "layers"),
+        ("best_variant", "variant")]))
     return out
 
 
 def format_summary(outcomes: list[RunOutcome]) -> str:
-    header = f"{'rung':<14} {'arm':<18} {'seed':>4} {'status':<9} {'val/loss':>9} {'spearman':>9} {'time':>7}"
-    lines = [header, "-" * len(header)]
-    for o in outcomes:
-        val = f"{o.val_loss:.4f}" if o.val_loss is not None else "-"
-        rho = f"{o.spearman:+.3f}" if o.spearman is not None else "-"
-        lines.append(f"{o.rung:<14} {o.arm:<18} {o.seed:>4} {o.status:<9} {val:>9} {rho:>9} {o.seconds:>6.0f}s"
-                     + (f"  {o.detail}" if o.detail else ""))
-    return "\n".join(lines)
+    """The driver's closing table: per run, what the study's claims are about (validation loss, late-half and
+    last-layer mean cosine), at 4 significant digits."""
+    rows = [{"rung": o.rung, "arm": o.arm, "seed": o.seed, "status": o.status, "val_loss": o.val_loss,
+             "late_half": o.late_half_cos, "last_layer": o.last_layer_cos,
+             "time": f"{o.seconds:.0f} s" if o.seconds else "-", "detail": o.detail} for o in outcomes]
+    columns = [("rung", "rung"), ("arm", "arm"), ("seed", "seed"), ("status", "status"), ("val_loss", "val/loss"),
+               ("late_half", "late-half mean cos"), ("last_layer", "last-layer mean cos"), ("time", "time")]
+    if any(o.detail for o in outcomes):
+        columns.append(("detail", "detail"))
+    return format_table(rows, columns)
 
 
 class ProgressBoard:
     """Prints progress lines of the training runs (and trials) while a study trains, read from the
     runs' own MLflow records (what rank 0 logged), so workers' output never floods the console.
 
-    A run gets a line when it passes a quarter of its steps, and at least every `every_s` seconds
-    in between (long runs on a cluster).
+    A run that takes `long_s` or more gets a line when it passes a quarter of its steps, and every run one at
+    least every `every_s` seconds (long runs on a cluster); a shorter run only has the line that says it ended.
     """
 
-    def __init__(self, tracker, say_line: Callable[[str], None], every_s: float = 600.0, poll_s: float = 5.0):
-        self.tracker, self.say, self.every_s, self.poll_s = tracker, say_line, every_s, poll_s
+    def __init__(self, tracker, say_line: Callable[[str], None], every_s: float = 600.0, poll_s: float = 5.0,
+                 long_s: float = 120.0):
+        self.tracker, self.say, self.every_s, self.poll_s, self.long_s = tracker, say_line, every_s, poll_s, long_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
         self._last: dict[str, tuple[int, float]] = {}  # run id -> (step printed, when)
@@ -364,14 +378,15 @@ class ProgressBoard:
         run_id = run.info.run_id
         first_step, first_time = self._first.setdefault(run_id, (step, now))
         printed_step, printed_time = self._last.get(run_id, (0, first_time))
-        quarter = 4 * step // total > 4 * printed_step // total
-        if step <= printed_step or not (quarter or now - printed_time >= self.every_s):
-            return None
-        self._last[run_id] = (step, now)
         tokens_per_s = metrics.get(names.TRAIN_TOKENS_PER_S)
         rate = (step - first_step) / (now - first_time) if now > first_time and step > first_step else None
         if rate is None and tokens_per_s:  # first sight: the loop's own pace (probes and logging not included)
             rate = tokens_per_s / (int(tags[names.TAG_TOKENS]) / total)
         eta = (total - step) / rate if rate else None
+        # Quarter lines only for a run long enough to wait for: a short one has just its line when it ends.
+        quarter = 4 * step // total > 4 * printed_step // total and (total / rate if rate else 0) >= self.long_s
+        if step <= printed_step or not (quarter or now - printed_time >= self.every_s):
+            return None
+        self._last[run_id] = (step, now)
         return format_progress(run.info.run_name or run_id[:8], step, total, metrics.get(names.TRAIN_CE_LOSS),
                                tokens_per_s, eta)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -126,7 +127,9 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
               names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding, names.TAG_TOKENS: plan.tokens,
               names.TAG_STEPS: plan.steps, names.TAG_TUNE_TRIAL_ID: trial_id, names.TAG_LADDER: study.ladder},
         params={**arm.params(), "lr": plan.lr, "warmup_steps": plan.warmup_steps},
-        kind=names.KIND_TRIAL)
+        kind=names.KIND_TRIAL, metrics={names.RUN_N: plan.params.non_embedding,
+                                        names.RUN_LOG10_N: math.log10(max(plan.params.non_embedding, 1)),
+                                        names.RUN_LAMBDA: float(arm.lam)})
     with faults.install(*context.faults):
         # Trials are compared on validation metrics as they train; downstream evaluation is for the fixed
         # arms and the extra-seed reruns of the best settings.
@@ -143,10 +146,10 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     failure = failure or (ended[0] if ended else "the trial ended without recording how its run ended")
     if failure:
         tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
-        tracker.finish(run_id, names.STATUS_FAILED, failure)
+        tracker.finish(run_id, names.STATUS_FAILED, failure, ended_at=ended[3] if ended else None)
         raise TrainingFailure(f"{run_name}: {failure}")
     tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
-    tracker.finish(run_id, names.STATUS_FINISHED)
+    tracker.finish(run_id, names.STATUS_FINISHED, ended_at=ended[3])
 
 
 def follow_trial(queue, trial_id: str, task, report, on_preempted=None) -> str | None:

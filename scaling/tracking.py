@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from scaling import names
 from scaling.console import LOG_PREFIX, format_duration, say
 from scaling.errors import ConfigError, TrackingUnavailable, one_line
-from scaling.provenance import git_commit, sqlite_path
+from scaling.provenance import compare_page, git_commit, run_page, runs_page, sqlite_path, view_page  # noqa: F401 -- the UI links, re-exported
 
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 REACHABLE_TIMEOUT_S = 10
@@ -217,9 +217,50 @@ def find_study_run(tracking_uri: str, study: str):
     return runs[0] if runs else None
 
 
-def runs_page(experiment_id: str) -> str:
-    """The MLflow UI path of a study's runs table, in the model-training view (not the GenAI one)."""
-    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+def _column(kind: str, key: str) -> str:
+    """A runs-table column as MLflow's UI names it: `metrics.`val/loss``, `tags.`arm``."""
+    return f"{kind}.`{key}`"
+
+
+def study_view_state(*, evaluates: bool) -> dict[str, Any]:
+    """The runs-page state of a study's view: its training runs only, grouped by rung and arm (a group row is
+    one arm's mean over seeds, never baseline and dispersion averaged together), sorted by N, every run shown
+    (charts too), and the columns the study is about. The keys are MLflow 3.17's runs-page state (search facets
+    and UI state, `ExperimentPageUIState`); the UI keeps only the keys it knows."""
+    finals = [names.FINAL_PREFIX + name for name in ("val_loss", "late_half_mean_cos", "last_layer_mean_cos",
+                                                     "spearman")] + ([names.FINAL_PREFIX + "mean_acc"] if evaluates else [])
+    metrics = [names.RUN_N] + finals + [names.TIME_RUN_S]
+    columns = [_column("tags", names.TAG_ARM)] + [_column("metrics", key) for key in metrics]
+    run_name = _column("attributes", "Run Name")
+    return {
+        "searchFilter": f"tags.`{names.TAG_KIND}` = '{names.KIND_TRAIN}'",
+        "orderByKey": _column("metrics", names.RUN_N), "orderByAsc": True,
+        "selectedColumns": columns, "columnOrder": [run_name] + columns,
+        # wide enough for a group's label (`Group: rung: tiny-429K, arm: dispersion`) and the metrics' names
+        "columnWidths": {run_name: 300, **{column: 170 for column in columns if "_mean_cos" in column}},
+        "runsHiddenMode": "SHOW_ALL",
+        "groupBy": {"aggregateFunction": "average",
+                    "groupByKeys": [{"mode": "tag", "groupByData": names.TAG_RUNG},
+                                    {"mode": "tag", "groupByData": names.TAG_ARM}]},
+        "groupsExpanded": {}, "useGroupedValuesInCharts": False, "hideEmptyCharts": True,
+        # The chart view opens on the study's picture: a metric against model size, a colour per arm (each run
+        # carries its arm's colour, `names.ARM_COLORS`); MLflow adds its own charts of every metric after these.
+        "compareRunCharts": [_scatter(names.RUN_LOG10_N, key) for key in (
+            names.VAL_LOSS, names.COND_LATE_HALF_MEAN_COS, names.COND_LAST_LAYER_MEAN_COS)],
+        "compareRunSections": [{"uuid": _STUDY_SECTION, "name": "Against model size (log10 N), by arm",
+                                "display": True, "isReordered": True}],
+        "isAccordionReordered": True,
+    }
+
+
+_STUDY_SECTION = "study-against-n"
+
+
+def _scatter(x: str, y: str) -> dict[str, Any]:
+    """A chart card of MLflow's runs charts (`RunsChartsScatterCardConfig`): metric `y` against metric `x`."""
+    return {"type": "SCATTER", "uuid": f"study-{y.replace('/', '-')}", "metricSectionId": _STUDY_SECTION,
+            "deleted": False, "isGenerated": False, "runsCountToCompare": 100,
+            "xaxis": {"key": x, "type": "METRIC"}, "yaxis": {"key": y, "type": "METRIC"}}
 
 
 def _tag_equals(tag: str, value: Any) -> str:
@@ -240,7 +281,9 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str, study: str, *, policy: RetryPolicy | None = None,
-                 notice: Callable[[str], None] = say):
+                 notice: Callable[[str], None] = say, experiment_id: str | None = None):
+        """`experiment_id`: the study's experiment, known already (a worker opening its run's record): no
+        first contact, so an outage is waited out like any other call instead of refused."""
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
@@ -249,6 +292,9 @@ class Tracker:
         self.notice = notice
         own_http_retries(self.policy)
         self._client = MlflowClient(tracking_uri=tracking_uri)
+        if experiment_id is not None:
+            self.experiment_id = experiment_id
+            return
         try:
             experiment = self._client.get_experiment_by_name(study)
         except Exception as exc:  # noqa: BLE001 -- any failure here means the store is unusable
@@ -344,31 +390,39 @@ class Tracker:
 
     @_retried("creating a run")
     def child_run(self, parent_id: str, run_name: str, config_hash: str, tags: Mapping[str, Any],
-                  params: Mapping[str, Any], kind: str = names.KIND_TRAIN, queued: bool = False) -> tuple[str, str]:
-        """(run_id, status) of the child run for `config_hash`, created if new.
+                  params: Mapping[str, Any], kind: str = names.KIND_TRAIN, *,
+                  metrics: Mapping[str, float] | None = None, create: bool = True) -> tuple[str, str | None]:
+        """(run_id, status) of the child run for `config_hash`, created if new (("", None) when it is new and
+        `create` is False: a queued run's worker creates it when it starts, so MLflow's start time is when it
+        trained; `update_run` cannot move a start time).
 
         An existing run keeps its id (a resumed run continues its record); `status` tells the
         caller whether it already finished. Only trials nest under their parent (a rung's sweep)
         in MLflow's runs table: training and observation runs are top-level rows, so the table
         compares them at once, and name their study run in a tag instead. Looking up first makes a
-        retry after a creation that landed find that run rather than create another. A `queued` run
-        (waiting in a chain) is SCHEDULED in MLflow until its worker group starts it.
+        retry after a creation that landed find that run rather than create another. `metrics` (what a run
+        is, as numbers MLflow can plot: N, log10 N, lambda) are logged at step 0.
         """
         existing = self.find_by_hash(config_hash)
         if existing is not None:
             missing = {k: v for k, v in params.items() if k not in existing.data.params}
-            if missing:  # created, but (some of) its params never arrived
+            if missing:  # created, but (some of) its params never arrived, or a run of an earlier version
                 self.log_params(existing.info.run_id, missing)
+            absent = {k: v for k, v in (metrics or {}).items() if k not in existing.data.metrics}
+            if absent:
+                self.log_metrics(existing.info.run_id, absent)
             return existing.info.run_id, existing.data.tags.get(names.TAG_STATUS, names.STATUS_RUNNING)
+        if not create:
+            return "", None
         all_tags = {names.TAG_KIND: kind, names.TAG_STUDY: self.study,
                     names.TAG_CONFIG_HASH: config_hash, names.TAG_GIT_COMMIT: git_commit(),
-                    names.TAG_STATUS: names.STATUS_QUEUED if queued else names.STATUS_RUNNING,
+                    names.TAG_STATUS: names.STATUS_RUNNING,
                     names.TAG_PARENT_RUN_ID if kind == names.KIND_TRIAL else names.TAG_STUDY_RUN_ID: parent_id,
                     **{k: str(v) for k, v in tags.items()}}
         run = self._client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
-        if queued:
-            self._client.update_run(run.info.run_id, status="SCHEDULED")
         self.log_params(run.info.run_id, params)
+        if metrics:
+            self.log_metrics(run.info.run_id, metrics)
         return run.info.run_id, all_tags[names.TAG_STATUS]
 
     # -- writing ------------------------------------------------------------------------
@@ -379,6 +433,14 @@ class Tracker:
         items = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()]
         for start in range(0, len(items), TAGS_PER_BATCH):
             self._client.log_batch(run_id, params=items[start:start + TAGS_PER_BATCH])
+
+    @_retried("logging metrics")
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Values that describe a run rather than follow its training (N, lambda): one per key, at `step`."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     @_retried("setting tags")
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
@@ -397,12 +459,14 @@ class Tracker:
         self._client.delete_tag(run_id, key)
 
     @_retried("recording how a run ended")
-    def finish(self, run_id: str, status: str, failure: str | None = None) -> None:
-        """Mark a run finished, failed or stopped (with a one-line reason)."""
+    def finish(self, run_id: str, status: str, failure: str | None = None, ended_at: float | None = None) -> None:
+        """Mark a run finished, failed or stopped (with a one-line reason); `ended_at` (epoch seconds) is when
+        its training ended (from its outcome), so MLflow's end time does not wait for the driver to notice."""
         self._client.set_tag(run_id, names.TAG_STATUS, status)
         if failure:
             self._client.set_tag(run_id, names.TAG_FAILURE, failure[:5000])
-        self._client.set_terminated(run_id, status="FINISHED" if status == names.STATUS_FINISHED else "FAILED")
+        self._client.set_terminated(run_id, status="FINISHED" if status == names.STATUS_FINISHED else "FAILED",
+                                    end_time=int(ended_at * 1000) if ended_at else None)
 
     @_retried("reopening a run")
     def reopen(self, run_id: str, queued: bool = False) -> None:
@@ -428,6 +492,21 @@ class Tracker:
     @_retried("closing the study's parent run")
     def end_study(self, run_id: str, failed: bool, killed: bool = False) -> None:
         self._client.set_terminated(run_id, status="KILLED" if killed else "FAILED" if failed else "FINISHED")
+
+    @_retried("saving the study's view")
+    def save_view(self, name: str, state: Mapping[str, Any], view_id: str = names.STUDY_VIEW_ID) -> str:
+        """Store a saved view of the runs page (MLflow >= 3.15 "Views"): an experiment tag holding the envelope
+        its UI writes and lists, `{name, createdAt, state}` with the state deflated as its own writer does
+        (`mlflow.demo.generators.saved_views`). Rewritten on every call, so it follows the code. Its UI path."""
+        import base64
+        import zlib
+
+        compact = json.dumps(dict(state), separators=(",", ":"))
+        envelope = {"name": name, "createdAt": int(time.time() * 1000),
+                    "state": "deflate;" + base64.b64encode(zlib.compress(compact.encode())).decode("ascii")}
+        self._client.set_experiment_tag(self.experiment_id, names.VIEW_TAG_PREFIX + view_id,
+                                        json.dumps(envelope, separators=(",", ":")))
+        return view_page(self.experiment_id, view_id)
 
     @_retried("marking interrupted runs killed")
     def kill_running_runs(self) -> list[str]:

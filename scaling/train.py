@@ -13,6 +13,7 @@ The loop gets a plain dict (`{"tasks": [RunTask, ...]}`), so it pickles cleanly 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import math
@@ -58,6 +59,8 @@ class RunTask:
     tokenizer_uri: str | None = None  # the study's tokenizer folder on shared storage (evaluations need it)
     pad_token_id: int | None = None  # the tokenizer's pad token, else EOS: the row active forgetting zeroes
     faults: tuple = ()  # scaling.faults.Fault: injected by tests, empty otherwise
+    record: Any = None  # with run_id "": what rank 0 creates the MLflow run from when the run starts (runs.open_record)
+    queued_since: float = 0.0  # epoch s its chain was submitted: time/queued_s (0: not measured)
 
 
 # --- schedule and DeepSpeed config -----------------------------------------------------------
@@ -266,11 +269,15 @@ def _train_run(task: RunTask, rank: int, world: int, device, send_report) -> Non
     `ray.train.report`, or a sweep's that also forwards to the trial (and raises `RunStopped`)."""
     import ray.train
 
-    started = time.perf_counter()
+    if rank == 0 and not task.run_id:  # a new run: its MLflow record starts now, when it trains
+        task = dataclasses.replace(task, run_id=_open_record(task))
+    started = time.perf_counter()  # after the record opened: the run's seconds match its MLflow duration
     logger = _rank0_logger(task) if rank == 0 else None
     if logger is not None:
         logger.mark_running()  # it may have waited in the chain's queue
         logger.set_tags({names.TAG_WORKER_GROUP: f"{ray.train.get_context().get_experiment_name()} pid {os.getpid()}"})
+        if task.queued_since:
+            logger.log_metrics({names.TIME_QUEUED_S: max(0.0, time.time() - task.queued_since)}, step=0)
     try:
         _train_steps(task, rank, world, device, logger, started, send_report)
     except RunStopped:
@@ -445,6 +452,7 @@ def _train_steps(task: RunTask, rank: int, world: int, device, logger, started: 
     if logger is not None:
         from scaling.tracking import UNWRITTEN_KEY
 
+        logger.log_metrics({names.TIME_RUN_S: float(f"{time.perf_counter() - started:.4g}")}, step=task.steps)
         logger.set_tags({names.TAG_DATA_ORDER_HASH: order_hash, names.TAG_STEPS: task.steps})
         problem = logger.close()
         if problem and not final_report.get(UNWRITTEN_KEY):
@@ -778,6 +786,22 @@ def _run_evaluations(task: RunTask, rank: int, logger, engine):
                           tokenizer_uri=task.tokenizer_uri, run_folder=task.folder, seed=task.seed,
                           precision_dtype=next(engine.module.parameters()).dtype
                           if next(engine.module.parameters()).dtype == torch.bfloat16 else torch.float32)
+
+
+def _open_record(task: RunTask) -> str:
+    """Rank 0: create the new run's MLflow record (or find it, if an earlier life of the chain did), waiting
+    out an outage like every tracker call; its id."""
+    from scaling.tracking import Tracker
+
+    record = task.record
+    tracker = Tracker(task.tracking_uri, record["study"], experiment_id=record["experiment_id"], notice=_worker_notice)
+    run_id, _ = tracker.child_run(record["parent_id"], record["run_name"], record["config_hash"], record["tags"],
+                                  record["params"], metrics=record["metrics"])
+    return run_id
+
+
+def _worker_notice(message: str) -> None:
+    print(f"{LOG_PREFIX} {message}", flush=True)
 
 
 def _rank0_logger(task: RunTask):
