@@ -498,9 +498,9 @@ def _downstream_lines(analysis: StudyAnalysis, figures: list[Path], out_dir: Pat
         lines += [f"### Mean accuracy, treatment − {analysis.control_arm}, with document-level uncertainty", "",
                   "The same validation-selected difference, its interval from a bootstrap that resamples the documents of each task "
                   "and the seeds (both are samples): how much of the difference a different draw of test items could move.", ""]
-        lines += _markdown_table(["treatment", "rung", "N", "seeds", "documents", f"difference [{level} CI, items × seeds]"],
-                                 [[arm, rung, human_size(n), str(d.seeds), str(d.items), _fmt_ci(d, signed=True)]
-                                  for arm, rung, n, d in analysis.item_differences])
+        lines += _markdown_table(["treatment", "rung", "seeds", "test documents", f"difference [{level} CI, items × seeds]"],
+                                 [[arm, rung, str(d.seeds), str(d.items), _fmt_ci(d, signed=True)]
+                                  for arm, rung, _, d in analysis.item_differences])
     for p in figures:
         if any(p.stem == stem or (stem.endswith("_") and p.stem.startswith(stem)) for stem in _ACCURACY_FIGURES):
             lines += [f"![{figure_caption(p.stem, analysis)}]({p.relative_to(out_dir).as_posix()})", ""]

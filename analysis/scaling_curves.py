@@ -276,7 +276,10 @@ def _item_differences(records: load.StudyRecords, downstream: DownstreamAccuracy
     items = load.read_item_results(records)
     if items.is_empty():
         return ()
-    chosen = chosen_items(items, downstream.choices, VALIDATION)
+    # The tasks of eval/mean_acc only: the validation-split tasks chose the checkpoint, they are not the score.
+    chosen = chosen_items(items, downstream.choices, VALIDATION).filter(pl.col("task").is_in(list(downstream.tasks.test)))
+    if chosen.is_empty():
+        return ()
     out = []
     for (rung, n), cell in chosen.group_by("rung", "n_params", maintain_order=True):
         for arm in arms:
