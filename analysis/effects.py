@@ -8,7 +8,6 @@ and initialisation, so the per-seed difference removes most of the seed-to-seed 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
