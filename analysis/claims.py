@@ -47,8 +47,8 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from analysis.effects import clip_interval, difference_range, pair_arms, rung_slope, slope_range
-from analysis.fit import Interval
+from analysis.effects import difference_range, pair_arms, slope_range
+from analysis.fit import RANK_METRICS, Interval, is_constant, rung_means, rung_slope, t_interval
 from scaling import names
 from scaling.errors import ConfigError
 
@@ -63,10 +63,8 @@ PERMUTATION_DRAWS = 20_000
 """Monte Carlo draws of the permutation null of claim (a) away from its bound (p resolution 5e-5)."""
 MAX_LOSS_COST = 0.01
 """Claim (c)'s non-inferiority margin: dispersion may cost at most 1% validation loss."""
-_IDENTICAL = 1e-12
 
 _LAYER_MEAN_COS = r"^condensation/layer_(\d+)/mean_cos$"
-_RANK_METRICS = frozenset({names.COND_SPEARMAN, names.COND_KENDALL})
 
 
 # --- one test --------------------------------------------------------------------------------------
@@ -96,9 +94,8 @@ class ClaimStatistic:
 def t_statistics(estimate: float, se: float, df: float, *, threshold: float, delta: float | None, confidence: float,
                  bounds: tuple[float, float]) -> tuple[Interval, float, float, float]:
     """(interval, two-sided p, TOST p, MDE) of an estimate with a t-distributed error."""
-    alpha = 1.0 - confidence
-    t_crit = float(stats.t.ppf(1 - alpha / 2, df))
-    interval = clip_interval(Interval(estimate, estimate - t_crit * se, estimate + t_crit * se), bounds)
+    interval = t_interval(estimate, se, df, confidence, bounds)
+    t_crit = float(stats.t.ppf(0.5 + confidence / 2, df))
     score = (estimate - threshold) / se
     p = float(2 * stats.t.sf(abs(score), df))
     p_eq = math.nan
@@ -112,13 +109,6 @@ def _untestable(why: str, *, n_units: int = 0, unit: str = "", n_rungs: int = 0,
     return ClaimStatistic(Interval(math.nan, math.nan, math.nan, why), math.nan, math.nan, math.nan, n_units, unit, n_rungs, seeds, "", why)
 
 
-def _rung_means(n: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    sizes = np.unique(n)
-    means = np.array([values[n == s].mean() for s in sizes])
-    counts = np.array([int(np.sum(n == s)) for s in sizes])
-    return sizes, means, counts
-
-
 def compute_pooled_effect(n: np.ndarray, values: np.ndarray, *, threshold: float, delta: float | None, confidence: float,
                           bounds: tuple[float, float], unit: str) -> ClaimStatistic:
     """Mean of the rung means, tested against `threshold` with the rung as a random effect: t over
@@ -128,9 +118,9 @@ def compute_pooled_effect(n: np.ndarray, values: np.ndarray, *, threshold: float
     n, values = np.asarray(n, dtype=float), np.asarray(values, dtype=float)
     if values.size == 0:
         return _untestable(f"no {unit}s")
-    sizes, means, counts = _rung_means(n, values)
+    sizes, means, counts = rung_means(n, values)
     seeds = int(counts.min())
-    if np.ptp(values) <= _IDENTICAL * max(1.0, float(np.abs(values).max())):
+    if is_constant(values):
         return _untestable(f"every {unit} is identical ({values[0]:+.4g}): the units replicate nothing", n_units=values.size, unit=f"{unit}s",
                            n_rungs=sizes.size, seeds=seeds)
     note = ""
@@ -156,7 +146,7 @@ def compute_slope_effect(n: np.ndarray, values: np.ndarray, *, delta: float | No
     if sizes.size < 3:
         return _untestable(f"{sizes.size} rung(s): a slope through fewer than 3 rung means has no error estimate; add rungs",
                            n_units=values.size, unit=f"{unit}s", n_rungs=sizes.size, seeds=seeds)
-    if np.ptp(values) <= _IDENTICAL * max(1.0, float(np.abs(values).max())):
+    if is_constant(values):
         return _untestable(f"every {unit} is identical ({values[0]:+.4g}): nothing varies with N", n_units=values.size, unit=f"{unit}s",
                            n_rungs=sizes.size, seeds=seeds)
     slope, _, se, rungs = rung_slope(n, values)
@@ -209,7 +199,7 @@ def compute_depth_trend(profiles: list[np.ndarray], *, confidence: float, seed: 
     k = sorted({p.size for p in profiles})
     depth = f"{k[0]}" if len(k) == 1 else f"{k[0]}-{k[-1]}"
     method = f"permutation test of the mean Spearman over {len(profiles)} initial states ({depth} hidden states each)"
-    if np.ptp(rho) <= 1e-12:
+    if is_constant(rho):
         interval = Interval(observed, math.nan, math.nan,
                             f"every initial state at {observed:+.3f}: no spread for an interval; decided by the exact permutation test")
     else:
@@ -360,7 +350,7 @@ def _all_at_bound(values: np.ndarray) -> bool:
 
 
 def _saturated(spec: ClaimSpec, values: np.ndarray) -> str:
-    if spec.metric in _RANK_METRICS and _all_at_bound(values):
+    if spec.metric in RANK_METRICS and _all_at_bound(values):
         return f"{spec.metric} is at {values[0]:+.0f} in every run (saturated over few hidden states): it cannot separate arms or sizes"
     return ""
 

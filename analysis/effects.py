@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from scipy import stats
-
-from analysis.fit import FitOptions, Interval, PowerLawFit, resample_within_groups, rung_slope
+from analysis.fit import RANK_METRICS, FitOptions, Interval, PowerLawFit, is_constant, resample_within_groups, rung_slope, t_interval
 from scaling import names
 from scaling.errors import DataError
 
@@ -25,7 +23,6 @@ MIN_PAIRS_FOR_INTERVAL = 3
 """Fewest seed pairs at a rung for a per-rung interval: with 2, t has 1 df and multiplies the
 standard error by 12.7 (an interval wider than anything a difference of ranks can take)."""
 
-_RANK_METRICS = frozenset({names.COND_SPEARMAN, names.COND_KENDALL})
 _UNIT_METRICS = frozenset({names.COND_LAST_LAYER_MEAN_COS, names.COND_LATE_HALF_MEAN_COS, names.EVAL_MEAN_ACC,
                            names.EVAL_SELECTION_MEAN_ACC})
 
@@ -33,7 +30,7 @@ _UNIT_METRICS = frozenset({names.COND_LAST_LAYER_MEAN_COS, names.COND_LATE_HALF_
 def value_range(metric: str) -> tuple[float, float]:
     """What one value of `metric` can take: rank correlations [-1, 1]; mean cosines with the
     diagonal (||sum x||^2 / T^2) and accuracies [0, 1]; losses [0, inf)."""
-    if metric in _RANK_METRICS:
+    if metric in RANK_METRICS:
         return (-1.0, 1.0)
     if metric in _UNIT_METRICS or (metric.startswith("condensation/") and metric.endswith("mean_cos")):
         return (0.0, 1.0)
@@ -60,21 +57,6 @@ def slope_range(metric: str, n: np.ndarray, *, difference: bool = False) -> tupl
     weights = (x - x.mean()) / float(np.sum((x - x.mean()) ** 2))
     most = float(np.sum(np.abs(weights))) * (high - low) / 2.0
     return (-most, most)
-
-
-def clip_interval(interval: Interval, bounds: tuple[float, float]) -> Interval:
-    """The interval without the values the statistic cannot take (coverage is unchanged)."""
-    low, high = bounds
-    return Interval(interval.estimate, max(interval.low, low), min(interval.high, high), interval.why)
-
-
-def t_interval(sample: np.ndarray, confidence: float, bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple[Interval, float, int]:
-    """Mean of `sample` with its t interval (k - 1 df), clipped to `bounds`; (interval, SE, df)."""
-    k = sample.size
-    estimate = float(sample.mean())
-    se = float(sample.std(ddof=1)) / math.sqrt(k)
-    half = float(stats.t.ppf(0.5 + confidence / 2, k - 1)) * se
-    return clip_interval(Interval(estimate, estimate - half, estimate + half), bounds), se, k - 1
 
 
 @dataclass(frozen=True)
@@ -154,7 +136,7 @@ def compute_paired_differences(paired: pl.DataFrame, options: FitOptions = FitOp
         diffs = group.sort("seed")["diff"].to_numpy().astype(float)
         spread = float(diffs.std(ddof=1)) if diffs.size > 1 else math.nan
         if diffs.size >= MIN_PAIRS_FOR_INTERVAL and spread > 0:
-            interval, _, _ = t_interval(diffs, options.confidence, bounds)
+            interval = t_interval(float(diffs.mean()), spread / math.sqrt(diffs.size), diffs.size - 1, options.confidence, bounds)
         elif diffs.size >= MIN_PAIRS_FOR_INTERVAL:
             interval = Interval(float(diffs.mean()), math.nan, math.nan, f"every one of the {diffs.size} pairs differs by the same amount: no spread")
         else:
@@ -174,12 +156,11 @@ def compute_difference_trend(paired: pl.DataFrame, options: FitOptions = FitOpti
     diff = paired["diff"].to_numpy().astype(float)
     if np.unique(n).size < 2:
         raise DataError("paired difference: only one size; a trend with N needs >= 2 rungs; add rungs")
-    if np.ptp(diff) <= 1e-12 * max(1.0, float(np.abs(diff).max())):
+    if is_constant(diff):
         raise DataError(f"paired difference: constant at {diff[0]:.6g} in every pair; no trend to report")
     slope, intercept, se, rungs = rung_slope(n, diff)
     if math.isfinite(se) and se > 0:
-        half = float(stats.t.ppf(0.5 + options.confidence / 2, rungs - 2)) * se
-        interval = clip_interval(Interval(slope, slope - half, slope + half), bounds)
+        interval = t_interval(slope, se, rungs - 2, options.confidence, bounds)
         note = f"{rungs} rungs: {rungs - 2} df" if rungs < 5 else ""
     else:
         interval = Interval(slope, math.nan, math.nan, f"{rungs} rungs: a slope through fewer than 3 rung means has no error estimate")

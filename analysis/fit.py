@@ -40,6 +40,8 @@ POWER_LAW_METRICS = frozenset(
 )
 
 _N_PARAMS_OF_LAW = 3
+RANK_METRICS = frozenset({names.COND_SPEARMAN, names.COND_KENDALL})
+"""Signed, bounded in [-1, 1]: trends only, never a power law."""
 
 
 def _single_threaded_blas(func):
@@ -392,7 +394,7 @@ def interval_from_samples(estimate: float, samples: np.ndarray, confidence: floa
     samples = samples[np.isfinite(samples)]
     if samples.size < 2:
         return Interval(float(estimate), math.nan, math.nan, why)
-    if np.ptp(samples) <= 1e-12 * max(1.0, float(np.abs(samples).max())):
+    if is_constant(samples):
         return Interval(float(estimate), math.nan, math.nan, "every resample gives the same value: nothing varies to build an interval from")
     tail = 50.0 * (1.0 - confidence)
     low, high = np.percentile(samples, [tail, 100.0 - tail])
@@ -450,11 +452,16 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.dot(rx, ry) / math.sqrt(float(np.dot(rx, rx)) * float(np.dot(ry, ry))))
 
 
-def rung_slope(n: np.ndarray, values: np.ndarray) -> tuple[float, float, float, int]:
-    """OLS of the rung means on log10 N: (slope, intercept, SE of the slope, rungs); SE NaN below 3 rungs."""
+def rung_means(n: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sizes, the mean of `values` at each, how many values each has), small size first."""
     n, values = np.asarray(n, dtype=float), np.asarray(values, dtype=float)
     sizes = np.unique(n)
-    means = np.array([values[n == s].mean() for s in sizes])
+    return sizes, np.array([values[n == s].mean() for s in sizes]), np.array([int(np.sum(n == s)) for s in sizes])
+
+
+def rung_slope(n: np.ndarray, values: np.ndarray) -> tuple[float, float, float, int]:
+    """OLS of the rung means on log10 N: (slope, intercept, SE of the slope, rungs); SE NaN below 3 rungs."""
+    sizes, means, _ = rung_means(n, values)
     x = np.log10(sizes)
     xc = x - x.mean()
     slope = float(np.dot(xc, means - means.mean()) / np.dot(xc, xc))
@@ -466,6 +473,19 @@ def rung_slope(n: np.ndarray, values: np.ndarray) -> tuple[float, float, float, 
     if se <= 1e-12 * max(1.0, abs(slope)):
         se = 0.0  # rung means exactly on a line: round-off, not an error estimate
     return slope, intercept, se, int(sizes.size)
+
+
+def clip_interval(interval: Interval, bounds: tuple[float, float]) -> Interval:
+    """The interval without the values the statistic cannot take (coverage is unchanged)."""
+    low, high = bounds
+    return Interval(interval.estimate, max(interval.low, low), min(interval.high, high), interval.why)
+
+
+def t_interval(estimate: float, se: float, df: float, confidence: float,
+               bounds: tuple[float, float] = (-math.inf, math.inf)) -> Interval:
+    """estimate +- t(df) x se at `confidence`, clipped to `bounds` (what the statistic can take)."""
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
+    return clip_interval(Interval(estimate, estimate - half, estimate + half), bounds)
 
 
 def _slope(x: np.ndarray, y: np.ndarray) -> float:
@@ -512,8 +532,7 @@ def compute_trend(n: np.ndarray, y: np.ndarray, options: FitOptions = FitOptions
         interval = Interval(rho, math.nan, math.nan, f"1 seed, {n.size} points")
     slope, _, se, rungs = rung_slope(n, y)
     if math.isfinite(se) and se > 0:
-        half = float(stats.t.ppf(0.5 + options.confidence / 2, rungs - 2)) * se
-        slope_interval = Interval(slope, slope - half, slope + half)
+        slope_interval = t_interval(slope, se, rungs - 2, options.confidence)
     else:
         slope_interval = Interval(slope, math.nan, math.nan, f"{rungs} sizes: a slope through fewer than 3 has no error estimate")
     return Trend(interval, int(n.size), len(groups), note, slope_interval, runs_per_rung)
@@ -561,7 +580,7 @@ def check_leave_largest_out(n: np.ndarray, y: np.ndarray, options: FitOptions = 
 
 def _power_law_unsupported_reason(metric: str, n: np.ndarray, y: np.ndarray, options: FitOptions) -> str:
     """Empty when a power law may be fitted, else the reason in words."""
-    if metric in (names.COND_SPEARMAN, names.COND_KENDALL):
+    if metric in RANK_METRICS:
         return "rank correlation in [-1, 1]: trend only"
     if metric not in POWER_LAW_METRICS:
         return "not a loss or mean cosine (no floor a power law could fall to): trend only"

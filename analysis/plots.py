@@ -23,7 +23,7 @@ from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFor
 from analysis.downstream import INITIAL, MEAN_ACC, SELECTION_LABELS, SELECTION_MEAN_ACC, TEST, VALIDATION, WORD_PERPLEXITY, EvalTasks, table_columns
 from analysis.claims import MAX_LOSS_COST, NOT_TESTABLE, NOT_TESTED, ClaimCheck
 from analysis.effects import EVAL_MEAN_ACC, DifferenceTrend, RungDifference
-from analysis.fit import CurveResult
+from analysis.fit import RANK_METRICS, CurveResult
 from analysis.report import human_size
 from scaling import names
 
@@ -35,8 +35,6 @@ _ARM_COLORS = {
 }
 
 
-RANK_METRICS = frozenset({names.COND_SPEARMAN, names.COND_KENDALL})
-"""Bounded in [-1, 1]: always a linear y axis with those limits."""
 
 
 def _color(arm: str, index: int) -> str:
