@@ -81,10 +81,7 @@ class DifferenceTrend:
     slope_per_decade: Interval
     """OLS slope of the rung means of the difference on log10 N; t interval with R - 2 df (the
     rung as a random effect), none below 3 rungs."""
-    spearman: Interval | None
-    """Not estimated any more (a rank correlation over 3-5 rung means has no usable interval); kept None."""
     note: str = ""
-    intercept: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -158,14 +155,14 @@ def compute_difference_trend(paired: pl.DataFrame, options: FitOptions = FitOpti
         raise DataError("paired difference: only one size; a trend with N needs >= 2 rungs; add rungs")
     if is_constant(diff):
         raise DataError(f"paired difference: constant at {diff[0]:.6g} in every pair; no trend to report")
-    slope, intercept, se, rungs = rung_slope(n, diff)
+    slope, _, se, rungs = rung_slope(n, diff)
     if math.isfinite(se) and se > 0:
         interval = t_interval(slope, se, rungs - 2, options.confidence, bounds)
         note = f"{rungs} rungs: {rungs - 2} df" if rungs < 5 else ""
     else:
         interval = Interval(slope, math.nan, math.nan, f"{rungs} rungs: a slope through fewer than 3 rung means has no error estimate")
         note = ""
-    return DifferenceTrend(interval, None, note, intercept)
+    return DifferenceTrend(interval, note)
 
 
 def _percentile_with_inf(values: np.ndarray, confidence: float) -> tuple[float, float]:

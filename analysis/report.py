@@ -203,7 +203,7 @@ def build_difference_table(differences: dict[tuple[str, str], list[RungDifferenc
 
 def build_difference_trend_table(trends: dict[tuple[str, str], DifferenceTrend]) -> pl.DataFrame:
     rows = [
-        {"metric": metric, "treatment": arm, **_ci_columns("slope_per_decade", t.slope_per_decade), **_ci_columns("spearman", t.spearman), "note": t.note}
+        {"metric": metric, "treatment": arm, **_ci_columns("slope_per_decade", t.slope_per_decade), "note": t.note}
         for (metric, arm), t in trends.items()
     ]
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()

@@ -46,12 +46,21 @@ def git_commit(cwd: str | Path | None = None) -> str:
     return (commit or "unknown") + ("+dirty" if commit and dirty else "")
 
 
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where `ui_command` serves a local store's UI."""
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that serves a local store (a SQLite file) in the MLflow UI at `LOCAL_UI`."""
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
 def ui_link(tracking_uri: str, page: str) -> str:
     """Where to open `page` (an MLflow UI fragment such as `#/experiments/1/runs/abc`): the server's
-    own address for an http store, the local `mlflow ui` default for a SQLite file."""
+    own address for an http store, else `LOCAL_UI` after `ui_command`."""
     if tracking_uri.startswith("http"):
         return f"{tracking_uri.rstrip('/')}/{page}"
-    return f"http://127.0.0.1:5000/{page}  (after: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000)"
+    return f"{LOCAL_UI}/{page}  (after: {ui_command(tracking_uri)})"
 
 
 TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")

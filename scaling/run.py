@@ -152,7 +152,7 @@ def _check_resume(resume: bool, study: str, configured_uri: str | None) -> None:
 def _print_next_steps(study: str, configured_uri: str | None, view: bool = False) -> None:
     """The analysis command and the MLflow link: a training study's saved view (its runs grouped by rung with
     the study's metrics as columns, `Tracker.save_view`), else its runs page; both in the model-training view."""
-    from scaling.provenance import resolve_tracking_uri
+    from scaling.provenance import LOCAL_UI, resolve_tracking_uri, ui_command, ui_link
     from scaling.tracking import find_study_run, runs_page, view_page
 
     uri = resolve_tracking_uri(configured_uri)
@@ -161,10 +161,10 @@ def _print_next_steps(study: str, configured_uri: str | None, view: bool = False
     page = "" if record is None else view_page(record.info.experiment_id) if view else runs_page(
         record.info.experiment_id)
     if uri.startswith("sqlite:"):
-        print(f"      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-        print(f"      then open http://127.0.0.1:5000/{page}")
+        print(f"      {ui_command(uri)}")
+        print(f"      then open {LOCAL_UI}/{page}")
     elif uri.startswith("http"):
-        print(f"      open {uri.rstrip('/')}/{page}")
+        print(f"      open {ui_link(uri, page)}")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_profile_over_training_and_difference_plots_are_written(tmp_path):
     assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
     one_seed = [RungDifference("a", 1e6, 1, Interval(-0.1, np.nan, np.nan, "1 seed")), RungDifference("b", 4e6, 2, Interval(-0.05, -0.09, -0.01))]
     pairs = pl.DataFrame({"n": [1e6, 4e6, 4e6], "diff": [-0.1, -0.07, -0.03]})
-    trend = DifferenceTrend(Interval(0.08, -0.2, 0.3), Interval(1.0, np.nan, np.nan, "1 seed"))
+    trend = DifferenceTrend(Interval(0.08, -0.2, 0.3))
     path = plots.plot_paired_differences(tmp_path / "d.png", {names.COND_LATE_HALF_MEAN_COS: one_seed}, treatment=names.ARM_DISPERSION,
                                          control=names.ARM_BASELINE, size_label="parameters", pairs={names.COND_LATE_HALF_MEAN_COS: pairs},
                                          trends={names.COND_LATE_HALF_MEAN_COS: trend})
