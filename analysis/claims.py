@@ -54,7 +54,6 @@ from scaling.errors import ConfigError
 
 SUPPORTED, CONTRADICTED, NO_EFFECT = "supported", "contradicted", "no effect"
 INCONCLUSIVE, NOT_TESTED, NOT_TESTABLE = "inconclusive", "not tested", "not testable"
-DECIDED = (SUPPORTED, CONTRADICTED, NO_EFFECT)
 UNTESTED = (NOT_TESTED, NOT_TESTABLE)
 
 MDE_POWER = 0.8
@@ -199,19 +198,20 @@ def compute_depth_trend(profiles: list[np.ndarray], *, confidence: float, seed: 
     k = sorted({p.size for p in profiles})
     depth = f"{k[0]}" if len(k) == 1 else f"{k[0]}-{k[-1]}"
     method = f"permutation test of the mean Spearman over {len(profiles)} initial states ({depth} hidden states each)"
-    if is_constant(rho):
-        interval = Interval(observed, math.nan, math.nan,
-                            f"every initial state at {observed:+.3f}: no spread for an interval; decided by the exact permutation test")
-    else:
-        interval, _, _, _ = t_statistics(observed, float(rho.std(ddof=1)) / math.sqrt(rho.size), rho.size - 1, threshold=0.0, delta=None,
-                                         confidence=confidence, bounds=(-1.0, 1.0))
-    rise = np.array([p[-1] - p[0] for p in profiles])
-    if rise.size >= 2 and np.ptp(rise) > 0:
-        effect, _, _, _ = t_statistics(float(rise.mean()), float(rise.std(ddof=1)) / math.sqrt(rise.size), rise.size - 1, threshold=0.0,
-                                       delta=None, confidence=confidence, bounds=(-1.0, 1.0))
-    else:
-        effect = Interval(float(rise.mean()), math.nan, math.nan, "one initial state")
+    interval = _mean_interval(rho, confidence, "every initial state at {:+.3f}: no spread for an interval; decided by the exact permutation test")
+    effect = _mean_interval(np.array([p[-1] - p[0] for p in profiles]), confidence,
+                            "every initial state's mean cosine rises by {:+.3g}: no spread for an interval")
     return ClaimStatistic(interval, p, math.nan, math.nan, len(profiles), "initial states", 0, 0, method, "", effect)
+
+
+def _mean_interval(values: np.ndarray, confidence: float, same: str) -> Interval:
+    """Mean of `values` (in [-1, 1]) with its t interval over them; none, with `same` (formatted with the
+    value) as the reason, when they all agree, or with one value."""
+    if values.size < 2:
+        return Interval(float(values.mean()), math.nan, math.nan, "one initial state")
+    if is_constant(values):
+        return Interval(float(values.mean()), math.nan, math.nan, same.format(float(values.mean())))
+    return t_interval(float(values.mean()), float(values.std(ddof=1)) / math.sqrt(values.size), values.size - 1, confidence, (-1.0, 1.0))
 
 
 def holm(p_values: list[float]) -> list[float]:
