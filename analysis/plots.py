@@ -24,8 +24,8 @@ from analysis.downstream import INITIAL, MEAN_ACC, SELECTION_LABELS, SELECTION_M
 from analysis.claims import MAX_LOSS_COST, NOT_TESTABLE, NOT_TESTED, ClaimCheck
 from analysis.effects import EVAL_MEAN_ACC, DifferenceTrend, RungDifference
 from analysis.fit import RANK_METRICS, CurveResult
-from analysis.report import human_size
 from scaling import names
+from scaling.console import format_count
 
 _ARM_COLORS = {
     names.ARM_BASELINE: "#4c72b0",
@@ -152,7 +152,7 @@ def _log_n_axis(ax, sizes, label: str) -> None:
         step = max(1, math.ceil(len(sizes) / 7))
         ticks = sizes[::step]
         ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_major_formatter(FixedFormatter([human_size(v) for v in ticks]))
+        ax.xaxis.set_major_formatter(FixedFormatter([format_count(v) for v in ticks]))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(label)
@@ -198,7 +198,7 @@ def plot_metric_curves(path: Path, metric: str, final: pl.DataFrame, curves: dic
             ax.plot(fit.curve_n, fit.law.predict(fit.curve_n), color=color, lw=1.6)
             if np.all(np.isfinite(fit.curve_low)):
                 ax.fill_between(fit.curve_n, fit.curve_low, fit.curve_high, color=color, alpha=0.18, lw=0)
-            label = f"{arm}: {fit.law.scale:.3g}·(N/{human_size(fit.law.n_ref)})^-{fit.law.alpha:.2f} + {fit.law.offset:.3g}"
+            label = f"{arm}: {fit.law.scale:.3g}·(N/{format_count(fit.law.n_ref)})^-{fit.law.alpha:.2f} + {fit.law.offset:.3g}"
         else:
             label = f"{arm}: rung means, no power law"
         ax.plot(means["n"].to_numpy() * offsets[arm], means["value"], "o" if fit is not None else "o:", color=color, ms=5, lw=1.0, label=label)
@@ -332,7 +332,7 @@ def plot_heatmap_grid(path: Path, profiles: pl.DataFrame) -> Path:
     large), the arms side by side: x = layer fraction, y = cosine similarity, colour =
     density (seeds averaged), the per-layer mean cosine drawn over it, one shared colorbar."""
     rungs = profiles.select("rung", "n").unique().sort("n")
-    labels = [f"{r} (N={human_size(n)})" if n is not None else str(r) for r, n in rungs.iter_rows()]
+    labels = [f"{r} (N={format_count(n)})" if n is not None else str(r) for r, n in rungs.iter_rows()]
     arms = sorted(profiles["arm"].unique().to_list())
     return _heatmap_grid(path, profiles, ("rung", rungs["rung"].to_list()), ("arm", arms), titles=arms, row_labels=labels, empty="no histogram")
 
@@ -404,7 +404,7 @@ def plot_heatmaps_over_training(path: Path, probe_profiles: pl.DataFrame, *, run
     arms = sorted(probe_profiles["arm"].unique().to_list(), key=lambda a: (a != "baseline", a))
     steps = sorted(probe_profiles["step"].unique().to_list())
     seeds = probe_profiles["seed"].n_unique()
-    size = f", N={human_size(n)}" if n else ""
+    size = f", N={format_count(n)}" if n else ""
     titles = [f"{rung}{size}\nstep {step}" + (" (initial)" if step == 0 else "") for step in steps]
     return _heatmap_grid(path, probe_profiles, rows=("arm", arms), columns=("step", steps), titles=titles,
                          empty="no probe", row_labels=[f"{arm} ({seeds} seed{'s' * (seeds > 1)})" for arm in arms])
@@ -427,7 +427,7 @@ def plot_layer_profiles(path: Path, profiles: pl.DataFrame) -> Path:
             if cell.is_empty():
                 continue
             line = cell.group_by("layer_fraction").agg(pl.col("mean_cosine").mean()).sort("layer_fraction")
-            label = f"{rung} (N={human_size(n)})" if n is not None else str(rung)
+            label = f"{rung} (N={format_count(n)})" if n is not None else str(rung)
             ax.plot(line["layer_fraction"], line["mean_cosine"], "o-", ms=3, color=cmap(r / max(1, rungs.height - 1)), label=label)
         ax.set_title(f"{arm}: final profile", fontsize=9)
         ax.set_xlabel("layer fraction (0 = embeddings)")
@@ -467,7 +467,7 @@ def plot_profile_over_training(path: Path, layers: pl.DataFrame) -> Path:
             if r == 0:
                 ax.set_title(arm, fontsize=9)
             if c == 0:
-                label = f"{rung} (N={human_size(n)})" if n is not None else str(rung)
+                label = f"{rung} (N={format_count(n)})" if n is not None else str(rung)
                 ax.set_ylabel(f"{label}\nmean cosine", fontsize=8)
             else:
                 ax.tick_params(labelleft=False)

@@ -28,16 +28,7 @@ from analysis.claims import CONTRADICTED, NO_EFFECT, NOT_TESTABLE, NOT_TESTED, S
 from analysis.effects import EVAL_MEAN_ACC, BestLambda, DifferenceTrend, Multiplier, RungDifference
 from analysis.fit import CurveResult, FitOptions, Interval, Trend
 from scaling import names
-
-
-def human_size(n: float) -> str:
-    """165000 -> '165K', 1.2e6 -> '1.2M' (tables and tick labels alike)."""
-    if n is None or not math.isfinite(n):
-        return "–"
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return f"{n:.3g}"
+from scaling.console import format_count
 
 
 MIN_RUNGS_FOR_LAW = FitOptions.min_rungs
@@ -285,12 +276,12 @@ def _budget_lines(budget: StudyBudget) -> list[str]:
     def span(pair, fmt=str) -> str:
         return "not recorded" if pair is None else (fmt(pair[0]) if pair[0] == pair[1] else f"{fmt(pair[0])}–{fmt(pair[1])}")
 
-    rungs = ", ".join(f"{r} (N={human_size(n)})" for r, n in budget.rungs) or "none"
+    rungs = ", ".join(f"{r} (N={format_count(n)})" for r, n in budget.rungs) or "none"
     lines = ["## What this rests on", ""]
     lines += [
         f"- **Rungs**: {len(budget.rungs)} — {rungs}",
         f"- **Arms**: {', '.join(budget.arms) or 'none'}; **seeds** per (rung, arm): {span(budget.seeds)}",
-        f"- **Training per run**: {span(budget.steps)} steps, {span(budget.tokens, lambda v: human_size(float(v)))} tokens "
+        f"- **Training per run**: {span(budget.steps)} steps, {span(budget.tokens, lambda v: format_count(float(v)))} tokens "
         f"({span(budget.tokens_per_param, lambda v: f'{v:.2g}')} tokens per parameter)",
         f"- **Condensation probes** at steps {', '.join(str(s) for s in budget.probe_steps) or 'none'}; "
         f"{span(budget.hidden_states)} hidden states per run (layers + embedding output)",
@@ -471,7 +462,7 @@ def _downstream_lines(analysis: StudyAnalysis, figures: list[Path], out_dir: Pat
                     + (["–" if initial else _mean_std(row, DELTA_MEAN_ACC, signed=True)] if has_initial else [])
                     + ([_mean_std(row, SELECTION_MEAN_ACC)] if tasks.selection else [])
                     + ["–" if paper is None else _mean_std(paper, MEAN_ACC)] + [_mean_std(row, c, general=True) for c in perplexity])
-    lines += [f"### {label}: {rung} (N={human_size(n)}), validation-selected", ""] + _markdown_table(header, rows)
+    lines += [f"### {label}: {rung} (N={format_count(n)}), validation-selected", ""] + _markdown_table(header, rows)
     if rungs.height > 1:
         lines += ["### Mean accuracy per rung", ""]
         rows = []
@@ -479,7 +470,7 @@ def _downstream_lines(analysis: StudyAnalysis, figures: list[Path], out_dir: Pat
             if row["selection"] == SELECTION_LABELS[TEST]:
                 continue
             paper = table.filter((pl.col("rung") == row["rung"]) & (pl.col("row") == row["row"]) & (pl.col("selection") == SELECTION_LABELS[TEST]))
-            rows.append([row["rung"], human_size(row["n"]), row["row"], row["steps"], _mean_std(row, MEAN_ACC)]
+            rows.append([row["rung"], format_count(row["n"]), row["row"], row["steps"], _mean_std(row, MEAN_ACC)]
                         + (["–" if row["row"] == "initial" else _mean_std(row, DELTA_MEAN_ACC, signed=True)] if has_initial else [])
                         + [_mean_std(paper.row(0, named=True), MEAN_ACC) if paper.height else "–"])
         lines += _markdown_table(["rung", "N", "row", "steps", "mean acc (validation-selected)"] + (["Δ vs step 0"] if has_initial else [])
@@ -489,7 +480,7 @@ def _downstream_lines(analysis: StudyAnalysis, figures: list[Path], out_dir: Pat
     if diffs:
         lines += [f"### Mean accuracy, treatment − {analysis.control_arm} (validation-selected, paired by rung and seed)", ""]
         lines += _markdown_table(["treatment", "rung", "N", "pairs", f"difference [{level} CI]"],
-                                 [[arm, d.rung, human_size(d.n), str(d.n_pairs), _fmt_ci(d.difference, signed=True)] for arm, d in diffs])
+                                 [[arm, d.rung, format_count(d.n), str(d.n_pairs), _fmt_ci(d.difference, signed=True)] for arm, d in diffs])
         for (metric, arm), trend in analysis.difference_trends.items():
             if metric == EVAL_MEAN_ACC:
                 lines += [f"- {arm}: slope of the difference per decade of N {_fmt_ci(trend.slope_per_decade, signed=True)}. {trend.note}".rstrip(), ""]
@@ -566,7 +557,7 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
         lines += [f"## Paired differences (treatment − {analysis.control_arm}, paired by rung and seed)", ""]
         lines += [f"Per rung: the mean over seed pairs with a {level} t interval from 3 pairs on; with fewer, the pairs themselves "
                   "(a t interval with 1 df multiplies the standard error by 12.7).", ""]
-        rows = [[metric, arm, d.rung, human_size(d.n), str(d.n_pairs), _fmt_ci(d.difference), ", ".join(f"{v:+.3g}" for v in d.pairs)]
+        rows = [[metric, arm, d.rung, format_count(d.n), str(d.n_pairs), _fmt_ci(d.difference), ", ".join(f"{v:+.3g}" for v in d.pairs)]
                 for (metric, arm), diffs in analysis.differences.items() for d in diffs]
         lines += _markdown_table(["metric", "treatment", "rung", "N", "pairs", "difference", "each pair"], rows)
     if analysis.difference_trends:
@@ -583,7 +574,7 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
                   "through them (it would rest on 3-4 single-seed argmins and predict nothing it was tested on). A best λ at the edge "
                   "of the searched range may lie outside it.", ""]
         lines += _markdown_table(["rung", "N", "best λ", "val/loss", "λ tried", "at a search bound"],
-                                 [[b.rung, human_size(b.n), _fmt(b.best_lambda), _fmt(b.val_loss), f"{_fmt(b.tried[0])}–{_fmt(b.tried[1])}",
+                                 [[b.rung, format_count(b.n), _fmt(b.best_lambda), _fmt(b.val_loss), f"{_fmt(b.tried[0])}–{_fmt(b.tried[1])}",
                                    "**yes**" if b.at_bound else "no"] for b in analysis.best_lambdas])
     if analysis.observation_trends is not None and analysis.observation_trends.height:
         obs = analysis.observation_trends
@@ -597,7 +588,7 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
                   "Each model's downstream results (one evaluation, before any training) and its Spearman of mean cosine "
                   "with depth per text source. Table: `tables/observation_models.csv`.", ""]
         header = [c.removeprefix("eval/") for c in acc.columns]
-        lines += _markdown_table(header, [[human_size(v) if c == "n" else (_fmt(v, 3) if isinstance(v, float) else str(v))
+        lines += _markdown_table(header, [[format_count(v) if c == "n" else (_fmt(v, 3) if isinstance(v, float) else str(v))
                                            for c, v in zip(acc.columns, row)] for row in acc.iter_rows()])
     if analysis.paper_comparison.height:
         paper = analysis.paper_comparison

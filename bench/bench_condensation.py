@@ -111,10 +111,8 @@ def measure_one(method: str, model_dir: str, repetitions: int, max_length: int) 
 
 
 def build_model(directory: Path, d_model: int, n_layers: int, max_length: int) -> None:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import save_tiny_gpt2
-
     from scaling.data import build_tokenizer, parse_text_source, read_rows
+    from scaling.model import save_tiny_gpt2
 
     tokenizer = build_tokenizer(None, rows=read_rows(parse_text_source("bundled")), vocab_size=4096)
     save_tiny_gpt2(directory, tokenizer, n_layer=n_layers, n_embd=d_model, n_head=max(1, d_model // 64),

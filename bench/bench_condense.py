@@ -70,10 +70,8 @@ means = result.cossim_by_layer.reshape(result.cossim_by_layer.shape[0], -1).mean
 
 def build_case(directory: Path, *, n_layers: int, d_model: int, n_heads: int, context: int, n_texts: int) -> None:
     """The model (random GPT-2 with a locally trained tokenizer) and the texts file."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import save_tiny_gpt2
-
     from scaling.data import build_tokenizer, parse_text_source, read_rows, sample_texts
+    from scaling.model import save_tiny_gpt2
 
     rows = read_rows(parse_text_source("bundled"))
     tokenizer = build_tokenizer(None, rows=rows, vocab_size=4096)

@@ -69,10 +69,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_model(workdir: Path, n_layer: int, n_embd: int, *, vocab_size: int | None = None) -> Path:
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer
 
     from scaling.data import build_tokenizer, parse_text_source, read_rows
+    from scaling.model import save_tiny_gpt2
 
     folder = workdir / f"gpt2-{n_layer}x{n_embd}"
     if (folder / "config.json").is_file():
@@ -82,14 +82,8 @@ def build_model(workdir: Path, n_layer: int, n_embd: int, *, vocab_size: int | N
         rows = read_rows(parse_text_source("bundled"))
         tokenizer = build_tokenizer(None, rows=rows, vocab_size=1024, cache_dir=workdir / "tokenizer-cache")
         tokenizer.save_pretrained(tokenizer_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab_size or len(tokenizer), n_layer=n_layer, n_embd=n_embd,
-                        n_head=max(1, n_embd // 64), n_positions=1024, bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_gpt2(folder, AutoTokenizer.from_pretrained(tokenizer_dir), n_layer=n_layer, n_embd=n_embd,
+                          n_head=max(1, n_embd // 64), n_positions=1024, vocab_size=vocab_size)
 
 
 def run_quiet(command: list[str], cwd: Path) -> float:

@@ -214,19 +214,13 @@ def train(profile: Profile, workdir: Path, name: str, arm, zero_stage: int, skip
 
 def build_condense_model(profile: Profile, directory: Path) -> None:
     """A random GPT-2 of the profile's shape with a tokenizer trained on the bundled corpus."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from scaling.data import build_tokenizer, parse_text_source, read_rows
+    from scaling.model import save_tiny_gpt2
 
     n_layer, n_embd, n_head = profile.condense_shape
     tokenizer = build_tokenizer(None, rows=read_rows(parse_text_source("bundled")), vocab_size=8192)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                        n_positions=max(1024, profile.condense_tokens), bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    save_tiny_gpt2(directory, tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                   n_positions=max(1024, profile.condense_tokens))
 
 
 def condense(profile: Profile, model_dir: Path, out: Path, *extra: str) -> dict:

@@ -105,6 +105,19 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def format_count(value: float | None) -> str:
+    """A count as tables, tick labels and the dry run show it: 165K, 124M, 1.56B, 3.2T, 3.20e+18 beyond
+    trillions; `–` when missing or not finite."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    if abs(value) >= 1e15:
+        return f"{value:.2e}"
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
 def format_progress(label: str, step: int, total: int, loss: float | None, tokens_per_s: float | None,
                     eta_s: float | None) -> str:
     """`tiny-165K dispersion s0  step 120/300  loss 5.712  2,310 tok/s  ETA 1m20s`."""

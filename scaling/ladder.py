@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from scaling.console import format_count
 from scaling.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - for annotations only
@@ -678,16 +679,6 @@ def _ceil(value: float) -> int:
 # --------------------------------------------------------------------------------------
 # Dry-run table
 # --------------------------------------------------------------------------------------
-def format_count(value: float) -> str:
-    """Human-readable count: 124.4M, 1.56B, 165K, 3.2e+18 beyond trillions."""
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= scale:
-            if abs(value) >= 1000 * scale and suffix == "T":
-                return f"{value:.2e}"
-            return f"{value / scale:.3g}{suffix}"
-    return f"{value:.3g}"
-
-
 def format_ladder_table(plans: list[RunPlan] | tuple[RunPlan, ...], gpu: str | None = "H100", mfu: float = 0.4,
                         extra: tuple[str, list[str]] | None = None) -> str:
     """The dry-run table: one row per plan with shape, params, tokens, steps, FLOPs and GPU-hours (none when

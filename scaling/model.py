@@ -245,3 +245,20 @@ def build_causal_lm(name_or_path: str, *, device: str = "auto", dtype: str = "au
         device=torch_device,
         dtype=torch_dtype,
     )
+
+
+def save_tiny_gpt2(directory: str | Path, tokenizer, *, n_layer: int = 3, n_embd: int = 32, n_head: int = 2,
+                   n_positions: int = 256, seed: int = 0, vocab_size: int | None = None) -> Path:
+    """A randomly initialised GPT-2 (weights seeded by `seed`) with `tokenizer`, saved like a hub checkpoint:
+    the offline stand-in that the demo, the tests and the benches load by folder. `vocab_size`: the
+    embedding rows, when not `len(tokenizer)`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size or len(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                        n_positions=n_positions, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)

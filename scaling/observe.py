@@ -297,21 +297,15 @@ SHORT_TEXTS_FILE = "short_texts.txt"
 def build_tiny_models(directory: str | Path, tokenizer=None, *, n_positions: int = 128) -> Path:
     """Save the tiny GPT-2 family (random init, seeded) and a .txt of short documents under
     `directory`. Without `tokenizer`, a byte-level BPE (vocab 1024) is trained on the bundled text."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from scaling.data import build_tokenizer, parse_text_source, read_rows
+    from scaling.model import save_tiny_gpt2
 
     directory = Path(directory)
     rows = read_rows(parse_text_source("bundled"))
     tokenizer = tokenizer or build_tokenizer(None, rows=rows, vocab_size=1024)
     for seed, (name, (n_layers, d_model)) in enumerate(TINY_SHAPES.items()):
-        torch.manual_seed(seed)
-        config = GPT2Config(vocab_size=len(tokenizer), n_layer=n_layers, n_embd=d_model, n_head=2,
-                            n_positions=n_positions, bos_token_id=tokenizer.eos_token_id,
-                            eos_token_id=tokenizer.eos_token_id)
-        GPT2LMHeadModel(config).save_pretrained(directory / name)
-        tokenizer.save_pretrained(directory / name)
+        save_tiny_gpt2(directory / name, tokenizer, n_layer=n_layers, n_embd=d_model, n_head=2,
+                       n_positions=n_positions, seed=seed)
     # Short documents (a few to a few dozen words): they tokenize shorter than max_length.
     lines = [" ".join(row.split()[: 5 + 7 * (i % 6)]) for i, row in enumerate(rows[:400:10])]
     (directory / SHORT_TEXTS_FILE).write_text("\n".join(line for line in lines if line) + "\n", encoding="utf-8")

@@ -43,23 +43,11 @@ def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def save_tiny_gpt2(directory, tokenizer, *, n_layer=3, n_embd=32, n_head=2, n_positions=256, seed=0):
-    """A randomly initialised GPT-2 with the tokenizer, saved like a hub checkpoint."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                        n_positions=n_positions, bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, tokenizer):
     """A tiny random GPT-2 (3 blocks, d=32) with its tokenizer in one folder."""
+    from scaling.model import save_tiny_gpt2
+
     return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), tokenizer)
 
 

@@ -11,8 +11,9 @@ from matplotlib.figure import Figure
 from analysis import plots
 from analysis.effects import DifferenceTrend, RungDifference
 from analysis.fit import Interval
-from analysis.report import compute_budget, human_size, render_html
+from analysis.report import compute_budget, render_html
 from scaling import names
+from scaling.console import format_count
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 
@@ -72,7 +73,7 @@ def test_log_n_axis_labels_each_rung_once_and_bounded_metrics_stay_linear():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["165K", "429K", "754K"]
     assert ax.get_xticklabels(minor=True) == [] or all(t.get_text() == "" for t in ax.get_xticklabels(minor=True))
     assert ax.get_yscale() == "linear" and ax.get_ylim() == (-1.05, 1.05)
-    assert human_size(2.5e9) == "2.5B" and human_size(float("nan")) == "–"
+    assert format_count(2.5e9) == "2.5B" and format_count(float("nan")) == "–"
 
 
 def test_profile_over_training_and_difference_plots_are_written(tmp_path):

@@ -207,8 +207,7 @@ def test_more_workers_than_the_cluster_has_fails_before_any_work(ray_session, tm
 
 
 def test_pretrained_ladder_mid_trains_each_rung_from_its_checkpoint(ray_session, tmp_path, tokenizer):
-    from conftest import save_tiny_gpt2
-
+    from scaling.model import save_tiny_gpt2
     from scaling.study import run_study
 
     # A pretrained ladder of two local checkpoints (3 and 4 blocks, unlike the rungs' own shapes), the
