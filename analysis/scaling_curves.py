@@ -569,7 +569,8 @@ def run(args: argparse.Namespace) -> Path:
             out,
             files,
             params={f"analysis.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in fit_options.items()},
-            tags={names.TAG_GIT_COMMIT: provenance["git_commit"], "input_runs": str(len(provenance["input_run_ids"]))},
+            tags={names.TAG_GIT_COMMIT: provenance["git_commit"],
+                  names.TAG_INPUT_RUNS: str(len(provenance["input_run_ids"]))},
             claims=[(c.key, c.estimate.estimate, c.estimate.low, c.estimate.high, c.verdict) for c in analysis.claims],
         )
         print(f"logged analysis run {run_id} in experiment {records.study!r}: "

@@ -44,6 +44,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "tests"))
 
 
 def load() -> float:
@@ -85,7 +86,9 @@ def child_rss_old(args) -> dict:
 
     import numpy as np
 
-    from scaling.data import build_tokenizer, pack_blocks, parse_text_source, read_rows, sample_texts, split_train_val
+    from old_data_path import pack_blocks, split_train_val  # tests/: the path the shards replaced
+
+    from scaling.data import build_tokenizer, parse_text_source, read_rows, sample_texts
 
     ray = start_ray(2)
     started = time.perf_counter()
@@ -142,7 +145,7 @@ def inprocess_throughput(args) -> dict:
     from tokenizers import Tokenizer
 
     from scaling.data import build_tokenizer
-    from scaling.shards import ENCODE_ROWS, encode_rows, row_text
+    from scaling.shard_tasks import ENCODE_ROWS, encode_rows, row_text
 
     tokenizer = Tokenizer.from_str(build_tokenizer(args.tokenizer).backend_tokenizer.to_str())
     eos = build_tokenizer(args.tokenizer).eos_token_id

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from scaling import names
+from scaling.data import PACKINGS
 from scaling.dispersion_spec import VARIANTS, resolve_layers, validate_layer_spec
 from scaling.errors import ConfigError, DispersionScalingError
 from scaling.evaluate import EvalConfig
@@ -34,7 +35,6 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
     from scaling.ladder import RunPlan, Rung
 
 PRECISIONS = ("auto", "fp32", "bf16")
-PACKINGS = ("eos", "raw")
 LR_SCALINGS = ("none", "sqrt_world_size")
 LAST_BLOCK_OUTPUTS = ("final_norm", "raw")
 MAX_LR = 1.0

@@ -1,4 +1,4 @@
-"""Text sources, tokenizers and token blocks.
+"""Text sources and tokenizers.
 
 Three kinds of text source, all read into a list of non-empty "rows" (paragraphs):
 - `bundled`: CPython's own documentation topics (`pydoc_data.topics`, ~65k words of English
@@ -14,8 +14,8 @@ Three kinds of text source, all read into a list of non-empty "rows" (paragraphs
 builder and `condense` all accept and refuse the same specs, with the same message.
 
 The condensation protocol (docs/condensation.md) builds each repetition's text from
-consecutive rows starting at a seeded random row; training packs tokenized rows into
-fixed-length blocks.
+consecutive rows starting at a seeded random row; training reads fixed-length blocks cut from
+token shards (`scaling.shards`).
 
 "The reference" here means the authors' code: the LM-Dispersion repository and the PyPI package
 `embedding-condensation` 2.0 (docs/README.md#the-reference).
@@ -50,6 +50,9 @@ TRAINING_SOURCES: dict[str, tuple[str, str | None, str, str]] = {
 DEFAULT_MIN_WORDS = 1024
 START_FRACTION = 0.95  # the reference draws the start row below 95% of the rows
 DEFAULT_CACHE = Path.home() / ".cache" / "dispersion-scaling"
+PACKINGS = ("eos", "raw")
+"""How rows become one token stream: eos puts an end-of-text token after every row; raw concatenates them as
+they are, newlines kept (the authors' mid-training data)."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,7 @@ def read_rows(source: TextSource, limit: int | None = None, *, raw: bool = False
     dataset is then streamed, not downloaded whole). `raw`: every row as the source has it, empty ones
     included (what the authors' sampler indexes)."""
     if source.kind == "bundled":
-        rows = _read_bundled_rows()
+        rows = bundled_rows()
     elif source.kind == "file":
         rows = _read_file_rows(Path(source.path or ""), source.field)
     elif source.kind == "hf":
@@ -236,7 +239,8 @@ def bundled_corpus_rows() -> list[str]:
     return [p for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key])]
 
 
-def _read_bundled_rows() -> list[str]:
+def bundled_rows() -> list[str]:
+    """The `bundled` source's rows: every paragraph but the held-out ones (`bundled_heldout`)."""
     return [row for row in bundled_corpus_rows() if not bundled_heldout(row)]
 
 
@@ -451,34 +455,3 @@ def _train_bpe(rows: list[str], vocab_size: int, cache_root: Path):
             shutil.rmtree(tmp, ignore_errors=True)
     return GPT2TokenizerFast.from_pretrained(directory)
 
-
-# --- training blocks ---------------------------------------------------------------------------
-
-
-def pack_blocks(token_rows: list[list[int]], block_size: int, eos_id: int | None) -> np.ndarray:
-    """Concatenate tokenized rows (each followed by EOS; with `eos_id` None, nothing between them:
-    `raw` packing) and cut into [n, block_size] blocks; the tail that does not fill a block is dropped."""
-    if block_size < 2:
-        raise DataError(f"block_size={block_size}: must be at least 2")
-    separator = () if eos_id is None else (eos_id,)
-    stream = np.fromiter(
-        (t for row in token_rows for t in (*row, *separator)), dtype=np.int64
-    )
-    n_blocks = len(stream) // block_size
-    if n_blocks == 0:
-        raise DataError(
-            f"the text has {len(stream)} tokens, fewer than one block of {block_size}; "
-            "use more text or a smaller block size"
-        )
-    return stream[: n_blocks * block_size].reshape(n_blocks, block_size)
-
-
-def split_train_val(blocks: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffle blocks deterministically by seed, then hold out a validation fraction."""
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction={val_fraction}: must be in (0, 1)")
-    order = np.random.default_rng(seed).permutation(len(blocks))
-    n_val = max(1, int(round(val_fraction * len(blocks))))
-    if n_val >= len(blocks):
-        raise DataError(f"only {len(blocks)} blocks: too few to hold out validation; use more text")
-    return blocks[order[n_val:]], blocks[order[:n_val]]

@@ -46,10 +46,10 @@ TAG_PRECISION = "precision"  # training runs: bf16 (mixed, float32 master weight
 TAG_DTYPE = "dtype"  # observation runs: the dtype the model was measured in
 TAG_FAMILY_DTYPES = "family_dtypes"  # observation runs: every dtype its family is measured in ("float32,bfloat16")
 TAG_HIDDEN_STATES_END = "hidden_states_end"  # observation runs: what the last hidden state is
-TAG_INPUT_RUNS = "input_runs"
+TAG_INPUT_RUNS = "input_runs"  # analysis runs: how many runs the analysis read
 TAG_MODEL_DIR = "model_dir"  # training runs that evaluate: the final model's Hugging Face folder (loadable by lm-eval)
 TAG_EVAL_FAILED_PREFIX = "eval_failed/step_"  # + step: what could not be evaluated at that step, and why
-TAG_DRIVER_LEASE = "driver_lease"  # on a study run: which driver runs the study now (see tracking.StudyLock)  # analysis runs: how many runs the analysis read
+TAG_DRIVER_LEASE = "driver_lease"  # on a study run: which driver runs the study now (see tracking.StudyLock)
 
 KIND_STUDY = "study"  # the study's parent run
 KIND_TRAIN = "train"  # one (rung, arm, seed) training run
@@ -197,8 +197,6 @@ PRESETS = {"paper10": PAPER10_TASKS + (PAPER_PERPLEXITY_TASK,)}
 PAPER_FEWSHOT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "medmcqa")
 """Evaluated few-shot in the paper (1-shot for GPT-2, 5-shot for Qwen3); the rest zero-shot."""
 PAPER_FEWSHOT_SHOTS = {"gpt2": 1, "qwen3": 5}
-PAPER_LIMITS = {"gpt2": 500, "qwen3": 200}
-"""Samples per task in the paper's evaluations."""
 
 _KEY = re.compile(r"eval/(?P<task>[^/]+)/(?P<metric>[^/]+)")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\- ]")  # MLflow keys allow these (and "/")

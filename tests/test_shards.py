@@ -1,4 +1,4 @@
-"""Token shards (`scaling.shards`): tokenized once with Ray Data on the session's real local Ray,
+"""Token shards (`scaling.shards` and its `shard_*` modules): tokenized once with Ray Data on the session's real local Ray,
 published atomically, reused, and read back as the same blocks the old driver path packed."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaling.data import pack_blocks, sample_texts, split_train_val
+from old_data_path import pack_blocks, split_train_val
+
+from scaling.data import sample_texts
 from scaling.errors import DataError, DispersionScalingError
 from scaling.shards import (
     ShardSpec,
@@ -321,9 +323,9 @@ def test_tens_of_megabytes_tokenized_once(ray_session, tokenizer, tokenizer_dir,
     shards = build_token_shards(spec, root, seq_len=512, progress=progress.append, piece_bytes=3 << 20)
     assert shards.manifest["splits"]["train"]["pieces"] >= 8
     assert shards.manifest["rows"] == len(lines)
-    from scaling.shards import _Stream
+    from scaling.shard_store import TokenStream
 
-    stream = _Stream(shards.root, shards.manifest, "train", None)
+    stream = TokenStream(shards.root, shards.manifest, "train", None)
     for index in [*range(50), *range(len(lines) - 50, len(lines)), *rng.integers(0, len(lines), 50)]:
         expected = tokenizer(lines[index].strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         assert stream.row(int(index)).tolist() == expected
