@@ -20,7 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from scaling.condensation import CondensationAccumulator
+from scaling.condensation import (CondensationAccumulator, as_layers, lengths_from_mask, measure_condensation,
+                                  measure_sequences, text_weights)
 from scaling.errors import ConfigError, DataError
 
 
@@ -46,8 +47,6 @@ def split_texts(hidden_states, attention_mask=None, weights=None) -> list[tuple[
     """A batch as `CondensationAccumulator.update` takes it -> (one text's [L+1, n, d] float32
     array without its padding, its weight) per text."""
     import torch
-
-    from scaling.condensation import as_layers, lengths_from_mask, text_weights
 
     if isinstance(hidden_states, np.ndarray):
         hidden_states = torch.from_numpy(hidden_states)
@@ -156,8 +155,6 @@ def measure_condensation_sharded(model, tokenizer, texts: Sequence[str] | None, 
     """`measure_condensation` with the reduction spread over `num_actors` Ray actors: the model
     runs here (batched), and the pool stands in for the accumulator. Pass `sequences` (token ids
     from `tokenize_texts`) instead of texts when they are tokenized already."""
-    from scaling.condensation import measure_condensation, measure_sequences
-
     pool = CondensationPool(num_actors, effective_rank=effective_rank, num_cpus=num_cpus)
     try:
         if sequences is not None:

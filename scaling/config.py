@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from scaling import names
-from scaling.data import PACKINGS
+from scaling.data import PACKINGS, parse_text_source  # the one parser of text sources (dry run, shards, condense)
 from scaling.dispersion_spec import VARIANTS, resolve_layers, validate_layer_spec
 from scaling.errors import ConfigError, DispersionScalingError
 from scaling.evaluate import EvalConfig
@@ -159,7 +159,6 @@ class DataConfig:
             raise ConfigError(f"data.max_rows={self.max_rows}: must be >= 1 or null")
         if self.packing not in PACKINGS:
             raise ConfigError(f"data.packing={self.packing!r}: use one of {list(PACKINGS)}")
-        from scaling.data import parse_text_source  # the one parser of text sources (dry run, shards, condense)
         from scaling.errors import DataError
 
         try:
@@ -285,8 +284,6 @@ class ProbeConfig:
             raise ConfigError(f"probes: texts={self.texts} and val_batches={self.val_batches} must be at most 100000 "
                               "(every probe runs them all)")
         if self.source is not None:
-            from scaling.data import parse_text_source
-
             try:
                 parse_text_source(self.source)
             except DispersionScalingError as exc:

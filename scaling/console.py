@@ -18,7 +18,7 @@ import time
 import warnings
 from typing import Callable, Sequence
 
-from scaling.errors import DispersionScalingError
+from scaling.errors import ConfigError, DispersionScalingError
 
 LOG_PREFIX = "[dispersion-scaling]"
 NOISY_LOGGERS = ("mlflow", "alembic", "ray", "ray.train", "ray.tune", "ray.data", "DeepSpeed", "deepspeed",
@@ -134,8 +134,6 @@ def check_writable_dir(path, flag: str = "--out") -> None:
     """Refuse an output folder that cannot be created or written, before any long work, and leave
     nothing behind: folders made for the probe are removed again."""
     from pathlib import Path
-
-    from scaling.errors import ConfigError
 
     directory = Path(path).absolute()
     missing = []

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling import names as keys
-from scaling.console import check_writable_dir
+from scaling.console import check_writable_dir, run_cli
 from scaling.errors import ConfigError, ModelError, one_line
 from scaling.names import PAPER_FEWSHOT_SHOTS, PAPER_FEWSHOT_TASKS, PRESETS
 
@@ -785,8 +785,6 @@ def run(argv: list[str] | None = None) -> EvalResult:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line on stderr and return 2; a failed task returns 1."""
-    from scaling.console import run_cli
-
     return run_cli(lambda: 0 if run(argv).ok else 1, "evaluate")
 
 

@@ -27,7 +27,7 @@ from scaling import names
 from scaling.config import redact_credentials
 from scaling.console import say
 from scaling.errors import DataError, DispersionScalingError, ModelError, one_line
-from scaling.measure import Measurement, MeasureTask
+from scaling.measure import Measurement, MeasureTask, measure_model
 from scaling.observe_config import (ClusterShape, ModelPlan, ObserveConfig, compute_placement, measurement_hash,
                                     pick_dtype)
 
@@ -98,8 +98,6 @@ def read_cluster_shape() -> ClusterShape:
 def _measure_entry(task: MeasureTask, texts: list[str]) -> Measurement | dict[str, str]:
     # Module-level so Ray pickles a reference; user errors come back as plain data so the
     # driver records their message rather than a Ray traceback.
-    from scaling.measure import measure_model
-
     try:
         return measure_model(task, texts)
     except DispersionScalingError as exc:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from scaling import names
-from scaling.errors import ConfigError
+from scaling.errors import ConfigError, DataError
 from scaling.schema import as_list, build_config, check_path_name, config_hash, read_study_mapping, to_plain
 
 DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -195,7 +195,6 @@ class ObserveConfig:
             raise ConfigError(f"{key}: {name!r} is not there ({path}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); "
                               f"build the tiny study's models and texts with `{BUILD_TINY}`, or fix base_dir / the path")
         from scaling.data import parse_text_source  # the one parser of text sources
-        from scaling.errors import DataError
 
         for spec in self.sources:
             try:

@@ -915,7 +915,6 @@ class StudyLock:
     def __init__(self, tracker: Tracker, study_run_id: str, *, ttl_s: float = 180.0, beat_s: float = 30.0,
                  settle_s: float = 2.0):
         import socket
-        import uuid
 
         self.tracker, self.run_id = tracker, study_run_id
         self.ttl_s, self.beat_s, self.settle_s = ttl_s, beat_s, settle_s
@@ -925,8 +924,6 @@ class StudyLock:
         self._stop = None
 
     def _read(self) -> dict | None:
-        import json
-
         text = self.tracker.get_run(self.run_id).data.tags.get(names.TAG_DRIVER_LEASE)
         try:
             return json.loads(text) if text else None
@@ -934,8 +931,6 @@ class StudyLock:
             return None
 
     def _write(self) -> None:
-        import json
-
         lease = {"holder": self.holder, "host": self.host, "pid": os.getpid(), "since": self._since,
                  "beat": time.time()}
         self.tracker.set_tags(self.run_id, {names.TAG_DRIVER_LEASE: json.dumps(lease)})
@@ -965,8 +960,6 @@ class StudyLock:
                 f"heartbeat; on this one, at once)")
 
     def __enter__(self):
-        import threading
-
         self._refuse_if_held()
         self._write()
         time.sleep(self.settle_s)

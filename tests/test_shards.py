@@ -19,7 +19,9 @@ from scaling.data import sample_texts
 from scaling.errors import DataError, DispersionScalingError
 from scaling.shards import (
     ShardSpec,
+    TokenShards,
     budget_warning,
+    build_study_blocks,
     build_token_shards,
     describe_corpus,
     epochs_for_budget,
@@ -94,8 +96,6 @@ def test_second_build_reuses_the_shards(bundled, tokenizer_dir):
 
 
 def test_study_blocks_replace_prepare_data(bundled, tokenizer, tokenizer_dir, bundled_rows):
-    from scaling.shards import build_study_blocks
-
     _, root, _ = bundled
     lines = []
     data = build_study_blocks(ShardSpec("bundled", str(tokenizer_dir)), str(root), seq_len=64, val_fraction=0.1,
@@ -165,8 +165,6 @@ def test_txt_jsonl_parquet_and_folders_give_one_stream(ray_session, tokenizer, t
 
 
 def test_separate_validation_source_and_cached_copies(ray_session, tokenizer, tokenizer_dir, bundled_rows, tmp_path):
-    from scaling.shards import TokenShards
-
     train_rows, val_rows = bundled_rows[:300], bundled_rows[300:400]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in train_rows))
     (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in val_rows))
