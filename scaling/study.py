@@ -198,10 +198,11 @@ def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progr
     board = StudyProgress(planned=len(fixed))
 
     def run(jobs):
-        # Chains registered in plan order (chain 1 first), not in the order their threads happen to start.
-        tallies = {id(jobs[start]): board.chain(len(jobs[start::width])) for start in range(min(width, len(jobs)))}
+        chains = deal_chains(jobs, width, cost=run_cost)
+        # Chains registered in order (chain 1 first), not in the order their threads happen to start.
+        tallies = {id(jobs[chain[0]]): board.chain(len(chain)) for chain in chains}
         return run_in_chains(lambda chain: train_chain(study, chain, refs, tracker, parent_id, progress,
-                                                       tally=tallies[id(chain[0])]), jobs, width)
+                                                       tally=tallies[id(chain[0])]), jobs, chains)
 
     with ProgressBoard(tracker, progress):
         if not searching:
@@ -228,24 +229,48 @@ def stop_study(tracker, parent_id: str, progress=say) -> None:
     ray.shutdown()
 
 
-def run_in_chains(train, jobs: list[tuple], width: int) -> list:
-    """`train(chain)` for `width` chains of the jobs side by side, each in a thread blocking on its own
-    worker group; outcomes in the jobs' order. Jobs are dealt out in turn, so the chains stay in plan order
-    and paired arms (adjacent in the plan) train at the same time. An interrupt starts no further chain."""
-    chains = [jobs[start::width] for start in range(min(width, len(jobs)))]
+def deal_chains(jobs: list, width: int, cost: Callable[[tuple], float] | None = None) -> list[list[int]]:
+    """The jobs (their indices) of each of `width` chains. Without `cost`, dealt out in turn in plan order.
+    With it, longest first and in a snake (chain 1, 2, ..., w, w, ..., 2, 1, 1, ...): the chains end
+    together instead of the last one running alone, and a pair of equally long jobs (a run's two arms,
+    adjacent in the plan) lands on two chains at the same place, so paired arms still train side by side."""
+    width = min(width, len(jobs))
+    if width <= 1:
+        return [list(range(len(jobs)))] if jobs else []
+    if cost is None:
+        return [list(range(start, len(jobs), width)) for start in range(width)]
+    order = sorted(range(len(jobs)), key=lambda index: -cost(jobs[index]))  # stable: plan order among equals
+    chains: list[list[int]] = [[] for _ in range(width)]
+    for place, index in enumerate(order):
+        turn, lap = place % width, (place // width) % 2
+        chains[width - 1 - turn if lap else turn].append(index)
+    return chains
+
+
+def run_cost(job: tuple) -> float:
+    """What a (plan, arm, seed) job costs, for ordering only: parameters x tokens (the 6ND of its FLOPs)."""
+    plan = job[0]
+    return float(plan.params.total) * float(plan.tokens)
+
+
+def run_in_chains(train, jobs: list[tuple], chains: list[list[int]]) -> list:
+    """`train(chain)` for each chain of jobs (`deal_chains`) side by side, each in a thread blocking on its
+    own worker group; outcomes in the jobs' order. An interrupt starts no further chain."""
     if len(chains) <= 1:
         return train(jobs) if jobs else []
     pool = ThreadPoolExecutor(max_workers=len(chains), thread_name_prefix="chain")
     try:
-        results = [future.result() for future in [pool.submit(train, chain) for chain in chains]]
+        futures = [pool.submit(train, [jobs[index] for index in chain]) for chain in chains]
+        results = [future.result() for future in futures]
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)  # the running ones end when Ray goes
         raise
     finally:
         pool.shutdown(wait=False)
     outcomes = [None] * len(jobs)
-    for start, chain_outcomes in enumerate(results):
-        outcomes[start::len(chains)] = chain_outcomes
+    for chain, chain_outcomes in zip(chains, results):
+        for index, outcome in zip(chain, chain_outcomes):
+            outcomes[index] = outcome
     return outcomes
 
 
