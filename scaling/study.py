@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from scaling import names
+from scaling import names, timing
 from scaling.cluster import check_study_against_cluster, check_study_memory_on_cluster, concurrent_runs
 from scaling.config import StudyConfig, plan_runs, redact_credentials
 from scaling.console import StudyProgress, format_progress, format_table, say, significant
@@ -150,10 +150,14 @@ def shard_spec(study: StudyConfig):
 
 
 def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Callable[[str], None] = say,
-              gpu_memory: tuple[float | None, str] | None = None) -> list[RunOutcome]:
+              gpu_memory: tuple[float | None, str] | None = None, started_at: float | None = None
+              ) -> list[RunOutcome]:
     """Train every (rung, seed, arm) of the study that has not finished yet; with a `search`
     section, the dispersion arm is searched per rung instead (see `scaling.sweep`). `gpu_memory`
-    (GiB, label): what the memory plan is checked against when the cluster does not name its GPUs."""
+    (GiB, label): what the memory plan is checked against when the cluster does not name its GPUs.
+    `started_at` (epoch s): when the driver started, so the study's time outside its runs includes Ray's
+    start (default: now)."""
+    started_at = time.time() if started_at is None else started_at
     plans = plan_runs(study) if plans is None else plans
     STOPPING.clear()
     searching = study.search.num_samples > 0
@@ -181,7 +185,10 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
     tracker.save_view(f"{study.study}: runs by rung", study_view_state(evaluates=study.eval is not None))
     with StudyLock(tracker, parent_id):
         try:
+            training_started = time.time()
             outcomes = _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress)
+            record_study_time(tracker, parent_id, plans, slots=chain_width(study, fixed),
+                              training=(training_started, time.time()), started_at=started_at, progress=progress)
         except KeyboardInterrupt:
             stop_study(tracker, parent_id, progress)
             raise
@@ -189,12 +196,17 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
     return outcomes
 
 
+def chain_width(study: StudyConfig, fixed: list) -> int:
+    """How many chains of runs train side by side (each run's evaluation reserved beside it)."""
+    return concurrent_runs(study, len(fixed), extra=study.eval.ray_options() if study.eval else None)
+
+
 def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress) -> list[RunOutcome]:
     refs = data_refs(study, data)
     progress(f"study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x {len(study.arms)} arm(s); "
              f"{len(data.train):,} train / {len(data.val):,} val blocks; MLflow {tracker.tracking_uri}")
 
-    width = concurrent_runs(study, len(fixed), extra=study.eval.ray_options() if study.eval else None)
+    width = chain_width(study, fixed)
     board = StudyProgress(planned=len(fixed))
 
     def run(jobs):
@@ -214,6 +226,33 @@ def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progr
                 outcomes.extend(_search_rung(study, plan, refs, tracker, parent_id, run, progress))
             write_sweep_summary(study, tracker, parent_id, plans, progress)
     return outcomes
+
+
+def record_study_time(tracker, parent_id: str, plans, *, slots: int, training: tuple[float, float],
+                      started_at: float, progress: Callable[[str], None] = say) -> dict[str, float]:
+    """The study's time accounting (`scaling.timing.study_accounting`) over the runs this invocation
+    trained, logged on the study run and printed: goodput, efficiency (alone step times estimated from
+    each rung and arm's fastest logging window), makespan against the ideal schedule, time outside runs."""
+    by_rung = {plan.rung.name: plan for plan in plans}
+    runs = [run for run in tracker.runs_ended_since(training[0])
+            if timing.SLOT in run.data.metrics and run.data.tags.get(names.TAG_RUNG) in by_rung]
+    per_step: dict[tuple[str, str], float] = {}  # (rung, arm) -> its fastest seconds per step over its runs
+    for run in runs:
+        plan = by_rung[run.data.tags[names.TAG_RUNG]]
+        seconds = timing.alone_step_seconds(tracker.metric_history(run.info.run_id, names.TRAIN_TOKENS_PER_S),
+                                            plan.batch_size * plan.seq_len, steps=1)
+        key = (plan.rung.name, run.data.tags.get(names.TAG_ARM, ""))
+        if seconds is not None:
+            per_step[key] = min(seconds, per_step.get(key, seconds))
+    keys = [(run.data.tags[names.TAG_RUNG], run.data.tags.get(names.TAG_ARM, "")) for run in runs]
+    alone = ([per_step[key] * by_rung[key[0]].steps for key in keys] if all(key in per_step for key in keys)
+             else None)
+    study_time = timing.study_accounting([run.data.metrics for run in runs], slots=slots,
+                                         makespan_s=training[1] - training[0], wall_s=time.time() - started_at,
+                                         alone_step_s=alone)
+    tracker.log_metrics(parent_id, study_time)
+    progress(timing.describe_accounting(study_time))
+    return study_time
 
 
 def stop_study(tracker, parent_id: str, progress=say) -> None:
