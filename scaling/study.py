@@ -210,7 +210,7 @@ def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progr
     board = StudyProgress(planned=len(fixed))
 
     def run(jobs):
-        chains = deal_chains(jobs, width, cost=run_cost)
+        chains = deal_chains(jobs, width, cost=run_cost if study.resources.chain_order == "longest_first" else None)
         # Chains registered in order (chain 1 first), not in the order their threads happen to start.
         tallies = {id(jobs[chain[0]]): board.chain(len(chain)) for chain in chains}
         return run_in_chains(lambda chain: train_chain(study, chain, refs, tracker, parent_id, progress,
