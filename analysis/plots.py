@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFormatter, NullLocator
+from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFormatter, NullLocator, PercentFormatter
 
 from analysis.downstream import INITIAL, MEAN_ACC, SELECTION_LABELS, SELECTION_MEAN_ACC, TEST, VALIDATION, WORD_PERPLEXITY, EvalTasks, table_columns
 from analysis.claims import MAX_LOSS_COST, NOT_TESTABLE, NOT_TESTED, ClaimCheck
@@ -552,3 +552,48 @@ def plot_observation_heatmaps(path: Path, profiles: pl.DataFrame, *, family: str
     sources = sorted(profiles["source"].drop_nulls().unique().to_list())
     return _heatmap_grid(path, profiles, ("model", models), ("source", sources),
                          titles=[f"{family} / {source}" for source in sources], empty="not measured")
+
+
+_PHASE_COLORS = {"startup": "#9e9e9e", "data": "#c7b299", "step_without_dispersion": "#2e7d32", "dispersion": "#81c784",
+                 "probe": "#1565c0", "eval_export": "#7e57c2", "checkpoint": "#ef6c00", "logging": "#f9a825",
+                 "other": "#e0e0e0"}
+_PHASE_LABELS = {"step_without_dispersion": "optimizer steps", "dispersion": "steps: dispersion term",
+                 "eval_export": "evaluation export", "other": "unaccounted"}
+
+
+def plot_time_split(path: Path, runs: pl.DataFrame, phases: tuple[str, ...], totals: dict[str, float]) -> Path:
+    """Where each run's worker-slot seconds went (one stacked bar per run, seconds) and the study's total
+    (one bar, share of all slot time): green is training, everything else is what surrounds it."""
+    height = max(3.4, 0.22 * runs.height + 2.0)
+    fig = Figure(figsize=(10.0, height))
+    grid = fig.add_gridspec(1, 2, width_ratios=[4.2, 1.0], left=0.2, right=0.97, bottom=1.1 / height,
+                            top=1 - 0.4 / height, wspace=0.25)
+    ax, total_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    labels = [f"{r['rung']} {r['arm']} s{r['seed']}" for r in runs.iter_rows(named=True)]
+    y = np.arange(runs.height)
+    left = np.zeros(runs.height)
+    bottom = 0.0
+    for phase in phases:
+        seconds = runs[phase].fill_null(0.0).to_numpy()
+        label = _PHASE_LABELS.get(phase, phase)
+        ax.barh(y, seconds, left=left, color=_PHASE_COLORS.get(phase, "#607d8b"), label=label, height=0.75)
+        left += seconds
+        share = totals.get(phase, 0.0)
+        total_ax.bar([0], [share], bottom=bottom, color=_PHASE_COLORS.get(phase, "#607d8b"), width=0.6)
+        if share >= 0.04:
+            total_ax.text(0, bottom + share / 2, f"{share:.0%}", ha="center", va="center", fontsize=8)
+        bottom += share
+    for yi, goodput in zip(y, runs["goodput"].to_numpy()):
+        ax.text(left[yi] * 1.01, yi, f"{goodput:.2f}", va="center", fontsize=7, color="#424242")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, float(left.max()) * 1.1 if runs.height else 1.0)
+    ax.set_xlabel("seconds of the run's worker slot (number: goodput = optimizer-step share)")
+    ax.set_title("Where each run's slot time went", fontsize=10)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=5, frameon=False)
+    total_ax.set_xlim(-0.6, 0.6)
+    total_ax.set_ylim(0, 1)
+    total_ax.set_xticks([])
+    total_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    total_ax.set_title("study total", fontsize=10)
+    return _save(fig, path)

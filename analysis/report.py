@@ -27,7 +27,8 @@ from analysis.downstream import (
 from analysis.claims import CONTRADICTED, NO_EFFECT, NOT_TESTABLE, NOT_TESTED, SUPPORTED, ClaimCheck
 from analysis.effects import EVAL_MEAN_ACC, BestLambda, DifferenceTrend, Multiplier, RungDifference
 from analysis.fit import CurveResult, FitOptions, Interval, Trend
-from scaling import names
+from analysis.goodput import BAR_PHASES, TimeAccount, study_totals
+from scaling import names, timing
 from scaling.console import format_count
 
 
@@ -142,6 +143,8 @@ class StudyAnalysis:
     item_differences: tuple = ()
     """(treatment arm, rung, N, `analysis.downstream.PairedDifference`): accuracy differences with an
     items x seeds interval, from per-item results (empty when the runs logged none)."""
+    time_account: TimeAccount | None = None
+    """Where the runs' worker-slot seconds went (`analysis.goodput`; None or empty before time accounting)."""
 
 
 def _ci_columns(prefix: str, interval: Interval | None) -> dict[str, float]:
@@ -498,6 +501,35 @@ def _downstream_lines(analysis: StudyAnalysis, figures: list[Path], out_dir: Pat
     return lines
 
 
+def _time_lines(account: TimeAccount, figures: list[Path], out_dir: Path) -> list[str]:
+    """Where the study's worker-slot seconds went: the study's goodput, efficiency and schedule, the share
+    of each phase, and the per-run bars."""
+    runs, study = account.runs, account.study
+    slot = float(runs["slot_s"].sum())
+    step = float((runs["step_without_dispersion"] + runs["dispersion"]).sum())
+    lines = ["## Where the time went", "",
+             f"{runs.height} run(s) logged their time split: {slot:,.0f} worker-slot seconds, of which {step:,.0f} in "
+             f"optimizer steps: **goodput {step / slot:.2f}** (docs/goodput.md says what each figure measures)."]
+    if timing.EFFICIENCY in study:
+        lines[-1] += (f" Efficiency of the last invocation ~{study[timing.EFFICIENCY]:.2f}: the runs' step time had "
+                      "each trained alone (estimated from each rung and arm's fastest logging window) over slot time.")
+    if timing.MAKESPAN in study and timing.IDEAL_MAKESPAN in study:
+        lines[-1] += (f" Its training took {study[timing.MAKESPAN]:,.0f} s against an ideal schedule of "
+                      f"{study[timing.IDEAL_MAKESPAN]:,.0f} s ({study[timing.MAKESPAN_OVER_IDEAL]:.2f}x)")
+        if timing.WALL in study:
+            lines[-1] += (f"; {study[timing.OUTSIDE_RUNS]:,.0f} s of its {study[timing.WALL]:,.0f} s wall time were "
+                          "outside the runs (Ray start, tokenization, planning)")
+        lines[-1] += "."
+    totals = study_totals(account)
+    lines += ["", *_markdown_table(["phase", "seconds", "share of slot time"],
+                                   [[phase.replace("_", " "), f"{float(runs[phase].sum()):,.1f}", f"{totals[phase]:.1%}"]
+                                    for phase in BAR_PHASES])]
+    for p in figures:
+        if p.stem == "time_split":
+            lines += [f"![Where each run's slot time went, and the study's total]({p.relative_to(out_dir).as_posix()})", ""]
+    return lines
+
+
 def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -> str:
     """The report: what the study rests on, the paper's claims with verdicts, the figures a
     researcher reads first, then the fits, differences and everything that could not be done."""
@@ -600,7 +632,10 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
     if analysis.failed_runs.height:
         lines += ["## Failed runs (excluded from every fit)", ""]
         lines += _markdown_table(list(analysis.failed_runs.columns), [[str(v) for v in row] for row in analysis.failed_runs.iter_rows()])
-    rest = [p for p in plots if p not in key and p not in accuracy]
+    timed = [p for p in plots if p.stem == "time_split"]
+    if analysis.time_account is not None and not analysis.time_account.empty:
+        lines += _time_lines(analysis.time_account, timed, out_dir)
+    rest = [p for p in plots if p not in key and p not in accuracy and p not in timed]
     if rest:
         lines += ["## More figures" if key else "## Figures", ""]
         for p in rest:

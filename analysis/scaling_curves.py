@@ -22,6 +22,7 @@ from pathlib import Path
 import polars as pl
 
 from analysis import load, plots
+from analysis.goodput import BAR_PHASES, study_totals, time_account
 from analysis.downstream import (
     VALIDATION,
     DownstreamAccuracy,
@@ -368,6 +369,7 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
         claims=claims,
         budget=budget,
         saturated=tuple(saturated),
+        time_account=time_account(records.metrics, records.study_metrics),
     )
 
 
@@ -437,6 +439,9 @@ def _write_plots(records: load.StudyRecords, analysis: StudyAnalysis, final: pl.
                                                           trends={key: trend} if trend is not None else None))
     if profiles.height:
         made.append(plots.plot_layer_profiles(plot_dir / "layer_profiles.png", profiles))
+    account = analysis.time_account
+    if account is not None and not account.empty:
+        made.append(plots.plot_time_split(plot_dir / "time_split.png", account.runs, BAR_PHASES, study_totals(account)))
     observe = final.filter((pl.col("kind") == names.KIND_OBSERVE) & (pl.col("metric") == names.COND_SPEARMAN))
     if observe.height:
         made.append(plots.plot_observation_trends(plot_dir / "observation_spearman.png", observe, metric=names.COND_SPEARMAN))
@@ -471,6 +476,8 @@ def write_outputs(records: load.StudyRecords, analysis: StudyAnalysis, out: Path
     files += _write_table(build_multiplier_table(analysis.multipliers), tables, "multipliers")
     files += _write_table(build_lambda_table(analysis.best_lambdas), tables, "best_lambda")
     files += _write_table(build_claims_table(analysis.claims), tables, "claims")
+    if analysis.time_account is not None and not analysis.time_account.empty:
+        files += _write_table(analysis.time_account.runs, tables, "time_split")
     if analysis.downstream is not None and analysis.downstream.evaluated:
         files += _write_table(analysis.downstream.table, tables, "accuracy")
         files += _write_table(analysis.downstream.values, tables, "accuracy_by_run")

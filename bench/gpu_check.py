@@ -25,6 +25,8 @@ MLflow store and storage folder), condensation through `python -m scaling.conden
   must equal ZeRO-2's within bf16 noise (relative difference <= 2%; fp32 in --smoke: <= 0.1%).
 - start-up: run start to the first logged step, minus that step (Ray worker group, model build,
   `deepspeed.initialize`).
+- where each training run's slot went: its goodput (optimizer-step seconds / slot seconds) and the
+  largest phases of its `time/*` split (docs/goodput.md).
 
 What could not be measured (no GPU, no nvidia-smi, no `scaling.evaluate`) is said in its row.
 --smoke: the tiny ladder's smallest rung, fp32 on CPU, a float32 matmul, a 3-block condense model;
@@ -52,6 +54,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(ROOT))
+
+from scaling import timing  # noqa: E402  (pure: no torch, no Ray)
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,18 @@ def train(profile: Profile, workdir: Path, name: str, arm, zero_stage: int, skip
         "device": run.data.tags.get(names.TAG_DEVICE, "?"),
         "startup_s": (losses[0].timestamp - run.info.start_time) / 1e3 - first_step_s,
         "wall_s": time.perf_counter() - started,
+        "time": {key: value for key, value in run.data.metrics.items() if key.startswith(timing.PREFIX)},
     }
+
+
+def time_split(run: dict) -> str:
+    """The run's goodput and its slot's largest phases, from the trainer's `time/*` (scaling.timing)."""
+    split = run.get("time", {})
+    if timing.SLOT not in split:
+        return ""
+    shares = sorted(((split.get(timing.share_key(p), 0.0), p) for p in timing.PHASES + ("other",)), reverse=True)
+    return (f"goodput {split[timing.GOODPUT]:.2f} of a {split[timing.SLOT]:.0f} s slot; "
+            + ", ".join(f"{p} {share:.0%}" for share, p in shares if share >= 0.01))
 
 
 def build_condense_model(profile: Profile, directory: Path) -> None:
@@ -361,6 +376,8 @@ def main() -> int:
                   f"{mfu:.1%} ({base['flops_per_token']:.3g} FLOP/token)", ">= 40%", mfu >= 0.40)
         table.add("ZeRO-2 baseline: peak GPU memory", memory(base))
         table.add("ZeRO-2 baseline: run start-up (run start -> first step)", f"{base['startup_s']:.1f} s")
+        if time_split(base):
+            table.add("ZeRO-2 baseline: where its slot went (time/*)", time_split(base))
     if "failed" in disp:
         table.failure("ZeRO-2 dispersion arm", disp["failed"])
     elif "failed" not in base:
@@ -369,6 +386,8 @@ def main() -> int:
         table.add("dispersion overhead (baseline / dispersion tokens/s - 1)", f"{overhead:+.1%}", "<= 5%",
                   overhead <= 0.05)
         table.add("ZeRO-2 dispersion: peak GPU memory", memory(disp))
+        if time_split(disp):
+            table.add("ZeRO-2 dispersion: where its slot went (time/*)", time_split(disp))
 
     model_dir = workdir / "condense-model"
     if not (model_dir / "config.json").exists():

@@ -290,6 +290,9 @@ class ProbeConfig:
                 raise ConfigError(f"probes.source={self.source!r}: {exc}") from None
 
 
+CHAIN_ORDERS = ("longest_first", "plan")
+
+
 @dataclass(frozen=True)
 class ResourcesConfig:
     num_workers: int = 2
@@ -300,8 +303,13 @@ class ResourcesConfig:
     """DeepSpeed ZeRO stage 0-3."""
     precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    chain_order: str = "longest_first"
+    """How runs that queue for the cluster are dealt to the chains of worker groups: `longest_first` (by
+    parameters x tokens, in a snake, so the chains end together) or `plan` (in turn, in plan order)."""
 
     def __post_init__(self):
+        if self.chain_order not in CHAIN_ORDERS:
+            raise ConfigError(f"resources.chain_order={self.chain_order!r}: use one of {list(CHAIN_ORDERS)}")
         if self.num_workers < 1:
             raise ConfigError(f"resources.num_workers={self.num_workers}: must be >= 1")
         if self.zero_stage not in (0, 1, 2, 3):

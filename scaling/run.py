@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+
+STARTED_AT = time.time()  # the study's wall clock: Ray's start and the imports count as time outside its runs
 
 if __package__ in (None, ""):
     # Run as a bare script (`python scaling/run.py`, or `ray submit` uploading only this file):
@@ -92,7 +95,7 @@ def _train(study, source: str, args) -> int:
     from scaling.study import format_summary, run_study
 
     connect_ray()
-    outcomes = run_study(study, source, plans=plans, gpu_memory=(capacity, label))
+    outcomes = run_study(study, source, plans=plans, gpu_memory=(capacity, label), started_at=STARTED_AT)
     print()
     print(format_summary(outcomes))
     _print_next_steps(study.study, study.tracking_uri, view=True)

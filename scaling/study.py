@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from scaling import names
+from scaling import names, timing
 from scaling.cluster import check_study_against_cluster, check_study_memory_on_cluster, concurrent_runs
 from scaling.config import StudyConfig, plan_runs, redact_credentials
 from scaling.console import StudyProgress, format_progress, format_table, say, significant
@@ -150,10 +150,14 @@ def shard_spec(study: StudyConfig):
 
 
 def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Callable[[str], None] = say,
-              gpu_memory: tuple[float | None, str] | None = None) -> list[RunOutcome]:
+              gpu_memory: tuple[float | None, str] | None = None, started_at: float | None = None
+              ) -> list[RunOutcome]:
     """Train every (rung, seed, arm) of the study that has not finished yet; with a `search`
     section, the dispersion arm is searched per rung instead (see `scaling.sweep`). `gpu_memory`
-    (GiB, label): what the memory plan is checked against when the cluster does not name its GPUs."""
+    (GiB, label): what the memory plan is checked against when the cluster does not name its GPUs.
+    `started_at` (epoch s): when the driver started, so the study's time outside its runs includes Ray's
+    start (default: now)."""
+    started_at = time.time() if started_at is None else started_at
     plans = plan_runs(study) if plans is None else plans
     STOPPING.clear()
     searching = study.search.num_samples > 0
@@ -181,7 +185,10 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
     tracker.save_view(f"{study.study}: runs by rung", study_view_state(evaluates=study.eval is not None))
     with StudyLock(tracker, parent_id):
         try:
+            training_started = time.time()
             outcomes = _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress)
+            record_study_time(tracker, parent_id, plans, slots=chain_width(study, fixed),
+                              training=(training_started, time.time()), started_at=started_at, progress=progress)
         except KeyboardInterrupt:
             stop_study(tracker, parent_id, progress)
             raise
@@ -189,19 +196,25 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
     return outcomes
 
 
+def chain_width(study: StudyConfig, fixed: list) -> int:
+    """How many chains of runs train side by side (each run's evaluation reserved beside it)."""
+    return concurrent_runs(study, len(fixed), extra=study.eval.ray_options() if study.eval else None)
+
+
 def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress) -> list[RunOutcome]:
     refs = data_refs(study, data)
     progress(f"study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x {len(study.arms)} arm(s); "
              f"{len(data.train):,} train / {len(data.val):,} val blocks; MLflow {tracker.tracking_uri}")
 
-    width = concurrent_runs(study, len(fixed), extra=study.eval.ray_options() if study.eval else None)
+    width = chain_width(study, fixed)
     board = StudyProgress(planned=len(fixed))
 
     def run(jobs):
-        # Chains registered in plan order (chain 1 first), not in the order their threads happen to start.
-        tallies = {id(jobs[start]): board.chain(len(jobs[start::width])) for start in range(min(width, len(jobs)))}
+        chains = deal_chains(jobs, width, cost=run_cost if study.resources.chain_order == "longest_first" else None)
+        # Chains registered in order (chain 1 first), not in the order their threads happen to start.
+        tallies = {id(jobs[chain[0]]): board.chain(len(chain)) for chain in chains}
         return run_in_chains(lambda chain: train_chain(study, chain, refs, tracker, parent_id, progress,
-                                                       tally=tallies[id(chain[0])]), jobs, width)
+                                                       tally=tallies[id(chain[0])]), jobs, chains)
 
     with ProgressBoard(tracker, progress):
         if not searching:
@@ -213,6 +226,33 @@ def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progr
                 outcomes.extend(_search_rung(study, plan, refs, tracker, parent_id, run, progress))
             write_sweep_summary(study, tracker, parent_id, plans, progress)
     return outcomes
+
+
+def record_study_time(tracker, parent_id: str, plans, *, slots: int, training: tuple[float, float],
+                      started_at: float, progress: Callable[[str], None] = say) -> dict[str, float]:
+    """The study's time accounting (`scaling.timing.study_accounting`) over the runs this invocation
+    trained, logged on the study run and printed: goodput, efficiency (alone step times estimated from
+    each rung and arm's fastest logging window), makespan against the ideal schedule, time outside runs."""
+    by_rung = {plan.rung.name: plan for plan in plans}
+    runs = [run for run in tracker.runs_ended_since(training[0])
+            if timing.SLOT in run.data.metrics and run.data.tags.get(names.TAG_RUNG) in by_rung]
+    per_step: dict[tuple[str, str], float] = {}  # (rung, arm) -> its fastest seconds per step over its runs
+    for run in runs:
+        plan = by_rung[run.data.tags[names.TAG_RUNG]]
+        seconds = timing.alone_step_seconds(tracker.metric_history(run.info.run_id, names.TRAIN_TOKENS_PER_S),
+                                            plan.batch_size * plan.seq_len, steps=1)
+        key = (plan.rung.name, run.data.tags.get(names.TAG_ARM, ""))
+        if seconds is not None:
+            per_step[key] = min(seconds, per_step.get(key, seconds))
+    keys = [(run.data.tags[names.TAG_RUNG], run.data.tags.get(names.TAG_ARM, "")) for run in runs]
+    alone = ([per_step[key] * by_rung[key[0]].steps for key in keys] if all(key in per_step for key in keys)
+             else None)
+    study_time = timing.study_accounting([run.data.metrics for run in runs], slots=slots,
+                                         makespan_s=training[1] - training[0], wall_s=time.time() - started_at,
+                                         alone_step_s=alone)
+    tracker.log_metrics(parent_id, study_time)
+    progress(timing.describe_accounting(study_time))
+    return study_time
 
 
 def stop_study(tracker, parent_id: str, progress=say) -> None:
@@ -228,24 +268,48 @@ def stop_study(tracker, parent_id: str, progress=say) -> None:
     ray.shutdown()
 
 
-def run_in_chains(train, jobs: list[tuple], width: int) -> list:
-    """`train(chain)` for `width` chains of the jobs side by side, each in a thread blocking on its own
-    worker group; outcomes in the jobs' order. Jobs are dealt out in turn, so the chains stay in plan order
-    and paired arms (adjacent in the plan) train at the same time. An interrupt starts no further chain."""
-    chains = [jobs[start::width] for start in range(min(width, len(jobs)))]
+def deal_chains(jobs: list, width: int, cost: Callable[[tuple], float] | None = None) -> list[list[int]]:
+    """The jobs (their indices) of each of `width` chains. Without `cost`, dealt out in turn in plan order.
+    With it, longest first and in a snake (chain 1, 2, ..., w, w, ..., 2, 1, 1, ...): the chains end
+    together instead of the last one running alone, and a pair of equally long jobs (a run's two arms,
+    adjacent in the plan) lands on two chains at the same place, so paired arms still train side by side."""
+    width = min(width, len(jobs))
+    if width <= 1:
+        return [list(range(len(jobs)))] if jobs else []
+    if cost is None:
+        return [list(range(start, len(jobs), width)) for start in range(width)]
+    order = sorted(range(len(jobs)), key=lambda index: -cost(jobs[index]))  # stable: plan order among equals
+    chains: list[list[int]] = [[] for _ in range(width)]
+    for place, index in enumerate(order):
+        turn, lap = place % width, (place // width) % 2
+        chains[width - 1 - turn if lap else turn].append(index)
+    return chains
+
+
+def run_cost(job: tuple) -> float:
+    """What a (plan, arm, seed) job costs, for ordering only: parameters x tokens (the 6ND of its FLOPs)."""
+    plan = job[0]
+    return float(plan.params.total) * float(plan.tokens)
+
+
+def run_in_chains(train, jobs: list[tuple], chains: list[list[int]]) -> list:
+    """`train(chain)` for each chain of jobs (`deal_chains`) side by side, each in a thread blocking on its
+    own worker group; outcomes in the jobs' order. An interrupt starts no further chain."""
     if len(chains) <= 1:
         return train(jobs) if jobs else []
     pool = ThreadPoolExecutor(max_workers=len(chains), thread_name_prefix="chain")
     try:
-        results = [future.result() for future in [pool.submit(train, chain) for chain in chains]]
+        futures = [pool.submit(train, [jobs[index] for index in chain]) for chain in chains]
+        results = [future.result() for future in futures]
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)  # the running ones end when Ray goes
         raise
     finally:
         pool.shutdown(wait=False)
     outcomes = [None] * len(jobs)
-    for start, chain_outcomes in enumerate(results):
-        outcomes[start::len(chains)] = chain_outcomes
+    for chain, chain_outcomes in zip(chains, results):
+        for index, outcome in zip(chain, chain_outcomes):
+            outcomes[index] = outcome
     return outcomes
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Sequence
 
 PHASES = ("startup", "data", "step", "probe", "eval_export", "checkpoint", "logging")
 """The slot's phases, in the order a run meets them. startup: worker processes, imports, process group,
@@ -94,3 +94,79 @@ class TimeLedger:
         out[share_key("other")] = out[OTHER] / slot
         out[GOODPUT] = self.seconds.get("step", 0.0) / slot
         return {key: float(f"{value:.4g}") for key, value in out.items()}
+
+
+# --- a study's seconds ----------------------------------------------------------------------------
+
+EFFICIENCY = "time/efficiency"
+MAKESPAN = "time/makespan_s"
+IDEAL_MAKESPAN = "time/ideal_makespan_s"
+MAKESPAN_OVER_IDEAL = "time/makespan_over_ideal"
+WALL = "time/wall_s"
+OUTSIDE_RUNS = "time/outside_runs_s"
+
+
+def alone_step_seconds(tokens_per_s: Sequence[float], tokens_per_step: int, steps: int) -> float | None:
+    """A run's step seconds had it trained alone, estimated from its fastest logging window: the windows
+    that ran beside the least. An estimate, biased low by window noise; `bench/bench_goodput.py` measures
+    the same rung truly alone and reports how far this estimate is from it."""
+    fastest = max((rate for rate in tokens_per_s if rate > 0), default=None)
+    return None if fastest is None else steps * tokens_per_step / fastest
+
+
+def ideal_makespan(slot_seconds: Sequence[float], slots: int) -> float:
+    """The shortest a schedule of these runs on `slots` side-by-side worker groups can take: the work spread
+    evenly, but never less than the longest run (a run is not split)."""
+    if not slot_seconds:
+        return 0.0
+    return max(sum(slot_seconds) / max(slots, 1), max(slot_seconds))
+
+
+def study_accounting(runs: Sequence[Mapping[str, float]], *, slots: int, makespan_s: float,
+                     wall_s: float | None = None, alone_step_s: Sequence[float] | None = None) -> dict[str, float]:
+    """The study run's `time/*`: every run's phase seconds summed, the shares of the summed slot time,
+    goodput (step seconds / slot seconds), efficiency (the runs' alone step seconds / slot seconds, when
+    given), the training makespan against the ideal schedule, and the study's wall time outside the runs
+    (Ray start, tokenization, planning: `wall_s - makespan_s`). `runs`: each run's TimeLedger metrics."""
+    timed = [run for run in runs if run.get(SLOT)]
+    slot = sum(run[SLOT] for run in timed)
+    out: dict[str, float] = {"time/runs": float(len(timed)), SLOT: slot, MAKESPAN: makespan_s}
+    if slot > 0:
+        for name in PHASES + tuple(PARTS) + ("other",):
+            seconds = sum(run.get(seconds_key(name), 0.0) for run in timed)
+            out[seconds_key(name)] = seconds
+            out[share_key(name)] = seconds / slot
+        out[GOODPUT] = out[seconds_key("step")] / slot
+        if alone_step_s is not None and len(alone_step_s) == len(timed):
+            out[EFFICIENCY] = sum(alone_step_s) / slot
+        ideal = ideal_makespan([run[SLOT] for run in timed], slots)
+        out[IDEAL_MAKESPAN] = ideal
+        out[MAKESPAN_OVER_IDEAL] = makespan_s / ideal if ideal > 0 else float("nan")
+    for name in OUTSIDE_SLOT:
+        seconds = [run[seconds_key(name)] for run in timed if seconds_key(name) in run]
+        if seconds:
+            out[seconds_key(name)] = sum(seconds)
+    if wall_s is not None:
+        out[WALL] = wall_s
+        out[OUTSIDE_RUNS] = max(0.0, wall_s - makespan_s)
+        out[share_key("outside_runs")] = out[OUTSIDE_RUNS] / wall_s if wall_s > 0 else float("nan")
+    return {key: float(f"{value:.4g}") for key, value in out.items()}
+
+
+def describe_accounting(study_time: Mapping[str, float]) -> str:
+    """The driver's closing line about time, e.g. 'time: goodput 0.81 (398 of 490 slot-s in steps), ...'."""
+    if not study_time.get(SLOT):
+        return "time: no run of this invocation recorded its time split"
+    parts = [f"goodput {study_time[GOODPUT]:.2f} ({study_time[seconds_key('step')]:.0f} of "
+             f"{study_time[SLOT]:.0f} slot-s in optimizer steps)"]
+    if EFFICIENCY in study_time:
+        parts.append(f"efficiency ~{study_time[EFFICIENCY]:.2f} (alone step time from the fastest windows)")
+    parts.append(f"makespan {study_time[MAKESPAN]:.0f} s = {study_time[MAKESPAN_OVER_IDEAL]:.2f}x the ideal "
+                 f"{study_time[IDEAL_MAKESPAN]:.0f} s")
+    if WALL in study_time:
+        parts.append(f"outside the runs {study_time[OUTSIDE_RUNS]:.0f} s "
+                     f"({100 * study_time[share_key('outside_runs')]:.0f}% of {study_time[WALL]:.0f} s)")
+    biggest = sorted(((study_time.get(share_key(p), 0.0), p) for p in PHASES + ("other",) if p != "step"),
+                     reverse=True)[:2]
+    parts.append("largest besides steps: " + ", ".join(f"{p} {100 * share:.0f}%" for share, p in biggest))
+    return "time: " + "; ".join(parts)

@@ -361,6 +361,19 @@ class Tracker:
         return self._search(_all_of({names.TAG_KIND: names.KIND_TRIAL, names.TAG_RUNG: rung,
                                      names.TAG_BEST_TRIAL: "true"}))
 
+    @_retried("listing the runs that ended")
+    def runs_ended_since(self, since_s: float) -> list:
+        """Training and trial runs whose record ended at or after `since_s` (epoch seconds): what one
+        invocation of the driver trained (a run resumed from an earlier life keeps its old start time)."""
+        since_ms = since_s * 1000
+        runs = [run for kind in (names.KIND_TRAIN, names.KIND_TRIAL)
+                for run in self._search(_tag_equals(names.TAG_KIND, kind))]
+        return [run for run in runs if run.info.end_time and run.info.end_time >= since_ms]
+
+    @_retried("reading a metric's history")
+    def metric_history(self, run_id: str, key: str) -> list[float]:
+        return [metric.value for metric in self._client.get_metric_history(run_id, key)]
+
     def running_runs(self) -> list:
         """Training and trial runs whose record says they are running (for progress lines).
 

@@ -18,7 +18,7 @@ from scaling.errors import ConfigError
 from scaling.placement import (NodeType, build_worker_bundle, check_capacity, choose_placement_strategy,
                                count_concurrent_runs, plan_placement, read_launcher_node_types,
                                read_rayjob_node_types)
-from scaling.study import run_in_chains
+from scaling.study import deal_chains, run_in_chains
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = ROOT / "clusters"
@@ -218,14 +218,33 @@ def test_chains_deal_the_jobs_out_in_turn_run_side_by_side_and_keep_the_jobs_ord
         return [name.upper() for name, _ in chain]
 
     jobs = [("a", 0.3), ("b", 0.05), ("c", 0.2), ("d", 0.0), ("e", 0.1)]
-    assert run_in_chains(train, jobs, width=2) == ["A", "B", "C", "D", "E"]
+    assert run_in_chains(train, jobs, deal_chains(jobs, 2)) == ["A", "B", "C", "D", "E"]
     assert peak[0] == 2 and sorted(chains) == [["a", "c", "e"], ["b", "d"]]
     peak[0], chains[:] = 0, []
-    assert run_in_chains(train, jobs, width=1) == ["A", "B", "C", "D", "E"] and peak[0] == 1
+    assert run_in_chains(train, jobs, deal_chains(jobs, 1)) == ["A", "B", "C", "D", "E"] and peak[0] == 1
     assert chains == [["a", "b", "c", "d", "e"]]
     chains[:] = []
-    assert run_in_chains(train, jobs[:2], width=8) == ["A", "B"] and sorted(chains) == [["a"], ["b"]]
-    assert run_in_chains(train, [], width=2) == []
+    assert run_in_chains(train, jobs[:2], deal_chains(jobs[:2], 8)) == ["A", "B"] and sorted(chains) == [["a"], ["b"]]
+    assert run_in_chains(train, [], deal_chains([], 2)) == []
+    chains[:] = []  # longest first, in a snake: outcomes still in the jobs' order
+    assert run_in_chains(train, jobs, deal_chains(jobs, 2, cost=lambda job: job[1])) == ["A", "B", "C", "D", "E"]
+    assert sorted(chains) == [["a", "b", "d"], ["c", "e"]]
+
+
+def test_longest_first_snake_balances_chains_and_keeps_pairs_side_by_side():
+    # 4 rungs (cost 8, 4, 2, 1) x 2 seeds x 2 arms in plan order: dealt in turn, one chain gets every
+    # baseline and the other every dispersion arm; the snake gives each chain the same mix, longest first.
+    jobs = [(cost, arm, seed) for cost in (1, 2, 4, 8) for seed in (0, 1) for arm in ("base", "disp")]
+    in_turn = deal_chains(jobs, 2)
+    assert {jobs[i][1] for i in in_turn[0]} == {"base"} and {jobs[i][1] for i in in_turn[1]} == {"disp"}
+    snake = deal_chains(jobs, 2, cost=lambda job: job[0])
+    loads = [sum(jobs[i][0] for i in chain) for chain in snake]
+    assert loads[0] == loads[1] == 30
+    assert [jobs[chain[0]][0] for chain in snake] == [8, 8]  # the longest runs start first
+    for place in range(len(snake[0])):  # a run's two arms train at the same time, on two chains
+        a, b = jobs[snake[0][place]], jobs[snake[1][place]]
+        assert (a[0], a[2]) == (b[0], b[2]) and a[1] != b[1]
+    assert sorted(i for chain in snake for i in chain) == list(range(len(jobs)))
 
 
 # --- the entry point as ray submit runs it --------------------------------------------------------

@@ -1,0 +1,178 @@
+"""Goodput, efficiency and schedule of the README's demo study, before and after (issue 25).
+
+Runs the real driver (`scaling/run.py search_spaces/demo.yaml`, each configuration in its own process,
+its own private local Ray, MLflow store and run folders) and reads what the runs and the study run
+logged (`scaling.timing`: every run's `time/*` split, the study's goodput, makespan and time outside
+the runs). Configurations, in this order (the first pays the cold caches):
+
+- `alone`: every (rung, arm) of the demo once (seed 0), in ONE chain with no evaluation beside it (a local
+  Ray of 2 CPUs fits one run at a time): each run's step seconds with nothing beside it;
+- `baseline`: the demo as it was (`resources.chain_order=plan`: runs dealt to the chains in turn);
+- `improved`: the demo as it is now (defaults), followed by the README's analysis call, timed.
+
+Prints, per configuration: wall time, training makespan, the ideal schedule and their ratio, time outside
+the runs, summed slot seconds, goodput, **efficiency** (the runs' alone step seconds over their slot
+seconds, alone measured by `alone`; beside it the driver's own estimate from the fastest logging window),
+the phase shares, and per (rung, arm) the in-study step seconds over alone (the interference). Then the
+improved/baseline ratios. The machine's load is printed with each configuration: a busy machine shifts
+both sides, but not equally; run it on a quiet one.
+
+    python bench/bench_goodput.py                     # ~15 min on 2 cores
+    python bench/bench_goodput.py --quick             # 2 rungs, 40 steps, no evaluations (~3 min)
+    python bench/bench_goodput.py --configs baseline,improved --workdir /tmp/goodput
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scaling import names, timing  # noqa: E402  (pure modules: no torch, no Ray)
+
+DEMO = ROOT / "search_spaces" / "demo.yaml"
+QUICK = ["training.max_steps=40", "rungs=[tiny-165K, tiny-429K]", "probes.every_steps=20", "eval=null"]
+CONFIGS = {
+    "alone": ["seeds=[0]", "eval=null"],
+    "baseline": ["resources.chain_order=plan"],
+    "improved": [],
+}
+ALONE_CPUS = 2  # 1 CPU per run + its 0.5-CPU evaluation reserve: a 2-CPU Ray fits one run at a time
+
+# One configuration, in a fresh process: `--alone` starts Ray with 2 CPUs before the driver joins it.
+DRIVER = """
+import sys
+from scaling.cluster import connect_ray
+if sys.argv[1] == "alone":
+    connect_ray(num_cpus={cpus})
+from scaling.run import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_config(name: str, overrides: list[str], workdir: Path, analyse: bool) -> dict:
+    folder = workdir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    sets = [f"tracking_uri={uri}", f"storage_path={folder / 'runs'}", *overrides]
+    argv = [str(DEMO)] + [arg for item in sets for arg in ("--set", item)]
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
+    load = os.getloadavg()[0]
+    started = time.time()
+    done = subprocess.run([sys.executable, "-c", DRIVER.format(cpus=ALONE_CPUS), name, *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    wall = time.time() - started
+    (folder / "driver.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"{name}: the driver failed (rc {done.returncode}); see {folder / 'driver.log'}")
+    result = {"name": name, "wall_s": wall, "load": load, **read_store(uri)}
+    if analyse:
+        started = time.time()
+        subprocess.run([sys.executable, "-m", "analysis.scaling_curves", "--tracking-uri", uri, "--study", "demo",
+                        "--out", str(folder / "analysis")], cwd=ROOT, env=env, check=True, capture_output=True)
+        result["analysis_s"] = time.time() - started
+    return result
+
+
+def read_store(uri: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("demo")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    study = next(r for r in runs if r.data.tags.get(names.TAG_KIND) == names.KIND_STUDY)
+    trained = [{"rung": r.data.tags.get(names.TAG_RUNG), "arm": r.data.tags.get(names.TAG_ARM),
+                "seed": r.data.tags.get(names.TAG_SEED), **{k: v for k, v in r.data.metrics.items()
+                                                             if k.startswith(timing.PREFIX)}}
+               for r in runs if r.data.tags.get(names.TAG_KIND) == names.KIND_TRAIN]
+    return {"study": {k: v for k, v in study.data.metrics.items() if k.startswith(timing.PREFIX)}, "runs": trained}
+
+
+def efficiency(result: dict, alone: dict | None) -> float | None:
+    """The runs' alone step seconds (per rung and arm, from `alone`) over their summed slot seconds."""
+    if alone is None:
+        return None
+    steps_alone = {(r["rung"], r["arm"]): r.get("time/step_s") for r in alone["runs"]}
+    total_alone = [steps_alone.get((r["rung"], r["arm"])) for r in result["runs"]]
+    if any(v is None for v in total_alone):
+        return None
+    slot = sum(r.get(timing.SLOT, 0.0) for r in result["runs"])
+    return sum(total_alone) / slot if slot else None
+
+
+def interference(result: dict, alone: dict) -> dict[tuple[str, str], float]:
+    """In-study step seconds over alone, mean over the (rung, arm)'s runs."""
+    steps_alone = {(r["rung"], r["arm"]): r.get("time/step_s") for r in alone["runs"]}
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for r in result["runs"]:
+        key = (r["rung"], r["arm"])
+        if steps_alone.get(key) and r.get("time/step_s"):
+            ratios.setdefault(key, []).append(r["time/step_s"] / steps_alone[key])
+    return {key: sum(v) / len(v) for key, v in sorted(ratios.items())}
+
+
+def describe(result: dict, alone: dict | None) -> list[str]:
+    s = result["study"]
+    eff = efficiency(result, alone)
+    lines = [f"== {result['name']} (load {result['load']:.1f} at start)",
+             f"wall {result['wall_s']:.0f} s (driver process); training makespan {s.get(timing.MAKESPAN, 0):.0f} s, "
+             f"ideal {s.get(timing.IDEAL_MAKESPAN, 0):.0f} s -> {s.get(timing.MAKESPAN_OVER_IDEAL, float('nan')):.2f}x; "
+             f"outside runs {s.get(timing.OUTSIDE_RUNS, 0):.0f} s ({100 * s.get('time/outside_runs_share', 0):.0f}% "
+             "of the driver's wall)",
+             f"{len(result['runs'])} runs, {s.get(timing.SLOT, 0):.0f} slot-s: goodput {s.get(timing.GOODPUT, float('nan')):.3f}, "
+             f"efficiency {eff:.3f} (alone measured)" if eff is not None else
+             f"{len(result['runs'])} runs, {s.get(timing.SLOT, 0):.0f} slot-s: goodput {s.get(timing.GOODPUT, float('nan')):.3f}"]
+    if timing.EFFICIENCY in s:
+        lines.append(f"driver's efficiency estimate (fastest window): {s[timing.EFFICIENCY]:.3f}")
+    shares = ", ".join(f"{p} {100 * s.get(timing.share_key(p), 0):.1f}%" for p in timing.PHASES + ("other",))
+    lines.append(f"shares of slot time: {shares}; dispersion term {100 * s.get(timing.share_key('dispersion'), 0):.1f}%")
+    if "analysis_s" in result:
+        lines.append(f"analysis call: {result['analysis_s']:.0f} s")
+    if alone is not None and result is not alone:
+        lines.append("step seconds in the study / alone: " + ", ".join(
+            f"{rung} {arm} {ratio:.2f}" for (rung, arm), ratio in interference(result, alone).items()))
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="alone,baseline,improved", help="comma-separated, of " + ", ".join(CONFIGS))
+    parser.add_argument("--quick", action="store_true", help="2 rungs, 40 steps, no evaluations: a smoke run")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the stores and logs here (default: a temp dir)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    args = parser.parse_args(argv)
+    chosen = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_goodput_"))
+    results = {}
+    for name in chosen:
+        overrides = (QUICK if args.quick else []) + CONFIGS[name]
+        results[name] = run_config(name, overrides, workdir, analyse=name == "improved")
+        print("\n".join(describe(results[name], results.get("alone"))), flush=True)
+    if "baseline" in results and "improved" in results:
+        before, after = results["baseline"]["study"], results["improved"]["study"]
+        print("== improved / baseline (same bench run)")
+        for key in (timing.MAKESPAN, timing.MAKESPAN_OVER_IDEAL, timing.GOODPUT, timing.SLOT, timing.OUTSIDE_RUNS):
+            if before.get(key) and after.get(key) is not None:
+                print(f"{key}: {before[key]:.4g} -> {after[key]:.4g} ({after[key] / before[key]:.2f}x)")
+        effs = [efficiency(results[n], results.get("alone")) for n in ("baseline", "improved")]
+        if None not in effs:
+            print(f"time/efficiency: {effs[0]:.3f} -> {effs[1]:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    print(f"stores and driver logs: {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
