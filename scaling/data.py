@@ -27,13 +27,16 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from scaling.errors import DataError, ModelError
+
+T = TypeVar("T")
 
 # The reference protocol's text sources (docs/condensation.md): dataset, config, split, field.
 REFERENCE_SOURCES: dict[str, tuple[str, str | None, str, str]] = {
@@ -132,20 +135,12 @@ def local_text_files(spec: str) -> list[Path]:
                         "the working directory)")
     if path.is_dir():
         try:
-            files = sorted(f for f in path.iterdir() if f.suffix in FILE_SUFFIXES and f.is_file())
+            files = pick_text_files(spec, [f for f in path.iterdir() if f.is_file()], str, folder=True)
         except OSError as exc:
             raise DataError(f"text source {spec!r}: the folder cannot be listed ({exc.strerror}); "
                             "check its permissions") from None
-        if not files:
-            raise DataError(f"text source {spec!r}: a folder without .txt/.jsonl/.parquet files; "
-                            "point at a file or a folder of them")
-        kinds = sorted({f.suffix for f in files})
-        if len(kinds) > 1:
-            raise DataError(f"text source {spec!r}: mixes {kinds} files; keep one kind per folder")
-    elif path.suffix in FILE_SUFFIXES:
-        files = [path]
     else:
-        raise DataError(f"text source {spec!r}: expected a .txt, .jsonl or .parquet file (or a folder of them)")
+        files = pick_text_files(spec, [path], str, folder=False)
     for file in files:
         try:
             size = file.stat().st_size
@@ -160,6 +155,24 @@ def local_text_files(spec: str) -> list[Path]:
             raise DataError(f"text source {str(file)!r} is empty (0 bytes); give a file with text")
         if file.suffix == ".parquet" and head != PARQUET_MAGIC * 2:
             raise DataError(f"text source {str(file)!r} is not a parquet file (no PAR1 marks); check the file")
+    return files
+
+
+def pick_text_files(spec: str, entries: list[T], path_of: Callable[[T], str], *, folder: bool) -> list[T]:
+    """The one rule for the files of a file source, local or on storage (`scaling.shard_sources` lists those):
+    a .txt/.jsonl/.parquet file, or a folder's files of those kinds, sorted by path and all of one kind.
+    `entries` are the folder's files (`folder`), else the one file; `path_of` gives an entry's path."""
+    if not folder:
+        if Path(path_of(entries[0])).suffix not in FILE_SUFFIXES:
+            raise DataError(f"text source {spec!r}: expected a .txt, .jsonl or .parquet file (or a folder of them)")
+        return list(entries)
+    files = sorted((e for e in entries if Path(path_of(e)).suffix in FILE_SUFFIXES), key=path_of)
+    if not files:
+        raise DataError(f"text source {spec!r}: a folder without .txt/.jsonl/.parquet files; "
+                        "point at a file or a folder of them")
+    kinds = sorted({Path(path_of(e)).suffix for e in files})
+    if len(kinds) > 1:
+        raise DataError(f"text source {spec!r}: mixes {kinds} files; keep one kind per folder")
     return files
 
 

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from scaling import storage
-from scaling.data import FILE_SUFFIXES, bundled_rows, json_text, parse_text_source
+from scaling.data import bundled_rows, json_text, parse_text_source, pick_text_files
 from scaling.errors import DataError
 
 MIN_PIECE_BYTES, MAX_PIECE_BYTES = 1 << 20, 64 << 20
@@ -75,18 +75,10 @@ def _resolve_files(spec: str, field: str) -> ResolvedSource:
         raise DataError(f"text source {spec!r}: file not found; check the path")
     if info.type == fs.FileType.Directory:
         entries = filesystem.get_file_info(fs.FileSelector(path, recursive=False))
-        files = sorted((e for e in entries if e.type == fs.FileType.File and e.path.endswith(FILE_SUFFIXES)),
-                       key=lambda e: e.path)
-        if not files:
-            raise DataError(f"text source {spec!r}: a folder without .txt/.jsonl/.parquet files; "
-                            "point at a file or a folder of them")
-        kinds = {Path(e.path).suffix for e in files}
-        if len(kinds) > 1:
-            raise DataError(f"text source {spec!r}: mixes {sorted(kinds)} files; keep one kind per folder")
+        files = pick_text_files(spec, [e for e in entries if e.type == fs.FileType.File], lambda e: e.path,
+                                folder=True)
     else:
-        files = [info]
-        if not info.path.endswith(FILE_SUFFIXES):
-            raise DataError(f"text source {spec!r}: expected a .txt, .jsonl or .parquet file (or a folder of them)")
+        files = pick_text_files(spec, [info], lambda e: e.path, folder=False)
     suffix = Path(files[0].path).suffix
     uri_prefix = spec.split("://", 1)[0] + "://" if "://" in spec else ""
     entries = tuple((uri_prefix + e.path, int(e.size)) for e in files)
