@@ -1,6 +1,6 @@
 """The package's shape: imports flow one way (no cycle, function-local imports included), only
-entry points import the study driver, nothing points outside the repository, and the config
-layer imports no heavy framework."""
+entry points import the study driver, nothing points outside the repository, the config
+layer imports no heavy framework, and no function re-imports what its file imports at the top."""
 
 from __future__ import annotations
 
@@ -75,3 +75,27 @@ def test_loading_and_planning_a_study_imports_no_framework():
             "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'deepspeed', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# Left for the changes that own these files (issue 28); remove an entry once its import is gone.
+REPEATED_IMPORTS_IN_FLIGHT = {("config", "scaling.errors"), ("config", "scaling.ladder"), ("runs", "scaling.train"),
+                              ("study", "pathlib"), ("study", "scaling.errors"), ("sweep", "scaling.runs"),
+                              ("train", "scaling.ladder")}
+
+
+def test_no_function_imports_a_module_its_file_imports_at_the_top():
+    """A function-local import keeps a heavy or cyclic module out of a light one; repeating a module the file
+    imports at the top anyway only hides what the module depends on."""
+
+    def modules(node) -> set[str]:
+        if isinstance(node, ast.Import):
+            return {a.name for a in node.names}
+        return {node.module} if isinstance(node, ast.ImportFrom) and node.level == 0 else set()
+
+    repeated = set()
+    for path in PACKAGE.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = set().union(*(modules(node) for node in tree.body))
+        for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            repeated |= {(path.stem, module) for node in ast.walk(function) for module in modules(node) & top}
+    assert repeated <= REPEATED_IMPORTS_IN_FLIGHT, sorted(repeated - REPEATED_IMPORTS_IN_FLIGHT)
