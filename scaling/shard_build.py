@@ -61,6 +61,8 @@ def shard_key(fingerprint: dict) -> str:
 
 @dataclass(frozen=True)
 class ShardPlan:
+    """A build decided before any text is read: the resolved source, the tokenizer, the key and folder."""
+
     spec: ShardSpec
     source: ResolvedSource
     tokenizer: Any  # a transformers fast tokenizer (driver side)
