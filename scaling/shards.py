@@ -25,10 +25,6 @@ from scaling.errors import DataError
 from scaling.shard_build import ShardSpec, build_token_shards, find_token_shards, plan_shards
 from scaling.shard_store import TokenBlocks, TokenShards, read_published
 
-__all__ = ["ShardSpec", "StudyBlocks", "TokenBlocks", "TokenShards", "budget_warning", "build_study_blocks",
-           "build_token_shards", "corpus_tokens", "describe_corpus", "epochs_for_budget", "find_token_shards"]
-
-
 @dataclass(frozen=True)
 class StudyBlocks:
     """Everything the old `prepare_data` returned, with views of the shards instead of arrays."""
