@@ -296,6 +296,16 @@ def pretrained_start(train_runs: pl.DataFrame) -> str | None:
     return f"training.init_from = {sources[0]}" + (f" and {len(sources) - 1} more" if len(sources) > 1 else "")
 
 
+def claim_inputs(records: load.StudyRecords, size_column: str) -> tuple[pl.DataFrame, pl.DataFrame, int | None, str | None]:
+    """What `check_paper_claims` takes from a study's records: (final values of finished training runs with
+    eval/mean_acc at the validation-selected checkpoint, their step-0 points, the first probe step, the
+    pretrained start). The report's claims and a deciding study's looks (`analysis.waves`) both use it."""
+    final = _finals_with_size(records, size_column)
+    train = _train_finals(final, _downstream(records, size_column))
+    points = _train_at_steps(records, size_column)
+    return train, points.filter(pl.col("step") == 0), _first_probe_step(points), pretrained_start(records.finished(kind=names.KIND_TRAIN))
+
+
 def parse_smallest_effects(items: list[str]) -> dict[str, float]:
     """`--smallest-effect f=0.02` items -> {claim: delta}; one line naming the item on bad input."""
     out = {}
