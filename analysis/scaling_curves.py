@@ -44,6 +44,7 @@ from analysis.effects import (
     pair_arms,
 )
 from analysis.fit import CurveResult, FitOptions, fit_scaling_curve
+from analysis.waves import read_course
 from analysis.report import (
     StudyAnalysis,
     build_claims_table,
@@ -378,6 +379,7 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
         claims=claims,
         budget=budget,
         saturated=tuple(saturated),
+        course=read_course(records.study_tags),
     )
 
 

@@ -10,10 +10,13 @@ inconclusive, and for each the rule asks whether more seeds can still decide it 
   only the second part. sigma_within^2 is the pooled spread of the units within rungs, sigma_rung^2
   what the rung means scatter beyond it (their residual variance about the mean, or about the line in
   log N for a slope, less sigma_within^2 / S, floored at 0);
-- at the largest study (S_max seeds) the claim would be decided with the stated power if its measured
-  effect is the truth when (t_{1-a/2m} + t_power) x SE(S_max) <= |effect - threshold| (or, for "no
-  effect", (t_{1-a/m} + t_power) x SE(S_max) <= delta - |effect - threshold|), with a the last look's
-  alpha, m the stated claims and the test's own df (R - 1 rung means, R - 2 for a slope);
+- at the largest study (S_max seeds) the claim would be decided with chance p if its measured effect
+  is the truth when (t_{1-a/2m} + t_p) x SE(S_max) <= |effect - threshold| (or, for "no effect",
+  (t_{1-a/m} + t_p) x SE(S_max) <= delta - |effect - threshold|), with a the last look's alpha, m the
+  claims still open and the test's own df (R - 1 rung means, R - 2 for a slope); claim (a)'s units
+  are the initial states (R more per seed), its statistic their mean Spearman;
+- more seeds are spent while that chance is at least FUTILITY_POWER (20%); the seeds a fixed design
+  would need are quoted at the study's alpha and stated power;
 - if it would: "more seeds"; if only more seeds than the budget allows would: "budget too small";
   if no number of seeds would (the rung-to-rung spread alone is too large): "more rungs needed".
 
@@ -40,6 +43,10 @@ DECIDED = (SUPPORTED, CONTRADICTED, NO_EFFECT)
 MORE_SEEDS, MORE_RUNGS, OVER_BUDGET, UNDECIDED = "more seeds", "more rungs needed", "budget too small", "undecided"
 """States of a claim that no look has decided: more seeds are being spent on it; no number of seeds can decide
 it (the rung-to-rung spread dominates); only more seeds than the budget allows could; the budget is spent."""
+FUTILITY_POWER = 0.2
+"""More seeds are spent on a claim while the largest study would decide it with at least this chance at the
+effect measured so far (conditional power; a lenient bar, because the early estimates are noisy and stopping
+for futility costs power, never error control)."""
 MAX_SEEDS_QUOTED = 10_000
 """Seeds per rung beyond which a fixed design is reported as needing more rungs instead."""
 _SPECS = {spec.key: spec for spec in PAPER_CLAIMS}
@@ -82,6 +89,11 @@ class WaveRecord:
     """Seeds the next wave adds (empty: the study stops here)."""
     stop: str
     """Why the study stops after this wave ("" when it goes on)."""
+    planned_looks: int = 0
+    max_runs: int = 0
+    """The budget: the largest study's runs."""
+    alpha_total: float = 0.0
+    spending: str = ""
 
     def state(self, key: str) -> ClaimState:
         return next(c for c in self.claims if c.key == key)
@@ -110,14 +122,17 @@ class Variance:
     """SE(S)^2 = (rung_var + within_var / S) / scale (scale = R for a mean, Sxx of log10 N for a slope)."""
     df: int
     one_rung: bool
+    """The units themselves are the sample (one rung, or claim (a)'s initial states): SE = sd / sqrt(units)."""
+    units_per_seed: int = 1
+    """Units one more seed adds: 1 for one rung, R initial states for claim (a)."""
 
     def se(self, seeds: float) -> float:
         if self.one_rung:
-            return math.sqrt(self.within_var / seeds)
+            return math.sqrt(self.within_var / (seeds * self.units_per_seed))
         return math.sqrt((self.rung_var + self.within_var / seeds) / self.scale)
 
     def df_at(self, seeds: int) -> int:
-        return seeds - 1 if self.one_rung else self.df
+        return seeds * self.units_per_seed - 1 if self.one_rung else self.df
 
 
 def compute_variance(n: np.ndarray, values: np.ndarray, *, slope: bool) -> Variance | None:
@@ -175,6 +190,11 @@ def compute_seeds_needed(var: Variance, gap: float, room: float, alpha: float, p
     return low
 
 
+def _spearman(profile) -> float:
+    profile = np.asarray(profile, dtype=float)
+    return float(stats.spearmanr(np.arange(profile.size), profile).statistic) if np.ptp(profile) > 0 else math.nan
+
+
 def _gaps(check: ClaimCheck) -> tuple[float, float]:
     spec = _SPECS[check.key]
     gap = abs(check.estimate.estimate - spec.threshold)
@@ -223,18 +243,22 @@ def decide_look(checks: tuple[ClaimCheck, ...], plan: WavePlan, decide: DecideCo
         stop = ("every stated claim is decided" if not open_claims else
                 "the budget is spent" if last_wave and going else
                 "more seeds cannot decide the open claims within the budget")
-    return WaveRecord(wave, tuple(seeds), runs, look.alpha, look.spent, tuple(states), added, stop)
+    return WaveRecord(wave, tuple(seeds), runs, look.alpha, look.spent, tuple(states), added, stop, len(plan.looks), last.runs,
+                      decide.alpha, decide.spending)
 
 
 def _undecided(check: ClaimCheck, plan: WavePlan, decide: DecideConfig, alpha_last: float, m: int,
                last_wave: bool) -> tuple[str, int | None, str]:
     """(state, fixed-design seeds, why) of an inconclusive claim."""
     gap, room = _gaps(check)
-    if check.key == "a":  # a permutation test over initial states: more seeds are more initial states
-        return (UNDECIDED, None, "the budget is spent") if last_wave else (MORE_SEEDS, None, "more seeds add initial states")
-    n = np.array([p[0] for p in check.points], dtype=float)
-    y = np.array([p[1] for p in check.points], dtype=float)
-    var = compute_variance(n, y, slope=check.key in SLOPE_CLAIMS)
+    if check.key == "a":  # initial states are the units, R more per seed; their mean Spearman, t-approximated
+        rho = np.array([_spearman(p) for p in check.profiles])
+        rho = rho[np.isfinite(rho)]
+        var = Variance(0.0, float(rho.var(ddof=1)), 1, 1.0, rho.size - 1, True, max(1, plan.rungs)) if rho.size > 1 else None
+    else:
+        n = np.array([p[0] for p in check.points], dtype=float)
+        y = np.array([p[1] for p in check.points], dtype=float)
+        var = compute_variance(n, y, slope=check.key in SLOPE_CLAIMS)
     if var is None:
         return (UNDECIDED, None, "the budget is spent") if last_wave else (
             MORE_SEEDS, None, "one unit per rung: the seed-to-seed spread is not measured yet")
@@ -245,9 +269,9 @@ def _undecided(check: ClaimCheck, plan: WavePlan, decide: DecideConfig, alpha_la
         return MORE_RUNGS, None, f"no number of seeds decides it at the measured effect ({spread}): add rungs"
     if last_wave:
         return UNDECIDED, fixed, f"the budget is spent; a fixed design would need about {fixed} seeds per rung ({spread})"
-    if not decide.futility or _decidable(var, plan.max_seeds, gap, room, alpha_last, decide.power, m):
-        return MORE_SEEDS, fixed, f"{plan.max_seeds} seeds per rung can decide it at the last look ({spread})"
-    needed = compute_seeds_needed(var, gap, room, alpha_last, decide.power, m)
+    if not decide.futility or _decidable(var, plan.max_seeds, gap, room, alpha_last, FUTILITY_POWER, m):
+        return MORE_SEEDS, fixed, f"{plan.max_seeds} seeds per rung may decide it at the last look ({spread})"
+    needed = compute_seeds_needed(var, gap, room, alpha_last, FUTILITY_POWER, m)
     if needed is None:
         return MORE_RUNGS, fixed, (f"no number of seeds decides it at the last look's alpha {alpha_last:.3g} ({spread}): add rungs "
                                    f"(a fixed design at alpha {decide.alpha:g} would need about {fixed} seeds per rung)")
@@ -268,6 +292,13 @@ def run_look(final, initial, plan: WavePlan, decide: DecideConfig, wave: int, ea
     train = final.filter(final["metric"] == names.VAL_LOSS) if final.height else final
     runs = train.select("rung", "arm", "seed").unique().height if train.height else 0
     return decide_look(checks, plan, decide, wave, plan.seeds_at(wave), runs, earlier)
+
+
+def read_course(tags: dict[str, str]) -> tuple[WaveRecord, ...]:
+    """The logged looks of a deciding study from its study run's tags (none: an ordinary study)."""
+    from scaling import names
+
+    return tuple(WaveRecord.from_json(tags[k]) for k in sorted(k for k in tags if k.startswith(names.TAG_WAVE_PREFIX)))
 
 
 def decide_wave(records, plan: WavePlan, decide: DecideConfig, wave: int, earlier: WaveRecord | None = None, *,

@@ -35,6 +35,8 @@ SLOPE_CLAIMS = frozenset({"d", "d-rho", "e", "e-rho"})
 """Claims on a slope over log N: they need at least 3 rungs."""
 
 SPENDING = ("obrien_fleming", "pocock")
+MAX_SEEDS = 1000
+"""No study grows past this many seeds per rung and arm (a larger budget is a typo)."""
 
 
 def compute_spent_alpha(fraction: float, alpha: float, spending: str) -> float:
@@ -63,8 +65,8 @@ class DecideConfig:
     alpha: float = 0.05
     """Chance of any wrong verdict over all looks and stated claims."""
     power: float = 0.8
-    """More seeds are spent on a claim only if they would decide it with at least this chance (at the effect
-    measured so far); also the power of the fixed design the report quotes for undecided claims."""
+    """Power at which the report quotes, for a claim left undecided, the seeds per rung a fixed design would need
+    (from the measured variance)."""
     max_seeds: int | None = None
     """Budget: seeds per rung and arm the study may grow to, the first wave's included."""
     max_runs: int | None = None
@@ -74,7 +76,8 @@ class DecideConfig:
     spending: str = "obrien_fleming"
     """Alpha-spending function over the planned looks: obrien_fleming (little alpha early) or pocock (even)."""
     futility: bool = True
-    """Stop when more seeds cannot decide any undecided claim within the budget (false: spend the budget)."""
+    """Stop when more seeds within the budget have less than a 20% chance (at the effects measured so far) to
+    decide any open claim (false: spend the budget until every claim is decided)."""
 
     def __post_init__(self):
         if not self.claims:
@@ -98,12 +101,12 @@ class DecideConfig:
         if self.max_seeds is None and self.max_runs is None:
             raise ConfigError("decide: no budget; give max_seeds (seeds per rung and arm) and/or max_runs (runs in all), "
                               "e.g. max_seeds: 5")
-        if self.max_seeds is not None and not 1 <= self.max_seeds <= 1000:
-            raise ConfigError(f"decide.max_seeds={self.max_seeds}: must be in 1..1000")
+        if self.max_seeds is not None and not 1 <= self.max_seeds <= MAX_SEEDS:
+            raise ConfigError(f"decide.max_seeds={self.max_seeds}: must be in 1..{MAX_SEEDS}, e.g. 5")
         if self.max_runs is not None and self.max_runs < 1:
             raise ConfigError(f"decide.max_runs={self.max_runs}: must be >= 1")
-        if not 1 <= self.wave_seeds <= 1000:
-            raise ConfigError(f"decide.wave_seeds={self.wave_seeds}: must be in 1..1000, e.g. 1")
+        if not 1 <= self.wave_seeds <= MAX_SEEDS:
+            raise ConfigError(f"decide.wave_seeds={self.wave_seeds}: must be in 1..{MAX_SEEDS}, e.g. 1")
         if self.spending not in SPENDING:
             raise ConfigError(f"decide.spending={self.spending!r}: use one of {', '.join(SPENDING)}")
 
@@ -162,6 +165,9 @@ def plan_waves(decide: DecideConfig, first_seeds: tuple[int, ...], rungs: int, a
         limits.append((decide.max_runs // per_seed, f"max_runs {decide.max_runs} ({decide.max_runs // per_seed} seeds x "
                                                     f"{rungs} rung(s) x {arms} arm(s))"))
     most, bound = min(limits)
+    if most > MAX_SEEDS:
+        raise ConfigError(f"decide.max_runs={decide.max_runs}: allows {most} seeds per rung and arm, more than {MAX_SEEDS}; "
+                          f"give at most {MAX_SEEDS * per_seed} runs or a max_seeds")
     if most < first:
         raise ConfigError(f"decide: the budget ({bound}) is smaller than the first wave ({first} seed(s) x {rungs} rung(s) x "
                           f"{arms} arm(s) = {first * per_seed} runs); raise the budget or list fewer seeds")
