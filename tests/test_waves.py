@@ -205,3 +205,68 @@ def test_the_sequential_benchmark_runs():
     out = subprocess.run([sys.executable, "bench/bench_sequential.py", "--quick"], cwd=REPO, capture_output=True, text=True,
                          check=True, timeout=300).stdout
     assert "sequential, O'Brien-Fleming" in out and "any wrong (FWER)" in out and "runs spent" in out
+
+
+# --- a real study: killed between waves, resumed ----------------------------------------------------------------
+
+
+class Killed(Exception):
+    """The driver dies right after logging a wave's decisions (before the next wave trains)."""
+
+
+def wave_study(tmp_path, name: str):
+    from conftest import tiny_train_study
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    # futility off: the course must reach wave 2 whatever 4 training steps measure (1 rung: claims over its pairs)
+    return tiny_train_study(tmp_path, name, seeds=[0, 1], resources={"num_workers": 1, "zero_stage": 0},
+                            decide={"claims": ["b", "c"], "max_seeds": 3, "futility": False})
+
+
+def logged_course(study):
+    from mlflow.tracking import MlflowClient
+
+    from scaling.tracking import find_study_run
+
+    run = find_study_run(study.tracking_uri, study.study)
+    return read_course(MlflowClient(study.tracking_uri).get_run(run.info.run_id).data.tags), run
+
+
+@pytest.mark.slow
+def test_a_study_killed_between_waves_resumes_at_the_next_wave_and_decides_as_an_uninterrupted_one(ray_session, tmp_path):
+    """~1-2 min on 2 cores: 12 four-step runs on a real local Ray, real MLflow stores."""
+    from analysis import load
+    from analysis.waves import decide_wave
+    from scaling.study import run_study
+
+    study = wave_study(tmp_path / "killed", "waves")
+    seen: list[str] = []
+
+    def dies_after_wave_1(line: str) -> None:
+        seen.append(line)
+        if line.startswith("wave 1: "):
+            raise Killed(line)
+
+    with pytest.raises(Killed):
+        run_study(study, "study: waves\n", progress=dies_after_wave_1)
+    (first,), _ = logged_course(study)
+    assert first.wave == 1 and first.added == (2,) and first.seeds == (0, 1) and first.runs == 4
+
+    resumed_lines: list[str] = []
+    outcomes = run_study(study, "study: waves\n", progress=resumed_lines.append)
+    assert any(line.startswith("wave 1 was decided before") for line in resumed_lines)
+    assert sorted((o.seed, o.arm) for o in outcomes) == [(2, names.ARM_BASELINE), (2, names.ARM_DISPERSION)]  # nothing retrained
+    course, record = logged_course(study)
+    assert [r.wave for r in course] == [1, 2] and course[0].to_json() == first.to_json() and course[1].added == ()
+    assert course[1].runs == 6 and record.data.metrics[names.METRIC_WAVE_RUNS] == 6
+
+    # Every decision is a function of the recorded runs: wave 1 decided again from the final store is the same.
+    plan = plan_waves(study.decide, study.seeds, 1, 2)
+    again = decide_wave(load.read_study(study.tracking_uri, study.study), plan, study.decide, 1)
+    assert again.to_json() == first.to_json()
+
+    twin = wave_study(tmp_path / "straight", "waves")
+    run_study(twin, "study: waves\n", progress=lambda line: None)
+    straight, _ = logged_course(twin)
+    assert [(r.wave, r.seeds, r.added, r.runs, [(c.key, c.state, c.decided_at) for c in r.claims]) for r in straight] == \
+           [(r.wave, r.seeds, r.added, r.runs, [(c.key, c.state, c.decided_at) for c in r.claims]) for r in course]
