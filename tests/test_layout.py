@@ -75,3 +75,16 @@ def test_loading_and_planning_a_study_imports_no_framework():
             "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'deepspeed', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_only_the_study_driver_imports_analysis():
+    """The driver decides a study's claims between waves with `analysis.waves`; nothing else in `scaling` reaches up
+    into `analysis` (which imports only scaling's pure modules), so the layers stay one way round."""
+    importers = set()
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names_ = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(n == "analysis" or n.startswith("analysis.") for n in names_):
+                importers.add(path.stem)
+    assert importers <= {"study"}, sorted(importers)
