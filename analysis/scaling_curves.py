@@ -573,6 +573,10 @@ def run(args: argparse.Namespace) -> Path:
     files = write_outputs(records, analysis, out)
     for note in analysis.notes:
         print(f"note: {note}", file=sys.stderr)
+    if analysis.course:  # a deciding study: its verdicts are the course's (the claims below ignore the looks)
+        last = analysis.course[-1]
+        print(f"decided in {last.wave} wave(s), {last.runs} of at most {last.max_runs} runs: "
+              + "; ".join(f"({c.key}) {c.state}" for c in last.claims) + (f"; stopped: {last.stop}" if last.stop else ""))
     for line in claim_lines(analysis.claims):
         print(line)
     if not args.no_log:

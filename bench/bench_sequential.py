@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from analysis.claims import CONTRADICTED, NO_EFFECT, SUPPORTED, check_paper_claims  # noqa: E402
+from analysis import waves  # noqa: E402
 from analysis.waves import DECIDED, run_look  # noqa: E402
 import bench_calibration  # noqa: E402
 from bench_calibration import SCENARIOS, simulate_study, wrong  # noqa: E402
@@ -141,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", choices=("demo", "seeds"), default="demo",
                         help="demo: the calibration bench's spreads (rung-to-rung variation dominates); seeds: seed noise "
                              "dominates (default: %(default)s)")
+    parser.add_argument("--futility-power", type=float, default=waves.FUTILITY_POWER,
+                        help="conditional power below which seeds stop being spent (default: %(default)s, the shipped rule)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 6 studies per scenario")
     args = parser.parse_args(argv)
+    waves.FUTILITY_POWER = args.futility_power
     if args.noise == "seeds":
         bench_calibration.NOISE.update(SEED_NOISE)
     args.claims = [c for c in args.claims.split(",") if c]
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                       tuple(range(args.first_seeds)), args.rungs, ARMS)
     print(f"# Sequential decisions: {args.rungs} rungs, first wave {args.first_seeds} seeds, +{args.wave_seeds} per wave up to "
           f"{args.max_seeds} ({len(plan.looks)} looks, {plan.looks[0].runs}..{plan.looks[-1].runs} runs), claims "
-          f"{', '.join(args.claims)}, alpha {args.alpha}, {args.noise} noise, {args.sims} studies per scenario\n")
+          f"{', '.join(args.claims)}, alpha {args.alpha}, {args.noise} noise, futility below {args.futility_power:g} conditional power, "
+          f"{args.sims} studies per scenario\n")
     started = time.perf_counter()
     table = simulate(args)
     summarise(table, args, plan.looks[-1].runs)
