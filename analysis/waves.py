@@ -34,9 +34,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 from scipy import stats
 
-from analysis.claims import CONTRADICTED, NO_EFFECT, PAPER_CLAIMS, SUPPORTED, UNTESTED, ClaimCheck
+from analysis.claims import CONTRADICTED, NO_EFFECT, PAPER_CLAIMS, SUPPORTED, UNTESTED, ClaimCheck, check_paper_claims
+from scaling import names
 from scaling.sequential import SLOPE_CLAIMS, DecideConfig, WavePlan
 
 DECIDED = (SUPPORTED, CONTRADICTED, NO_EFFECT)
@@ -283,30 +285,23 @@ def run_look(final, initial, plan: WavePlan, decide: DecideConfig, wave: int, ea
              pretrained: str | None = None, first_probe_step: int | None = None, seed: int = 0) -> WaveRecord:
     """One look on (final, initial) frames of the seeds of waves 1..`wave` (the columns
     `check_paper_claims` takes): the claims at the look's alpha, then `decide_look`."""
-    from analysis.claims import check_paper_claims
-    from scaling import names
-
     look = plan.looks[wave - 1]
     checks = check_paper_claims(final, initial, first_probe_step=first_probe_step, pretrained=pretrained,
                                 confidence=1.0 - look.alpha, smallest_effects=decide.deltas(), seed=seed, claims=decide.claims)
-    train = final.filter(final["metric"] == names.VAL_LOSS) if final.height else final
+    train = final.filter(pl.col("metric") == names.VAL_LOSS) if final.height else final
     runs = train.select("rung", "arm", "seed").unique().height if train.height else 0
     return decide_look(checks, plan, decide, wave, plan.seeds_at(wave), runs, earlier)
 
 
 def read_course(tags: dict[str, str]) -> tuple[WaveRecord, ...]:
     """The logged looks of a deciding study from its study run's tags (none: an ordinary study)."""
-    from scaling import names
-
     return tuple(WaveRecord.from_json(tags[k]) for k in sorted(k for k in tags if k.startswith(names.TAG_WAVE_PREFIX)))
 
 
 def decide_wave(records, plan: WavePlan, decide: DecideConfig, wave: int, earlier: WaveRecord | None = None, *,
                 size_column: str = "n_params_non_embedding") -> WaveRecord:
     """`run_look` on a study's loaded records (`analysis.load.read_study`), only the runs of waves 1..`wave`."""
-    import polars as pl
-
-    from analysis.scaling_curves import claim_inputs
+    from analysis.scaling_curves import claim_inputs  # the report's own path to the claims' inputs (imports this module)
 
     seeds = [str(s) for s in plan.seeds_at(wave)]
     runs = records.runs.filter(pl.col("seed").cast(pl.String).is_in(seeds))

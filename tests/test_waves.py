@@ -4,7 +4,6 @@ a real local Ray + MLflow store killed between waves and resumed, deciding as an
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import subprocess
 import sys
