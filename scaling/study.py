@@ -195,7 +195,8 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
 
 def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress) -> list[RunOutcome]:
     refs = data_refs(study, data)
-    progress(f"study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x {len(study.arms)} arm(s); "
+    seeds = len({seed for _, _, seed in fixed}) or len(study.seeds)  # a wave trains its own seeds
+    progress(f"study {study.study}: {len(plans)} rung(s) x {seeds} seed(s) x {len(study.arms)} arm(s); "
              f"{len(data.train):,} train / {len(data.val):,} val blocks; MLflow {tracker.tracking_uri}")
 
     width = concurrent_runs(study, len(fixed), extra=study.eval.ray_options() if study.eval else None)
