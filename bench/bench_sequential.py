@@ -16,7 +16,8 @@ Printed per design and scenario: the rate of wrong verdicts per claim and for th
 effect: supported/contradicted; at the smallest effect: "no effect"), the power at the paper's
 effects, and the runs spent (mean, and the share of studies that stopped before the budget).
 
-    python bench/bench_sequential.py            # 200 studies per scenario, ~5 min on 2 cores
+    python bench/bench_sequential.py            # the demo's plan (2 looks), 200 studies per scenario, ~4-5 min on 2 cores
+    python bench/bench_sequential.py --wave-seeds 1   # 4 looks of one more seed each
     python bench/bench_sequential.py --noise seeds   # where seed noise dominates and seeds buy power
     python bench/bench_sequential.py --quick    # a smoke test (tests/test_waves.py runs it)
 """
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rungs", type=int, default=4, help="rungs per study (default: %(default)s, the demo's)")
     parser.add_argument("--first-seeds", type=int, default=2, help="seeds of the first wave (default: %(default)s)")
     parser.add_argument("--max-seeds", type=int, default=5, help="budget: seeds per rung and arm (default: %(default)s)")
-    parser.add_argument("--wave-seeds", type=int, default=1, help="seeds added per wave (default: %(default)s)")
+    parser.add_argument("--wave-seeds", type=int, default=3, help="seeds added per wave (default: %(default)s: the demo's 2 looks)")
     parser.add_argument("--claims", default="a,b,c,d,e,f", help="stated claims (default: %(default)s, the demo's)")
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--power", type=float, default=0.8)
