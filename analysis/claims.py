@@ -51,6 +51,7 @@ from analysis.effects import difference_range, pair_arms, slope_range
 from analysis.fit import RANK_METRICS, Interval, is_constant, rung_means, rung_slope, t_interval
 from scaling import names
 from scaling.errors import ConfigError
+from scaling.sequential import SMALLEST_EFFECTS  # shared with the `decide:` section (defaults, docstring there)
 
 SUPPORTED, CONTRADICTED, NO_EFFECT = "supported", "contradicted", "no effect"
 INCONCLUSIVE, NOT_TESTED, NOT_TESTABLE = "inconclusive", "not tested", "not testable"
@@ -259,10 +260,6 @@ class ClaimSpec:
         return rule + "; else inconclusive"
 
 
-SMALLEST_EFFECTS = {"b": 0.02, "b-rho": 0.1, "d": 0.02, "d-rho": 0.1, "e": 0.02, "e-rho": 0.1, "f": 0.01}
-"""Default smallest effects of interest: 0.02 mean cosine (about a tenth of the late-layer
-cosine the paper's dispersion removes in GPT-2), 0.1 of a rank correlation, one accuracy point;
-slopes per decade of N. `--smallest-effect KEY=VALUE` changes them."""
 
 PAPER_CLAIMS = (
     ClaimSpec("a", "models are condensed at initialisation", names.COND_SPEARMAN,
@@ -295,6 +292,7 @@ PAPER_CLAIMS = (
               "dispersion improves downstream accuracy (generalisation)", True),
 )
 CLAIM_KEYS = tuple(spec.key for spec in PAPER_CLAIMS)
+STATED = "not among the claims the study decides"
 
 
 @dataclass(frozen=True)
@@ -447,14 +445,16 @@ def _decide(checks: list[ClaimCheck], specs: dict[str, ClaimSpec], alpha: float)
 
 def check_paper_claims(final: pl.DataFrame, initial: pl.DataFrame, *, treatment: str = names.ARM_DISPERSION,
                        control: str = names.ARM_BASELINE, first_probe_step: int | None = None, pretrained: str | None = None,
-                       confidence: float = 0.95, smallest_effects: dict[str, float] | None = None, seed: int = 0) -> tuple[ClaimCheck, ...]:
+                       confidence: float = 0.95, smallest_effects: dict[str, float] | None = None, seed: int = 0,
+                       claims: tuple[str, ...] | None = None) -> tuple[ClaimCheck, ...]:
     """Test `PAPER_CLAIMS` on a study.
 
     `final`: final values of finished training runs (columns rung, n, arm, seed, metric, value),
     eval/mean_acc at each run's validation-selected checkpoint; `initial`: the same columns at
     step 0 (optionally `init_hash`); `pretrained`: what the runs started from when they did not
-    start from random weights (claim (a) is then not tested). Never raises for missing data: an
-    untestable claim says why.
+    start from random weights (claim (a) is then not tested); `claims`: test only these (a study's
+    stated claims, `decide.claims`): Holm's family is then those claims alone. Never raises for
+    missing data: an untestable claim says why.
     """
     deltas = dict(SMALLEST_EFFECTS)
     unknown = sorted(set(smallest_effects or {}) - set(CLAIM_KEYS))
@@ -486,6 +486,8 @@ def check_paper_claims(final: pl.DataFrame, initial: pl.DataFrame, *, treatment:
                                    unit="pair", difference=True))
     checks.append(_untested(specs["f"], absent) if missing else _check_paired(specs["f"], final, treatment, control, confidence,
                                                                               specs["f"].smallest_effect))
+    if claims is not None:
+        checks = [c if c.key in claims else _untested(specs[c.key], STATED) for c in checks]
     decided = _decide(checks, specs, 1.0 - confidence)
     return tuple(_with_direction_note(c, final, treatment, control) for c in decided)
 

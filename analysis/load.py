@@ -104,6 +104,8 @@ class StudyRecords:
     """The study run's params: the study's settings, flattened (e.g. `eval.selection_tasks`)."""
     study_metrics: dict[str, float] = field(default_factory=dict)
     """The study run's metrics, latest values (e.g. its `time/*` accounting)."""
+    study_tags: dict[str, str] = field(default_factory=dict)
+    """The study run's tags (a deciding study's looks: `decide/wave_NN`, `analysis.waves.read_course`)."""
 
     def finished(self, kind: str | None = names.KIND_TRAIN) -> pl.DataFrame:
         """Runs that finished (optionally of one kind): the only ones that enter fits."""
@@ -425,6 +427,7 @@ def read_study(tracking_uri: str | None = None, study: str | None = None, *, cac
         from_cache=cached is not None,
         study_params=dict(parents[0].data.params) if parents else {},
         study_metrics=dict(parents[0].data.metrics) if parents else {},
+        study_tags=dict(parents[0].data.tags) if parents else {},
     )
 
 

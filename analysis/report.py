@@ -145,6 +145,8 @@ class StudyAnalysis:
     items x seeds interval, from per-item results (empty when the runs logged none)."""
     time_account: TimeAccount | None = None
     """Where the runs' worker-slot seconds went (`analysis.goodput`; None or empty before time accounting)."""
+    course: tuple = ()
+    """A deciding study's looks (`analysis.waves.WaveRecord`, in wave order; empty: an ordinary study)."""
 
 
 def _ci_columns(prefix: str, interval: Interval | None) -> dict[str, float]:
@@ -388,6 +390,45 @@ def _claims_lines(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -> 
     return lines
 
 
+def _course_lines(course: tuple) -> list[str]:
+    """A deciding study's course: its waves, what each decided, the final states with their repeated intervals,
+    what was spent against the budget and, for claims left open, what a fixed design would need."""
+    last = course[-1]
+    spending = last.spending.replace("_", "-")
+    lines = ["## How the study decided (waves)", "",
+             f"This study stated its claims and a budget (`decide:`): it trained a first wave, tested the stated claims on what "
+             f"was recorded, and added seeds only while a claim was open and more seeds could still decide it. Each look k tests "
+             f"at its own share alpha_k of alpha = {last.alpha_total:g} ({spending} alpha spending over the {last.planned_looks} "
+             "planned looks; Holm across the stated claims within a look, the 'no effect' tests spent the same way), and a "
+             "union bound over looks keeps the chance of any wrong verdict at or below alpha however the looks are correlated "
+             "and wherever the study stopped (docs/statistics.md). A verdict's interval is the look's repeated confidence "
+             "interval (level 1 - alpha_k).", "",
+             f"Spent: {last.runs} of at most {last.max_runs} runs, {last.wave} of at most {last.planned_looks} waves, alpha "
+             f"{last.spent:.3g} of {last.alpha_total:g}. Stopped: {last.stop or 'not yet (the study is still running)'}.", ""]
+    rows, previous = [], ()
+    for record in course:
+        added = [s for s in record.seeds if s not in previous]
+        decided = [f"({c.key}) {c.state}" for c in record.claims if c.decided_at == record.wave]
+        then = f"add seeds {list(record.added)}" if record.added else f"stop: {record.stop}"
+        rows.append([str(record.wave), ", ".join(str(s) for s in added), str(record.runs), f"{record.alpha:.3g}",
+                     ", ".join(decided) or "–", then])
+        previous = record.seeds
+    lines += _markdown_table(["wave", "seeds added", "runs (total)", "alpha at this look", "decided here", "then"], rows)
+    lines += [""]
+    rows = []
+    for c in last.claims:
+        interval = (f"{_fmt(c.estimate)} [{_fmt(c.low)}, {_fmt(c.high)}]" if math.isfinite(c.low) and math.isfinite(c.high)
+                    else _fmt(c.estimate) if math.isfinite(c.estimate) else "–")
+        state = f"**{c.state}**" if c.state in (SUPPORTED, CONTRADICTED, NO_EFFECT) else f"*{c.state}*"
+        fixed = str(c.fixed_seeds) if c.fixed_seeds is not None else ("more rungs needed" if c.state == "more rungs needed" else "–")
+        rows.append([f"({c.key})", state, str(c.decided_at or "–"), interval, _fmt_p(c.p_adjusted), fixed, c.why])
+    lines += _markdown_table(["claim", "state", "decided at wave", "estimate [repeated CI]", "p (Holm, at the look)",
+                              "seeds per rung a fixed design needs", "why"], rows)
+    lines += ["", "The *Paper claims* table below tests every recorded run once at the report's level, as if no look had "
+              "been taken: after a sequential course it describes, the verdicts of this study are the ones above.", ""]
+    return lines
+
+
 _ACCURACY_FIGURES = ("accuracy_vs_n", "accuracy_difference_")
 """Figure stems shown in the downstream section."""
 
@@ -537,6 +578,8 @@ def render_markdown(analysis: StudyAnalysis, plots: list[Path], out_dir: Path) -
     lines = [f"# Scaling analysis of study `{analysis.study}`", ""]
     if analysis.budget is not None and analysis.budget.rungs:
         lines += _budget_lines(analysis.budget)
+    if analysis.course:
+        lines += _course_lines(analysis.course)
     if analysis.claims:
         lines += _claims_lines(analysis, plots, out_dir)
     key = [p for stem in _KEY_FIGURES for p in plots if p.stem == stem or (stem.endswith("_") and p.stem.startswith(stem))]

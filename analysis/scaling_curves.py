@@ -45,6 +45,7 @@ from analysis.effects import (
     pair_arms,
 )
 from analysis.fit import CurveResult, FitOptions, fit_scaling_curve
+from analysis.waves import read_course
 from analysis.report import (
     StudyAnalysis,
     build_claims_table,
@@ -297,6 +298,16 @@ def pretrained_start(train_runs: pl.DataFrame) -> str | None:
     return f"training.init_from = {sources[0]}" + (f" and {len(sources) - 1} more" if len(sources) > 1 else "")
 
 
+def claim_inputs(records: load.StudyRecords, size_column: str) -> tuple[pl.DataFrame, pl.DataFrame, int | None, str | None]:
+    """What `check_paper_claims` takes from a study's records: (final values of finished training runs with
+    eval/mean_acc at the validation-selected checkpoint, their step-0 points, the first probe step, the
+    pretrained start). The report's claims and a deciding study's looks (`analysis.waves`) both use it."""
+    final = _finals_with_size(records, size_column)
+    train = _train_finals(final, _downstream(records, size_column))
+    points = _train_at_steps(records, size_column)
+    return train, points.filter(pl.col("step") == 0), _first_probe_step(points), pretrained_start(records.finished(kind=names.KIND_TRAIN))
+
+
 def parse_smallest_effects(items: list[str]) -> dict[str, float]:
     """`--smallest-effect f=0.02` items -> {claim: delta}; one line naming the item on bad input."""
     out = {}
@@ -370,6 +381,7 @@ def analyse_study(records: load.StudyRecords, *, metrics: list[str], size_column
         budget=budget,
         saturated=tuple(saturated),
         time_account=time_account(records.metrics, records.study_metrics),
+        course=read_course(records.study_tags),
     )
 
 
@@ -568,6 +580,10 @@ def run(args: argparse.Namespace) -> Path:
     files = write_outputs(records, analysis, out)
     for note in analysis.notes:
         print(f"note: {note}", file=sys.stderr)
+    if analysis.course:  # a deciding study: its verdicts are the course's (the claims below ignore the looks)
+        last = analysis.course[-1]
+        print(f"decided in {last.wave} wave(s), {last.runs} of at most {last.max_runs} runs: "
+              + "; ".join(f"({c.key}) {c.state}" for c in last.claims) + (f"; stopped: {last.stop}" if last.stop else ""))
     for line in claim_lines(analysis.claims):
         print(line)
     if not args.no_log:

@@ -30,6 +30,7 @@ from scaling.evaluate import EvalConfig
 from scaling.ladder import RunConfigurator, get_ladder, with_tied_embeddings
 from scaling.observe_config import ObserveConfig, observe_study_from_dict
 from scaling.schema import as_list, build_config, check_path_name, flatten, read_study_mapping, to_plain
+from scaling.sequential import PAIRED_CLAIMS, SLOPE_CLAIMS, DecideConfig, describe_plan, plan_waves
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from scaling.ladder import RunPlan, Rung
@@ -436,6 +437,9 @@ class StudyConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     eval: EvalConfig | None = None
     """Downstream evaluation with lm-eval-harness during training (`scaling.evaluate`); null: none."""
+    decide: DecideConfig | None = None
+    """Claims to decide, with error rates and a budget: the study adds seeds in waves until they are decided
+    (`scaling.sequential`); null: train `seeds` once."""
     storage_path: str = "runs"
     """Ray Train storage: a local folder (relative to the working directory) or s3://..."""
     tracking_uri: str | None = None
@@ -498,6 +502,30 @@ class StudyConfig:
             if arm.name == names.ARM_DISPERSION:
                 for rung in rungs:
                     resolve_layers(arm.layers, rung.n_layers)
+        if self.decide is not None:
+            self._check_decide(arm_names, len(rungs))
+
+    def _check_decide(self, arm_names: list[str], rungs: int) -> None:
+        """Every stated claim must be testable by this study's design, before anything trains."""
+
+        if self.search.num_samples:
+            raise ConfigError("decide: a study that searches the dispersion arm (search.num_samples > 0) has no fixed "
+                              "paired arms to add seeds to; set search.num_samples: 0 or drop decide")
+        for key in self.decide.claims:
+            needs = None
+            if key in PAIRED_CLAIMS and not {names.ARM_BASELINE, names.ARM_DISPERSION} <= set(arm_names):
+                needs = f"paired arms {names.ARM_BASELINE} and {names.ARM_DISPERSION} (arms: {arm_names})"
+            elif key in SLOPE_CLAIMS and rungs < 3:
+                needs = f"a slope over at least 3 rungs (the study has {rungs})"
+            elif key == "f" and self.eval is None:
+                needs = "downstream accuracy (an eval section)"
+            elif key == "a" and self.training.init_from:
+                needs = "random initialisation (this study starts from training.init_from)"
+            elif key == "a" and not self.probes.at_start:
+                needs = "a step-0 probe (probes.at_start: true)"
+            if needs:
+                raise ConfigError(f"decide.claims: claim {key!r} needs {needs}; drop it from decide.claims or change the study")
+        plan_waves(self.decide, self.seeds, rungs, len(self.arms))  # a budget below the first wave fails here
 
     def selected_rungs(self) -> list[Rung]:
         """The rungs this study trains, in ladder order unless `rungs` lists them."""
@@ -523,6 +551,8 @@ class StudyConfig:
         plain["arms"] = {arm.name: arm.settings() or "-" for arm in self.arms}
         if not self.search.num_samples:
             del plain["search"]
+        if self.decide is None:
+            del plain["decide"]
         for key in ("tracking_uri", "storage_path"):  # never a password in a record
             plain[key] = redact_credentials(plain[key])
         return flatten(plain)
@@ -589,6 +619,9 @@ def describe_study_plan(study: StudyConfig, plans: list[RunPlan], gpu: str | Non
              f"({', '.join(a.name for a in study.arms)}) x {len(study.seeds)} seed(s)"
              + (f"; about {hours:,.3g} GPU-hours in all at {mfu:.0%} MFU" if gpu is not None else "")
              + (" (the runs train on CPU here: resources.use_gpu is false)" if not study.resources.use_gpu else "")]
+    if study.decide is not None:
+
+        lines += describe_plan(plan_waves(study.decide, study.seeds, len(plans), len(study.arms)), study.decide)
     families = sorted({plan.rung.family for plan in plans})
     for arm in study.arms:
         resolved = {family: arm.for_family(family) for family in families}

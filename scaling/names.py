@@ -80,6 +80,9 @@ ARM_LABELS = {ARM_BASELINE: "base", ARM_DISPERSION: "disp", ARM_NEFTUNE: "neft",
 ARM_COLORS = {ARM_BASELINE: "#1f77b4", ARM_DISPERSION: "#d62728", ARM_NEFTUNE: "#2ca02c",
               ARM_ACTIVE_FORGETTING: "#9467bd"}
 """A colour per arm for MLflow's charts (tag `mlflow.runColor`), so a chart's colours are arms, not runs."""
+TAG_WAVE_PREFIX = "decide/wave_"  # + 2-digit wave: on a deciding study's run, that look's decisions (JSON, analysis.waves)
+METRIC_WAVE_RUNS = "decide/runs"  # on a deciding study's run, at step = wave: finished runs the look used
+METRIC_WAVE_ALPHA = "decide/alpha_spent"  # ... and the alpha spent up to that look
 TAG_RUN_COLOR = "mlflow.runColor"  # MLflow's own tag: the colour its UI draws a run in
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI opens an experiment in the view this names

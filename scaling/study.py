@@ -10,6 +10,7 @@ progress line per running run is printed from their MLflow records.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -186,7 +187,10 @@ def run_study(study: StudyConfig, study_source: str, *, plans=None, progress: Ca
     with StudyLock(tracker, parent_id):
         try:
             training_started = time.time()
-            outcomes = _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress)
+            if study.decide is None:
+                outcomes = _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress)
+            else:
+                outcomes = _train_in_waves(study, plans, data, tracker, parent_id, progress)
             record_study_time(tracker, parent_id, plans, slots=chain_width(study, fixed),
                               training=(training_started, time.time()), started_at=started_at, progress=progress)
         except KeyboardInterrupt:
@@ -203,7 +207,8 @@ def chain_width(study: StudyConfig, fixed: list) -> int:
 
 def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progress) -> list[RunOutcome]:
     refs = data_refs(study, data)
-    progress(f"study {study.study}: {len(plans)} rung(s) x {len(study.seeds)} seed(s) x {len(study.arms)} arm(s); "
+    seeds = len({seed for _, _, seed in fixed}) or len(study.seeds)  # a wave trains its own seeds
+    progress(f"study {study.study}: {len(plans)} rung(s) x {seeds} seed(s) x {len(study.arms)} arm(s); "
              f"{len(data.train):,} train / {len(data.val):,} val blocks; MLflow {tracker.tracking_uri}")
 
     width = chain_width(study, fixed)
@@ -253,6 +258,49 @@ def record_study_time(tracker, parent_id: str, plans, *, slots: int, training: t
     tracker.log_metrics(parent_id, study_time)
     progress(timing.describe_accounting(study_time))
     return study_time
+
+
+def _train_in_waves(study, plans, data, tracker, parent_id, progress) -> list[RunOutcome]:
+    """A study with a `decide` section: train a wave, decide the stated claims on what MLflow holds
+    (`analysis.waves`), log the decisions on the study run, and add the next wave's seeds while a claim is
+    undecided and more seeds can still decide it within the budget. A resumed study replays the logged
+    decisions and continues at the wave it was in (finished runs are skipped, none is decided again)."""
+    from analysis import load
+    from analysis.waves import WaveRecord, decide_wave
+    from scaling.sequential import plan_waves
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading the runs back, between waves
+    plan = plan_waves(study.decide, study.seeds, len(plans), len(study.arms))
+    earlier = None
+    for text in tracker.read_waves(parent_id):
+        earlier = WaveRecord.from_json(text)
+        progress(f"wave {earlier.wave} was decided before: {format_wave(earlier)}")
+    if earlier is not None and not earlier.added:
+        progress(f"the study's course is complete ({earlier.stop}); nothing to train")
+        return []
+    outcomes: list[RunOutcome] = []
+    wave = 1 if earlier is None else earlier.wave + 1
+    while True:
+        before = set(plan.seeds_at(wave - 1)) if wave > 1 else set()
+        new = [seed for seed in plan.seeds_at(wave) if seed not in before]
+        look = plan.looks[wave - 1]
+        progress(f"wave {wave} of at most {len(plan.looks)}: seeds {new} ({len(new) * len(plans) * len(study.arms)} runs; "
+                 f"{look.runs} of at most {plan.looks[-1].runs} after it)")
+        fixed = [(rung_plan, arm, seed) for rung_plan in plans for seed in new for arm in study.arms]
+        outcomes += _train_study(study, plans, False, fixed, data, tracker, parent_id, progress)
+        record = decide_wave(load.read_study(tracker.tracking_uri, study.study), plan, study.decide, wave, earlier)
+        tracker.log_wave(parent_id, wave, record.to_json(), record.runs, record.spent)
+        progress(f"wave {wave}: {format_wave(record)}")
+        if not record.added:
+            return outcomes
+        earlier, wave = record, wave + 1
+
+
+def format_wave(record) -> str:
+    """One line of a look's decisions: each stated claim's state, then what happens next and why."""
+    claims = "; ".join(f"({c.key}) {c.state}" + (f" at wave {c.decided_at}" if c.decided_at else "") for c in record.claims)
+    then = f"adding seeds {list(record.added)}" if record.added else f"stop: {record.stop}"
+    return f"{record.runs} runs, alpha spent {record.spent:.3g}: {claims}; {then}"
 
 
 def stop_study(tracker, parent_id: str, progress=say) -> None:

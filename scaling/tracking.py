@@ -42,6 +42,7 @@ from scaling.errors import ConfigError, TrackingUnavailable, one_line
 from scaling.provenance import compare_page, git_commit, run_page, runs_page, sqlite_path, view_page  # noqa: F401 -- the UI links, re-exported
 
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
+TAG_VALUE_LIMIT = 8000  # nor longer tag values
 REACHABLE_TIMEOUT_S = 10
 RETRY_BUDGET_ENV = "SCALING_MLFLOW_RETRY_S"
 UNWRITTEN_KEY = "tracking_unwritten"
@@ -505,6 +506,25 @@ class Tracker:
     @_retried("closing the study's parent run")
     def end_study(self, run_id: str, failed: bool, killed: bool = False) -> None:
         self._client.set_terminated(run_id, status="KILLED" if killed else "FAILED" if failed else "FINISHED")
+
+    @_retried("logging a wave's decisions")
+    def log_wave(self, run_id: str, wave: int, record: str, runs: int, spent: float) -> None:
+        """A deciding study's look after `wave`: its decisions as a JSON tag (what a resumed study replays), the
+        runs it used and the alpha spent as metrics at step = wave (MLflow plots the course)."""
+        from mlflow.entities import Metric, RunTag
+
+        if len(record) > TAG_VALUE_LIMIT:
+            raise ValueError(f"wave {wave}'s record has {len(record)} characters; MLflow keeps {TAG_VALUE_LIMIT} in a tag")
+        now = int(time.time() * 1000)
+        self._client.log_batch(run_id, metrics=[Metric(names.METRIC_WAVE_RUNS, float(runs), now, wave),
+                                                Metric(names.METRIC_WAVE_ALPHA, float(spent), now, wave)],
+                               tags=[RunTag(f"{names.TAG_WAVE_PREFIX}{wave:02d}", record)])
+
+    @_retried("reading the study's waves")
+    def read_waves(self, run_id: str) -> list[str]:
+        """The logged wave records of a study run, in wave order."""
+        tags = self._client.get_run(run_id).data.tags
+        return [tags[k] for k in sorted(k for k in tags if k.startswith(names.TAG_WAVE_PREFIX))]
 
     @_retried("saving the study's view")
     def save_view(self, name: str, state: Mapping[str, Any], view_id: str = names.STUDY_VIEW_ID) -> str:

@@ -72,6 +72,8 @@ def mapping_with(key: str, value) -> dict:
     """The base study of the key's kind with `key` (dotted, `[]` for a list entry) set to `value`."""
     observe = key in {k for k, _ in study_keys(ObserveConfig)} and key not in {k for k, _ in study_keys(StudyConfig)}
     raw = copy.deepcopy(OBSERVE_BASE if observe else TRAIN_BASE)
+    if key.startswith("decide."):  # a decide section needs its claims and a budget: the key's value goes into a valid one
+        raw["decide"] = {"claims": ["b", "c"], "smallest_effects": {"b": 0.02}, "max_seeds": 3}
     if key.startswith("arms[]."):
         field = key.split(".", 1)[1]
         raw["arms"] = [{"name": value} if field == "name" else {"name": "dispersion", field: value}]

@@ -99,3 +99,16 @@ def test_no_function_imports_a_module_its_file_imports_at_the_top():
         for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
             repeated |= {(path.stem, module) for node in ast.walk(function) for module in modules(node) & top}
     assert repeated <= REPEATED_IMPORTS_IN_FLIGHT, sorted(repeated - REPEATED_IMPORTS_IN_FLIGHT)
+
+
+def test_only_the_study_driver_imports_analysis():
+    """The driver decides a study's claims between waves with `analysis.waves`; nothing else in `scaling` reaches up
+    into `analysis` (which imports only scaling's pure modules), so the layers stay one way round."""
+    importers = set()
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names_ = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(n == "analysis" or n.startswith("analysis.") for n in names_):
+                importers.add(path.stem)
+    assert importers <= {"study"}, sorted(importers)
