@@ -28,7 +28,7 @@ from scaling.errors import ConfigError, DispersionScalingError
 from scaling.evaluate import EvalConfig
 from scaling.ladder import RunConfigurator, get_ladder, with_tied_embeddings
 from scaling.observe_config import ObserveConfig, observe_study_from_dict
-from scaling.schema import as_list, build_config, check_path_name, flatten, read_study_mapping, to_plain
+from scaling.schema import YAML_RENAMES, as_list, build_config, check_path_name, flatten, read_study_mapping, to_plain
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from scaling.ladder import RunPlan, Rung
@@ -117,10 +117,8 @@ class ArmConfig:
 
     def params(self) -> dict[str, Any]:
         """The arm's settings as flat MLflow params (only those that mean something for it)."""
-        if self.name == names.ARM_DISPERSION:
-            return {names.PARAM_LAMBDA: self.lam, names.PARAM_LAYERS: self.layers,
-                    names.PARAM_VARIANT: self.variant, names.PARAM_TAU: self.tau,
-                    names.PARAM_CLAMP: self.clamp_threshold, names.PARAM_LAST_BLOCK: self.last_block_output}
+        if self.name == names.ARM_DISPERSION:  # `dispersion.<YAML key>`: what `from_params` reads back
+            return {names.arm_param(self.name, key): value for key, value in self.settings().items()}
         if self.name == names.ARM_NEFTUNE:
             return {names.PARAM_NEFTUNE_ALPHA: self.neftune_alpha}
         if self.name == names.ARM_ACTIVE_FORGETTING:
@@ -132,7 +130,32 @@ class ArmConfig:
         keys = {names.ARM_DISPERSION: ("variant", "lam", "layers", "tau", "clamp_threshold", "last_block_output"),
                 names.ARM_NEFTUNE: ("neftune_alpha",),
                 names.ARM_ACTIVE_FORGETTING: ("forget_every", "embedding_lr", "embedding_warmup_fraction")}
-        return {"lambda" if key == "lam" else key: getattr(self, key) for key in keys.get(self.name, ())}
+        yaml_keys = {field: key for key, field in YAML_RENAMES.items()}
+        return {yaml_keys.get(key, key): getattr(self, key) for key in keys.get(self.name, ())}
+
+    @classmethod
+    def from_settings(cls, name: str, settings: typing.Mapping[str, Any]) -> ArmConfig:
+        """An arm from its YAML keys (a study's `arms` entry; a sweep trial's sampled config, whose keys are
+        these), checked as a study file's arm is: the one parse of an arm."""
+        return build_config(cls, {"name": name, **settings}, f"arms.{name}")
+
+    @classmethod
+    def from_params(cls, name: str, params: typing.Mapping[str, str]) -> ArmConfig:
+        """The dispersion arm a run's MLflow params describe (its `dispersion.<YAML key>` params, strings), e.g.
+        a sweep's best trial; through `from_settings`, like a trial's sampled config."""
+        if name != names.ARM_DISPERSION:
+            raise ConfigError(f"arms: only the {names.ARM_DISPERSION} arm is read back from run params, not {name!r}")
+        hints = typing.get_type_hints(cls)
+        prefix = names.arm_param(name, "")
+        settings: dict[str, Any] = {}
+        for param, text in params.items():
+            if not param.startswith(prefix) or text == names.PARAM_NONE:
+                continue
+            key = param[len(prefix):]
+            hint = hints.get(YAML_RENAMES.get(key, key))
+            numeric = hint is float or float in typing.get_args(hint)
+            settings[key] = None if text == "None" else float(text) if numeric else text
+        return cls.from_settings(name, settings)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,17 @@ ARM_DISPERSION = "dispersion"
 ARM_NEFTUNE = "neftune"
 ARM_ACTIVE_FORGETTING = "active_forgetting"
 ARMS = (ARM_BASELINE, ARM_DISPERSION, ARM_NEFTUNE, ARM_ACTIVE_FORGETTING)
+LAMBDA = "lambda"
+"""The dispersion loss weight's one key: an arm's YAML key, the sweep's search-space key, the plotted metric
+(`RUN_LAMBDA`) and, after its arm, the run param (`PARAM_LAMBDA`). Only Python spells it `lam` (a keyword):
+`scaling.schema.YAML_RENAMES` maps the one to the other."""
+
+
+def arm_param(arm: str, key: str) -> str:
+    """A run param of an arm's setting: `<arm>.<YAML key>` (`dispersion.lambda`)."""
+    return f"{arm}.{key}"
+
+
 ARM_LABELS = {ARM_BASELINE: "base", ARM_DISPERSION: "disp", ARM_NEFTUNE: "neft", ARM_ACTIVE_FORGETTING: "forget"}
 """Short arm names for run names: the MLflow runs table cuts names at ~16 characters."""
 ARM_COLORS = {ARM_BASELINE: "#1f77b4", ARM_DISPERSION: "#d62728", ARM_NEFTUNE: "#2ca02c",
@@ -89,7 +100,7 @@ EXPERIMENT_KIND = "custom_model_development"  # model training, not the GenAI (t
 # tags cannot be plotted): the compare page draws a metric against N by arm from these --------------------
 RUN_N = "N"  # non-embedding parameters (the scaling curves' N)
 RUN_LOG10_N = "log10_N"
-RUN_LAMBDA = "lambda"  # the arm's dispersion lambda; 0 for every arm without dispersion loss
+RUN_LAMBDA = LAMBDA  # the arm's dispersion lambda; 0 for every arm without dispersion loss
 PARAM_ARM = "arm"  # the arm as a param too: the compare page's box plot and parallel coordinates take params
 PARAM_NONE = "none"  # the value of another arm's setting on a run whose arm has no such setting
 
@@ -113,12 +124,14 @@ VIEW_URL_PARAM = "viewStateShareKey"
 STUDY_VIEW_ID = "study"  # the view the driver writes: runs grouped by rung, the study's metrics as columns
 
 # --- run params (flattened study config, dotted) ------------------------------------
-PARAM_LAMBDA = "dispersion.lambda"
-PARAM_LAYERS = "dispersion.layers"
-PARAM_VARIANT = "dispersion.variant"
-PARAM_TAU = "dispersion.tau"
-PARAM_CLAMP = "dispersion.clamp_threshold"
-PARAM_LAST_BLOCK = "dispersion.last_block_output"
+# The dispersion arm's settings are `<arm>.<YAML key>` (`arm_param`), so a run's params parse back into its arm
+# (`scaling.config.ArmConfig.from_params`); NEFTune's and active forgetting's keep the names already recorded.
+PARAM_LAMBDA = arm_param(ARM_DISPERSION, LAMBDA)
+PARAM_LAYERS = arm_param(ARM_DISPERSION, "layers")
+PARAM_VARIANT = arm_param(ARM_DISPERSION, "variant")
+PARAM_TAU = arm_param(ARM_DISPERSION, "tau")
+PARAM_CLAMP = arm_param(ARM_DISPERSION, "clamp_threshold")
+PARAM_LAST_BLOCK = arm_param(ARM_DISPERSION, "last_block_output")
 PARAM_NEFTUNE_ALPHA = "neftune.alpha"
 PARAM_EMBEDDING_LR = "active_forgetting.embedding_lr"
 PARAM_FORGET_EVERY = "active_forgetting.every"

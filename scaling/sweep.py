@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -37,10 +36,11 @@ from scaling.storage import resolve_storage_path
 from scaling.config import ArmConfig, StudyConfig
 from scaling.console import say
 from scaling.errors import TrainingFailure
-from scaling.runs import DataRefs, build_task, run_folder_uri, run_outcome
+from scaling.run_folder import RunFolder
+from scaling.runs import DataRefs, build_task, describe_run, run_outcome
 from scaling.schema import config_hash
 
-PAPER_DEFAULT = {"lambda": 0.1, "layers": "all"}  # the paper's setting, tried first
+PAPER_DEFAULT = {names.LAMBDA: 0.1, "layers": "all"}  # the paper's setting, tried first
 TRIAL_CPUS = 0.01
 """What a trial's own process asks Tune for: it only queues its run and passes reports on."""
 
@@ -75,11 +75,13 @@ class SweepOutcome:
 
 
 def search_space(study: StudyConfig) -> dict[str, Any]:
+    """Tune's search space, keyed by the dispersion arm's YAML keys: a trial's config is an arm's settings
+    (`arm_from_trial`)."""
     from ray import tune
 
     search = study.search
     return {
-        "lambda": tune.loguniform(*search.lam),
+        names.LAMBDA: tune.loguniform(*search.lam),
         # Optuna warns on non-string categorical values; layer sets are strings already ("0,1").
         "layers": tune.choice(list(search.layers)),
         "variant": tune.choice(list(search.variants)),
@@ -92,16 +94,15 @@ def initial_points(study: StudyConfig) -> list[dict[str, Any]]:
     """The paper's default first (lambda 0.1 on all layers), clipped into the searched ranges."""
     search = study.search
     low, high = search.lam
-    point = {"lambda": min(max(PAPER_DEFAULT["lambda"], low), high),
+    point = {names.LAMBDA: min(max(PAPER_DEFAULT[names.LAMBDA], low), high),
              "layers": PAPER_DEFAULT["layers"] if "all" in search.layers else search.layers[0],
              "variant": search.variants[0], "tau": search.tau[0], "clamp_threshold": search.clamp_threshold[0]}
     return [point]
 
 
 def arm_from_trial(config: dict[str, Any]) -> ArmConfig:
-    return ArmConfig(name=names.ARM_DISPERSION, variant=config["variant"], lam=float(config["lambda"]),
-                     layers=str(config["layers"]), tau=float(config["tau"]),
-                     clamp_threshold=float(config["clamp_threshold"]))
+    """The dispersion arm a trial trains: its sampled config holds the arm's YAML keys."""
+    return ArmConfig.from_settings(names.ARM_DISPERSION, config)
 
 
 # --- the trial --------------------------------------------------------------------------------
@@ -120,22 +121,16 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     tracker = Tracker(context.tracking_uri, study.study)
     ordinal = len(tracker.trial_runs(context.sweep_run_id))  # trials recorded before this one
     run_name = f"trial{ordinal} {plan.rung.name} {trial_id}"  # short, as the fixed arms' names
+    tags, params, metrics = describe_run(study, plan, arm, context.seed)  # as a fixed arm's run is described
     run_id, _ = tracker.child_run(
         context.sweep_run_id, run_name, config_hash({"sweep": context.sweep_hash, "trial": trial_id}),
-        tags={names.TAG_RUNG: plan.rung.name, names.TAG_ARM: names.ARM_DISPERSION, names.TAG_SEED: context.seed,
-              names.TAG_N_PARAMS: plan.params.total,
-              names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding, names.TAG_TOKENS: plan.tokens,
-              names.TAG_STEPS: plan.steps, names.TAG_TUNE_TRIAL_ID: trial_id, names.TAG_LADDER: study.ladder},
-        params={**arm.params(), "lr": plan.lr, "warmup_steps": plan.warmup_steps},
-        kind=names.KIND_TRIAL, metrics={names.RUN_N: plan.params.non_embedding,
-                                        names.RUN_LOG10_N: math.log10(max(plan.params.non_embedding, 1)),
-                                        names.RUN_LAMBDA: float(arm.lam)})
+        tags={**tags, names.TAG_TUNE_TRIAL_ID: trial_id}, params=params, kind=names.KIND_TRIAL, metrics=metrics)
     with faults.install(*context.faults):
         # Trials are compared on validation metrics as they train; downstream evaluation is for the fixed
         # arms and the extra-seed reruns of the best settings.
-        name = f"{study.study}-{plan.rung.name}-trial-{trial_id}"
+        folder = RunFolder.for_trial(study.storage_path, study.study, plan.rung.name, trial_id)
         task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.data,
-                          run_folder_uri(study, name), evaluate=False)
+                          folder, evaluate=False)
 
     def preempted(count: int, reason: str) -> None:
         tracker.set_tags(run_id, {names.TAG_PREEMPTIONS: count})
@@ -499,7 +494,4 @@ def best_arm(outcome: SweepOutcome) -> ArmConfig | None:
     """The best trial's settings as a dispersion arm (for re-runs with extra seeds)."""
     if not outcome.best_params:
         return None
-    p = outcome.best_params
-    return ArmConfig(name=names.ARM_DISPERSION, variant=p[names.PARAM_VARIANT], lam=float(p[names.PARAM_LAMBDA]),
-                     layers=p[names.PARAM_LAYERS], tau=float(p[names.PARAM_TAU]),
-                     clamp_threshold=float(p[names.PARAM_CLAMP]))
+    return ArmConfig.from_params(names.ARM_DISPERSION, outcome.best_params)
