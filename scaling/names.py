@@ -66,9 +66,29 @@ STATUS_STOPPED = "stopped"  # a sweep trial stopped early by the scheduler (ASHA
 STATUS_KILLED = "killed"  # the driver was interrupted (Ctrl-C, SIGTERM) while the run trained: --resume continues it
 STATUS_SKIPPED = "skipped"  # not a record: what the driver reports for a run finished earlier
 
-TRIAL_FINISHED = "finished"
+# MLflow's own run status (its UI's status column), kept in step with the status tag by `mlflow_status`.
+MLFLOW_RUNNING = "RUNNING"
+MLFLOW_SCHEDULED = "SCHEDULED"
+MLFLOW_FINISHED = "FINISHED"
+MLFLOW_FAILED = "FAILED"
+MLFLOW_KILLED = "KILLED"
+_MLFLOW_STATUS = {STATUS_RUNNING: MLFLOW_RUNNING, STATUS_QUEUED: MLFLOW_SCHEDULED, STATUS_FINISHED: MLFLOW_FINISHED,
+                  STATUS_FAILED: MLFLOW_FAILED, STATUS_STOPPED: MLFLOW_FAILED, STATUS_KILLED: MLFLOW_KILLED}
+STATUS_OF_MLFLOW = {MLFLOW_FINISHED: STATUS_FINISHED, MLFLOW_FAILED: STATUS_FAILED, MLFLOW_KILLED: STATUS_FAILED}
+"""A run without a status tag (another tool's): what its MLflow status means here (anything else: running)."""
+
+
+def mlflow_status(status: str) -> str:
+    """MLflow's run status for one of the STATUS_* values (a stopped trial ends FAILED: it did not finish)."""
+    return _MLFLOW_STATUS[status]
+
+
+# A sweep trial's `trial_state` tag: its end status, spelled as recorded since the first sweeps.
+TRIAL_FINISHED = STATUS_FINISHED
 TRIAL_EARLY_STOPPED = "early_stopped"
-TRIAL_FAILED = "failed"
+TRIAL_FAILED = STATUS_FAILED
+TRIAL_STATES = {STATUS_FINISHED: TRIAL_FINISHED, STATUS_STOPPED: TRIAL_EARLY_STOPPED, STATUS_FAILED: TRIAL_FAILED}
+"""A trial's end status -> its `trial_state` tag."""
 
 ARM_BASELINE = "baseline"
 ARM_DISPERSION = "dispersion"

@@ -140,11 +140,15 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     ended = run_outcome(tracker, task)
     failure = failure or (ended[0] if ended else "the trial ended without recording how its run ended")
     if failure:
-        tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
-        tracker.finish(run_id, names.STATUS_FAILED, failure, ended_at=ended[3] if ended else None)
+        end_trial(tracker, run_id, names.STATUS_FAILED, failure, ended_at=ended[3] if ended else None)
         raise TrainingFailure(f"{run_name}: {failure}")
-    tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
-    tracker.finish(run_id, names.STATUS_FINISHED, ended_at=ended[3])
+    end_trial(tracker, run_id, names.STATUS_FINISHED, ended_at=ended[3])
+
+
+def end_trial(tracker, run_id: str, status: str, failure: str | None = None, ended_at: float | None = None) -> None:
+    """Record how a trial ended: its `trial_state` tag (`names.TRIAL_STATES`), then its status."""
+    tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_STATES[status]})
+    tracker.finish(run_id, status, failure, ended_at=ended_at)
 
 
 def follow_trial(queue, trial_id: str, task, report, on_preempted=None) -> str | None:
@@ -459,12 +463,8 @@ def mark_stopped_trials(tracker, sweep_run_id: str) -> None:
     for run in tracker.trial_runs(sweep_run_id):
         if names.TAG_TRIAL_STATE in run.data.tags:
             continue
-        if names.TAG_DATA_ORDER_HASH in run.data.tags:
-            tracker.set_tags(run.info.run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
-            tracker.finish(run.info.run_id, names.STATUS_FINISHED)
-        else:
-            tracker.set_tags(run.info.run_id, {names.TAG_TRIAL_STATE: names.TRIAL_EARLY_STOPPED})
-            tracker.finish(run.info.run_id, names.STATUS_STOPPED)
+        end_trial(tracker, run.info.run_id,
+                  names.STATUS_FINISHED if names.TAG_DATA_ORDER_HASH in run.data.tags else names.STATUS_STOPPED)
 
 
 def summarize_sweep(tracker, rung: str, sweep_run_id: str, search, seconds: float) -> SweepOutcome:
