@@ -107,7 +107,7 @@ def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str)
     rung = plan.rung
     resolved = {"rung": dataclasses.asdict(rung), "arm": dataclasses.asdict(arm), "seed": seed,
                 "steps": plan.steps, "lr": plan.lr, "warmup_steps": plan.warmup_steps,
-                "training": dataclasses.asdict(study.training), "probes": dataclasses.asdict(study.probes),
+                "training": study.training.identity(), "probes": dataclasses.asdict(study.probes),
                 "zero_stage": study.resources.zero_stage, "num_workers": study.resources.num_workers,
                 "precision": study.resources.precision, "data": data_fingerprint}
     if study.eval is not None:  # keeps the hashes of runs without evaluation as they were

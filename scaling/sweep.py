@@ -348,7 +348,7 @@ def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, pare
     rung = plan.rung
     identity = {key: value for key, value in dataclasses.asdict(search).items() if key != "reuse_worker_groups"}
     sweep_hash = config_hash({"search": identity, "rung": rung.name, "seed": seed,
-                              "steps": plan.steps, "training": dataclasses.asdict(study.training),
+                              "steps": plan.steps, "training": study.training.identity(),
                               "probes": dataclasses.asdict(study.probes), "data": data.fingerprint})
     sweep_run_id, status = tracker.child_run(
         parent_id, f"{rung.name}-sweep", sweep_hash,
