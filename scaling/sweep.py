@@ -355,7 +355,7 @@ def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, pare
         tags={names.TAG_RUNG: rung.name, names.TAG_N_PARAMS: plan.params.total,
               names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding, names.TAG_SEED: seed},
         params={"search.num_samples": search.num_samples, "search.metric": search.metric,
-                "search.mode": search.mode, "search.lambda": list(search.lam),
+                "search.mode": search.mode, f"search.{names.LAMBDA}": list(search.lam),
                 "search.layers": list(search.layers), "search.variants": list(search.variants)},
         kind=names.KIND_SWEEP)
     if status == names.STATUS_FINISHED:
