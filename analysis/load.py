@@ -218,9 +218,7 @@ def _status_of(run) -> str:
     tagged = run.data.tags.get(names.TAG_STATUS)
     if tagged:
         return tagged
-    return {"FINISHED": names.STATUS_FINISHED, "FAILED": names.STATUS_FAILED, "KILLED": names.STATUS_FAILED}.get(
-        run.info.status, names.STATUS_RUNNING
-    )
+    return names.STATUS_OF_MLFLOW.get(run.info.status, names.STATUS_RUNNING)
 
 
 def _run_row(run, study: str) -> dict:
@@ -527,7 +525,7 @@ def log_analysis_run(records: StudyRecords, out_dir: Path, files: list[Path], *,
                 shutil.copy2(path, target)
             client.log_artifacts(run.info.run_id, staging)
     except Exception:
-        client.set_terminated(run.info.run_id, "FAILED")
+        client.set_terminated(run.info.run_id, names.MLFLOW_FAILED)
         raise
-    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_terminated(run.info.run_id, names.MLFLOW_FINISHED)
     return run.info.run_id

@@ -13,6 +13,7 @@ any work starts, with a message that names the key (as a dotted path), the value
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import typing
@@ -27,22 +28,20 @@ from scaling.data import PACKINGS, parse_text_source  # the one parser of text s
 from scaling.dispersion_spec import VARIANTS, resolve_layers, validate_layer_spec
 from scaling.errors import ConfigError, DispersionScalingError
 from scaling.evaluate import EvalConfig
-from scaling.ladder import RunConfigurator, get_ladder, with_tied_embeddings
+from scaling.ladder import MAX_LR, RunConfigurator, get_ladder, with_tied_embeddings
 from scaling.observe_config import ObserveConfig, observe_study_from_dict
-from scaling.schema import as_list, build_config, check_path_name, flatten, read_study_mapping, to_plain
+from scaling.schema import YAML_RENAMES, as_list, build_config, check_path_name, flatten, read_study_mapping, to_plain
 from scaling.sequential import PAIRED_CLAIMS, SLOPE_CLAIMS, DecideConfig, describe_plan, plan_waves
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from scaling.ladder import RunPlan, Rung
 
 PRECISIONS = ("auto", "fp32", "bf16")
-LR_SCALINGS = ("none", "sqrt_world_size")
 LAST_BLOCK_OUTPUTS = ("final_norm", "raw")
-MAX_LR = 1.0
-"""No AdamW peak learning rate above this trains: a larger one is a typo (a missing `e-`)."""
-MAX_TOKENS_PER_PARAM = 1e6
-"""Chinchilla is 20; even heavily over-trained small models stay below 1e4. A larger multiple is a typo and plans
-steps beyond any int64 step counter on large rungs."""
+DEFAULT_BATCH_SIZE = 8
+"""A study's sequences per optimizer step when it sets neither training.batch_size nor training.batch_tokens."""
+LATER_KEYS = {"param_basis": "non_embedding", "batch_tokens": None}
+"""Training keys added after runs were first hashed, with their defaults (`TrainingConfig.identity`)."""
 MAX_WORKERS = 4096
 """Ceiling on workers per run and CPUs per worker: beyond it Ray waits forever for resources no cluster has."""
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
@@ -118,10 +117,8 @@ class ArmConfig:
 
     def params(self) -> dict[str, Any]:
         """The arm's settings as flat MLflow params (only those that mean something for it)."""
-        if self.name == names.ARM_DISPERSION:
-            return {names.PARAM_LAMBDA: self.lam, names.PARAM_LAYERS: self.layers,
-                    names.PARAM_VARIANT: self.variant, names.PARAM_TAU: self.tau,
-                    names.PARAM_CLAMP: self.clamp_threshold, names.PARAM_LAST_BLOCK: self.last_block_output}
+        if self.name == names.ARM_DISPERSION:  # `dispersion.<YAML key>`: what `from_params` reads back
+            return {names.arm_param(self.name, key): value for key, value in self.settings().items()}
         if self.name == names.ARM_NEFTUNE:
             return {names.PARAM_NEFTUNE_ALPHA: self.neftune_alpha}
         if self.name == names.ARM_ACTIVE_FORGETTING:
@@ -133,7 +130,32 @@ class ArmConfig:
         keys = {names.ARM_DISPERSION: ("variant", "lam", "layers", "tau", "clamp_threshold", "last_block_output"),
                 names.ARM_NEFTUNE: ("neftune_alpha",),
                 names.ARM_ACTIVE_FORGETTING: ("forget_every", "embedding_lr", "embedding_warmup_fraction")}
-        return {"lambda" if key == "lam" else key: getattr(self, key) for key in keys.get(self.name, ())}
+        yaml_keys = {field: key for key, field in YAML_RENAMES.items()}
+        return {yaml_keys.get(key, key): getattr(self, key) for key in keys.get(self.name, ())}
+
+    @classmethod
+    def from_settings(cls, name: str, settings: typing.Mapping[str, Any]) -> ArmConfig:
+        """An arm from its YAML keys (a study's `arms` entry; a sweep trial's sampled config, whose keys are
+        these), checked as a study file's arm is: the one parse of an arm."""
+        return build_config(cls, {"name": name, **settings}, f"arms.{name}")
+
+    @classmethod
+    def from_params(cls, name: str, params: typing.Mapping[str, str]) -> ArmConfig:
+        """The dispersion arm a run's MLflow params describe (its `dispersion.<YAML key>` params, strings), e.g.
+        a sweep's best trial; through `from_settings`, like a trial's sampled config."""
+        if name != names.ARM_DISPERSION:
+            raise ConfigError(f"arms: only the {names.ARM_DISPERSION} arm is read back from run params, not {name!r}")
+        hints = typing.get_type_hints(cls)
+        prefix = names.arm_param(name, "")
+        settings: dict[str, Any] = {}
+        for param, text in params.items():
+            if not param.startswith(prefix) or text == names.PARAM_NONE:
+                continue
+            key = param[len(prefix):]
+            hint = hints.get(YAML_RENAMES.get(key, key))
+            numeric = hint is float or float in typing.get_args(hint)
+            settings[key] = None if text == "None" else float(text) if numeric else text
+        return cls.from_settings(name, settings)
 
 
 @dataclass(frozen=True)
@@ -171,29 +193,21 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
-    tokens_per_param: float = 20.0
-    """Token budget as a multiple of the rung's non-embedding parameters (Chinchilla-style)."""
-    tokens: int | None = None
-    """A fixed token budget for every rung (the paper's mid-training: 200M); overrides tokens_per_param. Steps round up."""
-    max_tokens: int | None = None
-    """Cap on the token budget (smoke runs)."""
-    max_steps: int | None = None
-    """Cap on optimizer steps (smoke runs); applied after the token budget."""
+class TrainingConfig(RunConfigurator):
+    """A study's `training` section: the run configurator's planning keys (`scaling.ladder.RunConfigurator`:
+    tokens_per_param, param_basis, tokens, seq_len, batch_tokens, batch_size, lr, lr_scaling, warmup_fraction,
+    warmup_steps, max_tokens, max_steps; declared and validated there once) with a study's defaults, and what
+    only training uses. `plan(rung, num_workers=...)` plans a rung's run."""
+
+    KEY_PREFIX = "training."
+
     seq_len: int = 128
     """Tokens per training block."""
-    batch_size: int = 8
-    """Sequences per optimizer step, over all workers."""
+    batch_size: int | None = None
+    """Sequences per optimizer step, over all workers; null: batch_tokens / seq_len when batch_tokens is set,
+    else 8. Every rung trains this batch."""
     micro_batch_size: int = 4
     """Sequences per worker per forward pass; gradient accumulation makes up the rest."""
-    lr: float | None = None
-    """Peak learning rate; null derives it from the rung's size."""
-    lr_scaling: str = "none"
-    """`sqrt_world_size`: the peak is lr x sqrt(num_workers) (the paper's mid-training rule); `none`: lr as given."""
-    warmup_fraction: float = 0.2
-    """Share of steps spent in linear warmup (the paper: 20%); rounded up to whole steps."""
-    warmup_steps: int | None = None
-    """A fixed warmup instead of warmup_fraction (the paper's from-scratch Qwen3: 100)."""
     min_lr_ratio: float = 0.1
     """Cosine schedule decays to this fraction of the peak (0: to zero, as Hugging Face's cosine schedule)."""
     weight_decay: float = 0.1
@@ -213,26 +227,17 @@ class TrainingConfig:
     """Log train metrics every this many steps."""
 
     def __post_init__(self):
-        for key in ("seq_len", "batch_size", "micro_batch_size", "log_every"):
+        if self.batch_size is None:  # resolved before the configurator's checks (the trainer reads an integer);
+            #                            a batch_tokens that does not divide into sequences is refused there
+            whole = bool(self.batch_tokens and self.seq_len and not self.batch_tokens % self.seq_len)
+            object.__setattr__(self, "batch_size", DEFAULT_BATCH_SIZE if self.batch_tokens is None
+                               else self.batch_tokens // self.seq_len if whole else None)
+        super().__post_init__()
+        for key in ("micro_batch_size", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"training.{key}={getattr(self, key)}: must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"training.max_steps={self.max_steps}: must be >= 1 or null")
-        if self.lr is not None and not 0 < self.lr <= MAX_LR:
-            raise ConfigError(f"training.lr={self.lr}: must be in (0, {MAX_LR}] or null (derived from the rung's size)")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(f"training.warmup_fraction={self.warmup_fraction}: must be in [0, 1)")
-        if not 0 < self.tokens_per_param <= MAX_TOKENS_PER_PARAM:
-            raise ConfigError(f"training.tokens_per_param={self.tokens_per_param:g}: must be in (0, "
-                              f"{MAX_TOKENS_PER_PARAM:g}] (Chinchilla: 20)")
-        if self.tokens is not None and self.tokens < 1:
-            raise ConfigError(f"training.tokens={self.tokens}: must be >= 1 or null")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ConfigError(f"training.warmup_steps={self.warmup_steps}: must be >= 0 or null")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"training.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1] (0 decays to zero)")
-        if self.lr_scaling not in LR_SCALINGS:
-            raise ConfigError(f"training.lr_scaling={self.lr_scaling!r}: use one of {list(LR_SCALINGS)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"training.dropout={self.dropout}: must be in [0, 1)")
         if isinstance(self.init_from, dict) and not self.init_from:
@@ -242,11 +247,18 @@ class TrainingConfig:
         if self.weight_decay >= 1:
             raise ConfigError(f"training.weight_decay={self.weight_decay}: must be in [0, 1) (AdamW's decoupled "
                               "decay; the paper's 0.1)")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ConfigError(f"training.max_tokens={self.max_tokens}: must be >= 1 or null")
         checkpoints = self.init_from.items() if isinstance(self.init_from, dict) else [(None, self.init_from)]
         for rung, checkpoint in checkpoints:
             check_local_model(f"training.init_from{'.' + rung if rung else ''}", checkpoint)
+
+    def identity(self) -> dict[str, Any]:
+        """What a run's config hash covers of these settings: every key, less those added since runs were first
+        hashed while they hold their defaults, so an earlier study's runs keep their hashes (and resume)."""
+        plain = dataclasses.asdict(self)
+        for key, default in LATER_KEYS.items():
+            if plain[key] == default:
+                del plain[key]
+        return plain
 
     def init_from_for(self, rung: str) -> str | None:
         """The checkpoint a rung starts from (None: from scratch)."""
@@ -457,14 +469,16 @@ class StudyConfig:
         if set(self.search.extra_seeds) & set(self.seeds):
             raise ConfigError(f"search.extra_seeds={list(self.search.extra_seeds)[:8]} repeats a seed of seeds="
                               f"{list(self.seeds)[:8]}: extra seeds re-run the best settings with new seeds")
+        batch = (f"training.batch_size={self.training.batch_size}" if self.training.batch_tokens is None else
+                 f"training.batch_tokens={self.training.batch_tokens} ({self.training.batch_size} sequences)")
         if self.training.micro_batch_size * self.resources.num_workers > self.training.batch_size:
             raise ConfigError(
-                f"training.batch_size={self.training.batch_size} is smaller than micro_batch_size "
+                f"{batch} is smaller than micro_batch_size "
                 f"({self.training.micro_batch_size}) x num_workers ({self.resources.num_workers}); raise it"
             )
         if self.training.batch_size % (self.training.micro_batch_size * self.resources.num_workers):
             raise ConfigError(
-                f"training.batch_size={self.training.batch_size} must be a multiple of micro_batch_size x "
+                f"{batch} must be a multiple of micro_batch_size x "
                 f"num_workers = {self.training.micro_batch_size * self.resources.num_workers}"
             )
         if any(a.name == names.ARM_ACTIVE_FORGETTING for a in self.arms) and self.resources.zero_stage == 3:
@@ -580,13 +594,7 @@ def check_local_model(key: str, reference: str | None) -> None:
 
 def plan_runs(study: StudyConfig) -> list[RunPlan]:
     """The RunPlan of every selected rung (token budget, batch, steps, lr), the study's caps applied."""
-    training = study.training
-    configurator = RunConfigurator(tokens_per_param=training.tokens_per_param, token_budget=training.tokens,
-                                   seq_len=training.seq_len, batch_size=training.batch_size, lr=training.lr,
-                                   lr_scaling=training.lr_scaling, warmup_fraction=training.warmup_fraction,
-                                   warmup_steps=training.warmup_steps, max_tokens=training.max_tokens,
-                                   max_steps=training.max_steps)
-    return [configurator.plan(rung, num_workers=study.resources.num_workers) for rung in study.selected_rungs()]
+    return [study.training.plan(rung, num_workers=study.resources.num_workers) for rung in study.selected_rungs()]
 
 
 _CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")

@@ -4,7 +4,7 @@ resources while training goes on, record the results at the step they belong to.
 At each evaluation step (`EvalConfig.eval_steps`: step 0 when `at_start`, every k steps, always the
 last) every rank takes part in gathering the weights (a collective under bf16 or ZeRO-3); rank 0
 writes a Hugging Face folder (`save_pretrained` plus the study's tokenizer) to the run's storage
-folder, `<run folder>/hf/step_0000120`, and submits `scaling.evaluate.evaluate_model` as a Ray
+folder (`RunFolder.export`: `<run folder>/hf/step_0000120`), and submits `scaling.evaluate.evaluate_model` as a Ray
 task with the evaluation's own CPUs/GPUs. Finished evaluations are picked up without waiting; only
 the end of the run waits for the rest, so a run is not FINISHED before its evaluations are recorded.
 A task whose data cannot be loaded is a failed evaluation of that task; an evaluation that fails
@@ -21,6 +21,7 @@ from typing import Any
 
 from scaling import names, storage
 from scaling.errors import one_line
+from scaling.run_folder import RunFolder
 
 
 def evaluate_remote(model_uri: str, config, seed: int | None = None) -> Any:
@@ -41,8 +42,8 @@ def evaluate_remote(model_uri: str, config, seed: int | None = None) -> Any:
 class RunEvaluations:
     """The evaluations of one training run (every rank holds one; only rank 0 submits and records)."""
 
-    def __init__(self, config, *, total_steps: int, rank: int, logger, tokenizer_uri: str | None, run_folder: str | None,
-                 precision_dtype, seed: int | None = None):
+    def __init__(self, config, *, total_steps: int, rank: int, logger, tokenizer_uri: str | None,
+                 run_folder: str | RunFolder | None, precision_dtype, seed: int | None = None):
         self.config = config
         self.steps = set(config.eval_steps(total_steps))
         self.rank, self.logger, self.seed = rank, logger, seed
@@ -51,7 +52,7 @@ class RunEvaluations:
 
             precision_dtype = getattr(torch, config.dtype)
         self.tokenizer_uri, self.precision_dtype = tokenizer_uri, precision_dtype
-        self.root = storage.join(run_folder, "hf") if run_folder else None
+        self.folder = RunFolder.at(run_folder) if run_folder else None
         self.pending: dict[Any, int] = {}
         self.exported: dict[int, str] = {}
         self._tokenizer = None
@@ -66,10 +67,10 @@ class RunEvaluations:
 
         if self.rank != 0:
             return
-        if self.root is None:
+        if self.folder is None:
             self.logger.set_tags({f"{names.TAG_EVAL_FAILED_PREFIX}{step}": "no run folder on the storage to export to"})
             return
-        target = storage.join(self.root, f"step_{step:07d}")
+        target = self.folder.export(step)
         try:
             self._write(model, target)
         except Exception as exc:  # noqa: BLE001 -- a failed export is a failed evaluation, not a failed run

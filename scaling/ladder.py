@@ -7,7 +7,9 @@ Two configurators kept apart (as in OLMo-core's model ladder):
   `NOMINAL_TOLERANCE` of the size its name promises; `build_model_config` /
   `build_model` turn it into a transformers config / a seeded, randomly initialised model;
 - the *run* configurator: `RunConfigurator.plan(rung)` turns a parameter count into a
-  token budget, batch size, learning rate, warmup and a compute estimate (`RunPlan`).
+  token budget, batch size, learning rate, warmup and a compute estimate (`RunPlan`). A study's
+  `training` section is one (`scaling.config.TrainingConfig` extends it), so every planning key is
+  declared and validated here once and can be set from a study file.
 
 Parameter conventions (used everywhere in the project):
 - *embedding* parameters are the vocabulary- and position-sized tables: token embedding,
@@ -462,6 +464,12 @@ LR_RULE_MIN_PARAMS = 5e6
 range it was fitted on and would return ever larger rates (0.08 at N = 25K)."""
 
 PARAM_BASES = ("non_embedding", "total")
+LR_SCALINGS = ("none", "sqrt_world_size")
+MAX_LR = 1.0
+"""No AdamW peak learning rate above this trains: a larger one is a typo (a missing `e-`)."""
+MAX_TOKENS_PER_PARAM = 1e6
+"""Chinchilla is 20; even heavily over-trained small models stay below 1e4. A larger multiple is a typo and plans
+steps beyond any int64 step counter on large rungs."""
 
 PEAK_BF16_FLOPS: dict[str, float] = {
     # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets (SXM parts).
@@ -570,57 +578,66 @@ def resolve_peak_flops(gpu: str) -> float:
 
 @dataclass(frozen=True)
 class RunConfigurator:
-    """Per-rung run settings derived from the parameter count; independent of model shapes."""
+    """Per-rung run settings derived from the parameter count; independent of model shapes. Validated here once,
+    for the ladder's own callers and for a study's `training` section alike (errors name the key as `KEY_PREFIX` +
+    field: `training.batch_tokens=...` in a study)."""
+
+    KEY_PREFIX = ""  # not a field: no annotation
 
     tokens_per_param: float = 20.0
     """Token budget = tokens_per_param x N (Chinchilla's 20), N per `param_basis`."""
     param_basis: str = "non_embedding"
-    """N for every rule here: `non_embedding` (default; see the module docstring) or `total`."""
-    token_budget: int | None = None
-    """A fixed budget for every rung (e.g. the paper's mid-training 200M); overrides tokens_per_param."""
+    """N for every rule here (budget, derived batch and lr): `non_embedding` (default; see the module docstring) or
+    `total` (Chinchilla's convention; analyse such a study with `--size total`)."""
+    tokens: int | None = None
+    """A fixed token budget for every rung (the paper's mid-training: 200M); overrides tokens_per_param. Steps round up."""
     seq_len: int = 1024
     """Tokens per training sequence; must not exceed the rung's max_seq_len."""
     batch_tokens: int | None = None
-    """Tokens per optimizer step (a multiple of seq_len); None: compute_batch_tokens(N)."""
+    """Tokens per optimizer step (a multiple of seq_len), instead of batch_size."""
     batch_size: int | None = None
-    """Sequences per optimizer step, instead of batch_tokens; None: from batch_tokens."""
+    """Sequences per optimizer step over all workers; None: batch_tokens / seq_len, else compute_batch_tokens(N)."""
     lr: float | None = None
     """Peak learning rate; None: compute_lr(N) (Porian et al. 2024)."""
     lr_scaling: str = "none"
-    """`sqrt_world_size`: the peak is multiplied by sqrt(num_workers) (the paper's mid-training rule)."""
+    """`sqrt_world_size`: the peak is lr x sqrt(num_workers) (the paper's mid-training rule); `none`: lr as given."""
     warmup_fraction: float = 0.2
-    """Share of steps in linear warmup (the paper's mid-training: 20%)."""
+    """Share of steps in linear warmup (the paper: 20%); rounded up to whole steps."""
     warmup_steps: int | None = None
-    """A fixed warmup instead (the paper's from-scratch Qwen3 runs: 100); capped at the step count."""
+    """A fixed warmup instead of warmup_fraction (the paper's from-scratch Qwen3: 100); capped at the step count."""
     max_tokens: int | None = None
     """Cap on the tokens trained (smoke runs); the step count is rounded down to fit."""
     max_steps: int | None = None
-    """Cap on optimizer steps (smoke runs)."""
+    """Cap on optimizer steps (smoke runs); applied after the token budget."""
 
     def __post_init__(self):
-        if not self.tokens_per_param > 0:
-            raise ConfigError(f"tokens_per_param={self.tokens_per_param}: must be > 0 (Chinchilla: 20)")
+        key = self.KEY_PREFIX
+        if not 0 < self.tokens_per_param <= MAX_TOKENS_PER_PARAM:
+            raise ConfigError(f"{key}tokens_per_param={self.tokens_per_param:g}: must be in (0, "
+                              f"{MAX_TOKENS_PER_PARAM:g}] (Chinchilla: 20)")
         if self.param_basis not in PARAM_BASES:
-            raise ConfigError(f"param_basis={self.param_basis!r}: use one of {list(PARAM_BASES)}")
-        for key in ("token_budget", "batch_tokens", "batch_size", "max_tokens", "max_steps", "seq_len"):
-            value = getattr(self, key)
+            raise ConfigError(f"{key}param_basis={self.param_basis!r}: use one of {list(PARAM_BASES)}")
+        for name in ("tokens", "batch_tokens", "batch_size", "max_tokens", "max_steps", "seq_len"):
+            value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{key}={value!r}: must be a positive integer" +
-                                  ("" if key == "seq_len" else " or null"))
-        if self.batch_tokens is not None and self.batch_size is not None:
-            raise ConfigError(f"batch_tokens={self.batch_tokens} and batch_size={self.batch_size} are both set; "
-                              "set one of them (or neither, to derive the batch from N)")
+                raise ConfigError(f"{key}{name}={value!r}: must be a positive integer" +
+                                  ("" if name == "seq_len" else " or null"))
         if self.batch_tokens is not None and self.batch_tokens % self.seq_len:
-            raise ConfigError(f"batch_tokens={self.batch_tokens} is not a multiple of seq_len={self.seq_len}; "
+            raise ConfigError(f"{key}batch_tokens={self.batch_tokens} is not a multiple of {key}seq_len={self.seq_len}; "
                               f"use e.g. {max(1, round(self.batch_tokens / self.seq_len)) * self.seq_len}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr={self.lr}: must be > 0 or null (derived from N)")
+        if (self.batch_tokens is not None and self.batch_size is not None
+                and self.batch_size * self.seq_len != self.batch_tokens):
+            raise ConfigError(f"{key}batch_tokens={self.batch_tokens} and {key}batch_size={self.batch_size} are both set "
+                              f"and disagree ({self.batch_size} x seq_len {self.seq_len} = "
+                              f"{self.batch_size * self.seq_len} tokens); set one of them")
+        if self.lr is not None and not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"{key}lr={self.lr}: must be in (0, {MAX_LR}] or null (derived from the rung's size)")
         if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(f"warmup_fraction={self.warmup_fraction}: must be in [0, 1)")
+            raise ConfigError(f"{key}warmup_fraction={self.warmup_fraction}: must be in [0, 1)")
         if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
-            raise ConfigError(f"warmup_steps={self.warmup_steps!r}: must be an integer >= 0 or null")
-        if self.lr_scaling not in ("none", "sqrt_world_size"):
-            raise ConfigError(f"lr_scaling={self.lr_scaling!r}: use none or sqrt_world_size")
+            raise ConfigError(f"{key}warmup_steps={self.warmup_steps!r}: must be an integer >= 0 or null")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ConfigError(f"{key}lr_scaling={self.lr_scaling!r}: use one of {list(LR_SCALINGS)}")
 
     def plan(self, rung: Rung, *, num_workers: int = 1) -> RunPlan:
         """Token budget, batch, steps, lr, warmup and compute for one rung on `num_workers` workers."""
@@ -634,7 +651,7 @@ class RunConfigurator:
 
         if self.batch_size is not None:
             batch_size = self.batch_size
-        elif self.batch_tokens is not None:
+        elif self.batch_tokens is not None:  # agrees with batch_size when both are set
             batch_size = self.batch_tokens // self.seq_len
         else:  # derived: round to whole sequences per worker, at least one each
             per_worker = compute_batch_tokens(n) / self.seq_len / num_workers
@@ -645,7 +662,7 @@ class RunConfigurator:
                               f"({num_workers * self.seq_len} tokens)")
         tokens_per_step = batch_size * self.seq_len
 
-        target = self.token_budget if self.token_budget is not None else self.tokens_per_param * n
+        target = self.tokens if self.tokens is not None else self.tokens_per_param * n
         steps = max(1, _ceil(target / tokens_per_step))  # a budget is a floor: 200M tokens -> 1526 steps
         if self.max_tokens is not None:
             if self.max_tokens < tokens_per_step:

@@ -66,15 +66,46 @@ STATUS_STOPPED = "stopped"  # a sweep trial stopped early by the scheduler (ASHA
 STATUS_KILLED = "killed"  # the driver was interrupted (Ctrl-C, SIGTERM) while the run trained: --resume continues it
 STATUS_SKIPPED = "skipped"  # not a record: what the driver reports for a run finished earlier
 
-TRIAL_FINISHED = "finished"
+# MLflow's own run status (its UI's status column), kept in step with the status tag by `mlflow_status`.
+MLFLOW_RUNNING = "RUNNING"
+MLFLOW_SCHEDULED = "SCHEDULED"
+MLFLOW_FINISHED = "FINISHED"
+MLFLOW_FAILED = "FAILED"
+MLFLOW_KILLED = "KILLED"
+_MLFLOW_STATUS = {STATUS_RUNNING: MLFLOW_RUNNING, STATUS_QUEUED: MLFLOW_SCHEDULED, STATUS_FINISHED: MLFLOW_FINISHED,
+                  STATUS_FAILED: MLFLOW_FAILED, STATUS_STOPPED: MLFLOW_FAILED, STATUS_KILLED: MLFLOW_KILLED}
+STATUS_OF_MLFLOW = {MLFLOW_FINISHED: STATUS_FINISHED, MLFLOW_FAILED: STATUS_FAILED, MLFLOW_KILLED: STATUS_FAILED}
+"""A run without a status tag (another tool's): what its MLflow status means here (anything else: running)."""
+
+
+def mlflow_status(status: str) -> str:
+    """MLflow's run status for one of the STATUS_* values (a stopped trial ends FAILED: it did not finish)."""
+    return _MLFLOW_STATUS[status]
+
+
+# A sweep trial's `trial_state` tag: its end status, spelled as recorded since the first sweeps.
+TRIAL_FINISHED = STATUS_FINISHED
 TRIAL_EARLY_STOPPED = "early_stopped"
-TRIAL_FAILED = "failed"
+TRIAL_FAILED = STATUS_FAILED
+TRIAL_STATES = {STATUS_FINISHED: TRIAL_FINISHED, STATUS_STOPPED: TRIAL_EARLY_STOPPED, STATUS_FAILED: TRIAL_FAILED}
+"""A trial's end status -> its `trial_state` tag."""
 
 ARM_BASELINE = "baseline"
 ARM_DISPERSION = "dispersion"
 ARM_NEFTUNE = "neftune"
 ARM_ACTIVE_FORGETTING = "active_forgetting"
 ARMS = (ARM_BASELINE, ARM_DISPERSION, ARM_NEFTUNE, ARM_ACTIVE_FORGETTING)
+LAMBDA = "lambda"
+"""The dispersion loss weight's one key: an arm's YAML key, the sweep's search-space key, the plotted metric
+(`RUN_LAMBDA`) and, after its arm, the run param (`PARAM_LAMBDA`). Only Python spells it `lam` (a keyword):
+`scaling.schema.YAML_RENAMES` maps the one to the other."""
+
+
+def arm_param(arm: str, key: str) -> str:
+    """A run param of an arm's setting: `<arm>.<YAML key>` (`dispersion.lambda`)."""
+    return f"{arm}.{key}"
+
+
 ARM_LABELS = {ARM_BASELINE: "base", ARM_DISPERSION: "disp", ARM_NEFTUNE: "neft", ARM_ACTIVE_FORGETTING: "forget"}
 """Short arm names for run names: the MLflow runs table cuts names at ~16 characters."""
 ARM_COLORS = {ARM_BASELINE: "#1f77b4", ARM_DISPERSION: "#d62728", ARM_NEFTUNE: "#2ca02c",
@@ -92,7 +123,7 @@ EXPERIMENT_KIND = "custom_model_development"  # model training, not the GenAI (t
 # tags cannot be plotted): the compare page draws a metric against N by arm from these --------------------
 RUN_N = "N"  # non-embedding parameters (the scaling curves' N)
 RUN_LOG10_N = "log10_N"
-RUN_LAMBDA = "lambda"  # the arm's dispersion lambda; 0 for every arm without dispersion loss
+RUN_LAMBDA = LAMBDA  # the arm's dispersion lambda; 0 for every arm without dispersion loss
 PARAM_ARM = "arm"  # the arm as a param too: the compare page's box plot and parallel coordinates take params
 PARAM_NONE = "none"  # the value of another arm's setting on a run whose arm has no such setting
 
@@ -116,12 +147,14 @@ VIEW_URL_PARAM = "viewStateShareKey"
 STUDY_VIEW_ID = "study"  # the view the driver writes: runs grouped by rung, the study's metrics as columns
 
 # --- run params (flattened study config, dotted) ------------------------------------
-PARAM_LAMBDA = "dispersion.lambda"
-PARAM_LAYERS = "dispersion.layers"
-PARAM_VARIANT = "dispersion.variant"
-PARAM_TAU = "dispersion.tau"
-PARAM_CLAMP = "dispersion.clamp_threshold"
-PARAM_LAST_BLOCK = "dispersion.last_block_output"
+# The dispersion arm's settings are `<arm>.<YAML key>` (`arm_param`), so a run's params parse back into its arm
+# (`scaling.config.ArmConfig.from_params`); NEFTune's and active forgetting's keep the names already recorded.
+PARAM_LAMBDA = arm_param(ARM_DISPERSION, LAMBDA)
+PARAM_LAYERS = arm_param(ARM_DISPERSION, "layers")
+PARAM_VARIANT = arm_param(ARM_DISPERSION, "variant")
+PARAM_TAU = arm_param(ARM_DISPERSION, "tau")
+PARAM_CLAMP = arm_param(ARM_DISPERSION, "clamp_threshold")
+PARAM_LAST_BLOCK = arm_param(ARM_DISPERSION, "last_block_output")
 PARAM_NEFTUNE_ALPHA = "neftune.alpha"
 PARAM_EMBEDDING_LR = "active_forgetting.embedding_lr"
 PARAM_FORGET_EVERY = "active_forgetting.every"

@@ -99,7 +99,7 @@ def _train(study, source: str, args) -> int:
     print()
     print(format_summary(outcomes))
     _print_next_steps(study.study, study.tracking_uri, view=True)
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+    return _exit_code(outcomes)
 
 
 def _observe(study, source: str, args) -> int:
@@ -117,7 +117,14 @@ def _observe(study, source: str, args) -> int:
     print()
     print(format_outcomes(outcomes))
     _print_next_steps(study.study, study.tracking_uri)
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+    return _exit_code(outcomes)
+
+
+def _exit_code(outcomes) -> int:
+    """1 when any run of the study failed."""
+    from scaling.names import STATUS_FAILED
+
+    return 1 if any(o.status == STATUS_FAILED for o in outcomes) else 0
 
 
 def _check_before_ray(storage_path: str | None, configured_uri: str | None) -> None:

@@ -4,7 +4,8 @@ Used by the study driver for the fixed arms and the extra-seed reruns (`train_ch
 builds its trials' tasks here too (`build_task`, `build_trainer`, `run_outcome`). A run is identified by
 the hash of its resolved config (same config -> same MLflow run and same folder on the storage): a
 finished one is skipped, an unfinished one continues its MLflow run from the latest checkpoint in its
-folder (`scaling.run_folder`).
+folder (`scaling.run_folder.RunFolder`, the one owner of a run's folder). A run's tags, params and plottable
+metrics are written by one function for the fixed arms and the sweep's trials alike (`describe_run`).
 
 Runs that would wait for each other anyway (more runs than the cluster fits side by side) are
 chained: one Ray Train worker group trains them in turn, so its start-up (processes, imports, process
@@ -20,9 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from scaling import faults, names, run_folder
+from scaling import faults, names
 from scaling.cluster import placement_strategy
-from scaling.storage import join, resolve_storage_path
+from scaling.run_folder import RunFolder
+from scaling.storage import resolve_storage_path
 from scaling.config import StudyConfig
 from scaling.console import significant
 from scaling.errors import one_line
@@ -90,6 +92,10 @@ class ResolvedRun:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     """What a run is as numbers MLflow can plot (N, log10 N, lambda), logged at step 0."""
 
+    def folder(self, study: StudyConfig) -> RunFolder:
+        """The run's folder on the storage (its name is also the Ray Train name of a chain of one)."""
+        return RunFolder.for_run(study.storage_path, study.study, self.slug, self.config_hash)
+
 
 def run_name(arm: str, rung: str, seed: int) -> str:
     return f"{names.ARM_LABELS.get(arm, arm)} {rung} s{seed}"
@@ -101,11 +107,22 @@ def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str)
     rung = plan.rung
     resolved = {"rung": dataclasses.asdict(rung), "arm": dataclasses.asdict(arm), "seed": seed,
                 "steps": plan.steps, "lr": plan.lr, "warmup_steps": plan.warmup_steps,
-                "training": dataclasses.asdict(study.training), "probes": dataclasses.asdict(study.probes),
+                "training": study.training.identity(), "probes": dataclasses.asdict(study.probes),
                 "zero_stage": study.resources.zero_stage, "num_workers": study.resources.num_workers,
                 "precision": study.resources.precision, "data": data_fingerprint}
     if study.eval is not None:  # keeps the hashes of runs without evaluation as they were
         resolved["eval"] = dataclasses.asdict(study.eval)
+    tags, params, metrics = describe_run(study, plan, arm, seed)
+    return ResolvedRun(config_hash(resolved), run_name(arm.name, rung.name, seed), f"{rung.name}-{arm.name}-s{seed}",
+                       tags, params, metrics)
+
+
+def describe_run(study: StudyConfig, plan, arm, seed: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+    """(tags, params, metrics) of a training run or a sweep trial: the one place a run's record is described.
+    Tags say what a run is (rung, arm, seed, sizes, budget); params what it was trained with that differs
+    between the runs of a study (the arm's settings, the resolved schedule); metrics what it is as numbers
+    MLflow can plot (N, log10 N, lambda)."""
+    rung = plan.rung
     tags = {names.TAG_RUNG: rung.name, names.TAG_ARM: arm.name, names.TAG_SEED: seed,
             names.TAG_N_PARAMS: plan.params.total, names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding,
             names.TAG_TOKENS: plan.tokens, names.TAG_STEPS: plan.steps, names.TAG_LADDER: study.ladder}
@@ -121,24 +138,14 @@ def resolve_run(study: StudyConfig, plan, arm, seed: int, data_fingerprint: str)
     n = plan.params.non_embedding
     metrics = {names.RUN_N: n, names.RUN_LOG10_N: math.log10(n) if n > 0 else 0.0,
                names.RUN_LAMBDA: float(arm.lam) if arm.name == names.ARM_DISPERSION else 0.0}
-    return ResolvedRun(config_hash(resolved), run_name(arm.name, rung.name, seed), f"{rung.name}-{arm.name}-s{seed}",
-                       tags, params, metrics)
-
-
-def run_folder_name(study: StudyConfig, run: ResolvedRun) -> str:
-    """`<study>-<slug>-<hash>`: the run's folder on the storage, and the Ray Train name of a chain of one."""
-    return f"{study.study}-{run.slug}-{run.config_hash[:8]}"
-
-
-def run_folder_uri(study: StudyConfig, name: str) -> str:
-    return join(resolve_storage_path(study.storage_path), name)
+    return tags, params, metrics
 
 
 def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: str, tracking_uri: str,
-               data: DataRefs, folder: str, *, evaluate: bool = True, record: dict | None = None) -> RunTask:
+               data: DataRefs, folder: RunFolder, *, evaluate: bool = True, record: dict | None = None) -> RunTask:
     """Everything the run's workers need; faults a test installed in this process ride along. `run_id` ""
     with a `record` (`open_record`): the run is new and its worker creates its MLflow run when it starts."""
-    return RunTask(run_name=run_name, run_id=run_id, record=record, tracking_uri=tracking_uri, folder=folder,
+    return RunTask(run_name=run_name, run_id=run_id, record=record, tracking_uri=tracking_uri, folder=folder.uri,
                    rung=plan.rung,
                    arm=arm.for_family(plan.rung.family), seed=seed, steps=plan.steps, lr=plan.lr,
                    warmup_steps=plan.warmup_steps, training=study.training, probes=study.probes,
@@ -152,7 +159,7 @@ def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: 
 
 def build_trainer(study: StudyConfig, loop_config: dict[str, Any], name: str):
     """A TorchTrainer whose one worker group trains `{"tasks": [...]}` in turn, or serves a sweep's
-    `{"queue": ..., "pool": ...}`. Checkpoints live in each run's own folder (`scaling.run_folder`), not in
+    `{"queue": ..., "pool": ...}`. Checkpoints live in each run's own folder (`RunFolder`), not in
     Ray Train's `storage_path/name`, so which worker group trains a run does not matter: a restarted group
     (`checkpoint.max_failures`) continues where it was."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -218,7 +225,7 @@ def run_outcome(tracker, task: RunTask, run_id: str | None = None
     """(failure or None, last report, seconds, ended at (epoch s) or None) of a run that ended, from its
     folder; None if it has not. A run that trained to the end still fails when some of its records did not
     reach MLflow. `run_id`: when the task has none yet (its worker created the run)."""
-    ended = run_folder.read_outcome(task.folder)
+    ended = RunFolder.at(task.folder).read_outcome()
     if ended is None:
         return None
     report = ended["report"]
@@ -251,6 +258,7 @@ class _Queued:
     arm: str
     seed: int
     task: RunTask
+    folder: RunFolder
     run_id: str = ""
 
 
@@ -283,21 +291,21 @@ def train_chain(study: StudyConfig, jobs: Sequence[tuple], data: DataRefs, track
             say(f"{run.run_name}: already finished (run {run_id[:8]}), skipped{progress_note(trained=False)}")
             outcomes[index] = RunOutcome(rung.name, arm.name, seed, names.STATUS_SKIPPED, run_id)
             continue
-        folder = run_folder_uri(study, run_folder_name(study, run))
-        ended = run_folder.read_outcome(folder)
+        folder = run.folder(study)
+        ended = folder.read_outcome()
         if ended is not None and (ended["failure"] or status in (names.STATUS_FAILED, names.STATUS_KILLED, None)):
             # Tried again, from its latest checkpoint: a NaN, or records that never reached MLflow (the
             # resumed life writes what its earlier one spilled), or an outcome without a record (a store
             # replaced since). An outcome the driver never took in (it died first: the run is still running or
             # queued in MLflow) is taken in without training.
-            run_folder.clear_outcome(folder)
+            folder.clear_outcome()
         if status is not None and status != (names.STATUS_QUEUED if queued else names.STATUS_RUNNING):
             tracker.reopen(run_id, queued=queued)  # failed or killed before: a failure left on the record would
             #                                         be read back after training and fail it again
         queue.append(_Queued(index, rung.name, arm.name, seed,
                              build_task(study, plan, arm, seed, run.run_name, run_id, tracker.tracking_uri, data,
                                         folder, record=open_record(study, tracker, parent_id, run)),
-                             run_id))
+                             folder, run_id))
     while queue and not STOPPING.is_set():
         resources = study.resources
         names_in_chain = ", ".join(q.task.run_name for q in queue)
@@ -325,8 +333,8 @@ def train_chain(study: StudyConfig, jobs: Sequence[tuple], data: DataRefs, track
 def _chain_name(study: StudyConfig, queue: Sequence[_Queued]) -> str:
     """Ray Train's name for the group: the run's own name for one run, else one derived from its runs."""
     if len(queue) == 1:
-        return queue[0].task.folder.rstrip("/").rsplit("/", 1)[-1]
-    return f"{study.study}-chain-{config_hash([q.task.folder for q in queue])[:8]}"
+        return queue[0].folder.name
+    return f"{study.study}-chain-{config_hash([q.folder.uri for q in queue])[:8]}"
 
 
 class _OutcomeWatcher:
@@ -378,7 +386,7 @@ class _OutcomeWatcher:
         for q in self.queue:
             if self.outcomes[q.index] is not None or STOPPING.is_set():
                 continue
-            if run_folder.read_outcome(q.task.folder) is None:
+            if q.folder.read_outcome() is None:
                 continue
             ended = run_outcome(self.tracker, q.task, self.run_id(q))
             if ended is None:

@@ -28,9 +28,10 @@ from typing import Any
 
 import yaml
 
+from scaling import names
 from scaling.errors import ConfigError, short_repr
 
-YAML_RENAMES = {"lambda": "lam"}
+YAML_RENAMES = {names.LAMBDA: "lam"}
 """YAML key -> dataclass field (`lambda` is a Python keyword)."""
 
 NUMBER_MAX = 1e15

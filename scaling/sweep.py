@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -37,10 +36,11 @@ from scaling.storage import resolve_storage_path
 from scaling.config import ArmConfig, StudyConfig
 from scaling.console import say
 from scaling.errors import TrainingFailure
-from scaling.runs import DataRefs, build_task, run_folder_uri, run_outcome
+from scaling.run_folder import RunFolder
+from scaling.runs import DataRefs, build_task, describe_run, run_outcome
 from scaling.schema import config_hash
 
-PAPER_DEFAULT = {"lambda": 0.1, "layers": "all"}  # the paper's setting, tried first
+PAPER_DEFAULT = {names.LAMBDA: 0.1, "layers": "all"}  # the paper's setting, tried first
 TRIAL_CPUS = 0.01
 """What a trial's own process asks Tune for: it only queues its run and passes reports on."""
 
@@ -75,11 +75,13 @@ class SweepOutcome:
 
 
 def search_space(study: StudyConfig) -> dict[str, Any]:
+    """Tune's search space, keyed by the dispersion arm's YAML keys: a trial's config is an arm's settings
+    (`arm_from_trial`)."""
     from ray import tune
 
     search = study.search
     return {
-        "lambda": tune.loguniform(*search.lam),
+        names.LAMBDA: tune.loguniform(*search.lam),
         # Optuna warns on non-string categorical values; layer sets are strings already ("0,1").
         "layers": tune.choice(list(search.layers)),
         "variant": tune.choice(list(search.variants)),
@@ -92,16 +94,15 @@ def initial_points(study: StudyConfig) -> list[dict[str, Any]]:
     """The paper's default first (lambda 0.1 on all layers), clipped into the searched ranges."""
     search = study.search
     low, high = search.lam
-    point = {"lambda": min(max(PAPER_DEFAULT["lambda"], low), high),
+    point = {names.LAMBDA: min(max(PAPER_DEFAULT[names.LAMBDA], low), high),
              "layers": PAPER_DEFAULT["layers"] if "all" in search.layers else search.layers[0],
              "variant": search.variants[0], "tau": search.tau[0], "clamp_threshold": search.clamp_threshold[0]}
     return [point]
 
 
 def arm_from_trial(config: dict[str, Any]) -> ArmConfig:
-    return ArmConfig(name=names.ARM_DISPERSION, variant=config["variant"], lam=float(config["lambda"]),
-                     layers=str(config["layers"]), tau=float(config["tau"]),
-                     clamp_threshold=float(config["clamp_threshold"]))
+    """The dispersion arm a trial trains: its sampled config holds the arm's YAML keys."""
+    return ArmConfig.from_settings(names.ARM_DISPERSION, config)
 
 
 # --- the trial --------------------------------------------------------------------------------
@@ -120,22 +121,16 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     tracker = Tracker(context.tracking_uri, study.study)
     ordinal = len(tracker.trial_runs(context.sweep_run_id))  # trials recorded before this one
     run_name = f"trial{ordinal} {plan.rung.name} {trial_id}"  # short, as the fixed arms' names
+    tags, params, metrics = describe_run(study, plan, arm, context.seed)  # as a fixed arm's run is described
     run_id, _ = tracker.child_run(
         context.sweep_run_id, run_name, config_hash({"sweep": context.sweep_hash, "trial": trial_id}),
-        tags={names.TAG_RUNG: plan.rung.name, names.TAG_ARM: names.ARM_DISPERSION, names.TAG_SEED: context.seed,
-              names.TAG_N_PARAMS: plan.params.total,
-              names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding, names.TAG_TOKENS: plan.tokens,
-              names.TAG_STEPS: plan.steps, names.TAG_TUNE_TRIAL_ID: trial_id, names.TAG_LADDER: study.ladder},
-        params={**arm.params(), "lr": plan.lr, "warmup_steps": plan.warmup_steps},
-        kind=names.KIND_TRIAL, metrics={names.RUN_N: plan.params.non_embedding,
-                                        names.RUN_LOG10_N: math.log10(max(plan.params.non_embedding, 1)),
-                                        names.RUN_LAMBDA: float(arm.lam)})
+        tags={**tags, names.TAG_TUNE_TRIAL_ID: trial_id}, params=params, kind=names.KIND_TRIAL, metrics=metrics)
     with faults.install(*context.faults):
         # Trials are compared on validation metrics as they train; downstream evaluation is for the fixed
         # arms and the extra-seed reruns of the best settings.
-        name = f"{study.study}-{plan.rung.name}-trial-{trial_id}"
+        folder = RunFolder.for_trial(study.storage_path, study.study, plan.rung.name, trial_id)
         task = build_task(study, plan, arm, context.seed, run_name, run_id, context.tracking_uri, context.data,
-                          run_folder_uri(study, name), evaluate=False)
+                          folder, evaluate=False)
 
     def preempted(count: int, reason: str) -> None:
         tracker.set_tags(run_id, {names.TAG_PREEMPTIONS: count})
@@ -145,11 +140,15 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     ended = run_outcome(tracker, task)
     failure = failure or (ended[0] if ended else "the trial ended without recording how its run ended")
     if failure:
-        tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FAILED})
-        tracker.finish(run_id, names.STATUS_FAILED, failure, ended_at=ended[3] if ended else None)
+        end_trial(tracker, run_id, names.STATUS_FAILED, failure, ended_at=ended[3] if ended else None)
         raise TrainingFailure(f"{run_name}: {failure}")
-    tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
-    tracker.finish(run_id, names.STATUS_FINISHED, ended_at=ended[3])
+    end_trial(tracker, run_id, names.STATUS_FINISHED, ended_at=ended[3])
+
+
+def end_trial(tracker, run_id: str, status: str, failure: str | None = None, ended_at: float | None = None) -> None:
+    """Record how a trial ended: its `trial_state` tag (`names.TRIAL_STATES`), then its status."""
+    tracker.set_tags(run_id, {names.TAG_TRIAL_STATE: names.TRIAL_STATES[status]})
+    tracker.finish(run_id, status, failure, ended_at=ended_at)
 
 
 def follow_trial(queue, trial_id: str, task, report, on_preempted=None) -> str | None:
@@ -349,14 +348,14 @@ def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, pare
     rung = plan.rung
     identity = {key: value for key, value in dataclasses.asdict(search).items() if key != "reuse_worker_groups"}
     sweep_hash = config_hash({"search": identity, "rung": rung.name, "seed": seed,
-                              "steps": plan.steps, "training": dataclasses.asdict(study.training),
+                              "steps": plan.steps, "training": study.training.identity(),
                               "probes": dataclasses.asdict(study.probes), "data": data.fingerprint})
     sweep_run_id, status = tracker.child_run(
         parent_id, f"{rung.name}-sweep", sweep_hash,
         tags={names.TAG_RUNG: rung.name, names.TAG_N_PARAMS: plan.params.total,
               names.TAG_N_PARAMS_NON_EMBEDDING: plan.params.non_embedding, names.TAG_SEED: seed},
         params={"search.num_samples": search.num_samples, "search.metric": search.metric,
-                "search.mode": search.mode, "search.lambda": list(search.lam),
+                "search.mode": search.mode, f"search.{names.LAMBDA}": list(search.lam),
                 "search.layers": list(search.layers), "search.variants": list(search.variants)},
         kind=names.KIND_SWEEP)
     if status == names.STATUS_FINISHED:
@@ -464,12 +463,8 @@ def mark_stopped_trials(tracker, sweep_run_id: str) -> None:
     for run in tracker.trial_runs(sweep_run_id):
         if names.TAG_TRIAL_STATE in run.data.tags:
             continue
-        if names.TAG_DATA_ORDER_HASH in run.data.tags:
-            tracker.set_tags(run.info.run_id, {names.TAG_TRIAL_STATE: names.TRIAL_FINISHED})
-            tracker.finish(run.info.run_id, names.STATUS_FINISHED)
-        else:
-            tracker.set_tags(run.info.run_id, {names.TAG_TRIAL_STATE: names.TRIAL_EARLY_STOPPED})
-            tracker.finish(run.info.run_id, names.STATUS_STOPPED)
+        end_trial(tracker, run.info.run_id,
+                  names.STATUS_FINISHED if names.TAG_DATA_ORDER_HASH in run.data.tags else names.STATUS_STOPPED)
 
 
 def summarize_sweep(tracker, rung: str, sweep_run_id: str, search, seconds: float) -> SweepOutcome:
@@ -499,7 +494,4 @@ def best_arm(outcome: SweepOutcome) -> ArmConfig | None:
     """The best trial's settings as a dispersion arm (for re-runs with extra seeds)."""
     if not outcome.best_params:
         return None
-    p = outcome.best_params
-    return ArmConfig(name=names.ARM_DISPERSION, variant=p[names.PARAM_VARIANT], lam=float(p[names.PARAM_LAMBDA]),
-                     layers=p[names.PARAM_LAYERS], tau=float(p[names.PARAM_TAU]),
-                     clamp_threshold=float(p[names.PARAM_CLAMP]))
+    return ArmConfig.from_params(names.ARM_DISPERSION, outcome.best_params)

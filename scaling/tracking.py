@@ -391,7 +391,7 @@ class Tracker:
         runs = self._search(_tag_equals(names.TAG_KIND, names.KIND_STUDY))
         if runs:
             run_id = runs[0].info.run_id
-            self._client.update_run(run_id, status="RUNNING")
+            self._client.update_run(run_id, status=names.MLFLOW_RUNNING)
             return run_id
         run = self._client.create_run(self.experiment_id, run_name=self.study, tags={
             names.TAG_KIND: names.KIND_STUDY, names.TAG_STUDY: self.study, names.TAG_GIT_COMMIT: git_commit()})
@@ -479,7 +479,7 @@ class Tracker:
         self._client.set_tag(run_id, names.TAG_STATUS, status)
         if failure:
             self._client.set_tag(run_id, names.TAG_FAILURE, failure[:5000])
-        self._client.set_terminated(run_id, status="FINISHED" if status == names.STATUS_FINISHED else "FAILED",
+        self._client.set_terminated(run_id, status=names.mlflow_status(status),
                                     end_time=int(ended_at * 1000) if ended_at else None)
 
     @_retried("reopening a run")
@@ -488,7 +488,7 @@ class Tracker:
         self._client.set_tag(run_id, names.TAG_STATUS, names.STATUS_QUEUED if queued else names.STATUS_RUNNING)
         if names.TAG_FAILURE in self._client.get_run(run_id).data.tags:
             self._client.delete_tag(run_id, names.TAG_FAILURE)
-        self._client.update_run(run_id, status="SCHEDULED" if queued else "RUNNING")
+        self._client.update_run(run_id, status=names.mlflow_status(names.STATUS_QUEUED if queued else names.STATUS_RUNNING))
 
     def log_observation(self, run_id: str, metrics: Mapping[str, float], files: list[Path],
                         tags: Mapping[str, Any]) -> None:
@@ -505,7 +505,8 @@ class Tracker:
 
     @_retried("closing the study's parent run")
     def end_study(self, run_id: str, failed: bool, killed: bool = False) -> None:
-        self._client.set_terminated(run_id, status="KILLED" if killed else "FAILED" if failed else "FINISHED")
+        self._client.set_terminated(run_id, status=names.mlflow_status(
+            names.STATUS_KILLED if killed else names.STATUS_FAILED if failed else names.STATUS_FINISHED))
 
     @_retried("logging a wave's decisions")
     def log_wave(self, run_id: str, wave: int, record: str, runs: int, spent: float) -> None:
@@ -549,7 +550,7 @@ class Tracker:
         for run in (self._search(_tag_equals(names.TAG_STATUS, names.STATUS_RUNNING))
                     + self._search(_tag_equals(names.TAG_STATUS, names.STATUS_QUEUED))):
             self._client.set_tag(run.info.run_id, names.TAG_STATUS, names.STATUS_KILLED)
-            self._client.set_terminated(run.info.run_id, status="KILLED")
+            self._client.set_terminated(run.info.run_id, status=names.MLFLOW_KILLED)
             killed.append(run.info.run_id)
         return killed
 
@@ -624,7 +625,7 @@ class RunLogger:
     def mark_running(self) -> None:
         """The run starts (it may have waited SCHEDULED in a chain's queue)."""
         self.set_tags({names.TAG_STATUS: names.STATUS_RUNNING})
-        self._put({"kind": "status", "status": "RUNNING"}, 1)
+        self._put({"kind": "status", "status": names.MLFLOW_RUNNING}, 1)
 
     def mark_failed(self, failure: str) -> None:
         self.set_tags({names.TAG_STATUS: names.STATUS_FAILED, names.TAG_FAILURE: failure[:5000]})

@@ -137,3 +137,34 @@ def test_study_records_never_carry_credentials():
     assert not any("s3cret" in str(v) for v in params.values())
     assert redact_credentials("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
     assert redact_credentials("s3://bucket/path@x") == "s3://bucket/path@x"  # an @ after the host is not a user
+
+
+def test_a_study_sets_every_planning_key_of_the_run_configurator(tmp_path):
+    """`training` is the ladder's run configurator (one declaration, one validation): param_basis and
+    batch_tokens plan a study's runs, and the resolved study loads back to the same plan."""
+    from scaling.config import plan_runs
+
+    text = "study: s\nrungs: [tiny-429K]\ntraining: {seq_len: 64, batch_tokens: 1024, param_basis: total, max_steps: 1000000}\n"
+    study = load_study(write(tmp_path, text))
+    (plan,) = plan_runs(study)
+    default = plan_runs(load_study(write(tmp_path, "study: s\nrungs: [tiny-429K]\ntraining: {seq_len: 64}\n")))[0]
+    assert study.training.batch_size == plan.batch_size == 16 and default.batch_size == 8
+    assert plan.param_basis == "total" and plan.n_params == plan.params.total > default.n_params
+    assert plan.tokens >= 20 * plan.params.total  # the budget counts every parameter
+    again = study_from_dict({k: v for k, v in study.to_dict().items() if k != "eval"})
+    assert plan_runs(again) == [plan]
+    # A study that sets neither keeps its runs' hashes: the keys join the hash only when set.
+    plain = load_study(write(tmp_path, "study: s\n")).training.identity()
+    assert not {"param_basis", "batch_tokens"} & set(plain) and {"param_basis", "batch_tokens"} <= set(study.training.identity())
+
+
+@pytest.mark.parametrize("training, message", [
+    ("{param_basis: embedding}", "training.param_basis='embedding': use one of ['non_embedding', 'total']"),
+    ("{seq_len: 128, batch_tokens: 1000}", "training.batch_tokens=1000 is not a multiple of training.seq_len=128; use e.g. 1024"),
+    ("{seq_len: 128, batch_tokens: 2048, batch_size: 8}", "are both set and disagree"),
+    ("{seq_len: 128, batch_tokens: 128}", "training.batch_tokens=128 (1 sequences) is smaller than micro_batch_size"),
+])
+def test_bad_planning_keys_name_the_key_and_the_fix(tmp_path, training, message):
+    with pytest.raises(ConfigError) as info:
+        load_study(write(tmp_path, f"study: s\ntraining: {training}\n"))
+    assert message in str(info.value) and "\n" not in str(info.value)

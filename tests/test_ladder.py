@@ -289,7 +289,7 @@ def test_explicit_settings_and_caps():
     assert RunConfigurator(seq_len=128, batch_size=4, max_steps=3).plan(rung).steps == 3
     total = RunConfigurator(seq_len=128, batch_size=4, param_basis="total").plan(rung)
     assert total.n_params == count_params(rung).total
-    fixed = RunConfigurator(seq_len=128, batch_size=4, token_budget=51_200).plan(rung)
+    fixed = RunConfigurator(seq_len=128, batch_size=4, tokens=51_200).plan(rung)
     assert fixed.tokens == 51_200 and fixed.steps == 100
 
 
@@ -305,12 +305,12 @@ def test_plan_to_dict_is_flat_and_json_ready():
 
 def test_paper_mid_training_settings_reproduce_1526_steps():
     # docs/protocols.md: 200M tokens at 131,072 tokens per step (128 x 1024) -> 1526 steps.
-    plan = RunConfigurator(token_budget=200_000_000, seq_len=1024, batch_tokens=131_072,
+    plan = RunConfigurator(tokens=200_000_000, seq_len=1024, batch_tokens=131_072,
                            lr=5e-5).plan(get_ladder("gpt2").rung("gpt2-small"), num_workers=8)
     # Steps and the 20% warmup round up: 1525.9 -> 1526 steps, 305.2 -> 306 warmup steps.
     assert (plan.steps, plan.batch_size, plan.warmup_steps) == (1526, 128, 306)
     assert plan.lr == 5e-5
-    scaled = RunConfigurator(token_budget=200_000_000, seq_len=1024, batch_tokens=131_072, lr=5e-5,
+    scaled = RunConfigurator(tokens=200_000_000, seq_len=1024, batch_tokens=131_072, lr=5e-5,
                              lr_scaling="sqrt_world_size").plan(get_ladder("gpt2").rung("gpt2-small"), num_workers=4)
     assert scaled.lr == pytest.approx(1e-4)  # 5e-5 x sqrt(4)
     smoke = RunConfigurator(seq_len=64, batch_size=8, warmup_fraction=0.1, max_steps=30).plan(

@@ -5,6 +5,7 @@ layer imports no heavy framework, and no function re-imports what its file impor
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,75 @@ def test_only_the_study_driver_imports_analysis():
             if any(n == "analysis" or n.startswith("analysis.") for n in names_):
                 importers.add(path.stem)
     assert importers <= {"study"}, sorted(importers)
+
+
+# --- a run's folder has one owner ----------------------------------------------------------------------
+
+RUN_FOLDER_PARTS = {"checkpoints", "outcome.json", "mlflow-spill", "hf", "COMPLETE"}
+"""What `scaling.run_folder.RunFolder` keeps in a run's folder."""
+RUN_FOLDER_NAME = re.compile(r"-trial-|/(checkpoints|mlflow-spill|hf)(/|$)|/outcome\.json")
+"""In an f-string: a sweep trial's folder name, or a path into a run's folder."""
+LAYOUT_CONSTANTS = {"CHECKPOINTS", "COMPLETE", "OUTCOME", "SPILL", "EXPORTS"}
+ALLOWED_RUN_FOLDER_PATHS = {
+    "scaling/tracking.py: / 'mlflow-spill'",  # a logger without a run folder spills to a temp folder of that name
+    "scaling/train.py: join(..., 'mlflow-spill')",  # until the trainer's rewrite (issue 28) reads RunFolder.spill_dir:
+    #                                                 remove at merge
+}
+
+
+def _constants(node) -> list[str]:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def _step_folder(node: ast.JoinedStr) -> bool:
+    """`f"step_{step:07d}"`: a checkpoint's or an export's folder name (`run_folder.step_tag`)."""
+    return "step_" in "".join(_constants(node)) and any(
+        isinstance(v, ast.FormattedValue) and v.format_spec is not None and "07d" in _constants(v.format_spec)
+        for v in node.values)
+
+
+def run_folder_paths(root: Path) -> list[str]:
+    """Places in `scaling/` and `analysis/`, outside run_folder.py, that build or take apart a path in a run's
+    folder: a join (or `/`) with a part of its layout, an f-string naming one (or a trial folder), a
+    `step_{:07d}` folder, run_folder's layout constants, or a `.folder` string split back into its name."""
+    found = []
+    for path in sorted([*(root / "scaling").glob("*.py"), *(root / "analysis").glob("*.py")]):
+        if path.name == "run_folder.py":
+            continue
+        where = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if name in ("join", "joinpath"):
+                    found += [f"{where}: join(..., {part!r})" for arg in node.args for part in _constants(arg)
+                              if part in RUN_FOLDER_PARTS]
+                    found += [f"{where}:{node.lineno}: a step_{{:07d}} folder" for arg in node.args
+                              if isinstance(arg, ast.JoinedStr) and _step_folder(arg)]
+                if name in ("rsplit", "split", "rstrip", "rpartition") and any(
+                        isinstance(n, ast.Attribute) and n.attr == "folder" or isinstance(n, ast.Name) and n.id == "folder"
+                        for n in ast.walk(node.func)):
+                    found.append(f"{where}:{node.lineno}: a run folder split back into its name")
+            elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+                found += [f"{where}: / {part!r}" for part in _constants(node.right) if part in RUN_FOLDER_PARTS]
+            elif isinstance(node, ast.JoinedStr):
+                match = RUN_FOLDER_NAME.search("{}".join(_constants(node)))
+                found += [f"{where}:{node.lineno}: f-string with {match.group(0)!r}"] if match else []
+            elif isinstance(node, ast.ImportFrom) and node.module == "scaling.run_folder":
+                found += [f"{where}: imports run_folder.{a.name}" for a in node.names if a.name in LAYOUT_CONSTANTS]
+            elif isinstance(node, ast.Attribute) and node.attr in LAYOUT_CONSTANTS and getattr(node.value, "id", "") == "run_folder":
+                found.append(f"{where}:{node.lineno}: run_folder.{node.attr}")
+    return sorted(set(found))
+
+
+def test_no_run_folder_path_is_built_outside_its_owner():
+    offenders = [f for f in run_folder_paths(REPO) if f not in ALLOWED_RUN_FOLDER_PATHS]
+    assert not offenders, f"build run-folder paths with scaling.run_folder.RunFolder: {offenders}"
+
+
+def test_the_run_folder_check_finds_what_it_looks_for(tmp_path):
+    (tmp_path / "scaling").mkdir()
+    (tmp_path / "scaling" / "bad.py").write_text(
+        'import os\nfrom scaling.run_folder import OUTCOME\n'
+        'a = os.path.join(folder, "checkpoints")\nb = f"{study}-{rung}-trial-{trial_id}"\n'
+        'c = storage.join(root, f"step_{step:07d}")\nd = task.folder.rstrip("/").rsplit("/", 1)[-1]\n')
+    assert len(run_folder_paths(tmp_path)) == 5, run_folder_paths(tmp_path)

@@ -153,9 +153,9 @@ def test_a_trial_resumed_after_its_end_still_reports_the_search_metric(ray_sessi
     from ray import tune
 
     from conftest import tiny_train_study
-    from scaling import run_folder
     from scaling.config import plan_runs
-    from scaling.runs import build_task, run_folder_uri
+    from scaling.run_folder import RunFolder
+    from scaling.runs import build_task
     from scaling.study import data_refs, prepare_data
     from scaling.sweep import TrialQueue, serve_trials
     from scaling.tracking import Tracker
@@ -167,7 +167,7 @@ def test_a_trial_resumed_after_its_end_still_reports_the_search_metric(ray_sessi
     tracker = Tracker(study.tracking_uri, study.study)
     parent = tracker.study_run_id(study.record_params())
     run_id, _ = tracker.child_run(parent, "final", "final-report-run", {}, {})
-    folder = run_folder_uri(study, "final-report-trial")
+    folder = RunFolder.for_trial(study.storage_path, study.study, plan.rung.name, "the-trial")
     task = build_task(study, plan, study.arms[0], 0, "final", run_id, tracker.tracking_uri, refs, folder)
 
     def follow(config, queue, task):  # a nested function: Ray ships it by value
@@ -178,8 +178,8 @@ def test_a_trial_resumed_after_its_end_still_reports_the_search_metric(ray_sessi
 
     for life in (1, 2, 3):  # 2: the outcome is there, the run is skipped; 3: only the final checkpoint is
         if life == 3:
-            assert run_folder.read_outcome(folder)["failure"] is None
-            run_folder.clear_outcome(folder)
+            assert folder.read_outcome()["failure"] is None
+            folder.clear_outcome()
         queue = ray.remote(num_cpus=0, max_concurrency=100)(TrialQueue).remote()
         with serve_trials(study, queue, 1, f"life{life}", progress=lambda *_: None):
             grid = tune.Tuner(
@@ -191,7 +191,7 @@ def test_a_trial_resumed_after_its_end_still_reports_the_search_metric(ray_sessi
         assert names.VAL_LOSS in grid.get_best_result().metrics
     history = Tracker(study.tracking_uri, study.study)._client.get_metric_history(run_id, names.VAL_LOSS)
     assert sorted(m.step for m in history) == [2, 4]  # the later lives recorded nothing twice
-    assert run_folder.read_outcome(folder)["report"][names.VAL_LOSS] == grid.get_best_result().metrics[names.VAL_LOSS]
+    assert folder.read_outcome()["report"][names.VAL_LOSS] == grid.get_best_result().metrics[names.VAL_LOSS]
 
 
 # --- slow: real sweeps -------------------------------------------------------------------------------
