@@ -310,6 +310,7 @@ class RunLoop:
         if self.evaluations is not None and self.step == 0 and self.evaluations.due(0):  # the pretrained/initial row
             with self.ledger.phase("eval_export"):
                 self.evaluations.export_and_submit(full_model(self.engine, self.evaluations.precision_dtype), 0)
+        self._window_start, self._window_tokens = time.perf_counter(), 0  # train/tokens_per_s: from the first step
 
     def train_step(self) -> StepLosses:
         """One optimizer step: this rank's share of the global batch in micro-batches (gradient
@@ -320,19 +321,19 @@ class RunLoop:
         self._record_startup()
         clock, task = self.ledger.clock, self.task
         started = clock()
-        self.engine.train()
         indices = self.order.batch(self.step)
         self.order_hash = chain_hash(self.order_hash, indices)
         per_rank, micro = task.training.batch_size // self.world, task.training.micro_batch_size
         mine = indices[self.rank * per_rank:(self.rank + 1) * per_rank]
-        data_s = clock() - started
+        rows = [self.train_blocks[mine[start:start + micro]] for start in range(0, per_rank, micro)]
+        assembled = clock()
+        self.ledger.add("data", assembled - started)
+        self.engine.train()
         # ce, dispersion (unscaled), total loss, micro-batches; on the device: NCCL reduces no CPU tensor, and
         # no per-micro-batch .cpu() sync stalls the GPU
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        for start in range(0, per_rank, micro):
-            fetched = clock()
-            batch = torch.as_tensor(self.train_blocks[mine[start:start + micro]], device=self.device)
-            data_s += clock() - fetched
+        for block in rows:
+            batch = torch.as_tensor(block, device=self.device)  # a GPU copy queues behind the step's kernels
             loss = self._micro_batch_loss(batch, sums)
             self.engine.backward(loss)
             self.engine.step()
@@ -342,8 +343,7 @@ class RunLoop:
         self.hooks.after_step(self.step, self.engine)
         torch.distributed.all_reduce(sums)
         ce, dispersion, total = (float(v) for v in (sums[:3] / sums[3]).cpu())  # syncs the device: the step's end
-        self.ledger.add("data", data_s)
-        self.ledger.add("step", clock() - started - data_s)
+        self.ledger.add("step", clock() - assembled)
         self._read_dispersion_events()
         return StepLosses(ce, dispersion, total)
 
