@@ -205,7 +205,7 @@ def main() -> None:
 
     def measure_plain():
         for arm in plain:
-            times = plain_loop_step_times(first, data.train_blocks, dispersion=arm == "dispersion", lam=args.lam)
+            times = plain_loop_step_times(first, data.train, dispersion=arm == "dispersion", lam=args.lam)
             plain[arm].append(statistics.median(times[args.skip:]))
             plain_p10[arm].append(percentile(times[args.skip:], 10))
 
