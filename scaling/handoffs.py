@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
     from scaling.train import RunTask
 
 WORK_KEY = "work"
@@ -37,7 +39,7 @@ class TrialService:
     worker groups are not kept across trials). `submitted`: when the group was asked for (epoch s), the
     start of its first trial's slot."""
 
-    queue: Any  # the TrialQueue actor's handle
+    queue: ActorHandle  # the sweep's scaling.sweep.TrialQueue actor
     pool: str
     one_trial: bool = False
     submitted: float = 0.0
