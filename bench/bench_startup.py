@@ -38,18 +38,23 @@ sys.path.insert(0, str(ROOT))
 
 LOG_ENV = "BENCH_STARTUP_LOG"
 
-# Functions of scaling.train that the loop calls by their module-level name, and what they do.
+# Functions that scaling.run_loop calls by their module-level name (RunLoop's methods for the last two), and
+# what they do.
 LOOP_PHASES = {
     "_rank0_logger": "MLflow: import + client + run (rank 0)",
-    "_initial_model": "model build (imports transformers)",
-    "_state_hash": "initial-weights hash",
-    "_install_arm_hooks": "arm hooks",
+    "initial_model": "model build (imports transformers)",
+    "state_hash": "initial-weights hash",
+    "install_arm_hooks": "arm hooks",
     "skip_cpu_shm_build": "import deepspeed",
     "split_weight_decay": "optimizer groups",
-    "_resolve": "data from the object store",
-    "_probe": "final probe (val loss + condensation)",
-    "_save_and_report": "checkpoint save + report",
+    "resolve": "data from the object store",
+    "probe": "final probe (val loss + condensation)",
+    "checkpoint": "checkpoint save + report",
 }
+TRAIN_MODULE = ("split_weight_decay",)
+"""Called inside scaling.train, so wrapped there."""
+METHODS = ("probe", "checkpoint")
+"""RunLoop's methods, wrapped on the class."""
 
 
 def _record(event: str, start: float, end: float, **extra) -> None:
@@ -78,25 +83,27 @@ def instrument_worker() -> None:
         return
     ready = time.time()
     _record("worker process ready", ready, ready)
-    # Nothing heavy here (this runs in every Ray process, the Train controller's too): scaling.train
+    # Nothing heavy here (this runs in every Ray process, the Train controller's too): scaling.run_loop
     # imports only numpy and the light scaling modules at its top.
     start = time.time()
+    import scaling.run_loop as loop
     import scaling.train as train
 
-    _record("import scaling.train", start, time.time())
-    train.train_loop_per_worker = _timed(train.train_loop_per_worker, "training loop (whole)")
-    timed_run = _timed(train._train_run, "run (whole)")
+    _record("import scaling.run_loop", start, time.time())
+    loop.train_loop_per_worker = _timed(loop.train_loop_per_worker, "training loop (whole)")
+    timed_run = _timed(loop.train_run, "run (whole)")
     seen = []  # whether this process's current run has done its first step
 
     def run_and_forget_first_step(*args, **kwargs):
         seen.clear()
         return timed_run(*args, **kwargs)
 
-    train._train_run = run_and_forget_first_step
+    loop.train_run = run_and_forget_first_step
     for name, label in LOOP_PHASES.items():
-        setattr(train, name, _timed(getattr(train, name), label))
+        owner = train if name in TRAIN_MODULE else loop.RunLoop if name in METHODS else loop
+        setattr(owner, name, _timed(getattr(owner, name), label))
 
-    shm = train.skip_cpu_shm_build
+    shm = loop.skip_cpu_shm_build
 
     def skip_and_wrap_initialize():
         shm()
@@ -105,7 +112,7 @@ def instrument_worker() -> None:
         if not hasattr(deepspeed.initialize, "__wrapped__"):
             deepspeed.initialize = _timed(deepspeed.initialize, "deepspeed.initialize")
 
-    train.skip_cpu_shm_build = skip_and_wrap_initialize
+    loop.skip_cpu_shm_build = skip_and_wrap_initialize
     after_step = train._ArmHooks.after_step
 
     def first_step(self, step, engine):

@@ -189,6 +189,10 @@ def main() -> None:
     studies = {stage: build_study(args, workdir, stage) for stage in stages}
     first = studies[stages[0]]
     (plan,) = plan_runs(first)
+    # Before the data, which tokenizes with Ray Data (it would start a Ray of its own). Exactly one run's workers
+    # fit at a time, so runs go one after the other, never side by side.
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}})
     data = prepare_data(first, vocab_size=plan.rung.vocab_size)
     tokens_per_step = args.batch_size * args.seq_len
     print(f"rung {plan.rung.name} ({plan.params.total / 1e3:.0f}K params), {args.steps} steps of "
@@ -196,15 +200,12 @@ def main() -> None:
           f"{args.workers} worker(s), medians over steps > {args.skip}; plain loop: {args.threads} thread(s); "
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; workdir {workdir}", flush=True)
 
-    # Exactly one run's workers fit at a time, so runs go one after the other, never side by side.
-    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}})
     plain = {"baseline": [], "dispersion": []}
     plain_p10 = {"baseline": [], "dispersion": []}
 
     def measure_plain():
         for arm in plain:
-            times = plain_loop_step_times(first, data.train_blocks, dispersion=arm == "dispersion", lam=args.lam)
+            times = plain_loop_step_times(first, data.train, dispersion=arm == "dispersion", lam=args.lam)
             plain[arm].append(statistics.median(times[args.skip:]))
             plain_p10[arm].append(percentile(times[args.skip:], 10))
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from scaling import names
+from scaling import cadence, names
 from scaling.data import PACKINGS, parse_text_source  # the one parser of text sources (dry run, shards, condense)
 from scaling.dispersion_spec import VARIANTS, resolve_layers, validate_layer_spec
 from scaling.errors import ConfigError, DispersionScalingError
@@ -269,8 +269,9 @@ class TrainingConfig(RunConfigurator):
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    every_steps: int = 0
-    """Validation loss and condensation probe every this many steps (0: only at the end)."""
+    every_steps: int | None = 0
+    """Validation loss and condensation probe every this many steps, and at the last step; 0: only at the last
+    step; null: every floor(steps / 5) + 1 (`scaling.cadence`, the same rule as eval and checkpoint)."""
     texts: int = 8
     """Number of fixed probe texts."""
     max_length: int = 128
@@ -288,8 +289,7 @@ class ProbeConfig:
     """Also probe at step 0: the initial state (condensation at initialisation, the pretrained row)."""
 
     def __post_init__(self):
-        if self.every_steps < 0:
-            raise ConfigError(f"probes.every_steps={self.every_steps}: must be >= 0")
+        cadence.check_every_steps("probes.every_steps", self.every_steps)
         for key in ("texts", "max_length", "val_batches"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"probes.{key}={getattr(self, key)}: must be >= 1")
@@ -338,8 +338,9 @@ class ResourcesConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = 0
-    """Save a DeepSpeed checkpoint every this many steps (0: only at the end)."""
+    every_steps: int | None = 0
+    """Save a DeepSpeed checkpoint every this many steps, and at the last step; 0: only at the last step; null:
+    every floor(steps / 5) + 1 (`scaling.cadence`, the same rule as probes and eval)."""
     num_to_keep: int = 2
     """Complete checkpoints kept in each run's folder (the newest ones)."""
     max_failures: int = 1
@@ -347,10 +348,11 @@ class CheckpointConfig:
     from the latest checkpoint. A chain of runs shares one group, so it shares these restarts."""
 
     def __post_init__(self):
-        if self.every_steps < 0 or self.num_to_keep < 1 or self.max_failures < 0:
+        cadence.check_every_steps("checkpoint.every_steps", self.every_steps)
+        if self.num_to_keep < 1 or self.max_failures < 0:
             raise ConfigError(
-                f"checkpoint: every_steps={self.every_steps} (>= 0), num_to_keep={self.num_to_keep} (>= 1), "
-                f"max_failures={self.max_failures} (>= 0): fix the value out of range"
+                f"checkpoint: num_to_keep={self.num_to_keep} (>= 1), max_failures={self.max_failures} (>= 0): "
+                "fix the value out of range"
             )
 
 

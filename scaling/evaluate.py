@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scaling import cadence
 from scaling import names as keys
 from scaling.console import check_writable_dir, run_cli
 from scaling.errors import ConfigError, ModelError, one_line
@@ -75,8 +76,9 @@ class EvalConfig:
     batch_size: int = 16
     """Sequences per forward pass of the evaluated model."""
     every_steps: int | None = None
-    """Evaluate every this many optimizer steps; null = the paper's floor(steps / 5) + 1."""
-    at_start: bool = True
+    """Evaluate every this many optimizer steps, and at the last step; null (default) = the paper's
+    floor(steps / 5) + 1; 0 = only the last step (`scaling.cadence`, the same rule as probes and checkpoint)."""
+    at_start: bool = False
     """Also evaluate at step 0, before any training (the 'pretrained' row of the paper's tables)."""
     include_path: str | None = None
     """A folder of your own lm-eval task YAMLs; the project's bundled tasks (bundled_cloze, ...) are always found."""
@@ -115,9 +117,7 @@ class EvalConfig:
             raise ConfigError(f"eval.limit={self.limit!r}: must be an integer >= 1 or null (all documents)")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"eval.batch_size={self.batch_size!r}: must be an integer >= 1")
-        if self.every_steps is not None and (isinstance(self.every_steps, bool) or self.every_steps < 1):
-            raise ConfigError(f"eval.every_steps={self.every_steps!r}: must be >= 1, or null for the "
-                              "paper's floor(steps / 5) + 1")
+        cadence.check_every_steps("eval.every_steps", self.every_steps)
         if self.include_path is not None and not (isinstance(self.include_path, str) and self.include_path.strip()):
             raise ConfigError(f"eval.include_path={self.include_path!r}: give a folder of lm-eval task YAMLs or null")
         if self.dtype not in DTYPES:
@@ -175,19 +175,13 @@ class EvalConfig:
         return value
 
     def resolve_every_steps(self, total_steps: int) -> int:
-        """Steps between evaluations for a run of `total_steps`: every_steps, else floor(total_steps / 5) + 1."""
-        if total_steps < 1:
-            raise ConfigError(f"a run of {total_steps} steps cannot be evaluated during training")
-        return self.every_steps if self.every_steps is not None else total_steps // 5 + 1
+        """Steps between evaluations for a run of `total_steps` (`scaling.cadence.interval`)."""
+        return cadence.interval(self.every_steps, total_steps)
 
     def eval_steps(self, total_steps: int) -> tuple[int, ...]:
         """The optimizer steps at which a run of `total_steps` is evaluated: 0 (if at_start), every
         resolve_every_steps() steps, and always the last step (the final model)."""
-        every = self.resolve_every_steps(total_steps)
-        steps = {0} if self.at_start else set()
-        steps.update(range(every, total_steps, every))
-        steps.add(total_steps)
-        return tuple(sorted(steps))
+        return cadence.due_steps(self.every_steps, total_steps, self.at_start)
 
     def resolve_fewshot_seed(self, run_seed: int | None) -> int:
         """The few-shot seed of one evaluation: the fixed eval.fewshot_seed, else the run's seed (None: lm-eval's default)."""

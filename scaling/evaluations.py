@@ -55,6 +55,7 @@ class RunEvaluations:
         self.folder = RunFolder.at(run_folder) if run_folder else None
         self.pending: dict[Any, int] = {}
         self.exported: dict[int, str] = {}
+        self.seconds = 0.0  # the recorded evaluations' own seconds (`eval/seconds`), on their own resources
         self._tokenizer = None
 
     def due(self, step: int) -> bool:
@@ -103,6 +104,7 @@ class RunEvaluations:
             self.logger.set_tags({names.TAG_MODEL_DIR: self.exported[max(self.exported)]})
 
     def _record(self, result, step: int) -> None:
+        self.seconds += result.metrics.get(names.EVAL_SECONDS, 0.0)
         self.logger.log_metrics(result.metrics, step)
         with tempfile.TemporaryDirectory() as directory:
             path = Path(directory) / names.ARTIFACT_EVAL_JSON

@@ -24,7 +24,7 @@ What one GPU holds, in bytes (P parameters, N GPUs of the run, DeepSpeed ZeRO st
   the loss and its gradient), the largest single tensor of a large-vocabulary model.
 - **dispersion**: the dispersion arm's token-pair matrices (at most 256 tokens per sequence, float32,
   ~6 live per selected layer) and its float32 copies of the hidden states.
-- **probe**: the condensation probe measures in float32 (`scaling.train._float32_model`): under bf16
+- **probe**: the condensation probe measures in float32 (`scaling.train.float32_model`): under bf16
   it holds a float32 copy of the whole model (4P) beside the model states, plus every layer's hidden
   state of one probe text; the validation loss forward holds one micro batch's logits.
 - **runtime**: CUDA context, NCCL and DeepSpeed buffers, allocator slack: `RUNTIME_GIB` flat.

@@ -28,6 +28,7 @@ from scaling.storage import resolve_storage_path
 from scaling.config import StudyConfig
 from scaling.console import significant
 from scaling.errors import one_line
+from scaling.handoffs import ChainWork, Work, trainer_config
 from scaling.schema import config_hash
 from scaling.tracking import UNWRITTEN_KEY
 from scaling.train import RunTask
@@ -157,9 +158,9 @@ def build_task(study: StudyConfig, plan, arm, seed: int, run_name: str, run_id: 
                    tokenizer_uri=data.tokenizer_uri, pad_token_id=data.pad_token_id, faults=faults.installed())
 
 
-def build_trainer(study: StudyConfig, loop_config: dict[str, Any], name: str):
-    """A TorchTrainer whose one worker group trains `{"tasks": [...]}` in turn, or serves a sweep's
-    `{"queue": ..., "pool": ...}`. Checkpoints live in each run's own folder (`RunFolder`), not in
+def build_trainer(study: StudyConfig, work: Work, name: str):
+    """A TorchTrainer whose one worker group trains a `ChainWork`'s runs in turn, or serves a sweep's trials
+    (`TrialService`). Checkpoints live in each run's own folder (`RunFolder`), not in
     Ray Train's `storage_path/name`, so which worker group trains a run does not matter: a restarted group
     (`checkpoint.max_failures`) continues where it was."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -168,7 +169,7 @@ def build_trainer(study: StudyConfig, loop_config: dict[str, Any], name: str):
     resources = study.resources
     return TorchTrainer(
         _train_entry,
-        train_loop_config=loop_config,
+        train_loop_config=trainer_config(work),
         # STRICT_PACK when the worker group fits one node (a large rung takes a whole node), else PACK.
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker},
@@ -183,9 +184,9 @@ def build_trainer(study: StudyConfig, loop_config: dict[str, Any], name: str):
 
 def _train_entry(loop_config):
     # A module-level function that imports lazily, so Ray pickles a reference, not the code.
-    from scaling.train import serve_trials_per_worker, train_loop_per_worker
+    from scaling.run_loop import worker_main
 
-    (serve_trials_per_worker if "queue" in loop_config else train_loop_per_worker)(loop_config)
+    worker_main(loop_config)
 
 
 def is_preemption(exc: BaseException) -> bool:
@@ -203,7 +204,7 @@ def fit(study: StudyConfig, tasks: Sequence[RunTask], trainer_name: str) -> str 
     """Train a chain of runs in one worker group; None when the group got to the end of the chain, else
     why it stopped (each run's own outcome is in its folder: `run_outcome`). A worker that dies mid-run
     is restarted by Ray Train itself (`checkpoint.max_failures`); anything else stops the chain."""
-    trainer = build_trainer(study, {"tasks": list(tasks)}, trainer_name)
+    trainer = build_trainer(study, ChainWork(tuple(tasks)), trainer_name)
     try:
         trainer.fit()
         return None

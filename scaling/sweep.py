@@ -3,7 +3,7 @@
 Worker groups are kept across trials: a trial's own `TorchTrainer` would spend ~17 s of a short trial
 starting processes, imports and the process group (bench/bench_startup.py). The sweep starts as many
 Ray Train worker groups as trials fit side by side (`serve_trials`), each training trial after trial
-(`scaling.train.serve_trials_per_worker`); a `TrialQueue` actor hands the trials to the groups and the
+(`scaling.run_loop.serve_trials_per_worker`); a `TrialQueue` actor hands the trials to the groups and the
 groups' reports back to the trials. Each Tune trial is a function trainable that asks for almost no
 CPU (`{"CPU": 0.01}`), queues its run and passes every report on to Tune (`follow_trial`), so ASHA
 sees the validation loss at every probe; when ASHA stops a trial, Tune ends its process and the
@@ -31,11 +31,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from scaling import faults, names
+from scaling import cadence, faults, names
 from scaling.storage import resolve_storage_path
 from scaling.config import ArmConfig, StudyConfig
 from scaling.console import say
 from scaling.errors import TrainingFailure
+from scaling.handoffs import Closed, Done, Handout, Preempted, Report, TrialEvent, TrialService
 from scaling.run_folder import RunFolder
 from scaling.runs import DataRefs, build_task, describe_run, run_outcome
 from scaling.schema import config_hash
@@ -162,17 +163,14 @@ def follow_trial(queue, trial_id: str, task, report, on_preempted=None) -> str |
     try:
         while True:
             event = ray.get(queue.next_event.remote(trial_id, 10.0))
-            if event is None:
-                continue
-            kind, payload = event
-            if kind == "report":
-                report(payload)
-            elif kind == "preempted":
+            if isinstance(event, Report):
+                report(event.metrics)
+            elif isinstance(event, Preempted):
                 if on_preempted is not None:
-                    on_preempted(*payload)
-            else:
+                    on_preempted(event.count, event.reason)
+            elif isinstance(event, Done):
                 ended = True
-                return payload
+                return event.failure
     finally:
         if not ended:
             queue.abandon.remote(trial_id)
@@ -182,8 +180,8 @@ class TrialQueue:
     """Hands a sweep's trials to its worker groups and the groups' reports back to the trials.
 
     A threaded actor owned by the sweep's driver. A trial `submit`s its run and reads its events
-    (`next_event`: reports, then one "done"); a worker group's rank 0 `take`s the next trial (or, after its
-    group restarted, the one it was training), `report`s and `finish`es it. A trial is no longer wanted
+    (`next_event`: `Report`s, then one `Done`; `scaling.handoffs`); a worker group's rank 0 `take`s the next
+    trial (a `Handout`; or, after its group restarted, the one it was training), `report`s and `finish`es it. A trial is no longer wanted
     once its process has gone (Tune stopped it) or it `abandon`ed its run: `report` tells the group so,
     and a trial that has not started yet is never handed out.
     """
@@ -191,9 +189,10 @@ class TrialQueue:
     def __init__(self, preemption_retries: int = 0):
         self._cond = threading.Condition()
         self._pending: collections.deque = collections.deque()  # trial ids, oldest first
-        self._tasks: dict[str, Any] = {}
+        self._tasks: dict[str, Any] = {}  # trial id -> its scaling.train.RunTask
+        self._submitted: dict[str, float] = {}  # trial id -> when it was queued (epoch s): its slot's start
         self._owners: dict[str, Any] = {}  # trial id -> the trial's actor
-        self._events: dict[str, collections.deque] = {}
+        self._events: dict[str, collections.deque[TrialEvent]] = {}
         self._running: dict[str, str] = {}  # worker group -> trial id
         self._abandoned: set[str] = set()
         self._preemptions: dict[str, int] = {}
@@ -208,21 +207,22 @@ class TrialQueue:
             self._abandoned.discard(trial_id)
             self._events.setdefault(trial_id, collections.deque())
             if self._no_groups is not None:
-                self._events[trial_id].append(("done", self._no_groups))
+                self._events[trial_id].append(Done(self._no_groups))
             elif trial_id not in self._running.values() and trial_id not in self._pending:
                 self._tasks[trial_id] = task
+                self._submitted[trial_id] = time.time()
                 self._pending.append(trial_id)
             self._cond.notify_all()
 
-    def take(self, pool: str, timeout: float):
-        """(trial id, task) for the group `pool`; None when nothing came within `timeout`; "closed"."""
+    def take(self, pool: str, timeout: float) -> Handout | Closed | None:
+        """The next trial for the group `pool`; None when nothing came within `timeout`."""
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
                 if pool in self._running:  # the group restarted: it continues its trial
-                    return self._running[pool], self._tasks[self._running[pool]]
+                    return self._handout(self._running[pool])
                 if self._closed:
-                    return "closed"
+                    return Closed()
                 if not self._pending:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -235,12 +235,15 @@ class TrialQueue:
             if not abandoned and _alive(owner):  # outside the lock: a slow answer must not stall the others
                 with self._cond:
                     self._running[pool] = trial_id
-                return trial_id, self._tasks[trial_id]
+                return self._handout(trial_id)
+
+    def _handout(self, trial_id: str) -> Handout:
+        return Handout(trial_id, self._tasks[trial_id], self._submitted.get(trial_id, 0.0))
 
     def report(self, trial_id: str, metrics: dict) -> bool:
         """Pass a report on; False when the trial is no longer wanted."""
         with self._cond:
-            self._events[trial_id].append(("report", metrics))
+            self._events[trial_id].append(Report(metrics))
             self._cond.notify_all()
             owner, abandoned = self._owners[trial_id], trial_id in self._abandoned
         return not abandoned and _alive(owner)
@@ -261,7 +264,7 @@ class TrialQueue:
             if preempted and count <= self._retries:
                 self._preemptions[trial_id] = count
                 self._pending.appendleft(trial_id)
-                self._events[trial_id].append(("preempted", (count, reason)))
+                self._events[trial_id].append(Preempted(count, reason))
                 self._cond.notify_all()
                 return True
         self._end(pool, trial_id, reason)
@@ -279,19 +282,18 @@ class TrialQueue:
                 return
             self._no_groups = f"no worker group could start ({reason})"
             while self._pending:
-                self._events[self._pending.popleft()].append(("done", self._no_groups))
+                self._events[self._pending.popleft()].append(Done(self._no_groups))
             self._cond.notify_all()
 
     def _end(self, pool: str, trial_id: str, failure: str | None) -> None:
         with self._cond:
             if self._running.get(pool) == trial_id:
                 del self._running[pool]
-            self._events[trial_id].append(("done", failure))
+            self._events[trial_id].append(Done(failure))
             self._cond.notify_all()
 
-    def next_event(self, trial_id: str, timeout: float):
-        """("report", metrics), ("preempted", (count, reason)) or ("done", failure or None); None when
-        nothing came within `timeout`."""
+    def next_event(self, trial_id: str, timeout: float) -> TrialEvent | None:
+        """The trial's next `Report`, `Preempted` or `Done`; None when nothing came within `timeout`."""
         with self._cond:
             self._cond.wait_for(lambda: self._events[trial_id], timeout=timeout)
             return self._events[trial_id].popleft() if self._events[trial_id] else None
@@ -382,7 +384,7 @@ def run_sweep(study: StudyConfig, plan, seed: int, data: DataRefs, tracker, pare
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
-        probes_per_run = max(1, plan.steps // study.probes.every_steps) if study.probes.every_steps else 1
+        probes_per_run = max(1, plan.steps // cadence.interval(study.probes.every_steps, plan.steps))
         searcher = OptunaSearch(metric=search.metric, mode=search.mode, seed=search.seed,
                                 points_to_evaluate=initial_points(study))
         # max_t one past the last probe: reaching the end is never an ASHA stop, so a complete
@@ -428,8 +430,8 @@ def serve_trials(study: StudyConfig, queue, groups: int, name: str, progress=say
         while True:
             pool = f"{number}.{attempt}"
             try:
-                build_trainer(study, {"queue": queue, "pool": pool, "one_trial": not study.search.reuse_worker_groups},
-                              f"{name}-group{number}").fit()
+                work = TrialService(queue, pool, one_trial=not study.search.reuse_worker_groups, submitted=time.time())
+                build_trainer(study, work, f"{name}-group{number}").fit()
                 if ray.get(queue.closed.remote()):
                     return  # the search is over
                 attempt += 1  # a group per trial: the next one

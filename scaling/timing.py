@@ -17,13 +17,14 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Sequence
 
-PHASES = ("startup", "data", "step", "probe", "eval_export", "checkpoint", "logging")
+PHASES = ("startup", "data", "step", "probe", "eval_export", "eval_wait", "checkpoint", "logging")
 """The slot's phases, in the order a run meets them. startup: worker processes, imports, process group,
 model build, DeepSpeed init, checkpoint restore (the first run of a worker group pays the processes and
 imports); data: resolving the token shards and assembling batches; step: optimizer steps; probe:
 condensation probes and validation loss; eval_export: writing the model for an evaluation (the evaluation
-itself runs on its own resources: `time/evaluation_s`, outside the slot); checkpoint: save and upload;
-logging: MLflow writes and their flush."""
+itself runs on its own resources: `time/evaluation_s`, outside the slot); eval_wait: the run's end waiting
+for its last evaluations, whose results its record must hold (the slot is held meanwhile); checkpoint:
+save and upload; logging: MLflow writes and their flush."""
 PARTS = {"dispersion": "step"}
 """Sub-phases: counted inside their parent, reported on their own."""
 OUTSIDE_SLOT = ("queued", "evaluation")

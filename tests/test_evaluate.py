@@ -23,7 +23,7 @@ def test_config_defaults_presets_and_paper_rules():
     config = EvalConfig(tasks=("paper10",))
     assert config.task_names() == eval_names.PAPER10_TASKS + ("paloma_wikitext_103",)
     assert len(eval_names.PAPER10_TASKS) == 10
-    assert (config.num_fewshot, config.limit, config.every_steps, config.at_start) == (0, None, None, True)
+    assert (config.num_fewshot, config.limit, config.every_steps, config.at_start) == (0, None, None, False)
     assert config.device() == "cpu" and config.ray_options() == {"num_cpus": 1.0, "num_gpus": 0.0}
     assert EvalConfig(tasks=("x",), num_gpus=1).device() == "cuda"
     # The paper: arc_easy, arc_challenge, mmlu, medmcqa few-shot (1 for GPT-2, 5 for Qwen3), the rest zero-shot.
@@ -37,9 +37,10 @@ def test_config_defaults_presets_and_paper_rules():
     assert EvalConfig(tasks=("arc_easy",), num_fewshot=2).fewshot_for("arc_easy") == 2
     # every_steps default: the paper's floor(steps / 5) + 1; the final step is always evaluated.
     assert config.resolve_every_steps(1526) == 306
-    assert config.eval_steps(1526) == (0, 306, 612, 918, 1224, 1526)
+    assert config.eval_steps(1526) == (306, 612, 918, 1224, 1526)
     assert EvalConfig(tasks=("x",), every_steps=10, at_start=False).eval_steps(25) == (10, 20, 25)
-    assert EvalConfig(tasks=("x",), every_steps=10).eval_steps(20) == (0, 10, 20)
+    assert EvalConfig(tasks=("x",), every_steps=10, at_start=True).eval_steps(20) == (0, 10, 20)
+    assert EvalConfig(tasks=("x",), every_steps=0).eval_steps(20) == (20,)  # 0: only the last step
     hash(mapping)  # usable as a dict key / in sets despite the mapping field
 
 
@@ -55,7 +56,7 @@ def test_config_defaults_presets_and_paper_rules():
         ({"num_fewshot": {"bundled_cloze": -2}}, "eval.num_fewshot.bundled_cloze"),
         ({"limit": 0}, "eval.limit"),
         ({"batch_size": 0}, "eval.batch_size"),
-        ({"every_steps": 0}, "eval.every_steps"),
+        ({"every_steps": -1}, "eval.every_steps"),
         ({"include_path": ""}, "eval.include_path"),
         ({"dtype": "float8"}, "eval.dtype"),
         ({"dtype": "float16"}, "eval.dtype"),  # CPU

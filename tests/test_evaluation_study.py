@@ -83,6 +83,20 @@ def test_every_run_is_evaluated_at_its_steps_while_it_trains(evaluated, tmp_path
         assert record["settings"]["dtype"] == "float32"
 
 
+def test_the_time_split_holds_the_exports_and_the_evaluations_own_seconds(evaluated):
+    """Exports (and the end's wait for the last evaluations) are slot time; the evaluations' own seconds,
+    on their own resources, are counted apart (issue 25)."""
+    from scaling import timing
+
+    study, _ = evaluated
+    for run in training_runs(study):
+        metrics = run.data.metrics
+        assert metrics[timing.seconds_key("eval_export")] > 0 and metrics[timing.seconds_key("eval_wait")] >= 0
+        assert metrics[timing.seconds_key("evaluation")] > 0  # three evaluations' eval/seconds
+        phases = sum(metrics[timing.seconds_key(phase)] for phase in timing.PHASES)
+        assert phases + metrics[timing.OTHER] == pytest.approx(metrics[timing.SLOT], rel=0.01)
+
+
 def test_per_item_results_read_back_through_the_analysis(evaluated):
     """analysis.load.read_item_results reads what the trainer logged: every document of every task at every
     evaluation step, averaging to the accuracy the run logged; the item bootstrap pairs the two arms."""

@@ -124,8 +124,6 @@ RUN_FOLDER_NAME = re.compile(r"-trial-|/(checkpoints|mlflow-spill|hf)(/|$)|/outc
 LAYOUT_CONSTANTS = {"CHECKPOINTS", "COMPLETE", "OUTCOME", "SPILL", "EXPORTS"}
 ALLOWED_RUN_FOLDER_PATHS = {
     "scaling/tracking.py: / 'mlflow-spill'",  # a logger without a run folder spills to a temp folder of that name
-    "scaling/train.py: join(..., 'mlflow-spill')",  # until the trainer's rewrite (issue 28) reads RunFolder.spill_dir:
-    #                                                 remove at merge
 }
 
 
@@ -185,3 +183,33 @@ def test_the_run_folder_check_finds_what_it_looks_for(tmp_path):
         'a = os.path.join(folder, "checkpoints")\nb = f"{study}-{rung}-trial-{trial_id}"\n'
         'c = storage.join(root, f"step_{step:07d}")\nd = task.folder.rstrip("/").rsplit("/", 1)[-1]\n')
     assert len(run_folder_paths(tmp_path)) == 5, run_folder_paths(tmp_path)
+
+
+MAX_FUNCTION_LINES = 80
+"""A function (its nested closures included) fits on a screen or says why it does not."""
+LONG_REASON = "Long because"
+"""What a longer function's docstring says, followed by why."""
+LONG_FUNCTIONS = {
+    "observe.run_observation_study": "its closures `finish` and `drain` share the study's tracker, outcomes and "
+                                     "pending measurements; split, they would pass all three around",
+    "evaluate.evaluate_model": "its closures `load` and `run` share the failures, leaf tasks and samples one "
+                               "lm-eval call collects; split, they would pass all three around",
+}
+"""Longer functions outside the ones whose docstrings say why, with the reason."""
+
+
+def test_every_function_fits_on_a_screen_or_says_why():
+    long = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            lines = node.end_lineno - node.lineno + 1
+            name = f"{path.relative_to(PACKAGE).with_suffix('').as_posix().replace('/', '.')}.{node.name}"
+            if lines > MAX_FUNCTION_LINES and LONG_REASON not in (ast.get_docstring(node) or ""):
+                long[name] = lines
+    unexplained = {name: lines for name, lines in long.items() if name not in LONG_FUNCTIONS}
+    assert not unexplained, (f"functions over {MAX_FUNCTION_LINES} lines: {unexplained}; split them, or say why "
+                             f"in the docstring ('{LONG_REASON} ...')")
+    stale = sorted(set(LONG_FUNCTIONS) - set(long))
+    assert not stale, f"{stale} fit on a screen now: drop them from LONG_FUNCTIONS"

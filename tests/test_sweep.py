@@ -98,7 +98,11 @@ def test_trial_queue_hands_out_wanted_trials_routes_reports_and_never_leaves_a_t
     after, and once no group is left every waiting trial ends with the reason."""
     import ray
 
+    from scaling.handoffs import Closed, Done, Preempted, Report
     from scaling.sweep import TrialQueue
+
+    def handed(item):  # (trial id, task) of a Handout
+        return item.trial_id, item.task
 
     @ray.remote(num_cpus=0)
     class Trial:
@@ -112,32 +116,32 @@ def test_trial_queue_hands_out_wanted_trials_routes_reports_and_never_leaves_a_t
         for name, owner in owners.items():
             ray.get(queue.submit.remote(name, f"task-{name}", owner))
         ray.kill(owners["t1"])  # Tune stopped t1 before any group took it
-        assert ray.get(queue.take.remote("g0", 5.0)) == ("t2", "task-t2")
-        assert ray.get(queue.take.remote("g0", 5.0)) == ("t2", "task-t2")  # g0 restarted: its trial again
+        assert handed(ray.get(queue.take.remote("g0", 5.0))) == ("t2", "task-t2")
+        assert handed(ray.get(queue.take.remote("g0", 5.0))) == ("t2", "task-t2")  # g0 restarted: its trial again
         assert ray.get(queue.report.remote("t2", {"val/loss": 1.0})) is True
-        assert ray.get(queue.next_event.remote("t2", 5.0)) == ("report", {"val/loss": 1.0})
+        assert ray.get(queue.next_event.remote("t2", 5.0)) == Report({"val/loss": 1.0})
         assert ray.get(queue.next_event.remote("t2", 0.1)) is None
         ray.get(queue.finish.remote("g0", "t2"))
-        assert ray.get(queue.next_event.remote("t2", 5.0)) == ("done", None)
-        assert ray.get(queue.take.remote("g1", 5.0)) == ("t3", "task-t3")
+        assert ray.get(queue.next_event.remote("t2", 5.0)) == Done(None)
+        assert handed(ray.get(queue.take.remote("g1", 5.0))) == ("t3", "task-t3")
         assert ray.get(queue.group_failed.remote("g1", "node lost", True)) is True  # preempted: t3 goes first
-        assert ray.get(queue.next_event.remote("t3", 5.0)) == ("preempted", (1, "node lost"))
-        assert ray.get(queue.take.remote("g2", 5.0)) == ("t3", "task-t3")
+        assert ray.get(queue.next_event.remote("t3", 5.0)) == Preempted(1, "node lost")
+        assert handed(ray.get(queue.take.remote("g2", 5.0))) == ("t3", "task-t3")
         ray.get(queue.abandon.remote("t3"))  # the trial left (Tune stopped it): the group is told at its report
         assert ray.get(queue.report.remote("t3", {"val/loss": 2.0})) is False
         assert ray.get(queue.group_failed.remote("g2", "no trial", False)) is True
-        assert ray.get(queue.take.remote("g3", 5.0)) == ("t4", "task-t4")
+        assert handed(ray.get(queue.take.remote("g3", 5.0))) == ("t4", "task-t4")
         assert ray.get(queue.group_failed.remote("g3", "node lost again", True)) is True  # t4's one retry
         assert ray.get(queue.group_failed.remote("g4", "never started", False)) is False  # had no trial
         ray.get(queue.expect_groups.remote(1))
         ray.get(queue.retire.remote("cannot place the workers"))  # the last group gave up
         events = [ray.get(queue.next_event.remote("t4", 5.0)) for _ in range(2)]
-        assert events[0][0] == "preempted" and events[1][0] == "done" and "no worker group" in events[1][1]
+        assert isinstance(events[0], Preempted) and isinstance(events[1], Done) and "no worker group" in events[1].failure
         late = Trial.remote()
         ray.get(queue.submit.remote("t5", "task-t5", late))  # a trial that comes after: ends at once
-        assert "cannot place the workers" in ray.get(queue.next_event.remote("t5", 5.0))[1]
+        assert "cannot place the workers" in ray.get(queue.next_event.remote("t5", 5.0)).failure
         ray.get(queue.close.remote())
-        assert ray.get(queue.take.remote("g5", 5.0)) == "closed"
+        assert ray.get(queue.take.remote("g5", 5.0)) == Closed()
     finally:
         ray.kill(queue)
 

@@ -95,6 +95,26 @@ def test_paired_arms_share_init_and_data_order(finished_study):
     assert losses["baseline"] != losses["dispersion"]
 
 
+def test_a_finished_run_accounts_for_every_second_of_its_slot(finished_study):
+    """`time/*`: every phase's seconds, what no phase claimed, and the slot they add up to (issue 25)."""
+    from scaling import timing
+
+    study, _ = finished_study
+    for child in runs_of(study, names.KIND_TRAIN):
+        metrics = child.data.metrics
+        slot = metrics[timing.SLOT]
+        phases = [metrics[timing.seconds_key(phase)] for phase in timing.PHASES]
+        assert slot > 0 and min(phases) >= 0 and metrics[timing.OTHER] >= 0
+        assert sum(phases) + metrics[timing.OTHER] == pytest.approx(slot, rel=0.01)
+        assert metrics[timing.seconds_key("step")] > 0 and metrics[timing.seconds_key("startup")] > 0
+        assert 0 < metrics[timing.GOODPUT] <= 1
+        assert metrics[timing.seconds_key("probe")] > 0 and metrics[timing.seconds_key("checkpoint")] > 0
+        assert metrics[names.TIME_RUN_S] <= slot  # the slot starts before the run's record opens
+        has_dispersion = child.data.tags[names.TAG_ARM] == names.ARM_DISPERSION
+        dispersion = metrics[timing.seconds_key("dispersion")]
+        assert (0 < dispersion < metrics[timing.seconds_key("step")]) if has_dispersion else dispersion == 0
+
+
 def test_rerun_skips_finished_runs(finished_study):
     from scaling.study import run_study
 
