@@ -10,8 +10,8 @@ import polars as pl
 
 from scaling import names, timing
 
-BAR_PHASES = ("startup", "data", "step_without_dispersion", "dispersion", "probe", "eval_export", "checkpoint",
-              "logging", "other")
+BAR_PHASES = ("startup", "data", "step_without_dispersion", "dispersion", "probe", "eval_export", "eval_wait",
+              "checkpoint", "logging", "other")
 """The stacked bar's slices, in the order a run meets them; the step is split into its dispersion term
 and the rest."""
 
@@ -46,7 +46,8 @@ def time_account(metrics: pl.DataFrame, study_metrics: dict[str, float]) -> Time
 
     table = rows.sort("n_params", "seed", "arm").select(
         "run_id", "rung", "arm", "seed", "kind",
-        *[seconds(p).alias(p) for p in ("startup", "data", "probe", "eval_export", "checkpoint", "logging", "dispersion")],
+        *[seconds(p).alias(p) for p in ("startup", "data", "probe", "eval_export", "eval_wait", "checkpoint", "logging",
+                                         "dispersion")],
         (seconds("step") - seconds("dispersion")).clip(lower_bound=0.0).alias("step_without_dispersion"),
         seconds("other").alias("other"),
         pl.col(timing.SLOT).alias("slot_s"),

@@ -555,10 +555,10 @@ def plot_observation_heatmaps(path: Path, profiles: pl.DataFrame, *, family: str
 
 
 _PHASE_COLORS = {"startup": "#9e9e9e", "data": "#c7b299", "step_without_dispersion": "#2e7d32", "dispersion": "#81c784",
-                 "probe": "#1565c0", "eval_export": "#7e57c2", "checkpoint": "#ef6c00", "logging": "#f9a825",
+                 "probe": "#1565c0", "eval_export": "#7e57c2", "eval_wait": "#ce93d8", "checkpoint": "#ef6c00", "logging": "#f9a825",
                  "other": "#e0e0e0"}
 _PHASE_LABELS = {"step_without_dispersion": "optimizer steps", "dispersion": "steps: dispersion term",
-                 "eval_export": "evaluation export", "other": "unaccounted"}
+                 "eval_export": "evaluation export", "eval_wait": "waiting for evaluations", "other": "unaccounted"}
 
 
 def plot_time_split(path: Path, runs: pl.DataFrame, phases: tuple[str, ...], totals: dict[str, float]) -> Path:
