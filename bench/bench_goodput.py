@@ -15,7 +15,7 @@ the schedule, not about how many waves the claims needed.
 
 Prints, per configuration: wall time, training makespan, the ideal schedule and their ratio, time outside
 the runs, summed slot seconds, goodput, **efficiency** (the runs' alone step seconds over their slot
-seconds, alone measured by `alone`; beside it the driver's own estimate from the fastest logging window),
+seconds, alone measured by `alone`),
 the phase shares, and per (rung, arm) the in-study step seconds over alone (the interference). Then the
 improved/baseline ratios. The machine's load is printed with each configuration: a busy machine shifts
 both sides, but not equally; run it on a quiet one.
@@ -134,8 +134,6 @@ def describe(result: dict, alone: dict | None) -> list[str]:
              f"{len(result['runs'])} runs, {s.get(timing.SLOT, 0):.0f} slot-s: goodput {s.get(timing.GOODPUT, float('nan')):.3f}, "
              f"efficiency {eff:.3f} (alone measured)" if eff is not None else
              f"{len(result['runs'])} runs, {s.get(timing.SLOT, 0):.0f} slot-s: goodput {s.get(timing.GOODPUT, float('nan')):.3f}"]
-    if timing.EFFICIENCY in s:
-        lines.append(f"driver's efficiency estimate (fastest window): {s[timing.EFFICIENCY]:.3f}")
     shares = ", ".join(f"{p} {100 * s.get(timing.share_key(p), 0):.1f}%" for p in timing.PHASES + ("other",))
     lines.append(f"shares of slot time: {shares}; dispersion term {100 * s.get(timing.share_key('dispersion'), 0):.1f}%")
     if "analysis_s" in result:

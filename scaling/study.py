@@ -236,25 +236,15 @@ def _train_study(study, plans, searching, fixed, data, tracker, parent_id, progr
 def record_study_time(tracker, parent_id: str, plans, *, slots: int, training: tuple[float, float],
                       started_at: float, progress: Callable[[str], None] = say) -> dict[str, float]:
     """The study's time accounting (`scaling.timing.study_accounting`) over the runs this invocation
-    trained, logged on the study run and printed: goodput, efficiency (alone step times estimated from
-    each rung and arm's fastest logging window), makespan against the ideal schedule, time outside runs."""
-    by_rung = {plan.rung.name: plan for plan in plans}
-    runs = [run for run in tracker.runs_ended_since(training[0])
-            if timing.SLOT in run.data.metrics and run.data.tags.get(names.TAG_RUNG) in by_rung]
-    per_step: dict[tuple[str, str], float] = {}  # (rung, arm) -> its fastest seconds per step over its runs
-    for run in runs:
-        plan = by_rung[run.data.tags[names.TAG_RUNG]]
-        seconds = timing.alone_step_seconds(tracker.metric_history(run.info.run_id, names.TRAIN_TOKENS_PER_S),
-                                            plan.batch_size * plan.seq_len, steps=1)
-        key = (plan.rung.name, run.data.tags.get(names.TAG_ARM, ""))
-        if seconds is not None:
-            per_step[key] = min(seconds, per_step.get(key, seconds))
-    keys = [(run.data.tags[names.TAG_RUNG], run.data.tags.get(names.TAG_ARM, "")) for run in runs]
-    alone = ([per_step[key] * by_rung[key[0]].steps for key in keys] if all(key in per_step for key in keys)
-             else None)
-    study_time = timing.study_accounting([run.data.metrics for run in runs], slots=slots,
-                                         makespan_s=training[1] - training[0], wall_s=time.time() - started_at,
-                                         alone_step_s=alone)
+    trained, logged on the study run and printed: goodput, makespan against the ideal schedule, time outside
+    the runs. Not efficiency: how fast a run trains alone is not in the study's records (an estimate from
+    its fastest logging window was off by a third even for runs that trained alone); `bench/bench_goodput.py`
+    measures it."""
+    rungs = {plan.rung.name for plan in plans}
+    runs = [run.data.metrics for run in tracker.runs_ended_since(training[0])
+            if timing.SLOT in run.data.metrics and run.data.tags.get(names.TAG_RUNG) in rungs]
+    study_time = timing.study_accounting(runs, slots=slots, makespan_s=training[1] - training[0],
+                                         wall_s=time.time() - started_at)
     tracker.log_metrics(parent_id, study_time)
     progress(timing.describe_accounting(study_time))
     return study_time

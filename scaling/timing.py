@@ -107,14 +107,6 @@ WALL = "time/wall_s"
 OUTSIDE_RUNS = "time/outside_runs_s"
 
 
-def alone_step_seconds(tokens_per_s: Sequence[float], tokens_per_step: int, steps: int) -> float | None:
-    """A run's step seconds had it trained alone, estimated from its fastest logging window: the windows
-    that ran beside the least. An estimate, biased low by window noise; `bench/bench_goodput.py` measures
-    the same rung truly alone and reports how far this estimate is from it."""
-    fastest = max((rate for rate in tokens_per_s if rate > 0), default=None)
-    return None if fastest is None else steps * tokens_per_step / fastest
-
-
 def ideal_makespan(slot_seconds: Sequence[float], slots: int) -> float:
     """The shortest a schedule of these runs on `slots` side-by-side worker groups can take: the work spread
     evenly, but never less than the longest run (a run is not split)."""
@@ -161,7 +153,7 @@ def describe_accounting(study_time: Mapping[str, float]) -> str:
     parts = [f"goodput {study_time[GOODPUT]:.2f} ({study_time[seconds_key('step')]:.0f} of "
              f"{study_time[SLOT]:.0f} slot-s in optimizer steps)"]
     if EFFICIENCY in study_time:
-        parts.append(f"efficiency ~{study_time[EFFICIENCY]:.2f} (alone step time from the fastest windows)")
+        parts.append(f"efficiency {study_time[EFFICIENCY]:.2f}")
     parts.append(f"makespan {study_time[MAKESPAN]:.0f} s = {study_time[MAKESPAN_OVER_IDEAL]:.2f}x the ideal "
                  f"{study_time[IDEAL_MAKESPAN]:.0f} s")
     if WALL in study_time:

@@ -371,10 +371,6 @@ class Tracker:
                 for run in self._search(_tag_equals(names.TAG_KIND, kind))]
         return [run for run in runs if run.info.end_time and run.info.end_time >= since_ms]
 
-    @_retried("reading a metric's history")
-    def metric_history(self, run_id: str, key: str) -> list[float]:
-        return [metric.value for metric in self._client.get_metric_history(run_id, key)]
-
     def running_runs(self) -> list:
         """Training and trial runs whose record says they are running (for progress lines).
 

@@ -60,12 +60,7 @@ def test_study_accounting_sums_runs_and_compares_the_schedule_with_the_ideal():
     # the longest run is the floor: one 100 s run and three short ones on 4 slots cannot end before 100 s
     assert timing.ideal_makespan([100, 10, 10, 10], slots=4) == 100
     line = timing.describe_accounting(study)
-    assert "goodput 0.80" in line and "1.10x the ideal 100 s" in line and "efficiency ~0.70" in line
-
-
-def test_alone_step_seconds_takes_the_fastest_window():
-    assert timing.alone_step_seconds([500.0, 1000.0, 800.0], tokens_per_step=100, steps=300) == 30.0
-    assert timing.alone_step_seconds([], tokens_per_step=100, steps=300) is None
+    assert "goodput 0.80" in line and "1.10x the ideal 100 s" in line and "efficiency 0.70" in line
 
 
 def test_a_study_without_timed_runs_says_so():
