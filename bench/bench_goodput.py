@@ -6,7 +6,7 @@ logged (`scaling.timing`: every run's `time/*` split, the study's goodput, makes
 the runs). Configurations, in this order (the first pays the cold caches):
 
 - `alone`: every (rung, arm) of the demo once (seed 0), in ONE chain with no evaluation beside it (a local
-  Ray of 2 CPUs fits one run at a time): each run's step seconds with nothing beside it;
+  Ray of 1 CPU fits one run at a time): each run's step seconds with nothing beside it;
 - `baseline`: the demo as it was (`resources.chain_order=plan`: runs dealt to the chains in turn);
 - `improved`: the demo as it is now (defaults), followed by the README's analysis call, timed.
 
@@ -49,9 +49,9 @@ CONFIGS = {
     "baseline": ["resources.chain_order=plan"],
     "improved": [],
 }
-ALONE_CPUS = 2  # 1 CPU per run + its 0.5-CPU evaluation reserve: a 2-CPU Ray fits one run at a time
+ALONE_CPUS = 1  # a run without evaluations needs 1 CPU: a 1-CPU Ray fits one run at a time (2 CPUs fit two)
 
-# One configuration, in a fresh process: `--alone` starts Ray with 2 CPUs before the driver joins it.
+# One configuration, in a fresh process: `alone` starts Ray with ALONE_CPUS before the driver joins it.
 DRIVER = """
 import sys
 from scaling.cluster import connect_ray
@@ -150,16 +150,19 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 rungs, 40 steps, no evaluations: a smoke run")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the stores and logs here (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="a --json file of an earlier run: its configurations are read, not run again")
     args = parser.parse_args(argv)
     chosen = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in chosen if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_goodput_"))
-    results = {}
+    results = json.loads(args.reuse.read_text()) if args.reuse else {}
     for name in chosen:
         overrides = BASE + (QUICK if args.quick else []) + CONFIGS[name]
         results[name] = run_config(name, overrides, workdir, analyse=name == "improved")
+    for name in results:
         print("\n".join(describe(results[name], results.get("alone"))), flush=True)
     if "baseline" in results and "improved" in results:
         before, after = results["baseline"]["study"], results["improved"]["study"]
