@@ -100,26 +100,33 @@ def read_store(uri: str) -> dict:
     return {"study": {k: v for k, v in study.data.metrics.items() if k.startswith(timing.PREFIX)}, "runs": trained}
 
 
+def alone_step_seconds(alone: dict) -> dict[tuple[str, str], float]:
+    """(rung, arm) -> its step seconds trained alone."""
+    return {(r["rung"], r["arm"]): r["time/step_s"] for r in alone["runs"] if r.get("time/step_s")}
+
+
 def efficiency(result: dict, alone: dict | None) -> float | None:
-    """The runs' alone step seconds (per rung and arm, from `alone`) over their summed slot seconds."""
+    """The runs' alone step seconds (per rung and arm, from `alone`) over their summed slot seconds, through the
+    study's own accounting (`scaling.timing.study_accounting`)."""
     if alone is None:
         return None
-    steps_alone = {(r["rung"], r["arm"]): r.get("time/step_s") for r in alone["runs"]}
-    total_alone = [steps_alone.get((r["rung"], r["arm"])) for r in result["runs"]]
-    if any(v is None for v in total_alone):
+    per_run = alone_step_seconds(alone)
+    timed = [r for r in result["runs"] if r.get(timing.SLOT)]
+    if not timed or any((r["rung"], r["arm"]) not in per_run for r in timed):
         return None
-    slot = sum(r.get(timing.SLOT, 0.0) for r in result["runs"])
-    return sum(total_alone) / slot if slot else None
+    study = timing.study_accounting(timed, slots=1, makespan_s=0.0,
+                                    alone_step_s=[per_run[(r["rung"], r["arm"])] for r in timed])
+    return study.get(timing.EFFICIENCY)
 
 
 def interference(result: dict, alone: dict) -> dict[tuple[str, str], float]:
     """In-study step seconds over alone, mean over the (rung, arm)'s runs."""
-    steps_alone = {(r["rung"], r["arm"]): r.get("time/step_s") for r in alone["runs"]}
+    per_run = alone_step_seconds(alone)
     ratios: dict[tuple[str, str], list[float]] = {}
     for r in result["runs"]:
         key = (r["rung"], r["arm"])
-        if steps_alone.get(key) and r.get("time/step_s"):
-            ratios.setdefault(key, []).append(r["time/step_s"] / steps_alone[key])
+        if key in per_run and r.get("time/step_s"):
+            ratios.setdefault(key, []).append(r["time/step_s"] / per_run[key])
     return {key: sum(v) / len(v) for key, v in sorted(ratios.items())}
 
 

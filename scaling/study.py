@@ -10,7 +10,6 @@ progress line per running run is printed from their MLflow records.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -259,7 +258,6 @@ def _train_in_waves(study, plans, data, tracker, parent_id, progress) -> list[Ru
     from analysis.waves import WaveRecord, decide_wave
     from scaling.sequential import plan_waves
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading the runs back, between waves
     plan = plan_waves(study.decide, study.seeds, len(plans), len(study.arms))
     earlier = None
     for text in tracker.read_waves(parent_id):
