@@ -157,7 +157,8 @@ def compute_slope_effect(n: np.ndarray, values: np.ndarray, *, delta: float | No
                       f"slope of {rungs} rung means on log10 N ({rungs - 2} df; rung as a random effect)")
 
 
-def _rank_profile(profile: np.ndarray) -> float:
+def rank_profile(profile: np.ndarray) -> float:
+    """Spearman of a per-layer profile with depth (NaN for a flat one)."""
     depth = np.arange(profile.size, dtype=float)
     return float(stats.spearmanr(depth, profile).statistic) if np.ptp(profile) > 0 else math.nan
 
@@ -184,7 +185,7 @@ def compute_depth_trend(profiles: list[np.ndarray], *, confidence: float, seed: 
     profiles = [np.asarray(p, dtype=float) for p in profiles if np.size(p) >= 3 and np.ptp(p) > 0]
     if not profiles:
         return _untestable("no initial state with >= 3 distinct hidden-state values")
-    rho = np.array([_rank_profile(p) for p in profiles])
+    rho = np.array([rank_profile(p) for p in profiles])
     observed = float(rho.mean())
     rng = np.random.default_rng(seed)
     null = _null_mean_spearman(profiles, draws, rng)
@@ -381,7 +382,7 @@ def _check_initial(spec: ClaimSpec, initial: pl.DataFrame, *, first_probe_step: 
     n_states = {p.size for p in profiles}
     depth = n_states.pop() if len(n_states) == 1 else None
     notes = [result.note]
-    rho = np.array([_rank_profile(p) for p in profiles])
+    rho = np.array([rank_profile(p) for p in profiles])
     if depth is not None and _all_at_bound(rho):
         notes.append(f"every initial state at {rho[0]:+.0f} over {depth} hidden states (chance 1 in {math.factorial(depth)} each)")
     result = dataclasses.replace(result, note="; ".join(x for x in notes if x))

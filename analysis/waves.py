@@ -37,7 +37,9 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from analysis.claims import CONTRADICTED, NO_EFFECT, PAPER_CLAIMS, SUPPORTED, UNTESTED, ClaimCheck, check_paper_claims
+from analysis.claims import (CONTRADICTED, NO_EFFECT, PAPER_CLAIMS, SUPPORTED, UNTESTED, ClaimCheck, check_paper_claims,
+                             rank_profile)
+from analysis.fit import rung_means
 from scaling import names
 from scaling.sequential import SLOPE_CLAIMS, DecideConfig, WavePlan
 
@@ -141,16 +143,13 @@ def compute_variance(n: np.ndarray, values: np.ndarray, *, slope: bool) -> Varia
     """The parts of a pooled effect's (slope=False) or a slope's variance, from the units (N, value);
     None when the within-rung spread cannot be measured (one unit per rung)."""
     n, values = np.asarray(n, dtype=float), np.asarray(values, dtype=float)
-    sizes = np.unique(n)
-    groups = [values[n == s] for s in sizes]
-    df_within = sum(g.size - 1 for g in groups)
+    sizes, means, counts = rung_means(n, values)
+    df_within = int((counts - 1).sum())
     if df_within < 1:
         return None
-    within = float(sum(((g - g.mean()) ** 2).sum() for g in groups)) / df_within
-    means = np.array([g.mean() for g in groups])
-    counts = np.array([g.size for g in groups], dtype=float)
+    within = float(sum(((values[n == s] - m) ** 2).sum() for s, m in zip(sizes, means))) / df_within
     if sizes.size == 1:
-        return Variance(0.0, within, 1, 1.0, groups[0].size - 1, True)
+        return Variance(0.0, within, 1, 1.0, int(counts[0]) - 1, True)
     if slope:
         x = np.log10(sizes)
         sxx = float(((x - x.mean()) ** 2).sum())
@@ -190,11 +189,6 @@ def compute_seeds_needed(var: Variance, gap: float, room: float, alpha: float, p
         else:
             low = mid + 1
     return low
-
-
-def _spearman(profile) -> float:
-    profile = np.asarray(profile, dtype=float)
-    return float(stats.spearmanr(np.arange(profile.size), profile).statistic) if np.ptp(profile) > 0 else math.nan
 
 
 def _gaps(check: ClaimCheck) -> tuple[float, float]:
@@ -254,7 +248,7 @@ def _undecided(check: ClaimCheck, plan: WavePlan, decide: DecideConfig, alpha_la
     """(state, fixed-design seeds, why) of an inconclusive claim."""
     gap, room = _gaps(check)
     if check.key == "a":  # initial states are the units, R more per seed; their mean Spearman, t-approximated
-        rho = np.array([_spearman(p) for p in check.profiles])
+        rho = np.array([rank_profile(np.asarray(p, dtype=float)) for p in check.profiles])
         rho = rho[np.isfinite(rho)]
         var = Variance(0.0, float(rho.var(ddof=1)), 1, 1.0, rho.size - 1, True, max(1, plan.rungs)) if rho.size > 1 else None
     else:
