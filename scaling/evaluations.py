@@ -6,7 +6,9 @@ last) every rank takes part in gathering the weights (a collective under bf16 or
 writes a Hugging Face folder (`save_pretrained` plus the study's tokenizer) to the run's storage
 folder (`RunFolder.export`: `<run folder>/hf/step_0000120`), and submits `scaling.evaluate.evaluate_model` as a Ray
 task with the evaluation's own CPUs/GPUs. Finished evaluations are picked up without waiting; only
-the end of the run waits for the rest, so a run is not FINISHED before its evaluations are recorded.
+the end of the run waits for the rest, so a run is not FINISHED before its evaluations are recorded
+(a run with a successor in its chain waits on a thread, while the next run trains: `scaling.run_loop`).
+A run resumed after its last step evaluates again the exports its record lacks.
 A task whose data cannot be loaded is a failed evaluation of that task; an evaluation that fails
 as a whole is recorded too; neither stops the run.
 """
@@ -64,8 +66,6 @@ class RunEvaluations:
     def export_and_submit(self, model, step: int) -> None:
         """Rank 0: write `model` (every rank gathered it: `scaling.train.full_model`) to the run's folder
         and start its evaluation."""
-        import ray
-
         if self.rank != 0:
             return
         if self.folder is None:
@@ -77,6 +77,23 @@ class RunEvaluations:
         except Exception as exc:  # noqa: BLE001 -- a failed export is a failed evaluation, not a failed run
             self.logger.set_tags({f"{names.TAG_EVAL_FAILED_PREFIX}{step}": f"export: {one_line(exc)}"})
             return
+        self._submit(target, step)
+
+    def submit_unrecorded(self, recorded: set[int], upto: int) -> list[int]:
+        """Rank 0 of a run resumed after its last step: evaluate again each export up to `upto` whose
+        results its record lacks (`recorded`: the steps it has), as an earlier life may have died before
+        it recorded them (its last evaluations are finished beside the chain's next run). The steps."""
+        if self.rank != 0 or self.folder is None:
+            return []
+        again = [step for step in sorted(self.steps) if step <= upto and step not in recorded
+                 and storage.exists(storage.join(self.folder.export(step), "config.json"))]
+        for step in again:
+            self._submit(self.folder.export(step), step)
+        return again
+
+    def _submit(self, target: str, step: int) -> None:
+        import ray
+
         remote = ray.remote(evaluate_remote).options(max_retries=1, **self.config.ray_options())
         self.pending[remote.remote(target, self.config, self.seed)] = step
         self.exported[step] = target

@@ -1,5 +1,5 @@
 """Faults injected on purpose, so tests can prove the recovery paths: a worker process killed
-at a step, a loss turned NaN.
+at a step, a loss turned NaN, a worker killed while it finishes a run's records.
 
 A test installs faults in its own process (`with install(Fault(...)):`); every run built
 there carries them to its workers (`RunTask.faults`), and a sweep carries them into its trial
@@ -16,7 +16,10 @@ KILL_WORKER = "kill_worker"
 """The worker process exits at once, as a preempted node's would (Ray Train restarts the group)."""
 NAN_LOSS = "nan_loss"
 """The loss of the step is NaN (the run must be recorded as failed, the study must go on)."""
-KINDS = (KILL_WORKER, NAN_LOSS)
+KILL_WHILE_FINISHING = "kill_while_finishing"
+"""The worker process exits while a run's records are being finished beside the chain's next run (its
+last evaluations not yet recorded, no outcome written): `step` is the run's last step."""
+KINDS = (KILL_WORKER, NAN_LOSS, KILL_WHILE_FINISHING)
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class Fault:
     """One fault: what happens, at which optimizer step, on which rank, in which runs."""
 
     kind: str
-    """`kill_worker` or `nan_loss`."""
+    """One of `KINDS`."""
     step: int
     """The optimizer step (1-based) at which it happens."""
     rank: int | None = None

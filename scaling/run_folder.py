@@ -134,6 +134,11 @@ class RunFolder:
         return [self.checkpoint(tag) for tag in self._tags()
                 if storage.exists(storage.join(self.checkpoint(tag), COMPLETE))]
 
+    def trained_to(self, steps: int) -> bool:
+        """The run saved its last step's checkpoint (complete): it trained to its end, whatever became of
+        its records after."""
+        return storage.exists(storage.join(self.checkpoint(step_tag(steps)), COMPLETE))
+
     def restore_checkpoint(self, engine, device) -> tuple[dict | None, list[str]]:
         """Load the run's newest readable checkpoint, every rank agreeing on which: (client state, one line
         per newer checkpoint that could not be read). (None, []) when the run has none yet. Raises when it

@@ -11,15 +11,23 @@ step, tokens and data-order hash (`train_step`), the throughput window (`log`), 
 collectives must match) and reports to Ray Train the same number of times; only rank 0 writes to MLflow
 and to the run's folder. Each method also records where the worker's time went in the run's
 `scaling.timing.TimeLedger`, logged as `time/*` when the run ends.
+
+A run with a successor in its chain gives the worker group to it at its last step: rank 0 finishes its
+records (the final condensation figures, the last evaluations, the MLflow flush, the outcome) on a
+`RecordFinisher` thread while the next run trains. The chain's last run and a sweep's trials hold their
+slot until their records are in. A run resumed after its last step evaluates again the exports its record
+lacks, so a worker lost while it finished a run's records loses none of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
@@ -69,16 +77,46 @@ def train_loop_per_worker(work: ChainWork) -> None:
     """The runs of the chain in turn, in this one worker group (processes, process group and imports are
     paid once). A run that already ended (its outcome is in its folder) is skipped: that is how a worker
     group restarted by Ray Train, or a chain started again by the driver, continues where it stopped.
-    A run's slot starts when its chain was submitted (the first) or the run before it ended."""
+    A run's slot starts when its chain was submitted (the first) or the run before it ended; a run with a
+    successor ends its slot at its last step and its records are finished beside the next run."""
     import ray.train
 
     entered, previous_end = time.time(), 0.0
     place = _worker_place()
-    for index, task in enumerate(work.tasks):
-        slot_start = max(task.queued_since, previous_end) or entered
-        previous_end = run_unless_ended(task, place, ray.train.report, slot_start) or previous_end
-        if index < len(work.tasks) - 1:
-            _wait_for_rank0(task)
+    with RecordFinisher() as finisher:
+        for index, task in enumerate(work.tasks):
+            has_successor = index < len(work.tasks) - 1
+            slot_start = max(task.queued_since, previous_end) or entered
+            previous_end = run_unless_ended(task, place, ray.train.report, slot_start,
+                                            finisher if has_successor else None) or previous_end
+            if has_successor:
+                _wait_for_rank0(task)
+
+
+class RecordFinisher:
+    """Rank 0 of a chain: finishes runs' records one after another on one thread, while the chain's next
+    run trains. Leaving the block waits for all of them; a finish that raised is raised then (the worker
+    group fails, Ray Train restarts it, and the run without an outcome resumes after its last step)."""
+
+    def __init__(self):
+        self._executor: ThreadPoolExecutor | None = None
+        self._finishing: list[Future] = []
+
+    def submit(self, finish: Callable[[], None]) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-records")
+        self._finishing.append(self._executor.submit(finish))
+
+    def __enter__(self) -> "RecordFinisher":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._executor is None:
+            return
+        self._executor.shutdown(wait=True)
+        raised = [future.exception() for future in self._finishing if future.exception() is not None]
+        if raised and kind is None:
+            raise raised[0]
 
 
 def serve_trials_per_worker(work: TrialService) -> None:
@@ -144,10 +182,11 @@ def _from_rank0(value, place: WorkerPlace):
     return box[0]
 
 
-def run_unless_ended(task: RunTask, place: WorkerPlace, send_report: Report, slot_start: float) -> float | None:
+def run_unless_ended(task: RunTask, place: WorkerPlace, send_report: Report, slot_start: float,
+                     finisher: RecordFinisher | None = None) -> float | None:
     """Train the run, or if its folder says it ended, report what it ended with (a Tune trial resumed after
     its end still gives Tune its result); then free its memory for the next run. When the run's slot ended
-    (epoch s); None for a run that had already ended."""
+    (epoch s); None for a run that had already ended. With a `finisher`, its records are finished there."""
     import gc
 
     import torch
@@ -159,7 +198,7 @@ def run_unless_ended(task: RunTask, place: WorkerPlace, send_report: Report, slo
             send_report(ended["report"])
         return None
     try:
-        return train_run(task, place, send_report, TimeLedger(slot_start))
+        return train_run(task, place, send_report, TimeLedger(slot_start), finisher)
     finally:
         gc.collect()  # this run's engine, optimizer state and model, before the next run builds its own
         if place.device.type == "cuda":
@@ -169,9 +208,11 @@ def run_unless_ended(task: RunTask, place: WorkerPlace, send_report: Report, slo
 # --- one run ----------------------------------------------------------------------------------
 
 
-def train_run(task: RunTask, place: WorkerPlace, send_report: Report, ledger: TimeLedger) -> float:
-    """One run, from its latest checkpoint (if any) to its outcome in its folder; when its slot ended."""
-    loop = RunLoop(task, place, send_report, ledger)
+def train_run(task: RunTask, place: WorkerPlace, send_report: Report, ledger: TimeLedger,
+              finisher: RecordFinisher | None = None) -> float:
+    """One run, from its latest checkpoint (if any) to its outcome in its folder (written on `finisher`'s
+    thread, when given, after the slot ended); when its slot ended."""
+    loop = RunLoop(task, place, send_report, ledger, finisher)
     loop.open()
     try:
         loop.build()
@@ -217,8 +258,10 @@ class StepLosses:
 class RunLoop:
     """One run on one rank: what each step of its life needs, and where its time went (`ledger`)."""
 
-    def __init__(self, task: RunTask, place: WorkerPlace, send_report: Report, ledger: TimeLedger):
+    def __init__(self, task: RunTask, place: WorkerPlace, send_report: Report, ledger: TimeLedger,
+                 finisher: RecordFinisher | None = None):
         self.task, self.send_report, self.ledger = task, send_report, ledger
+        self.finisher = finisher  # rank 0 finishes the records there, after the slot (None: in the slot)
         self.rank, self.world, self.device = place
         self.logger: RunLogger | None = None
         self.started = time.perf_counter()
@@ -228,6 +271,7 @@ class RunLoop:
         self._window_start, self._window_tokens = time.perf_counter(), 0
         self._dispersion_events: list = []  # CUDA event pairs around the dispersion term, read after the step's sync
         self._startup_recorded = False
+        self._final_condensation = None  # the last probe's CondensationResult, drawn by the finisher
 
     # -- the run's life ------------------------------------------------------------------------
 
@@ -308,6 +352,11 @@ class RunLoop:
             self.final_report = {"step": self.step, **self.probe(record=False)}
             self.send_report(self.final_report)
         self.evaluations = _run_evaluations(task, self.rank, self.logger, self.engine)
+        if self.evaluations is not None and self.resumed and self.step >= task.steps and self.logger is not None:
+            again = self.evaluations.submit_unrecorded(_recorded_evaluations(task), task.steps)
+            if again:
+                self._say(f"{task.run_name}: evaluating again at step(s) {again}: its earlier life ended "
+                          "before it recorded them")
         if self.evaluations is not None and self.step == 0 and self.evaluations.due(0):  # the pretrained/initial row
             with self.ledger.phase("eval_export"):
                 self.evaluations.export_and_submit(full_model(self.engine, self.evaluations.precision_dtype), 0)
@@ -467,16 +516,10 @@ class RunLoop:
             self.logger.log_artifact(path, names.ARTIFACT_PROBES_DIR)
         if step != task.steps:
             return
-        from scaling.plots import write_condensation_record
-
-        with tempfile.TemporaryDirectory() as directory:
-            with self.ledger.phase("probe"):  # the record's figures are drawn here
-                paths = write_condensation_record(result, directory, title=task.run_name, metadata={
-                    "model": task.rung.name, "run_name": task.run_name, "num_params": num_params(task),
-                    "repetitions": result.num_sequences, "max_length": task.probes.max_length})
-            with self.ledger.phase("logging"):
-                for path in paths:
-                    self.logger.log_artifact(path)
+        if self.finisher is not None:
+            self._final_condensation = result  # drawn after the slot, beside the next run
+        else:
+            _log_condensation_record(self.logger, task, result, self.ledger)
 
     def evaluate(self) -> None:
         """At an evaluation step, export the model (every rank gathers it) for its evaluation on its own
@@ -494,11 +537,11 @@ class RunLoop:
         """Save a DeepSpeed checkpoint in the run's folder, then report. At the last step rank 0 first waits
         for the evaluations and the MLflow writes, after the save's collectives, so the other ranks wait for
         it in the report, which has no timeout (a gloo call would time out after 30 minutes of evaluations);
-        what did not reach MLflow joins the report."""
+        what did not reach MLflow joins the report. With a finisher, that wait is the finisher's instead."""
         with self.ledger.phase("checkpoint"):
             _save_checkpoint(self.engine, self.task, self.step, {"step": self.step, "tokens_seen": self.tokens_seen,
                                                                  "order_hash": self.order_hash})
-        if self.step == self.task.steps and self.logger is not None:
+        if self.step == self.task.steps and self.logger is not None and self.finisher is None:
             report.update(self._final_records())
         self.send_report(report)
         if self.step == self.task.steps:
@@ -518,20 +561,19 @@ class RunLoop:
         return {UNWRITTEN_KEY: problem} if problem else {}
 
     def finish(self) -> float:
-        """The run trained to its end: its time split and duration, its data-order hash, then its outcome."""
-        from scaling.tracking import UNWRITTEN_KEY
-
+        """The run trained to its end: its time split and duration, its data-order hash, then its outcome;
+        with a finisher, the slot ends now and rank 0 writes them on the finisher's thread."""
         self.engine.destroy()
         self._record_startup()  # a run resumed after its last step has no first step
         if self.logger is not None:
-            with self.ledger.phase("logging"):
-                self.logger.set_tags({names.TAG_DATA_ORDER_HASH: self.order_hash, names.TAG_STEPS: self.task.steps})
-            self._log_time({names.TIME_RUN_S: float(f"{time.perf_counter() - self.started:.4g}")})
-            problem = self.logger.close()
-            if problem and not self.final_report.get(UNWRITTEN_KEY):
-                self.final_report = {**self.final_report, UNWRITTEN_KEY: problem}
-            _write_outcome(self.task, failure=None, report=self.final_report,
-                           seconds=time.perf_counter() - self.started)
+            records = FinalRecords(self.task, self.logger, self.ledger, self.evaluations, self.final_report,
+                                   self.order_hash, self.started, self.resumed, self._final_condensation,
+                                   in_slot=self.finisher is None)
+            if self.finisher is None:
+                records.write()
+            else:
+                self.ledger.close()
+                self.finisher.submit(records.write)
         return self._slot_end()
 
     def fail(self, failure: str) -> float:
@@ -586,6 +628,74 @@ class RunLoop:
 
     def _say(self, message: str) -> None:
         _log(self.rank, message)
+
+
+@dataclasses.dataclass
+class FinalRecords:
+    """Rank 0: what a finished run still writes, holding only what that needs (not the engine, whose memory
+    the next run wants): the final figures and last evaluations (when finished after the slot), the
+    data-order hash, the time split and duration, then the outcome the driver takes in."""
+
+    task: RunTask
+    logger: Any  # RunLogger
+    ledger: TimeLedger
+    evaluations: Any  # RunEvaluations | None
+    report: dict[str, Any]
+    order_hash: str
+    started: float  # perf_counter at the run's start
+    resumed: bool
+    condensation: Any = None  # the last probe's CondensationResult, when its figures are still to draw
+    in_slot: bool = True  # False: finished after the slot, beside the chain's next run
+
+    def write(self) -> None:
+        from scaling.tracking import UNWRITTEN_KEY
+
+        task, ledger, logger = self.task, self.ledger, self.logger
+        report = dict(self.report)
+        logging = ledger.phase("logging") if self.in_slot else contextlib.nullcontext()
+        if not self.in_slot:
+            if faults.due(task.faults, faults.KILL_WHILE_FINISHING, step=task.steps, rank=0, run_name=task.run_name,
+                          resumed=self.resumed):
+                os._exit(1)
+            if self.condensation is not None:
+                _log_condensation_record(logger, task, self.condensation)
+            if self.evaluations is not None:
+                self.evaluations.finish()
+        with logging:
+            logger.set_tags({names.TAG_DATA_ORDER_HASH: self.order_hash, names.TAG_STEPS: task.steps})
+            if not self.in_slot and (problem := logger.flush()):
+                report[UNWRITTEN_KEY] = problem
+        if self.evaluations is not None and self.evaluations.seconds:
+            ledger.add("evaluation", self.evaluations.seconds)
+        if self.in_slot:
+            times = ledger.close()
+        else:
+            ledger.add("finishing", ledger.clock() - ledger.slot_end)  # queued behind an earlier run's, too
+            times = ledger.metrics()
+        logger.log_metrics({names.TIME_RUN_S: float(f"{time.perf_counter() - self.started:.4g}"), **times},
+                           step=task.steps)
+        problem = logger.close()
+        if problem and not report.get(UNWRITTEN_KEY):
+            report[UNWRITTEN_KEY] = problem
+        _write_outcome(task, failure=None, report=report, seconds=time.perf_counter() - self.started)
+
+
+def _log_condensation_record(logger, task: RunTask, result, ledger: TimeLedger | None = None) -> None:
+    """The run's condensation record (JSON, heatmap) as artifacts; drawing is probe time, uploading logging
+    time, when drawn in the slot (`ledger`)."""
+    from scaling.plots import write_condensation_record
+
+    def phase(name: str):
+        return ledger.phase(name) if ledger is not None else contextlib.nullcontext()
+
+    with tempfile.TemporaryDirectory() as directory:
+        with phase("probe"):
+            paths = write_condensation_record(result, directory, title=task.run_name, metadata={
+                "model": task.rung.name, "run_name": task.run_name, "num_params": num_params(task),
+                "repetitions": result.num_sequences, "max_length": task.probes.max_length})
+        with phase("logging"):
+            for path in paths:
+                logger.log_artifact(path)
 
 
 class _CudaInterval:
@@ -644,6 +754,13 @@ def _run_evaluations(task: RunTask, rank: int, logger, engine):
     return RunEvaluations(task.evaluation, total_steps=task.steps, rank=rank, logger=logger,
                           tokenizer_uri=task.tokenizer_uri, run_folder=task.folder, seed=task.seed,
                           precision_dtype=dtype if dtype == torch.bfloat16 else torch.float32)
+
+
+def _recorded_evaluations(task: RunTask) -> set[int]:
+    """Rank 0: the steps whose evaluation the run's MLflow record holds (`eval/seconds`, logged with each)."""
+    from scaling.tracking import recorded_steps
+
+    return recorded_steps(task.tracking_uri, task.run_id, names.EVAL_SECONDS)
 
 
 def _open_record(task: RunTask) -> str:

@@ -322,9 +322,14 @@ def train_chain(study: StudyConfig, jobs: Sequence[tuple], data: DataRefs, track
         if STOPPING.is_set():
             break
         left = [q for q in queue if outcomes[q.index] is None]
-        if left:  # the group stopped on the first run without an outcome
-            watcher.fail(left[0], failure or "its worker group ended without recording how the run ended")
-        queue = left[1:]
+        if left:
+            # The group stopped on the first run without an outcome that had not trained to its end: a run
+            # before it that had lost only the finish of its records (written beside the next run) resumes
+            # after its last step in the next group. Each pass removes one run, so the loop ends.
+            stopped = next((q for q in left if not q.folder.trained_to(q.task.steps)), left[0])
+            watcher.fail(stopped, failure or "its worker group ended without recording how the run ended")
+            left.remove(stopped)
+        queue = left
     for q in queue:  # interrupted: the driver has marked them killed; --resume continues them
         if outcomes[q.index] is None:
             outcomes[q.index] = RunOutcome(q.rung, q.arm, q.seed, names.STATUS_KILLED, q.run_id)

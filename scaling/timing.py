@@ -23,12 +23,15 @@ model build, DeepSpeed init, checkpoint restore (the first run of a worker group
 imports); data: resolving the token shards and assembling batches; step: optimizer steps; probe:
 condensation probes and validation loss; eval_export: writing the model for an evaluation (the evaluation
 itself runs on its own resources: `time/evaluation_s`, outside the slot); eval_wait: the run's end waiting
-for its last evaluations, whose results its record must hold (the slot is held meanwhile); checkpoint:
+for its last evaluations, whose results its record must hold (the slot is held meanwhile: only for the
+last run of a chain or a sweep's trial; the others wait outside their slot, `time/finishing_s`); checkpoint:
 save and upload; logging: MLflow writes and their flush."""
 PARTS = {"dispersion": "step"}
 """Sub-phases: counted inside their parent, reported on their own."""
-OUTSIDE_SLOT = ("queued", "evaluation")
-"""Measured, but not the run's slot: waiting for a worker group, and the evaluation on its own actor."""
+OUTSIDE_SLOT = ("queued", "evaluation", "finishing")
+"""Measured, but not the run's slot: waiting for a worker group, the evaluation on its own actor, and
+finishing the run's records after its slot (a run with a successor in its chain gives the worker group
+to it at its last step, and waits for its last evaluations and MLflow writes on a thread beside it)."""
 
 PREFIX = "time/"
 SLOT = "time/slot_s"

@@ -169,6 +169,16 @@ def _retried(what: str):
     return wrap
 
 
+def recorded_steps(tracking_uri: str, run_id: str, key: str) -> set[int]:
+    """The steps at which a run has a value of `key` (a worker's read; waits out an outage like every call)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    return call_with_retries(lambda: {m.step for m in client.get_metric_history(run_id, key)},
+                             "reading which steps a run recorded", uri=tracking_uri,
+                             policy=RetryPolicy.from_env(), notice=_worker_notice)
+
+
 def default_spill_dir() -> Path:
     """Where a run logger with no spill folder of its own keeps what MLflow did not take."""
     return Path(tempfile.gettempdir()) / "dispersion-scaling" / "mlflow-spill"

@@ -161,3 +161,39 @@ def test_the_report_shows_chance_and_document_level_uncertainty(evaluated, tmp_p
     section = report[report.index("## Downstream accuracy"):report.index("## Method")]
     assert "Chance level" in section  # eval/mean_acc has a failed task here: the line says why there is no chance mean
     assert "with document-level uncertainty" in section and f"| {names.ARM_DISPERSION} |" in section
+
+
+def test_a_chained_run_finishes_its_records_beside_the_next_and_a_worker_lost_meanwhile_loses_none(ray_session,
+                                                                                                   tmp_path):
+    """Two runs queue in one worker group (it takes 3 of the 4 CPUs, the evaluations the fourth). The first
+    gives the group to the second at its last step and finishes its records on a thread: its slot holds no
+    evaluation wait (issue 25). The worker dies there, before the first run's last evaluation is recorded:
+    Ray Train restarts the group, the first run resumes after its last step and evaluates again what its
+    record lacks, so both runs end FINISHED with every evaluation step."""
+    from scaling import timing
+    from scaling.faults import KILL_WHILE_FINISHING, Fault, install
+    from scaling.study import run_study
+
+    study = tiny_train_study(tmp_path, "finishing", resources={"num_workers": 1, "zero_stage": 0, "cpus_per_worker": 3},
+                             checkpoint={"every_steps": 0, "num_to_keep": 1, "max_failures": 1},
+                             eval={"tasks": ["bundled_cloze"], "limit": LIMIT, "batch_size": 8, "every_steps": 2,
+                                   "at_start": True, "num_cpus": 1})
+    with install(Fault(KILL_WHILE_FINISHING, step=4)):
+        outcomes = run_study(study, "")
+    assert [o.status for o in outcomes] == ["finished", "finished"], [o.detail for o in outcomes]
+    client = client_for(study)
+    runs = training_runs(study)
+    finished_beside = [run for run in runs if timing.seconds_key("finishing") in run.data.metrics]
+    assert len(finished_beside) == 1, "only the chain's first run finishes its records after its slot"
+    (first,) = finished_beside
+    (last,) = [run for run in runs if run is not first]
+    assert first.data.tags[names.TAG_RESUMED_FROM_STEP] == "4"  # the killed finish resumed after the last step
+    assert first.data.metrics[timing.seconds_key("eval_wait")] == 0
+    assert last.data.metrics[timing.seconds_key("eval_wait")] > 0  # the chain's last run holds its slot
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags[names.TAG_MODEL_DIR].endswith("step_0000004")
+        history = client.get_metric_history(run.info.run_id, "eval/bundled_cloze/acc")
+        assert sorted({m.step for m in history}) == [0, 2, 4]
+        metrics = run.data.metrics
+        phases = sum(metrics[timing.seconds_key(phase)] for phase in timing.PHASES)
+        assert phases + metrics[timing.OTHER] == pytest.approx(metrics[timing.SLOT], rel=0.01)
