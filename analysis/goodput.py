@@ -20,7 +20,7 @@ and the rest."""
 class TimeAccount:
     runs: pl.DataFrame
     """One row per timed run (smallest rung first): run_id, rung, arm, seed, kind, one column per `BAR_PHASES` (seconds), slot_s,
-    goodput."""
+    goodput, finishing_s (its records finished after its slot, beside its chain's next run; 0 when in it)."""
     study: dict[str, float] = field(default_factory=dict)
     """The study run's `time/*` (its last invocation; empty for a study trained before time accounting)."""
 
@@ -52,7 +52,8 @@ def time_account(metrics: pl.DataFrame, study_metrics: dict[str, float]) -> Time
         seconds("other").alias("other"),
         pl.col(timing.SLOT).alias("slot_s"),
         (seconds("step") / pl.col(timing.SLOT)).alias("goodput"),
-    ).select("run_id", "rung", "arm", "seed", "kind", *BAR_PHASES, "slot_s", "goodput")
+        seconds("finishing").alias("finishing_s"),
+    ).select("run_id", "rung", "arm", "seed", "kind", *BAR_PHASES, "slot_s", "goodput", "finishing_s")
     return TimeAccount(table, dict(study_metrics))
 
 

@@ -583,11 +583,16 @@ def plot_time_split(path: Path, runs: pl.DataFrame, phases: tuple[str, ...], tot
         if share >= 0.04:
             total_ax.text(0, bottom + share / 2, f"{share:.0%}", ha="center", va="center", fontsize=8)
         bottom += share
+    beside = runs["finishing_s"].fill_null(0.0).to_numpy() if "finishing_s" in runs.columns else np.zeros(runs.height)
+    if beside.any():  # after the slot: the worker group already trains the chain's next run
+        shown = beside > 0
+        ax.barh(y[shown], beside[shown], left=left[shown], color="none", edgecolor="#9e9e9e", hatch="////", linewidth=0.5, height=0.75,
+                label="records finished beside the next run (not slot time)")
     for yi, goodput in zip(y, runs["goodput"].to_numpy()):
-        ax.text(left[yi] * 1.01, yi, f"{goodput:.2f}", va="center", fontsize=7, color="#424242")
+        ax.text((left[yi] + beside[yi]) * 1.01, yi, f"{goodput:.2f}", va="center", fontsize=7, color="#424242")
     ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlim(0, float(left.max()) * 1.1 if runs.height else 1.0)
+    ax.set_xlim(0, float((left + beside).max()) * 1.1 if runs.height else 1.0)
     ax.set_xlabel("seconds of the run's worker slot (number: goodput = optimizer-step share)")
     ax.set_title("Where each run's slot time went", fontsize=10)
     fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=5, frameon=False)

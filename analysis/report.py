@@ -551,8 +551,17 @@ def _time_lines(account: TimeAccount, figures: list[Path], out_dir: Path) -> lis
     lines = ["## Where the time went", "",
              f"{runs.height} run(s) logged their time split: {slot:,.0f} worker-slot seconds, of which {step:,.0f} in "
              f"optimizer steps: **goodput {step / slot:.2f}** (docs/goodput.md says what each figure measures)."]
-    lines[-1] += (" Efficiency (the runs' step time had each trained alone, over slot time) needs runs trained alone: "
-                  "`bench/bench_goodput.py` measures it for the demo.")
+    if timing.EFFICIENCY in study:
+        lines[-1] += (f" **Efficiency {study[timing.EFFICIENCY]:.2f}**: the runs' step time had each trained alone "
+                      "(measured by `bench/bench_goodput.py`), over slot time.")
+    else:
+        lines[-1] += (" Efficiency (the runs' step time had each trained alone, over slot time) needs runs trained "
+                      "alone: `bench/bench_goodput.py` measures it for the demo.")
+    beside = runs.filter(pl.col("finishing_s") > 0)
+    if beside.height:
+        lines[-1] += (f" {beside.height} run(s) gave their worker group to the next run of their chain at their last "
+                      f"step and finished their records beside it ({float(beside['finishing_s'].sum()):,.0f} s outside "
+                      "their slots: the last evaluations and MLflow writes).")
     if timing.MAKESPAN in study and timing.IDEAL_MAKESPAN in study:
         lines[-1] += (f" Its training took {study[timing.MAKESPAN]:,.0f} s against an ideal schedule of "
                       f"{study[timing.IDEAL_MAKESPAN]:,.0f} s ({study[timing.MAKESPAN_OVER_IDEAL]:.2f}x)")

@@ -7,8 +7,11 @@ the runs). Configurations, in this order (the first pays the cold caches):
 
 - `alone`: every (rung, arm) of the demo once (seed 0), in ONE chain with no evaluation beside it (a local
   Ray of 1 CPU fits one run at a time): each run's step seconds with nothing beside it;
-- `baseline`: the demo as it was (`resources.chain_order=plan`: runs dealt to the chains in turn);
-- `improved`: the demo as it is now (defaults), followed by the README's analysis call, timed.
+- `baseline`: the demo as it was before issue 25 (`resources.chain_order=plan`: runs dealt to the chains
+  in turn; `resources.finish_beside_next=false`: every run holds its worker group until its last
+  evaluations are recorded);
+- `improved`: the demo as it is now (defaults); its efficiency is logged on its study run
+  (`time/efficiency`, so its report shows it), then the README's analysis call runs, timed.
 
 Every configuration trains one wave (`decide=null`: the demo's 2 seeds, 16 runs), so the figures are about
 the schedule, not about how many waves the claims needed.
@@ -19,6 +22,11 @@ seconds, alone measured by `alone`),
 the phase shares, and per (rung, arm) the in-study step seconds over alone (the interference). Then the
 improved/baseline ratios. The machine's load is printed with each configuration: a busy machine shifts
 both sides, but not equally; run it on a quiet one.
+
+CPU: the machine's busy core-seconds (/proc/stat, sampled every 0.5 s) during the training window (first
+chain submitted to last run ended). With k chains side by side on C cores for the whole window, the slot
+seconds are about k x makespan and the makespan at least busy / C, so efficiency cannot exceed about
+(alone step seconds) x C / (k x busy core-seconds): the **efficiency ceiling** of that much CPU work.
 
     python bench/bench_goodput.py                     # ~15 min on 2 cores
     python bench/bench_goodput.py --quick             # 2 rungs, 40 steps, no evaluations (~3 min)
@@ -46,7 +54,7 @@ QUICK = ["training.max_steps=40", "rungs=[tiny-165K, tiny-429K]", "probes.every_
 BASE = ["decide=null"]  # one wave of the demo's 16 runs: the schedule is the question here, not the waves
 CONFIGS = {
     "alone": ["seeds=[0]", "eval=null"],
-    "baseline": ["resources.chain_order=plan"],
+    "baseline": ["resources.chain_order=plan", "resources.finish_beside_next=false"],
     "improved": [],
 }
 ALONE_CPUS = 1  # a run without evaluations needs 1 CPU: a 1-CPU Ray fits one run at a time (2 CPUs fit two)
@@ -62,42 +70,125 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def run_config(name: str, overrides: list[str], workdir: Path, analyse: bool) -> dict:
+def run_config(name: str, overrides: list[str], workdir: Path) -> dict:
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     sets = [f"tracking_uri={uri}", f"storage_path={folder / 'runs'}", *overrides]
     argv = [str(DEMO)] + [arg for item in sets for arg in ("--set", item)]
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
     load = os.getloadavg()[0]
     started = time.time()
-    done = subprocess.run([sys.executable, "-c", DRIVER.format(cpus=ALONE_CPUS), name, *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    with CpuSampler() as cpu:
+        done = subprocess.run([sys.executable, "-c", DRIVER.format(cpus=ALONE_CPUS), name, *argv], cwd=ROOT,
+                              env=driver_env(), capture_output=True, text=True)
     wall = time.time() - started
     (folder / "driver.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"{name}: the driver failed (rc {done.returncode}); see {folder / 'driver.log'}")
-    result = {"name": name, "wall_s": wall, "load": load, **read_store(uri)}
-    if analyse:
-        started = time.time()
-        subprocess.run([sys.executable, "-m", "analysis.scaling_curves", "--tracking-uri", uri, "--study", "demo",
-                        "--out", str(folder / "analysis")], cwd=ROOT, env=env, check=True, capture_output=True)
-        result["analysis_s"] = time.time() - started
+    result = {"name": name, "uri": uri, "folder": str(folder), "wall_s": wall, "load": load, **read_store(uri)}
+    result["busy_core_s"] = cpu.busy_between(*result.pop("window"))
     return result
 
 
+def driver_env() -> dict:
+    return {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
+
+
+def analyse(result: dict) -> None:
+    """The README's analysis call on the configuration's store, timed."""
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "analysis.scaling_curves", "--tracking-uri", result["uri"], "--study", "demo",
+                    "--out", str(Path(result["folder"]) / "analysis")], cwd=ROOT, env=driver_env(), check=True,
+                   capture_output=True)
+    result["analysis_s"] = time.time() - started
+
+
 def read_store(uri: str) -> dict:
+    """The study run's and every training run's `time/*`, and the training window (epoch s): from the first
+    chain's submission (a run's MLflow start less its `time/queued_s`) to the last run's end."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("demo")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     study = next(r for r in runs if r.data.tags.get(names.TAG_KIND) == names.KIND_STUDY)
+    trained_runs = [r for r in runs if r.data.tags.get(names.TAG_KIND) == names.KIND_TRAIN]
     trained = [{"rung": r.data.tags.get(names.TAG_RUNG), "arm": r.data.tags.get(names.TAG_ARM),
                 "seed": r.data.tags.get(names.TAG_SEED), **{k: v for k, v in r.data.metrics.items()
                                                              if k.startswith(timing.PREFIX)}}
-               for r in runs if r.data.tags.get(names.TAG_KIND) == names.KIND_TRAIN]
-    return {"study": {k: v for k, v in study.data.metrics.items() if k.startswith(timing.PREFIX)}, "runs": trained}
+               for r in trained_runs]
+    window = (min(r.info.start_time / 1000 - r.data.metrics.get(names.TIME_QUEUED_S, 0.0) for r in trained_runs),
+              max(r.info.end_time / 1000 for r in trained_runs))
+    return {"study_run_id": study.info.run_id, "window": window, "runs": trained,
+            "study": {k: v for k, v in study.data.metrics.items() if k.startswith(timing.PREFIX)}}
+
+
+def log_efficiency(result: dict, value: float) -> None:
+    """The measured efficiency on the configuration's study run, so its report states it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(result["uri"])
+    client.log_metric(result["study_run_id"], timing.EFFICIENCY, float(f"{value:.4g}"))
+    client.set_tag(result["study_run_id"], timing.EFFICIENCY_SOURCE, "bench/bench_goodput.py (every rung and arm "
+                   "also trained alone, one run at a time, no evaluations)")
+    result["study"][timing.EFFICIENCY] = value
+
+
+def busy_core_seconds() -> float:
+    """Every core's non-idle seconds since boot (/proc/stat: user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuSampler:
+    """Busy core-seconds sampled every `every_s` on a thread, to integrate over any window of the block."""
+
+    def __init__(self, every_s: float = 0.5):
+        import threading
+
+        self.every_s, self.samples = every_s, [(time.time(), busy_core_seconds())]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append((time.time(), busy_core_seconds()))
+
+    def __enter__(self) -> "CpuSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.time(), busy_core_seconds()))
+
+    def busy_between(self, start: float, end: float) -> float:
+        """Busy core-seconds from `start` to `end` (linear between samples)."""
+        import numpy as np
+
+        times, busy = (np.array(column) for column in zip(*self.samples))
+        return float(np.interp(end, times, busy) - np.interp(start, times, busy))
+
+
+def cpu_lines(result: dict, alone: dict | None) -> list[str]:
+    """The training window's CPU work and, with the alone reference, the efficiency ceiling it sets."""
+    s, cores = result["study"], os.cpu_count() or 1
+    makespan, busy = s.get(timing.MAKESPAN, 0.0), result.get("busy_core_s")
+    if not makespan or busy is None:
+        return []
+    line = (f"CPU in the training window: {busy:.0f} busy core-s = {busy / (cores * makespan):.0%} of {cores} cores x "
+            f"{makespan:.0f} s")
+    per_run = alone_step_seconds(alone) if alone is not None else {}
+    timed = [r for r in result["runs"] if r.get(timing.SLOT)]
+    if per_run and timed and all((r["rung"], r["arm"]) in per_run for r in timed):
+        needed = sum(per_run[(r["rung"], r["arm"])] for r in timed)
+        chains = s.get(timing.SLOTS) or round(s.get(timing.SLOT, 0.0) / makespan)
+        line += (f"; the runs' steps at alone speed need {needed:.0f} core-s ({needed / busy:.0%} of that work): "
+                 f"efficiency ceiling ~ {needed * cores / (chains * busy):.2f} with {chains:g} chain(s) on {cores} cores")
+    return [line]
 
 
 def alone_step_seconds(alone: dict) -> dict[tuple[str, str], float]:
@@ -143,6 +234,7 @@ def describe(result: dict, alone: dict | None) -> list[str]:
              f"{len(result['runs'])} runs, {s.get(timing.SLOT, 0):.0f} slot-s: goodput {s.get(timing.GOODPUT, float('nan')):.3f}"]
     shares = ", ".join(f"{p} {100 * s.get(timing.share_key(p), 0):.1f}%" for p in timing.PHASES + ("other",))
     lines.append(f"shares of slot time: {shares}; dispersion term {100 * s.get(timing.share_key('dispersion'), 0):.1f}%")
+    lines += cpu_lines(result, alone)
     if "analysis_s" in result:
         lines.append(f"analysis call: {result['analysis_s']:.0f} s")
     if alone is not None and result is not alone:
@@ -168,7 +260,12 @@ def main(argv=None) -> int:
     results = json.loads(args.reuse.read_text()) if args.reuse else {}
     for name in chosen:
         overrides = BASE + (QUICK if args.quick else []) + CONFIGS[name]
-        results[name] = run_config(name, overrides, workdir, analyse=name == "improved")
+        results[name] = run_config(name, overrides, workdir)
+    if "improved" in chosen:
+        measured = efficiency(results["improved"], results.get("alone"))
+        if measured is not None:
+            log_efficiency(results["improved"], measured)
+        analyse(results["improved"])
     for name in results:
         print("\n".join(describe(results[name], results.get("alone"))), flush=True)
     if "baseline" in results and "improved" in results:

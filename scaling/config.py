@@ -319,6 +319,10 @@ class ResourcesConfig:
     chain_order: str = "longest_first"
     """How runs that queue for the cluster are dealt to the chains of worker groups: `longest_first` (by
     parameters x tokens, in a snake, so the chains end together) or `plan` (in turn, in plan order)."""
+    finish_beside_next: bool = True
+    """A run with a successor in its chain gives the worker group to it at its last step and finishes its
+    records (last evaluations, MLflow flush, outcome) on a thread beside it; false holds the group until
+    they are in (as before; `bench/bench_goodput.py`'s baseline)."""
 
     def __post_init__(self):
         if self.chain_order not in CHAIN_ORDERS:

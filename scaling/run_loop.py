@@ -88,7 +88,8 @@ def train_loop_per_worker(work: ChainWork) -> None:
             has_successor = index < len(work.tasks) - 1
             slot_start = max(task.queued_since, previous_end) or entered
             previous_end = run_unless_ended(task, place, ray.train.report, slot_start,
-                                            finisher if has_successor else None) or previous_end
+                                            finisher if has_successor and work.finish_beside_next else None
+                                            ) or previous_end
             if has_successor:
                 _wait_for_rank0(task)
 

@@ -103,6 +103,8 @@ class TimeLedger:
 # --- a study's seconds ----------------------------------------------------------------------------
 
 EFFICIENCY = "time/efficiency"
+EFFICIENCY_SOURCE = "time/efficiency_source"  # a tag: who measured the runs' alone step times
+SLOTS = "time/slots"  # worker groups side by side
 MAKESPAN = "time/makespan_s"
 IDEAL_MAKESPAN = "time/ideal_makespan_s"
 MAKESPAN_OVER_IDEAL = "time/makespan_over_ideal"
@@ -126,7 +128,7 @@ def study_accounting(runs: Sequence[Mapping[str, float]], *, slots: int, makespa
     (Ray start, tokenization, planning: `wall_s - makespan_s`). `runs`: each run's TimeLedger metrics."""
     timed = [run for run in runs if run.get(SLOT)]
     slot = sum(run[SLOT] for run in timed)
-    out: dict[str, float] = {"time/runs": float(len(timed)), SLOT: slot, MAKESPAN: makespan_s}
+    out: dict[str, float] = {"time/runs": float(len(timed)), SLOTS: float(slots), SLOT: slot, MAKESPAN: makespan_s}
     if slot > 0:
         for name in PHASES + tuple(PARTS) + ("other",):
             seconds = sum(run.get(seconds_key(name), 0.0) for run in timed)
