@@ -8,10 +8,13 @@ the runs). Configurations, in this order (the first pays the cold caches):
 - `alone`: every (rung, arm) of the demo once (seed 0), in ONE chain with no evaluation beside it (a local
   Ray of 1 CPU fits one run at a time): each run's step seconds with nothing beside it;
 - `baseline`: the demo as it was before issue 25 (`resources.chain_order=plan`: runs dealt to the chains
-  in turn; `resources.finish_beside_next=false`: every run holds its worker group until its last
+  in turn; `resources.finish_records=in_slot`: every run holds its worker group until its last
   evaluations are recorded);
-- `improved`: the demo as it is now (defaults); its efficiency is logged on its study run
-  (`time/efficiency`, so its report shows it), then the README's analysis call runs, timed.
+- `improved`: the demo as it is now (defaults: on CPUs `finish_records: auto` is `in_slot`); its
+  efficiency is logged on its study run (`time/efficiency`, so its report shows it), then the README's
+  analysis call runs, timed;
+- `beside`: the defaults with `resources.finish_records=beside_next` (what `auto` does on GPUs): a run with
+  a successor gives the worker group to it at its last step and finishes its records beside it.
 
 Every configuration trains one wave (`decide=null`: the demo's 2 seeds, 16 runs), so the figures are about
 the schedule, not about how many waves the claims needed.
@@ -28,7 +31,7 @@ chain submitted to last run ended). With k chains side by side on C cores for th
 seconds are about k x makespan and the makespan at least busy / C, so efficiency cannot exceed about
 (alone step seconds) x C / (k x busy core-seconds): the **efficiency ceiling** of that much CPU work.
 
-    python bench/bench_goodput.py                     # ~15 min on 2 cores
+    python bench/bench_goodput.py                     # ~20 min on 2 cores
     python bench/bench_goodput.py --quick             # 2 rungs, 40 steps, no evaluations (~3 min)
     python bench/bench_goodput.py --configs baseline,improved --workdir /tmp/goodput
 """
@@ -54,8 +57,9 @@ QUICK = ["training.max_steps=40", "rungs=[tiny-165K, tiny-429K]", "probes.every_
 BASE = ["decide=null"]  # one wave of the demo's 16 runs: the schedule is the question here, not the waves
 CONFIGS = {
     "alone": ["seeds=[0]", "eval=null"],
-    "baseline": ["resources.chain_order=plan", "resources.finish_beside_next=false"],
+    "baseline": ["resources.chain_order=plan", "resources.finish_records=in_slot"],
     "improved": [],
+    "beside": ["resources.finish_records=beside_next"],
 }
 ALONE_CPUS = 1  # a run without evaluations needs 1 CPU: a 1-CPU Ray fits one run at a time (2 CPUs fit two)
 
@@ -243,9 +247,22 @@ def describe(result: dict, alone: dict | None) -> list[str]:
     return lines
 
 
+def compare(before: dict, after: dict, alone: dict | None) -> list[str]:
+    """`after` against `before`, figure by figure (both from the same bench run)."""
+    lines = [f"== {after['name']} / {before['name']} (same bench run)"]
+    for key in (timing.MAKESPAN, timing.MAKESPAN_OVER_IDEAL, timing.GOODPUT, timing.SLOT, timing.OUTSIDE_RUNS):
+        if before["study"].get(key) and after["study"].get(key) is not None:
+            lines.append(f"{key}: {before['study'][key]:.4g} -> {after['study'][key]:.4g} "
+                         f"({after['study'][key] / before['study'][key]:.2f}x)")
+    effs = [efficiency(result, alone) for result in (before, after)]
+    if None not in effs:
+        lines.append(f"time/efficiency: {effs[0]:.3f} -> {effs[1]:.3f}")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="alone,baseline,improved", help="comma-separated, of " + ", ".join(CONFIGS))
+    parser.add_argument("--configs", default="alone,baseline,improved,beside", help="comma-separated, of " + ", ".join(CONFIGS))
     parser.add_argument("--quick", action="store_true", help="2 rungs, 40 steps, no evaluations: a smoke run")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the stores and logs here (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
@@ -268,15 +285,9 @@ def main(argv=None) -> int:
         analyse(results["improved"])
     for name in results:
         print("\n".join(describe(results[name], results.get("alone"))), flush=True)
-    if "baseline" in results and "improved" in results:
-        before, after = results["baseline"]["study"], results["improved"]["study"]
-        print("== improved / baseline (same bench run)")
-        for key in (timing.MAKESPAN, timing.MAKESPAN_OVER_IDEAL, timing.GOODPUT, timing.SLOT, timing.OUTSIDE_RUNS):
-            if before.get(key) and after.get(key) is not None:
-                print(f"{key}: {before[key]:.4g} -> {after[key]:.4g} ({after[key] / before[key]:.2f}x)")
-        effs = [efficiency(results[n], results.get("alone")) for n in ("baseline", "improved")]
-        if None not in effs:
-            print(f"time/efficiency: {effs[0]:.3f} -> {effs[1]:.3f}")
+    for name in ("improved", "beside"):
+        if "baseline" in results and name in results:
+            print("\n".join(compare(results["baseline"], results[name], results.get("alone"))))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     print(f"stores and driver logs: {workdir}")

@@ -304,6 +304,7 @@ class ProbeConfig:
 
 
 CHAIN_ORDERS = ("longest_first", "plan")
+FINISH_RECORDS = ("auto", "beside_next", "in_slot")
 
 
 @dataclass(frozen=True)
@@ -319,14 +320,19 @@ class ResourcesConfig:
     chain_order: str = "longest_first"
     """How runs that queue for the cluster are dealt to the chains of worker groups: `longest_first` (by
     parameters x tokens, in a snake, so the chains end together) or `plan` (in turn, in plan order)."""
-    finish_beside_next: bool = True
-    """A run with a successor in its chain gives the worker group to it at its last step and finishes its
-    records (last evaluations, MLflow flush, outcome) on a thread beside it; false holds the group until
-    they are in (as before; `bench/bench_goodput.py`'s baseline)."""
+    finish_records: str = "auto"
+    """When a run with a successor in its chain finishes its records (last evaluations, MLflow flush,
+    outcome): `beside_next` gives the worker group to the next run at its last step and finishes them on a
+    thread beside it; `in_slot` holds the group until they are in; `auto` (default) is `beside_next` on GPUs
+    (the training device would idle while the evaluations run on their own) and `in_slot` on CPUs, where the
+    evaluations share the training's cores: on 2 cores a third busy process slowed the study by 7-15%
+    (`bench/bench_goodput.py`)."""
 
     def __post_init__(self):
         if self.chain_order not in CHAIN_ORDERS:
             raise ConfigError(f"resources.chain_order={self.chain_order!r}: use one of {list(CHAIN_ORDERS)}")
+        if self.finish_records not in FINISH_RECORDS:
+            raise ConfigError(f"resources.finish_records={self.finish_records!r}: use one of {list(FINISH_RECORDS)}")
         if self.num_workers < 1:
             raise ConfigError(f"resources.num_workers={self.num_workers}: must be >= 1")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -338,6 +344,11 @@ class ResourcesConfig:
         if self.num_workers > MAX_WORKERS or self.cpus_per_worker > MAX_WORKERS:
             raise ConfigError(f"resources: num_workers={self.num_workers} and cpus_per_worker={self.cpus_per_worker:g} "
                               f"must be at most {MAX_WORKERS} (no cluster schedules more)")
+
+    @property
+    def finishes_beside_next(self) -> bool:
+        """`finish_records` resolved: True when a run with a successor finishes its records beside it."""
+        return self.finish_records == "beside_next" or (self.finish_records == "auto" and self.use_gpu)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class ChainWork:
     """Train these runs in turn in one worker group (each task's `queued_since` is when the chain was submitted)."""
 
     tasks: tuple[RunTask, ...]
-    finish_beside_next: bool = True  # resources.finish_beside_next
+    finish_beside_next: bool = False  # resources.finishes_beside_next
 
 
 @dataclass(frozen=True)

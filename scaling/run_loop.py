@@ -167,8 +167,9 @@ def _worker_place() -> WorkerPlace:
 
 
 def _wait_for_rank0(task: RunTask) -> None:
-    """Every rank waits here until rank 0 has recorded the run (MLflow, outcome), however long its
-    evaluations and an MLflow outage take: a gloo collective of the next run would time out."""
+    """Every rank waits here until rank 0 has recorded the run (MLflow, outcome) or handed its records to the
+    finisher, however long its evaluations and an MLflow outage take: a gloo collective of the next run would
+    time out."""
     import ray.train
 
     ray.train.report({"step": task.steps, "ended": task.run_name})

@@ -204,7 +204,7 @@ def fit(study: StudyConfig, tasks: Sequence[RunTask], trainer_name: str) -> str 
     """Train a chain of runs in one worker group; None when the group got to the end of the chain, else
     why it stopped (each run's own outcome is in its folder: `run_outcome`). A worker that dies mid-run
     is restarted by Ray Train itself (`checkpoint.max_failures`); anything else stops the chain."""
-    trainer = build_trainer(study, ChainWork(tuple(tasks), study.resources.finish_beside_next), trainer_name)
+    trainer = build_trainer(study, ChainWork(tuple(tasks), study.resources.finishes_beside_next), trainer_name)
     try:
         trainer.fit()
         return None

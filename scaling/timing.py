@@ -161,6 +161,8 @@ def describe_accounting(study_time: Mapping[str, float]) -> str:
         parts.append(f"efficiency {study_time[EFFICIENCY]:.2f}")
     parts.append(f"makespan {study_time[MAKESPAN]:.0f} s = {study_time[MAKESPAN_OVER_IDEAL]:.2f}x the ideal "
                  f"{study_time[IDEAL_MAKESPAN]:.0f} s")
+    if study_time.get(seconds_key("finishing")):
+        parts.append(f"{study_time[seconds_key('finishing')]:.0f} s of records finished beside the chains' next runs")
     if WALL in study_time:
         parts.append(f"outside the runs {study_time[OUTSIDE_RUNS]:.0f} s "
                      f"({100 * study_time[share_key('outside_runs')]:.0f}% of {study_time[WALL]:.0f} s)")

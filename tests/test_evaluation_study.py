@@ -174,7 +174,8 @@ def test_a_chained_run_finishes_its_records_beside_the_next_and_a_worker_lost_me
     from scaling.faults import KILL_WHILE_FINISHING, Fault, install
     from scaling.study import run_study
 
-    study = tiny_train_study(tmp_path, "finishing", resources={"num_workers": 1, "zero_stage": 0, "cpus_per_worker": 3},
+    study = tiny_train_study(tmp_path, "finishing", resources={"num_workers": 1, "zero_stage": 0, "cpus_per_worker": 3,
+                                                               "finish_records": "beside_next"},
                              checkpoint={"every_steps": 0, "num_to_keep": 1, "max_failures": 1},
                              eval={"tasks": ["bundled_cloze"], "limit": LIMIT, "batch_size": 8, "every_steps": 2,
                                    "at_start": True, "num_cpus": 1})
