@@ -323,10 +323,11 @@ def train_chain(study: StudyConfig, jobs: Sequence[tuple], data: DataRefs, track
             break
         left = [q for q in queue if outcomes[q.index] is None]
         if left:
-            # The group stopped on the first run without an outcome that had not trained to its end: a run
-            # before it that had lost only the finish of its records (written beside the next run) resumes
-            # after its last step in the next group. Each pass removes one run, so the loop ends.
-            stopped = next((q for q in left if not q.folder.trained_to(q.task.steps)), left[0])
+            # The group stopped on the first run without an outcome; when runs finish their records beside the
+            # next, on the first that had not trained to its end: one before it lost only the finish of its
+            # records and resumes after its last step in the next group. Each pass removes one run.
+            beside = study.resources.finishes_beside_next
+            stopped = next((q for q in left if not (beside and q.folder.trained_to(q.task.steps))), left[0])
             watcher.fail(stopped, failure or "its worker group ended without recording how the run ended")
             left.remove(stopped)
         queue = left

@@ -165,17 +165,18 @@ def test_the_report_shows_chance_and_document_level_uncertainty(evaluated, tmp_p
 
 def test_a_chained_run_finishes_its_records_beside_the_next_and_a_worker_lost_meanwhile_loses_none(ray_session,
                                                                                                    tmp_path):
-    """Two runs queue in one worker group (it takes 3 of the 4 CPUs, the evaluations the fourth). The first
-    gives the group to the second at its last step and finishes its records on a thread: its slot holds no
-    evaluation wait (issue 25). The worker dies there, before the first run's last evaluation is recorded:
-    Ray Train restarts the group, the first run resumes after its last step and evaluates again what its
-    record lacks, so both runs end FINISHED with every evaluation step."""
+    """Two runs queue in one worker group (it takes 3 of the 4 CPUs, the evaluations the fourth). With
+    `finish_records: beside_next` the first gives the group to the second at its last step and finishes its
+    records on a thread: its slot holds no evaluation wait (issue 25). The worker dies there, before the first
+    run's last evaluation is recorded: Ray Train restarts the group, the first run resumes after its last step
+    and evaluates again what its record lacks, so both runs end FINISHED with every evaluation step."""
     from scaling import timing
     from scaling.faults import KILL_WHILE_FINISHING, Fault, install
     from scaling.study import run_study
 
-    study = tiny_train_study(tmp_path, "finishing", resources={"num_workers": 1, "zero_stage": 0, "cpus_per_worker": 3,
-                                                               "finish_records": "beside_next"},
+    study = tiny_train_study(tmp_path, "finishing",
+                             resources={"num_workers": 1, "zero_stage": 0, "cpus_per_worker": 3,
+                                        "finish_records": "beside_next"},
                              checkpoint={"every_steps": 0, "num_to_keep": 1, "max_failures": 1},
                              eval={"tasks": ["bundled_cloze"], "limit": LIMIT, "batch_size": 8, "every_steps": 2,
                                    "at_start": True, "num_cpus": 1})

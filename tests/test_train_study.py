@@ -189,6 +189,26 @@ def test_queued_runs_train_in_turn_in_one_worker_group_and_a_broken_one_costs_on
     assert [o.status for o in rerun] == ["skipped", "skipped", "finished", "skipped"], [o.detail for o in rerun]
 
 
+def test_a_worker_lost_while_a_run_finishes_beside_the_next_fails_the_run_that_was_training(ray_session, tmp_path):
+    """`finish_records: beside_next`, no restart left: the worker dies while it finishes the first run's
+    records (the second run has just started). The second run is failed with the reason; the first, which
+    trained to its end, resumes after its last step in a new group and finishes. Run again, the second trains."""
+    from scaling.faults import KILL_WHILE_FINISHING, Fault, install
+    from scaling.study import run_study
+
+    study = tiny_study(tmp_path, "beside", training={"max_steps": 3}, probes={"every_steps": 0},
+                       resources={"num_workers": 1, "zero_stage": 0, "cpus_per_worker": 4,
+                                  "finish_records": "beside_next"},
+                       checkpoint={"every_steps": 0, "num_to_keep": 1, "max_failures": 0})
+    with install(Fault(KILL_WHILE_FINISHING, step=3)):
+        outcomes = run_study(study, "")
+    assert sorted(o.status for o in outcomes) == ["failed", "finished"], [o.detail for o in outcomes]
+    (finished,) = [r for r in runs_of(study, names.KIND_TRAIN) if r.info.status == "FINISHED"]
+    assert finished.data.tags[names.TAG_RESUMED_FROM_STEP] == "3"  # from its final checkpoint: nothing retrained
+    assert sorted(m.step for m in client_for(study).get_metric_history(finished.info.run_id, names.TRAIN_CE_LOSS)) == [1, 2, 3]
+    assert sorted(o.status for o in run_study(study, "")) == ["finished", "skipped"]
+
+
 def test_an_outcome_the_driver_never_took_in_is_recorded_without_training_and_a_failed_run_resumes(ray_session,
                                                                                                      tmp_path):
     from scaling.study import run_study
