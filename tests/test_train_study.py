@@ -189,6 +189,7 @@ def test_queued_runs_train_in_turn_in_one_worker_group_and_a_broken_one_costs_on
     assert [o.status for o in rerun] == ["skipped", "skipped", "finished", "skipped"], [o.detail for o in rerun]
 
 
+@pytest.mark.slow  # ~40 s: the driver's side of a lost finish (the run loop's side is in test_evaluation_study)
 def test_a_worker_lost_while_a_run_finishes_beside_the_next_fails_the_run_that_was_training(ray_session, tmp_path):
     """`finish_records: beside_next`, no restart left: the worker dies while it finishes the first run's
     records (the second run has just started). The second run is failed with the reason; the first, which
