@@ -274,6 +274,7 @@ class RunLoop:
         self._dispersion_events: list = []  # CUDA event pairs around the dispersion term, read after the step's sync
         self._startup_recorded = False
         self._final_condensation = None  # the last probe's CondensationResult, drawn by the finisher
+        self._probe_result = None  # the latest probe's CondensationResult
 
     # -- the run's life ------------------------------------------------------------------------
 
@@ -353,6 +354,8 @@ class RunLoop:
             # recorded twice in MLflow). The loop has no step to run.
             self.final_report = {"step": self.step, **self.probe(record=False)}
             self.send_report(self.final_report)
+            if self.logger is not None:  # the earlier life may have died before it drew the final record
+                self._final_condensation_record(self._probe_result)
         self.evaluations = _run_evaluations(task, self.rank, self.logger, self.engine)
         if self.evaluations is not None and self.resumed and self.step >= task.steps and self.logger is not None:
             again = self.evaluations.submit_unrecorded(_recorded_evaluations(task), task.steps)
@@ -468,6 +471,7 @@ class RunLoop:
 
         with self.ledger.phase("probe"):
             metrics, result = self._measure()
+        self._probe_result = result
         if record and self.logger is not None:
             self._record_probe(metrics, result)
         return {key: metrics[key] for key in SEARCH_METRICS}
@@ -516,12 +520,15 @@ class RunLoop:
             path.write_text(result.to_json(extra={"step": step, "run_name": task.run_name}, indent=None),
                             encoding="utf-8")
             self.logger.log_artifact(path, names.ARTIFACT_PROBES_DIR)
-        if step != task.steps:
-            return
+        if step == task.steps:
+            self._final_condensation_record(result)
+
+    def _final_condensation_record(self, result) -> None:
+        """Rank 0: the run's final condensation record, drawn now or (with a finisher) after the slot."""
         if self.finisher is not None:
-            self._final_condensation = result  # drawn after the slot, beside the next run
+            self._final_condensation = result
         else:
-            _log_condensation_record(self.logger, task, result, self.ledger)
+            _log_condensation_record(self.logger, self.task, result, self.ledger)
 
     def evaluate(self) -> None:
         """At an evaluation step, export the model (every rank gathers it) for its evaluation on its own

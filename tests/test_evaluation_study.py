@@ -196,6 +196,8 @@ def test_a_chained_run_finishes_its_records_beside_the_next_and_a_worker_lost_me
         assert run.info.status == "FINISHED" and run.data.tags[names.TAG_MODEL_DIR].endswith("step_0000004")
         history = client.get_metric_history(run.info.run_id, "eval/bundled_cloze/acc")
         assert sorted({m.step for m in history}) == [0, 2, 4]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}  # the final record, drawn again
+        assert {names.ARTIFACT_CONDENSATION_JSON, names.ARTIFACT_HEATMAP_PNG} <= artifacts, artifacts
         metrics = run.data.metrics
         phases = sum(metrics[timing.seconds_key(phase)] for phase in timing.PHASES)
         assert phases + metrics[timing.OTHER] == pytest.approx(metrics[timing.SLOT], rel=0.01)
