@@ -325,8 +325,8 @@ class ResourcesConfig:
     outcome): `beside_next` gives the worker group to the next run at its last step and finishes them on a
     thread beside it; `in_slot` holds the group until they are in; `auto` (default) is `beside_next` on GPUs
     (the training device would idle while the evaluations run on their own) and `in_slot` on CPUs, where the
-    evaluations share the training's cores: on 2 cores a third busy process slowed the study by 3-15%
-    (`bench/bench_goodput.py`)."""
+    evaluations share the training's cores: on 2 cores a third busy process made the study 3-15% longer
+    (`bench/README.md`)."""
 
     def __post_init__(self):
         if self.chain_order not in CHAIN_ORDERS:
