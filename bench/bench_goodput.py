@@ -190,8 +190,10 @@ def cpu_lines(result: dict, alone: dict | None) -> list[str]:
     if per_run and timed and all((r["rung"], r["arm"]) in per_run for r in timed):
         needed = sum(per_run[(r["rung"], r["arm"])] for r in timed)
         chains = s.get(timing.SLOTS) or round(s.get(timing.SLOT, 0.0) / makespan)
-        line += (f"; the runs' steps at alone speed need {needed:.0f} core-s ({needed / busy:.0%} of that work): "
-                 f"efficiency ceiling ~ {needed * cores / (chains * busy):.2f} with {chains:g} chain(s) on {cores} cores")
+        line += f"; the runs' steps at alone speed need {needed:.0f} core-s ({needed / busy:.0%} of that work)"
+        if chains >= cores:  # every core has a chain: slot-s ~ chains x makespan, makespan >= busy / cores
+            line += (f": efficiency ceiling ~ {needed * cores / (chains * busy):.2f} with {chains:g} chains on "
+                     f"{cores} cores")
     return [line]
 
 

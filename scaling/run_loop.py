@@ -559,15 +559,7 @@ class RunLoop:
     def _final_records(self) -> dict[str, str]:
         """Rank 0, last step: a finished run has every record. What did not reach MLflow, and why, goes in
         the report, so the driver fails the run instead of finishing it with metrics missing."""
-        from scaling.tracking import UNWRITTEN_KEY
-
-        if self.evaluations is not None:
-            with self.ledger.phase("eval_wait"):
-                self.evaluations.finish()
-        with self.ledger.phase("logging"):
-            self.logger.set_tags({names.TAG_DATA_ORDER_HASH: self.order_hash, names.TAG_STEPS: self.task.steps})
-            problem = self.logger.flush()
-        return {UNWRITTEN_KEY: problem} if problem else {}
+        return _settle_records(self.logger, self.evaluations, self.order_hash, self.task.steps, self.ledger)
 
     def finish(self) -> float:
         """The run trained to its end: its time split and duration, its data-order hash, then its outcome;
@@ -592,7 +584,7 @@ class RunLoop:
         self.engine.destroy()
         self._say(f"{self.task.run_name}: FAILED: {failure}")
         if self.logger is not None:
-            self._log_time({})
+            _log_time(self.logger, self.ledger, self.evaluations, self.task.steps)
             self.logger.mark_failed(failure)
             self.logger.close()
             _write_outcome(self.task, failure=failure, report={}, seconds=time.perf_counter() - self.started)
@@ -602,7 +594,7 @@ class RunLoop:
         """The search stopped the trial: keep what was logged until the stop."""
         self._record_startup()
         if self.logger is not None:
-            self._log_time({}, step=self.step)
+            _log_time(self.logger, self.ledger, self.evaluations, self.step)
             self.logger.close()
 
     # -- time accounting -----------------------------------------------------------------------
@@ -625,12 +617,6 @@ class RunLoop:
         if self._dispersion_events:
             self.ledger.add("dispersion", sum(a.elapsed_time(b) for a, b in self._dispersion_events) / 1000)
             self._dispersion_events.clear()
-
-    def _log_time(self, extra: dict[str, float], step: int | None = None) -> None:
-        """Rank 0: the run's `time/*` split (and `extra`), the slot closed now, just before the logger closes."""
-        if self.evaluations is not None and self.evaluations.seconds:
-            self.ledger.add("evaluation", self.evaluations.seconds)
-        self.logger.log_metrics({**extra, **self.ledger.close()}, step=self.task.steps if step is None else step)
 
     def _slot_end(self) -> float:
         return self.ledger.slot_end if self.ledger.slot_end is not None else self.ledger.clock()
@@ -659,34 +645,60 @@ class FinalRecords:
     def write(self) -> None:
         from scaling.tracking import UNWRITTEN_KEY
 
-        task, ledger, logger = self.task, self.ledger, self.logger
+        task, logger = self.task, self.logger
         report = dict(self.report)
-        logging = ledger.phase("logging") if self.in_slot else contextlib.nullcontext()
-        if not self.in_slot:
+        if self.in_slot:  # the last report already holds what the settling found (`RunLoop.checkpoint`)
+            with self.ledger.phase("logging"):
+                logger.set_tags({names.TAG_DATA_ORDER_HASH: self.order_hash, names.TAG_STEPS: task.steps})
+        else:
             if faults.due(task.faults, faults.KILL_WHILE_FINISHING, step=task.steps, rank=0, run_name=task.run_name,
                           resumed=self.resumed):
                 os._exit(1)
             if self.condensation is not None:
                 _log_condensation_record(logger, task, self.condensation)
-            if self.evaluations is not None:
-                self.evaluations.finish()
-        with logging:
-            logger.set_tags({names.TAG_DATA_ORDER_HASH: self.order_hash, names.TAG_STEPS: task.steps})
-            if not self.in_slot and (problem := logger.flush()):
-                report[UNWRITTEN_KEY] = problem
-        if self.evaluations is not None and self.evaluations.seconds:
-            ledger.add("evaluation", self.evaluations.seconds)
-        if self.in_slot:
-            times = ledger.close()
-        else:
-            ledger.add("finishing", ledger.clock() - ledger.slot_end)  # queued behind an earlier run's, too
-            times = ledger.metrics()
-        logger.log_metrics({names.TIME_RUN_S: float(f"{time.perf_counter() - self.started:.4g}"), **times},
-                           step=task.steps)
+            report.update(_settle_records(logger, self.evaluations, self.order_hash, task.steps))
+        _log_time(logger, self.ledger, self.evaluations, task.steps,
+                  {names.TIME_RUN_S: float(f"{time.perf_counter() - self.started:.4g}")})
         problem = logger.close()
         if problem and not report.get(UNWRITTEN_KEY):
             report[UNWRITTEN_KEY] = problem
         _write_outcome(task, failure=None, report=report, seconds=time.perf_counter() - self.started)
+
+
+def _phases(ledger: TimeLedger | None):
+    """`ledger.phase`, or (after the slot, where no phase is counted) a context that counts nothing."""
+    return ledger.phase if ledger is not None else (lambda name: contextlib.nullcontext())
+
+
+def _settle_records(logger, evaluations, order_hash: str, steps: int, ledger: TimeLedger | None = None
+                    ) -> dict[str, str]:
+    """Rank 0, a run's end: wait for its last evaluations, tag its data order, flush its writes. What did not
+    reach MLflow, and why, for the outcome's report (the driver then fails the run instead of finishing it
+    with metrics missing). Counted in `ledger`'s phases when in the slot."""
+    from scaling.tracking import UNWRITTEN_KEY
+
+    phase = _phases(ledger)
+    if evaluations is not None:
+        with phase("eval_wait"):
+            evaluations.finish()
+    with phase("logging"):
+        logger.set_tags({names.TAG_DATA_ORDER_HASH: order_hash, names.TAG_STEPS: steps})
+        problem = logger.flush()
+    return {UNWRITTEN_KEY: problem} if problem else {}
+
+
+def _log_time(logger, ledger: TimeLedger, evaluations, step: int, extra: dict[str, float] | None = None) -> None:
+    """Rank 0: the run's `time/*` split (and `extra`), with its evaluations' own seconds. The slot closes now,
+    unless it closed at the last step (records finished beside the next run: the seconds since are
+    `finishing`, including any wait behind an earlier run's)."""
+    if evaluations is not None and evaluations.seconds:
+        ledger.add("evaluation", evaluations.seconds)
+    if ledger.slot_end is None:
+        times = ledger.close()
+    else:
+        ledger.add("finishing", ledger.clock() - ledger.slot_end)
+        times = ledger.metrics()
+    logger.log_metrics({**(extra or {}), **times}, step=step)
 
 
 def _log_condensation_record(logger, task: RunTask, result, ledger: TimeLedger | None = None) -> None:
@@ -694,9 +706,7 @@ def _log_condensation_record(logger, task: RunTask, result, ledger: TimeLedger |
     time, when drawn in the slot (`ledger`)."""
     from scaling.plots import write_condensation_record
 
-    def phase(name: str):
-        return ledger.phase(name) if ledger is not None else contextlib.nullcontext()
-
+    phase = _phases(ledger)
     with tempfile.TemporaryDirectory() as directory:
         with phase("probe"):
             paths = write_condensation_record(result, directory, title=task.run_name, metadata={
